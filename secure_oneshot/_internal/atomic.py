@@ -1,0 +1,72 @@
+"""Atomic file writes: temp file in the same directory, fsync, rename, fsync dir.
+
+A crash or an exception at any point leaves either the old file or the new one,
+never a partial file (DESIGN.md invariant 4).  Temp files are created with the
+final mode from the start, so a private key is never briefly world-readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import ResourceError, SecureOneshotError
+
+__all__ = ["atomic_writer", "atomic_write_bytes"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o644, overwrite: bool = True) -> Iterator[BinaryIO]:
+    """Yield a binary file whose content replaces ``path`` only if the block succeeds.
+
+    Args:
+        path: final destination.
+        mode: permission bits of the new file (e.g. ``0o600`` for secrets).
+        overwrite: when False, refuse to replace an existing file.
+
+    Raises:
+        ResourceError: the folder is missing, not writable, or ``path`` exists and
+            ``overwrite`` is False.
+    """
+    final = Path(path)
+    if not overwrite and final.exists():
+        raise ResourceError(f"{final} already exists", hint="choose another path or pass --force to replace it")
+    directory = final.parent if str(final.parent) else Path(".")
+    tmp = directory / f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except OSError as e:
+        raise ResourceError(f"cannot write to {directory}: {e.strerror}", hint="check the folder exists and is writable") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # umask may have narrowed it; never widened beyond `mode`
+        if not overwrite and final.exists():
+            raise ResourceError(f"{final} appeared while writing", hint="choose another path")
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, SecureOneshotError):
+            raise ResourceError(f"writing {final} failed: {e.strerror or e}", hint="check free disk space") from e
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path, mode=mode, overwrite=overwrite) as f:
+        f.write(data)

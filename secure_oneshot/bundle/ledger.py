@@ -1,0 +1,76 @@
+"""The server's replay ledger: bundle ids accepted once are refused forever after.
+
+SQLite from the standard library: the PRIMARY KEY makes check-and-record one
+atomic statement, so two processes opening the same bundle cannot both accept it,
+and SQLite's journal keeps the file consistent across crashes.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from datetime import datetime
+
+from .._internal.encoding import format_time, utc_now
+from ..errors import ReplayError, ResourceError
+
+__all__ = ["ReplayLedger"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accepted_bundles (
+    bundle_id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    created TEXT NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    accepted_at TEXT NOT NULL
+)
+"""
+
+
+class ReplayLedger:
+    """A persistent set of accepted bundle ids.
+
+    >>> ledger = ReplayLedger(":memory:")
+    >>> ledger.contains("00" * 16)
+    False
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        try:
+            self._db = sqlite3.connect(os.fspath(path), isolation_level=None)
+            self._db.execute(_SCHEMA)
+        except sqlite3.Error as e:
+            raise ResourceError(f"cannot open replay ledger {path}: {e}", hint="check the path is writable") from e
+        self.path = os.fspath(path)
+
+    def contains(self, bundle_id: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM accepted_bundles WHERE bundle_id = ?", (bundle_id,)).fetchone()
+        return row is not None
+
+    def _refuse(self, bundle_id: str) -> ReplayError:
+        (accepted_at,) = self._db.execute(
+            "SELECT accepted_at FROM accepted_bundles WHERE bundle_id = ?", (bundle_id,)
+        ).fetchone()
+        return ReplayError(f"bundle {bundle_id} was already accepted on {accepted_at} (replay)")
+
+    def check(self, bundle_id: str) -> None:
+        """Raise :class:`ReplayError` if ``bundle_id`` was accepted before."""
+        if self.contains(bundle_id):
+            raise self._refuse(bundle_id)
+
+    def record(self, bundle_id: str, sender: str, created: str, payload_sha256: str, now: datetime | None = None) -> None:
+        """Atomically check and record ``bundle_id`` as accepted.
+
+        Raises:
+            ReplayError: it was already there (a concurrent or earlier acceptance).
+        """
+        try:
+            self._db.execute(
+                "INSERT INTO accepted_bundles VALUES (?, ?, ?, ?, ?)",
+                (bundle_id, sender, created, payload_sha256, format_time(now or utc_now())),
+            )
+        except sqlite3.IntegrityError as e:
+            raise self._refuse(bundle_id) from e
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,198 @@
+"""Strict safetensors: a streaming writer and a parser stricter than the reference loader.
+
+The writer never materialises the file: it returns the header bytes plus
+zero-copy views of each tensor's memory, which the sealer hashes and encrypts
+in place.  The parser (FORMAT.md section 8) validates everything before it
+builds a single tensor, and builds them as views of the decrypted buffer.
+
+safetensors stores little-endian data; like the reference implementation we
+assume a little-endian host.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .._internal.encoding import parse_strict_json
+from ..errors import TensorPayloadError
+
+__all__ = ["DTYPES", "DEFAULT_ALLOWED_DTYPES", "PayloadLimits", "TensorPayload", "serialize_tensors", "parse_payload"]
+
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("secure_oneshot.bundle needs a little-endian host (safetensors is little-endian)")
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_CODES = {dtype: code for code, dtype in DTYPES.items()}
+DEFAULT_ALLOWED_DTYPES = frozenset(DTYPES)
+_ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
+_MAX_NAME = 256
+
+
+@dataclass(frozen=True)
+class PayloadLimits:
+    """Reader-side limits (FORMAT.md 8)."""
+
+    max_header_bytes: int = 1 << 20
+    allowed_dtypes: frozenset[str] = DEFAULT_ALLOWED_DTYPES
+    reject_nonfinite: bool = True
+
+
+@dataclass
+class TensorPayload:
+    """A validated payload: tensors (views of ``buffer``) and the ``__metadata__`` strings."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name) > _MAX_NAME or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"tensor name {name!r} is empty, over {_MAX_NAME} characters, or has control characters")
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B") if flat.numel() else memoryview(b"")
+
+
+def serialize_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> list[memoryview]:
+    """Segments whose concatenation is a safetensors file (header first, then data, sorted by name).
+
+    The tensor segments are views of the tensors' own memory (copied only when a
+    tensor is not contiguous or not on the CPU).
+
+    Raises:
+        ValueError: unsupported dtype, bad name or metadata (caller bugs).
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map strings to strings")
+        header["__metadata__"] = dict(metadata)
+    segments, offset = [], 0
+    for name in sorted(tensors):
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' is reserved and cannot name a tensor")
+        _check_name(name)
+        tensor = tensors[name]
+        if tensor.dtype not in _CODES:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} is not supported")
+        data = _tensor_bytes(tensor)
+        header[name] = {"dtype": _CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        segments.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    text += b" " * (-len(text) % 8)  # pad so tensor data starts 8-byte aligned
+    return [memoryview(struct.pack("<Q", len(text)) + text), *segments]
+
+
+def _bad(why: str) -> TensorPayloadError:
+    return TensorPayloadError(f"payload rejected: {why}")
+
+
+def _read_header(buf: memoryview, limits: PayloadLimits) -> tuple[dict[str, object], int]:
+    if len(buf) < 8:
+        raise _bad("shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", buf[:8])
+    if n > limits.max_header_bytes:
+        raise _bad(f"header length {n} exceeds the {limits.max_header_bytes}-byte cap")
+    if 8 + n > len(buf):
+        raise _bad(f"header length {n} runs past the end of the payload")
+    raw = bytes(buf[8 : 8 + n]).rstrip(b" ")
+    try:
+        header = parse_strict_json(raw, canonical=False)
+    except ValueError as e:
+        raise _bad(f"header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise _bad("header is not a JSON object")
+    return header, 8 + n
+
+
+def _metadata(value: object) -> dict[str, str]:
+    if isinstance(value, dict) and _ENTRY_FIELDS & set(value):
+        raise _bad("'__metadata__' is used as a tensor name")
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise _bad("'__metadata__' must map strings to strings")
+    return value
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _entry(name: str, value: object, limits: PayloadLimits) -> _Entry:
+    try:
+        _check_name(name)
+    except ValueError as e:
+        raise _bad(str(e)) from e
+    if not isinstance(value, dict) or set(value) != _ENTRY_FIELDS:
+        raise _bad(f"tensor {name!r} must have exactly the fields dtype, shape, data_offsets")
+    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if dtype not in limits.allowed_dtypes or dtype not in DTYPES:
+        raise _bad(f"tensor {name!r} has dtype {dtype!r}, not in the allow-list {sorted(limits.allowed_dtypes)}")
+    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)  # noqa: E731
+    if not ints(shape) or not ints(offsets) or len(offsets) != 2:
+        raise _bad(f"tensor {name!r}: shape and data_offsets must be lists of non-negative integers")
+    begin, end = offsets
+    if end < begin or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
+        raise _bad(f"tensor {name!r}: data_offsets {offsets} do not match shape {shape} x {dtype}")
+    return _Entry(name, dtype, tuple(shape), begin, end)
+
+
+def _check_layout(entries: list[_Entry], data_len: int) -> None:
+    position = 0
+    for e in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if e.begin != position:
+            kind = "overlaps another tensor" if e.begin < position else "leaves a hole before it"
+            raise _bad(f"tensor {e.name!r} {kind} (offset {e.begin}, expected {position})")
+        position = e.end
+    if position != data_len:
+        raise _bad(f"tensors cover {position} bytes but the data section has {data_len}")
+
+
+def _materialise(e: _Entry, data: memoryview, base: int, limits: PayloadLimits) -> torch.Tensor:
+    dtype = DTYPES[e.dtype]
+    if e.begin == e.end:
+        return torch.empty(e.shape, dtype=dtype)
+    raw = data[e.begin : e.end]
+    aligned = (base + e.begin) % dtype.itemsize == 0
+    # torch.frombuffer shares memory; unaligned data is copied so every op is safe on it.
+    source = raw if aligned else bytearray(raw)
+    tensor = torch.frombuffer(source, dtype=dtype).reshape(e.shape)
+    if dtype == torch.bool and not bool((torch.frombuffer(source, dtype=torch.uint8) <= 1).all()):
+        raise _bad(f"tensor {e.name!r}: BOOL bytes other than 0 and 1")
+    if limits.reject_nonfinite and dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        raise _bad(f"tensor {e.name!r} contains NaN or infinite values")
+    return tensor
+
+
+def parse_payload(buffer: bytearray | memoryview, limits: PayloadLimits = PayloadLimits()) -> TensorPayload:
+    """Validate a safetensors payload and return tensors that are views of ``buffer``.
+
+    Raises:
+        TensorPayloadError: any rule of FORMAT.md section 8 is broken.
+    """
+    buf = memoryview(buffer).cast("B")
+    header, data_start = _read_header(buf, limits)
+    metadata = _metadata(header.pop("__metadata__")) if "__metadata__" in header else {}
+    entries = [_entry(name, value, limits) for name, value in header.items()]
+    data = buf[data_start:]
+    _check_layout(entries, len(data))
+    tensors = {e.name: _materialise(e, data, data_start, limits) for e in sorted(entries, key=lambda e: e.name)}
+    return TensorPayload(tensors, metadata)

@@ -1,0 +1,185 @@
+"""The chunked AEAD stream (FORMAT.md section 6) and a background SHA-256.
+
+``StreamWriter`` encrypts plaintext fed in arbitrary pieces, holding at most
+one chunk; ``decrypt_stream`` decrypts straight into the caller's payload
+buffer.  Both use ``encrypt_into``/``decrypt_into`` where the installed
+``cryptography`` has them, so the hot loop allocates nothing per chunk.
+
+SHA-256 of the payload runs in a helper thread: ``hashlib`` releases the GIL
+while hashing, so on two cores the digest costs almost no wall time next to the
+AEAD (which holds the GIL).  See FORMAT.md section 10 for the measurements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from ..errors import BundleAuthError
+from .format import TAG_SIZE
+
+__all__ = ["StreamWriter", "decrypt_stream", "BackgroundSha256", "chunk_nonce", "plaintext_length"]
+
+Progress = Callable[[int], None]
+_HAS_INTO = hasattr(ChaCha20Poly1305, "encrypt_into")
+
+
+def chunk_nonce(index: int, final: bool) -> bytes:
+    """``u88be(index) || flag`` (FORMAT.md 6)."""
+    return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+
+
+class BackgroundSha256:
+    """SHA-256 of buffers fed in order, computed in a helper thread.
+
+    Fed buffers must stay unchanged until :meth:`hexdigest` returns.
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (view := self._queue.get()) is not None:
+            self._hash.update(view)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data):
+            self._queue.put(memoryview(data))
+
+    def hexdigest(self) -> str:
+        """Wait for everything fed so far and return the digest (once)."""
+        self._queue.put(None)
+        self._thread.join()
+        return self._hash.hexdigest()
+
+    def abandon(self) -> None:
+        """Stop the thread without a digest (error paths)."""
+        self._queue.put(None)
+        self._thread.join()
+
+
+class StreamWriter:
+    """Encrypt a plaintext stream chunk by chunk into ``out``.
+
+    A full chunk is held back until more data arrives, because only then is it
+    known not to be the final one.
+    """
+
+    def __init__(self, key: bytes, chunk_size: int, out: BinaryIO, progress: Progress | None = None) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._size = chunk_size
+        self._out = out
+        self._progress = progress
+        self._buf = bytearray(chunk_size)
+        self._fill = 0
+        self._sealed = bytearray(chunk_size + TAG_SIZE)
+        self._index = 0
+        self._finished = False
+
+    def _emit(self, chunk: memoryview, final: bool) -> None:
+        nonce = chunk_nonce(self._index, final)
+        if _HAS_INTO:
+            n = self._aead.encrypt_into(nonce, chunk, None, memoryview(self._sealed)[: len(chunk) + TAG_SIZE])
+            self._out.write(memoryview(self._sealed)[:n])
+        else:  # pragma: no cover - older cryptography
+            self._out.write(self._aead.encrypt(nonce, bytes(chunk), None))
+        self._index += 1
+        if self._progress is not None:
+            self._progress(len(chunk))
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        pos, end, size = 0, len(view), self._size
+        while pos < end:
+            if self._fill == size:  # more data follows, so the held chunk is not final
+                self._emit(memoryview(self._buf), final=False)
+                self._fill = 0
+            if self._fill == 0 and end - pos > size:  # zero-copy fast path
+                self._emit(view[pos : pos + size], final=False)
+                pos += size
+                continue
+            take = min(size - self._fill, end - pos)
+            self._buf[self._fill : self._fill + take] = view[pos : pos + take]
+            self._fill += take
+            pos += take
+
+    def finish(self) -> None:
+        """Encrypt the held data as the final chunk.  The stream must not be empty."""
+        if self._finished or self._fill == 0:
+            raise ValueError("finish() needs a non-empty, unfinished stream")
+        self._emit(memoryview(self._buf)[: self._fill], final=True)
+        self._finished = True
+
+
+def plaintext_length(ciphertext_length: int, chunk_size: int) -> int:
+    """Plaintext bytes in a stream of ``ciphertext_length`` bytes, or -1 if no valid stream has that length."""
+    full, rest = divmod(ciphertext_length, chunk_size + TAG_SIZE)
+    if rest == 0:
+        return full * chunk_size if full else -1
+    return full * chunk_size + rest - TAG_SIZE if rest > TAG_SIZE else -1
+
+
+def _truncated(detail: str) -> BundleAuthError:
+    return BundleAuthError(f"encrypted stream {detail}: the bundle was truncated or modified")
+
+
+def decrypt_stream(
+    src: BinaryIO,
+    ciphertext_length: int,
+    key: bytes,
+    chunk_size: int,
+    payload: memoryview,
+    on_payload: Callable[[memoryview], None] | None = None,
+    progress: Progress | None = None,
+) -> bytearray:
+    """Decrypt a whole stream: the first ``len(payload)`` plaintext bytes into ``payload``, the rest returned.
+
+    ``on_payload`` is called with each newly decrypted payload region, in order
+    (used to feed the hash thread).  Nothing is trusted until the caller has also
+    checked the signature and the digest.
+
+    Raises:
+        BundleAuthError: a chunk fails authentication, or the length is impossible.
+    """
+    total = plaintext_length(ciphertext_length, chunk_size)
+    if total < len(payload) + 1:
+        raise _truncated("is too short for its declared payload")
+    aead = ChaCha20Poly1305(key)
+    trailer = bytearray(total - len(payload))
+    sealed, scratch = bytearray(chunk_size + TAG_SIZE), bytearray(chunk_size)
+    n_chunks = -(-total // chunk_size)
+    for index in range(n_chunks):
+        start = index * chunk_size
+        length = min(chunk_size, total - start)
+        ct = memoryview(sealed)[: length + TAG_SIZE]
+        if src.readinto(ct) != len(ct):
+            raise _truncated("ended early")
+        in_payload = start + length <= len(payload)
+        target = payload[start : start + length] if in_payload else memoryview(scratch)[:length]
+        try:
+            nonce = chunk_nonce(index, index == n_chunks - 1)
+            if _HAS_INTO:
+                aead.decrypt_into(nonce, ct, None, target)
+            else:  # pragma: no cover - older cryptography
+                target[:] = aead.decrypt(nonce, bytes(ct), None)
+        except InvalidTag as e:
+            raise _truncated(f"chunk {index} of {n_chunks} failed authentication") from e
+        if not in_payload:
+            split = max(0, len(payload) - start)
+            payload[start : start + split] = target[:split]
+            trailer[max(0, start - len(payload)) : start + length - len(payload)] = target[split:]
+            target = payload[start : start + split]
+        if on_payload is not None and len(target):
+            on_payload(target)
+        if progress is not None:
+            progress(length)
+    return trailer

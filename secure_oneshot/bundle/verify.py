@@ -1,0 +1,167 @@
+"""Open and verify a bundle as a recipient: FORMAT.md section 7, steps numbered to match.
+
+Nothing is released before every step has passed.  The payload is decrypted
+into one buffer of ``payload_size`` bytes; the tensors returned are views of it,
+so peak memory is the tensors plus one chunk.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import torch
+
+from .._internal.atomic import atomic_write_bytes
+from .._internal.encoding import format_time, parse_time, utc_now
+from ..errors import BundleAuthError, BundleFormatError, FreshnessError
+from ..keys.identity import Identity, PublicIdentity
+from ..keys.trust import TrustStore
+from .format import MAX_MANIFEST_LEN, SIGNATURE_SIZE, Header, Manifest, header_mac, signed_message, stream_key
+from .inspect import _open_file, read_header
+from .ledger import ReplayLedger
+from .recipients import unwrap_file_key
+from .safetensors_strict import PayloadLimits, TensorPayload, parse_payload
+from .stream import BackgroundSha256, Progress, decrypt_stream
+
+__all__ = ["OpenedBundle", "VerifyOptions", "open_bundle", "check_freshness"]
+
+DEFAULT_SKEW = timedelta(seconds=300)
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """Reader-side limits and clocks.
+
+    Attributes:
+        max_payload_bytes: refuse larger payloads before decrypting (None: no limit).
+        skew: how far in the future ``created`` may be.
+        limits: strict safetensors rules.
+    """
+
+    max_payload_bytes: int | None = None
+    skew: timedelta = DEFAULT_SKEW
+    limits: PayloadLimits = PayloadLimits()
+
+
+@dataclass
+class OpenedBundle:
+    """A fully verified bundle."""
+
+    header: Header
+    manifest: Manifest
+    sender: PublicIdentity
+    payload: TensorPayload
+    payload_bytes: bytearray
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.payload.tensors
+
+    def save_payload(self, path: str | os.PathLike[str]) -> Path:
+        """Write the verified safetensors payload atomically with mode 0600."""
+        atomic_write_bytes(path, bytes(self.payload_bytes), mode=0o600)
+        return Path(path)
+
+
+def check_freshness(header: Header, now: datetime, skew: timedelta = DEFAULT_SKEW) -> None:
+    """FORMAT.md 7 step 3.  Raises :class:`FreshnessError`."""
+    if now >= parse_time(header.expires):
+        raise FreshnessError(f"bundle {header.bundle_id} expired at {header.expires} (now {format_time(now)})")
+    if parse_time(header.created) > now + skew:
+        raise FreshnessError(
+            f"bundle {header.bundle_id} is dated {header.created}, more than {int(skew.total_seconds())} s in the future",
+            hint="check the clocks of the sending site and this machine",
+        )
+
+
+def _split_trailer(trailer: bytearray) -> tuple[bytes, bytes]:
+    """FORMAT.md 7 step 9: ``u32be(len) || manifest || signature`` and nothing else."""
+    if len(trailer) < 4 + 1 + SIGNATURE_SIZE:
+        raise BundleAuthError("the signed manifest is missing: the bundle was truncated or modified")
+    length = int.from_bytes(trailer[:4], "big")
+    if not 1 <= length <= MAX_MANIFEST_LEN or len(trailer) != 4 + length + SIGNATURE_SIZE:
+        raise BundleFormatError("the manifest section has an inconsistent length")
+    return bytes(trailer[4 : 4 + length]), bytes(trailer[4 + length :])
+
+
+def _check_manifest(body: bytes, signature: bytes, sender: PublicIdentity, header: Header, digest: str) -> Manifest:
+    """Steps 10-11: signature, then manifest fields against the header, then the digest."""
+    if not sender.verify(signed_message(body), signature):
+        raise BundleAuthError(f"the manifest signature does not verify with {sender.name}'s key ({sender.key_id})")
+    manifest = Manifest.from_bytes(body)
+    differing = manifest.disagreements(header)
+    if "recipients" in differing:
+        raise BundleAuthError(
+            "the signed recipient list differs from the bundle's recipients: this payload was re-encrypted "
+            "(forwarded) by someone other than the sender",
+            hint="accept bundles only directly from the signing site",
+        )
+    if differing:
+        raise BundleAuthError(f"the signed manifest disagrees with the header on {', '.join(differing)}")
+    if not hmac.compare_digest(manifest.payload_sha256, digest):
+        raise BundleAuthError("the payload's SHA-256 differs from the signed digest")
+    return manifest
+
+
+def open_bundle(
+    path: str | os.PathLike[str],
+    identity: Identity,
+    trust: TrustStore,
+    *,
+    ledger: ReplayLedger | None = None,
+    now: datetime | None = None,
+    options: VerifyOptions = VerifyOptions(),
+    progress: Progress | None = None,
+) -> OpenedBundle:
+    """Verify and decrypt the bundle at ``path`` for recipient ``identity``.
+
+    Args:
+        path: the bundle file.
+        identity: the recipient's private identity.
+        trust: trust store; the sender must be trusted as ``sender``.
+        ledger: when given, refuse replays and record this bundle as accepted.
+        now: verification time (default: the clock).
+        options: limits and clock skew.
+        progress: called with plaintext bytes after each chunk.
+
+    Returns:
+        The verified header, manifest, sender and tensors.
+
+    Raises:
+        BundleFormatError, FreshnessError, TrustError, ReplayError,
+        NotARecipientError, BundleAuthError, TensorPayloadError.
+    """
+    now = now or utc_now()
+    with _open_file(path) as src:
+        raw = read_header(src)  # steps 1-2
+        header = raw.header
+        if options.max_payload_bytes is not None and header.payload_size > options.max_payload_bytes:
+            raise BundleFormatError(f"payload of {header.payload_size} bytes exceeds the limit of {options.max_payload_bytes}")
+        check_freshness(header, now, options.skew)  # step 3
+        sender = trust.require(header.sender, "sender", now)  # step 4
+        if ledger is not None:
+            ledger.check(header.bundle_id)  # step 5
+        file_key = unwrap_file_key(header, identity)  # step 6
+        if not hmac.compare_digest(raw.mac, header_mac(file_key, raw.header_bytes)):  # step 7
+            raise BundleAuthError("the header MAC does not verify: the public header was modified")
+        payload = bytearray(header.payload_size)
+        hasher = BackgroundSha256()
+        try:  # step 8
+            length = os.fstat(src.fileno()).st_size - raw.stream_offset
+            trailer = decrypt_stream(
+                src, length, stream_key(file_key, raw.header_bytes), header.chunk_size,
+                memoryview(payload), hasher.feed, progress,
+            )
+        except BaseException:
+            hasher.abandon()
+            raise
+    body, signature = _split_trailer(trailer)  # step 9
+    manifest = _check_manifest(body, signature, sender, header, hasher.hexdigest())  # steps 10-11
+    tensors = parse_payload(payload, options.limits)  # step 12
+    if ledger is not None:
+        ledger.record(header.bundle_id, header.sender, header.created, manifest.payload_sha256, now)  # step 13
+    return OpenedBundle(header, manifest, sender, tensors, payload)
