@@ -39,6 +39,7 @@ __all__ = [
     "save_identity",
     "load_identity",
     "load_public",
+    "is_protected",
     "UnsafePlaintextKeyWarning",
 ]
 
@@ -199,6 +200,14 @@ def _read_text(path: str | os.PathLike[str]) -> str:
 def load_identity(path: str | os.PathLike[str], passphrase: bytes | None) -> Identity:
     """Load and decrypt a private key file (see :func:`identity_from_text`)."""
     return identity_from_text(_read_text(path), passphrase, str(path))
+
+
+def is_protected(path: str | os.PathLike[str]) -> bool:
+    """True if the private key file at ``path`` needs a passphrase (checked without decrypting)."""
+    try:
+        return tomllib.loads(_read_text(path)).get("protection") != UNPROTECTED
+    except tomllib.TOMLDecodeError as e:
+        raise KeyMaterialError(f"{path}: not a secure-oneshot private key file") from e
 
 
 def load_public(path: str | os.PathLike[str]) -> PublicIdentity:

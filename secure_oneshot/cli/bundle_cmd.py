@@ -1,0 +1,156 @@
+"""``secure-oneshot seal | inspect | verify | open``: the low-level bundle commands.
+
+``seal`` takes a safetensors file as it is; the policy-checked ``export`` that
+hospital IT runs builds on the same API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+from ..bundle import Header, OpenedBundle, ReplayLedger, VerifyOptions, inspect_bundle, open_bundle, seal_safetensors_file
+from ..bundle.safetensors_strict import PayloadLimits
+from ..errors import ResourceError
+from ..keys import format_key_id, load_public, load_trust_store
+from .keys_cmd import add_trust_option, trust_path
+from .output import Result, byte_size, progress_bar
+from .secrets import add_passphrase_option, load_private_identity
+
+__all__ = ["register"]
+
+
+def _header_data(header: Header) -> dict[str, Any]:
+    return {
+        "format": "secure-oneshot/v1",
+        "bundle_id": header.bundle_id,
+        "sender": header.sender,
+        "recipients": list(header.recipient_ids),
+        "created": header.created,
+        "expires": header.expires,
+        "policy_id": header.policy_id,
+        "payload_size": header.payload_size,
+        "chunk_size": header.chunk_size,
+    }
+
+
+def _header_lines(header: Header) -> list[str]:
+    return [
+        f"bundle     {header.bundle_id}",
+        f"sender     {format_key_id(header.sender)}",
+        *(f"recipient  {format_key_id(r)}" for r in header.recipient_ids),
+        f"created    {header.created}",
+        f"expires    {header.expires}",
+        f"policy     {header.policy_id or '(none)'}",
+        f"payload    {byte_size(header.payload_size)} ({header.payload_size} bytes)",
+    ]
+
+
+def _seal(args: argparse.Namespace) -> Result:
+    sender = load_private_identity(args.key, args.passphrase_env)
+    recipients = [load_public(path) for path in args.to]
+    if args.trust or args.check_recipients:
+        store = load_trust_store(trust_path(args))
+        recipients = [store.require(r.key_id, "recipient") for r in recipients]
+    with progress_bar("sealing", os.path.getsize(args.input)) as progress:
+        result = seal_safetensors_file(
+            args.input, args.out, sender=sender, recipients=recipients,
+            policy_id=args.policy_id, valid_for=timedelta(days=args.valid_days), progress=progress,
+        )
+    lines = [f"sealed {args.input} -> {result.path}", *_header_lines(result.header), f"sha256     {result.manifest.payload_sha256}"]
+    return Result({"bundle": str(result.path), "header": _header_data(result.header), "payload_sha256": result.manifest.payload_sha256}, lines)
+
+
+def _inspect(args: argparse.Namespace) -> Result:
+    header = inspect_bundle(args.bundle)
+    lines = [*_header_lines(header), "(public header only: nothing is verified until `secure-oneshot verify`)"]
+    return Result({"header": _header_data(header), "verified": False}, lines)
+
+
+def _open_verified(args: argparse.Namespace, ledger: ReplayLedger | None) -> OpenedBundle:
+    identity = load_private_identity(args.key, args.passphrase_env)
+    store = load_trust_store(trust_path(args))
+    options = VerifyOptions(limits=PayloadLimits(reject_nonfinite=not args.allow_nonfinite))
+    with progress_bar("verifying", inspect_bundle(args.bundle).payload_size) as progress:
+        return open_bundle(args.bundle, identity, store, ledger=ledger, options=options, progress=progress)
+
+
+def _content(opened: OpenedBundle) -> tuple[dict[str, Any], list[str]]:
+    tensors = {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for name, t in opened.tensors.items()}
+    data = {
+        "header": _header_data(opened.header),
+        "sender_name": opened.sender.name,
+        "payload_sha256": opened.manifest.payload_sha256,
+        "policy_sha256": opened.manifest.policy_sha256,
+        "dp": opened.manifest.dp,
+        "meta": opened.manifest.meta,
+        "tensors": tensors,
+        "verified": True,
+    }
+    lines = [
+        f"VERIFIED bundle {opened.header.bundle_id} from {opened.sender.name} ({format_key_id(opened.sender.key_id)})",
+        *_header_lines(opened.header)[1:],
+        f"sha256     {opened.manifest.payload_sha256}",
+        f"tensors    {len(tensors)}",
+        *(f"  {name}  {t['dtype']}  {tuple(t['shape'])}" for name, t in list(tensors.items())[:20]),
+    ]
+    if len(tensors) > 20:
+        lines.append(f"  ... and {len(tensors) - 20} more (use --json for all)")
+    return data, lines
+
+
+def _verify(args: argparse.Namespace) -> Result:
+    # verify writes nothing: the ledger, when given, is only consulted.
+    if args.ledger:
+        ReplayLedger(args.ledger).check(inspect_bundle(args.bundle).bundle_id)
+    data, lines = _content(_open_verified(args, ledger=None))
+    return Result(data, lines)
+
+
+def _open(args: argparse.Namespace) -> Result:
+    if args.out == "-" or (args.out is None and sys.stdout.isatty()):
+        raise ResourceError("refusing to write binary tensors to a terminal", hint="pass --out FILE.safetensors")
+    ledger = ReplayLedger(args.ledger) if args.ledger else None
+    opened = _open_verified(args, ledger)
+    path = opened.save_payload(args.out)
+    data, lines = _content(opened)
+    return Result({**data, "out": str(path)}, [*lines, f"wrote {path} (mode 0600)"])
+
+
+def _add_recipient_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle")
+    parser.add_argument("--key", required=True, metavar="FILE.key", help="your (recipient) private key file")
+    parser.add_argument("--ledger", metavar="DB", help="replay ledger (SQLite) of accepted bundle ids")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf tensor values")
+    add_trust_option(parser)
+    add_passphrase_option(parser)
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+    seal = commands.add_parser("seal", help="sign and encrypt a safetensors file into a bundle (low level; see export)", parents=[common])
+    seal.add_argument("input", metavar="INPUT.safetensors")
+    seal.add_argument("--key", required=True, metavar="FILE.key", help="the sending site's private key file")
+    seal.add_argument("--to", required=True, action="append", metavar="FILE.pub", help="a recipient's public identity (repeatable)")
+    seal.add_argument("--out", required=True, metavar="BUNDLE", help="bundle file to write (atomically)")
+    seal.add_argument("--valid-days", type=float, default=7.0, help="days until the bundle expires (default 7)")
+    seal.add_argument("--policy-id", default="", help="export policy id to bind into the bundle")
+    seal.add_argument("--check-recipients", action="store_true", help="require every recipient to be trusted as recipient")
+    add_trust_option(seal)
+    add_passphrase_option(seal)
+    seal.set_defaults(handler=_seal)
+
+    inspect = commands.add_parser("inspect", help="print a bundle's public header (no key needed, nothing verified)", parents=[common])
+    inspect.add_argument("bundle")
+    inspect.set_defaults(handler=_inspect)
+
+    verify = commands.add_parser("verify", help="fully verify a bundle with your key; writes nothing", parents=[common])
+    _add_recipient_options(verify)
+    verify.set_defaults(handler=_verify)
+
+    opener = commands.add_parser("open", help="verify a bundle and write its safetensors payload (mode 0600)", parents=[common])
+    _add_recipient_options(opener)
+    opener.add_argument("--out", metavar="FILE.safetensors", help="where to write the verified payload")
+    opener.set_defaults(handler=_open)
