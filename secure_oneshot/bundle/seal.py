@@ -8,7 +8,6 @@ complete.  The manifest (with the digest) is signed and appended last.
 
 from __future__ import annotations
 
-import mmap
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -221,17 +220,17 @@ def seal_safetensors_file(
     Raises:
         TensorPayloadError: the file breaks the strict safetensors rules.
     """
+    # Read once into one buffer: the payload is "the tensors themselves", so this
+    # stays within the memory bound, and the strict check and the sealing see the
+    # very same bytes (no re-read of a file that could change in between).
     with open(source, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            raise TensorPayloadError(f"{source} is empty, not a safetensors file")
-        # ACCESS_COPY: writable for torch.frombuffer, but never written back to the file.
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-            view = memoryview(mapped)
-            try:
-                parse_payload(view, limits)  # refuse to send what a receiver must refuse
-                return _seal_segments(
-                    [view], out, sender, recipients, _Statement(policy_id, policy_sha256, dp, meta),
-                    valid_for=valid_for, now=now, chunk_size=chunk_size, progress=progress, unsafe_rng=None,
-                )
-            finally:
-                view.release()
+        payload = bytearray(os.fstat(f.fileno()).st_size)
+        if f.readinto(payload) != len(payload):
+            raise TensorPayloadError(f"{source} changed while it was being read")
+    if not payload:
+        raise TensorPayloadError(f"{source} is empty, not a safetensors file")
+    parse_payload(payload, limits)  # refuse to send what a receiver must refuse
+    return _seal_segments(
+        [memoryview(payload)], out, sender, recipients, _Statement(policy_id, policy_sha256, dp, meta),
+        valid_for=valid_for, now=now, chunk_size=chunk_size, progress=progress, unsafe_rng=None,
+    )

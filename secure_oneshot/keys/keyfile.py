@@ -26,7 +26,7 @@ from nacl.pwhash import argon2id
 from .._internal.atomic import atomic_write_bytes
 from .._internal.compat import tomllib
 from .._internal.encoding import b64decode, b64encode
-from ..errors import KeyMaterialError, PassphraseError
+from ..errors import KeyMaterialError, PassphraseError, ResourceError
 from .identity import Identity, PublicIdentity
 
 __all__ = [
@@ -183,8 +183,15 @@ def save_identity(
     folder.mkdir(parents=True, exist_ok=True)
     private_path, public_path = folder / f"{identity.name}.key", folder / f"{identity.name}.pub"
     text = private_key_text(identity, passphrase, kdf)
+    if not overwrite and public_path.exists():
+        raise ResourceError(f"{public_path} already exists", hint="choose another name or folder, or pass --force")
     atomic_write_bytes(private_path, text.encode("ascii"), mode=0o600, overwrite=overwrite)
-    atomic_write_bytes(public_path, identity.public.to_text().encode("ascii"), mode=0o644, overwrite=overwrite)
+    try:
+        atomic_write_bytes(public_path, identity.public.to_text().encode("ascii"), mode=0o644, overwrite=overwrite)
+    except BaseException:
+        # An identity is the pair: do not leave a new private key without its public file.
+        private_path.unlink(missing_ok=True)
+        raise
     return private_path, public_path
 
 

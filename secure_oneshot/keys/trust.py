@@ -34,7 +34,7 @@ from pathlib import Path
 from .._internal.atomic import atomic_write_bytes
 from .._internal.compat import tomllib
 from .._internal.encoding import format_time, utc_now
-from ..errors import ConfigError, TrustError
+from ..errors import ConfigError, KeyMaterialError, TrustError
 from .identity import PublicIdentity, check_key_id
 
 __all__ = ["ROLES", "TrustEntry", "Revocation", "TrustStore", "load_trust_store", "save_trust_store"]
@@ -132,7 +132,10 @@ def _check_keys(table: Mapping[str, object], allowed: set[str], where: str) -> N
 
 def _entry_from_table(table: Mapping[str, object], where: str) -> TrustEntry:
     _check_keys(table, _IDENTITY_KEYS, where)
-    identity = PublicIdentity.from_fields(dict(table), where)
+    try:
+        identity = PublicIdentity.from_fields(dict(table), where)
+    except KeyMaterialError as e:
+        raise ConfigError(e.message, hint="copy the fields from the identity's .pub file, or use `keys trust add`") from e
     roles = table.get("roles")
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise ConfigError(f"{where}.roles: expected a list such as [\"sender\"]")

@@ -1,0 +1,88 @@
+"""Shared fixtures: identities, a trust store, and small bundles sealed in memory.
+
+A fake site and server in one process (TUF's RepositorySimulator idea): every
+test gets fresh keys, so no test depends on another's files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import torch
+
+from secure_oneshot.bundle import seal_tensors
+from secure_oneshot.keys import Identity, TrustEntry, TrustStore
+
+MEDMNIST_ROOT = Path(os.environ.get("SECURE_ONESHOT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"))
+NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=timezone.utc)
+SMALL_CHUNK = 1 << 16
+
+
+@dataclass
+class Parties:
+    site: Identity
+    server: Identity
+    escrow: Identity
+    outsider: Identity
+    trust: TrustStore
+
+
+@pytest.fixture(scope="session")
+def parties() -> Parties:
+    site, server, escrow, outsider = (Identity.generate(n) for n in ("site-a", "server", "escrow", "outsider"))
+    trust = TrustStore().with_entry(TrustEntry(site.public, frozenset({"sender"})))
+    return Parties(site, server, escrow, outsider, trust)
+
+
+def sample_tensors(seed: int = 0, big: bool = False) -> dict[str, torch.Tensor]:
+    """Mixed dtypes and shapes, including empty and 0-d tensors; ``big`` spans several 64 KiB chunks."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "conv.weight": torch.randn(8, 3, 3, 3, generator=g),
+        "bn.running_mean": torch.randn(8, generator=g, dtype=torch.float64),
+        "fc.weight": torch.randn(2, 8, generator=g).to(torch.bfloat16),
+        "fc.bias": torch.randn(2, generator=g).to(torch.float16),
+        "steps": torch.tensor(1234, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "codes": torch.randint(-128, 127, (5,), generator=g, dtype=torch.int8),
+        "pixels": torch.randint(0, 255, (4, 4), generator=g, dtype=torch.uint8),
+        "empty": torch.zeros(0, 7),
+        "i16": torch.arange(6, dtype=torch.int16).reshape(2, 3),
+        "i32": torch.arange(3, dtype=torch.int32),
+    }
+    if big:
+        tensors["big"] = torch.randn(3 * SMALL_CHUNK // 4 + 123, generator=g)  # ~3 chunks
+    return tensors
+
+
+def seal_sample(parties: Parties, out: Path, *, recipients=None, big: bool = True, now: datetime = NOW, **kwargs):
+    """Seal ``sample_tensors`` from the site to ``recipients`` (default: the server)."""
+    recipients = recipients or [parties.server.public]
+    return seal_tensors(
+        sample_tensors(big=big), out, sender=parties.site, recipients=recipients,
+        now=now, chunk_size=SMALL_CHUNK, **kwargs,
+    )
+
+
+@pytest.fixture()
+def sealed(parties: Parties, tmp_path: Path) -> Path:
+    """A multi-chunk bundle from the site to the server, created at NOW, valid 7 days."""
+    out = tmp_path / "bundle.sob"
+    seal_sample(parties, out)
+    return out
+
+
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's bytes as stored (bit-identity, including NaN payloads and signed zeros)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert (got[name].dtype, got[name].shape) == (tensor.dtype, tensor.shape), name
+        assert raw_bytes(got[name]) == raw_bytes(tensor), name
