@@ -43,6 +43,20 @@ class ReplayLedger:
             raise ResourceError(f"cannot open replay ledger {path}: {e}", hint="check the path is writable") from e
         self.path = os.fspath(path)
 
+    @classmethod
+    def read_only(cls, path: str | os.PathLike[str]) -> ReplayLedger:
+        """Open an existing ledger without ever writing (a missing file is an empty ledger)."""
+        ledger = cls.__new__(cls)
+        ledger.path = os.fspath(path)
+        uri = f"file:{ledger.path}?mode=ro" if os.path.exists(ledger.path) else "file::memory:?mode=memory"
+        try:
+            ledger._db = sqlite3.connect(uri, uri=True)
+            if not os.path.exists(ledger.path):
+                ledger._db.execute(_SCHEMA)
+        except sqlite3.Error as e:
+            raise ResourceError(f"cannot read replay ledger {path}: {e}") from e
+        return ledger
+
     def contains(self, bundle_id: str) -> bool:
         row = self._db.execute("SELECT 1 FROM accepted_bundles WHERE bundle_id = ?", (bundle_id,)).fetchone()
         return row is not None

@@ -20,7 +20,7 @@ import torch
 
 from .._internal.atomic import atomic_writer
 from .._internal.encoding import format_time, utc_now
-from ..errors import TensorPayloadError
+from ..errors import ResourceError, TensorPayloadError
 from ..keys.identity import Identity, PublicIdentity
 from .format import DEFAULT_CHUNK_SIZE, MAGIC, MAX_RECIPIENTS, Header, Manifest, header_mac, signed_message, stream_key
 from .recipients import wrap_file_key
@@ -113,6 +113,8 @@ def _seal_segments(
     unsafe_rng: Rng | None,
 ) -> SealResult:
     _check_recipients(recipients)
+    if valid_for < timedelta(seconds=1):
+        raise ValueError("valid_for must be at least one second")
     if unsafe_rng is not None:
         warnings.warn("sealing with deterministic randomness: test vectors only", UnsafeDeterministicRandomWarning, stacklevel=3)
     rng = unsafe_rng or os.urandom
@@ -223,10 +225,13 @@ def seal_safetensors_file(
     # Read once into one buffer: the payload is "the tensors themselves", so this
     # stays within the memory bound, and the strict check and the sealing see the
     # very same bytes (no re-read of a file that could change in between).
-    with open(source, "rb") as f:
-        payload = bytearray(os.fstat(f.fileno()).st_size)
-        if f.readinto(payload) != len(payload):
-            raise TensorPayloadError(f"{source} changed while it was being read")
+    try:
+        with open(source, "rb") as f:
+            payload = bytearray(os.fstat(f.fileno()).st_size)
+            if f.readinto(payload) != len(payload):
+                raise TensorPayloadError(f"{source} changed while it was being read")
+    except OSError as e:
+        raise ResourceError(f"cannot read {source}: {e.strerror}", hint="check the path of the safetensors file") from e
     if not payload:
         raise TensorPayloadError(f"{source} is empty, not a safetensors file")
     parse_payload(payload, limits)  # refuse to send what a receiver must refuse

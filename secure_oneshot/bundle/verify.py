@@ -61,6 +61,11 @@ class OpenedBundle:
     def tensors(self) -> dict[str, torch.Tensor]:
         return self.payload.tensors
 
+    def record_in(self, ledger: ReplayLedger, now: datetime | None = None) -> None:
+        """Record this bundle as accepted (FORMAT.md 7 step 13).  Raises ``ReplayError`` if it already was."""
+        h = self.header
+        ledger.record(h.bundle_id, h.sender, h.created, self.manifest.payload_sha256, now)
+
     def save_payload(self, path: str | os.PathLike[str]) -> Path:
         """Write the verified safetensors payload atomically with mode 0600."""
         atomic_write_bytes(path, bytes(self.payload_bytes), mode=0o600)
@@ -162,6 +167,7 @@ def open_bundle(
     body, signature = _split_trailer(trailer)  # step 9
     manifest = _check_manifest(body, signature, sender, header, hasher.hexdigest())  # steps 10-11
     tensors = parse_payload(payload, options.limits)  # step 12
+    opened = OpenedBundle(header, manifest, sender, tensors, payload)
     if ledger is not None:
-        ledger.record(header.bundle_id, header.sender, header.created, manifest.payload_sha256, now)  # step 13
-    return OpenedBundle(header, manifest, sender, tensors, payload)
+        opened.record_in(ledger, now)  # step 13
+    return opened

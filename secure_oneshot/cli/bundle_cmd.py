@@ -7,14 +7,14 @@ hospital IT runs builds on the same API.
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import sys
 from datetime import timedelta
 from typing import Any
 
 from ..bundle import Header, OpenedBundle, ReplayLedger, VerifyOptions, inspect_bundle, open_bundle, seal_safetensors_file
 from ..bundle.safetensors_strict import PayloadLimits
-from ..errors import ResourceError
+from ..errors import ReplayError, ResourceError
 from ..keys import format_key_id, load_public, load_trust_store
 from .keys_cmd import add_trust_option, trust_path
 from .output import Result, byte_size, progress_bar
@@ -49,13 +49,31 @@ def _header_lines(header: Header) -> list[str]:
     ]
 
 
+def _input_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError as e:
+        raise ResourceError(f"cannot read {path}: {e.strerror}", hint="check the path of the safetensors file") from e
+
+
+def _valid_days(text: str) -> float:
+    """argparse type: a finite number of days between one minute and ten years."""
+    try:
+        days = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from e
+    if not math.isfinite(days) or not 1 / 1440 <= days <= 3650:
+        raise argparse.ArgumentTypeError(f"{text} must be between 1 minute (0.0007) and 3650 days")
+    return days
+
+
 def _seal(args: argparse.Namespace) -> Result:
     sender = load_private_identity(args.key, args.passphrase_env)
     recipients = [load_public(path) for path in args.to]
     if args.trust or args.check_recipients:
         store = load_trust_store(trust_path(args))
         recipients = [store.require(r.key_id, "recipient") for r in recipients]
-    with progress_bar("sealing", os.path.getsize(args.input)) as progress:
+    with progress_bar("sealing", _input_size(args.input)) as progress:
         result = seal_safetensors_file(
             args.input, args.out, sender=sender, recipients=recipients,
             policy_id=args.policy_id, valid_for=timedelta(days=args.valid_days), progress=progress,
@@ -70,12 +88,12 @@ def _inspect(args: argparse.Namespace) -> Result:
     return Result({"header": _header_data(header), "verified": False}, lines)
 
 
-def _open_verified(args: argparse.Namespace, ledger: ReplayLedger | None) -> OpenedBundle:
+def _open_verified(args: argparse.Namespace) -> OpenedBundle:
     identity = load_private_identity(args.key, args.passphrase_env)
     store = load_trust_store(trust_path(args))
     options = VerifyOptions(limits=PayloadLimits(reject_nonfinite=not args.allow_nonfinite))
     with progress_bar("verifying", inspect_bundle(args.bundle).payload_size) as progress:
-        return open_bundle(args.bundle, identity, store, ledger=ledger, options=options, progress=progress)
+        return open_bundle(args.bundle, identity, store, options=options, progress=progress)
 
 
 def _content(opened: OpenedBundle) -> tuple[dict[str, Any], list[str]]:
@@ -103,19 +121,28 @@ def _content(opened: OpenedBundle) -> tuple[dict[str, Any], list[str]]:
 
 
 def _verify(args: argparse.Namespace) -> Result:
-    # verify writes nothing: the ledger, when given, is only consulted.
+    # verify writes nothing: the ledger, when given, is only read.
     if args.ledger:
-        ReplayLedger(args.ledger).check(inspect_bundle(args.bundle).bundle_id)
-    data, lines = _content(_open_verified(args, ledger=None))
+        ReplayLedger.read_only(args.ledger).check(inspect_bundle(args.bundle).bundle_id)
+    data, lines = _content(_open_verified(args))
     return Result(data, lines)
 
 
 def _open(args: argparse.Namespace) -> Result:
-    if args.out == "-" or (args.out is None and sys.stdout.isatty()):
-        raise ResourceError("refusing to write binary tensors to a terminal", hint="pass --out FILE.safetensors")
+    if args.out == "-":
+        raise ResourceError("refusing to write decrypted tensors to standard output", hint="pass --out FILE.safetensors (written atomically, mode 0600)")
     ledger = ReplayLedger(args.ledger) if args.ledger else None
-    opened = _open_verified(args, ledger)
+    if ledger is not None:
+        ledger.check(inspect_bundle(args.bundle).bundle_id)
+    opened = _open_verified(args)
     path = opened.save_payload(args.out)
+    if ledger is not None:
+        # Recorded only once the payload is safely on disk, so a failed write can be retried.
+        try:
+            opened.record_in(ledger)
+        except ReplayError:
+            path.unlink(missing_ok=True)  # a concurrent open won the race
+            raise
     data, lines = _content(opened)
     return Result({**data, "out": str(path)}, [*lines, f"wrote {path} (mode 0600)"])
 
@@ -135,7 +162,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     seal.add_argument("--key", required=True, metavar="FILE.key", help="the sending site's private key file")
     seal.add_argument("--to", required=True, action="append", metavar="FILE.pub", help="a recipient's public identity (repeatable)")
     seal.add_argument("--out", required=True, metavar="BUNDLE", help="bundle file to write (atomically)")
-    seal.add_argument("--valid-days", type=float, default=7.0, help="days until the bundle expires (default 7)")
+    seal.add_argument("--valid-days", type=_valid_days, default=7.0, help="days until the bundle expires (default 7, at most 3650)")
     seal.add_argument("--policy-id", default="", help="export policy id to bind into the bundle")
     seal.add_argument("--check-recipients", action="store_true", help="require every recipient to be trusted as recipient")
     add_trust_option(seal)
@@ -152,5 +179,5 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
     opener = commands.add_parser("open", help="verify a bundle and write its safetensors payload (mode 0600)", parents=[common])
     _add_recipient_options(opener)
-    opener.add_argument("--out", metavar="FILE.safetensors", help="where to write the verified payload")
+    opener.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the verified payload")
     opener.set_defaults(handler=_open)

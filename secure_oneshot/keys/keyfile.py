@@ -47,6 +47,7 @@ PRIVATE_FORMAT = "secure-oneshot-private-identity/v1"
 PROTECTED = "argon2id-xchacha20poly1305"
 UNPROTECTED = "none-INSECURE"
 _AAD_LABEL = b"secure-oneshot/v1 private key\x00"
+_NOT_PRIVATE_HINT = "pass the .key file, not the .pub file"
 
 
 class UnsafePlaintextKeyWarning(UserWarning):
@@ -146,7 +147,7 @@ def identity_from_text(text: str, passphrase: bytes | None, source: str = "<priv
     if fields.get("format") != PRIVATE_FORMAT:
         raise KeyMaterialError(
             f"{source}: not a private key file (format {fields.get('format')!r})",
-            hint="pass the .key file, not the .pub file",
+            hint=_NOT_PRIVATE_HINT,
         )
     public = PublicIdentity.from_fields(fields, source)
     protection = fields.get("protection")
@@ -180,7 +181,10 @@ def save_identity(
         ResourceError: the folder is not writable or a file exists and ``overwrite`` is False.
     """
     folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResourceError(f"cannot use {folder} as the key folder: {e.strerror}", hint="give --out a folder path") from e
     private_path, public_path = folder / f"{identity.name}.key", folder / f"{identity.name}.pub"
     text = private_key_text(identity, passphrase, kdf)
     if not overwrite and public_path.exists():
@@ -212,9 +216,12 @@ def load_identity(path: str | os.PathLike[str], passphrase: bytes | None) -> Ide
 def is_protected(path: str | os.PathLike[str]) -> bool:
     """True if the private key file at ``path`` needs a passphrase (checked without decrypting)."""
     try:
-        return tomllib.loads(_read_text(path)).get("protection") != UNPROTECTED
+        fields = tomllib.loads(_read_text(path))
     except tomllib.TOMLDecodeError as e:
         raise KeyMaterialError(f"{path}: not a secure-oneshot private key file") from e
+    if fields.get("format") != PRIVATE_FORMAT:
+        raise KeyMaterialError(f"{path}: not a private key file (format {fields.get('format')!r})", hint=_NOT_PRIVATE_HINT)
+    return fields.get("protection") != UNPROTECTED
 
 
 def load_public(path: str | os.PathLike[str]) -> PublicIdentity:
