@@ -27,6 +27,7 @@ __all__ = [
     "ReplayError",
     "FreshnessError",
     "TensorPayloadError",
+    "AuditLogError",
     "EXIT_CODES",
 ]
 
@@ -137,12 +138,19 @@ class TensorPayloadError(SecureOneshotError):
     default_hint = "the sender's payload is unsafe or malformed; report it to the sending site"
 
 
+class AuditLogError(SecureOneshotError):
+    """The audit log is damaged, or a record was edited, deleted, inserted or reordered."""
+
+    exit_code = 14
+    default_hint = "keep the log read-only and compare it with its last backup; report the first bad record"
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it with the `-v` traceback)",
     2: "usage error (bad command-line arguments)",
     **{cls.exit_code: cls.__doc__.splitlines()[0] for cls in (  # type: ignore[union-attr]
         ConfigError, KeyMaterialError, BundleFormatError, BundleAuthError, PolicyViolationError,
-        PrivacyError, ResourceError, TrustError, ReplayError, FreshnessError, TensorPayloadError,
+        PrivacyError, ResourceError, TrustError, ReplayError, FreshnessError, TensorPayloadError, AuditLogError,
     )},
 }
