@@ -38,15 +38,19 @@ class SecureOneshotError(Exception):
     Args:
         message: one line saying what failed and what it means.
         hint: what the user can do about it (optional, one line).
+        details: further lines for people, such as a policy decision table.
+        data: the same details as JSON-able data for ``--json``.
     """
 
     exit_code = 1
     default_hint = ""
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, details: list[str] | None = None, data: dict | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint if hint is not None else self.default_hint
+        self.details = details or []  # extra lines for people (e.g. a decision table), printed after the hint
+        self.data = data or {}  # the same facts for --json
 
 
 class ConfigError(SecureOneshotError):

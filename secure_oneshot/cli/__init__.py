@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import EXIT_CODES, SecureOneshotError
-from . import bundle_cmd, keys_cmd
+from . import audit_cmd, bundle_cmd, keys_cmd
 from .output import Result
 
 __all__ = ["main", "build_parser"]
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options(argparse.SUPPRESS)
     keys_cmd.register(commands, common)
     bundle_cmd.register(commands, common)
+    audit_cmd.register(commands, common)
     return parser
 
 
@@ -68,8 +69,10 @@ def _report_error(error: SecureOneshotError, as_json: bool, verbose: bool) -> in
     print(f"{PROG}: error: {error.message}", file=sys.stderr)
     if error.hint:
         print(f"hint: {error.hint}", file=sys.stderr)
+    for line in error.details:
+        print(line, file=sys.stderr)
     if as_json:
-        payload = {"ok": False, "error": {"type": type(error).__name__, "message": error.message, "hint": error.hint, "exit_code": error.exit_code}}
+        payload = {"ok": False, "error": {"type": type(error).__name__, "message": error.message, "hint": error.hint, "exit_code": error.exit_code, **error.data}}
         print(json.dumps(payload, indent=2))
     return error.exit_code
 

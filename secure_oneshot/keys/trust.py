@@ -9,7 +9,7 @@ One TOML file (``keys/trust.toml`` by convention, documented in ``keys/README.md
     key_id = "..."            # must match the two public keys below
     sign_ed25519 = "..."
     encrypt_x25519 = "..."
-    roles = ["recipient"]     # "sender" and/or "recipient"
+    roles = ["recipient"]     # "sender", "recipient" and/or "approver" (signs policies)
     expires = 2027-12-31T00:00:00Z   # optional
     note = "coordinating server, confirmed by phone 2026-11-26"
 
@@ -39,7 +39,7 @@ from .identity import PublicIdentity, check_key_id
 
 __all__ = ["ROLES", "TrustEntry", "Revocation", "TrustStore", "load_trust_store", "save_trust_store"]
 
-ROLES = ("sender", "recipient")
+ROLES = ("sender", "recipient", "approver")
 _IDENTITY_KEYS = {"name", "key_id", "sign_ed25519", "encrypt_x25519", "roles", "expires", "note"}
 _REVOKED_KEYS = {"key_id", "reason", "revoked_at"}
 

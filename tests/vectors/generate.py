@@ -32,7 +32,7 @@ from secure_oneshot.keys.trust import trust_store_to_text
 HERE = Path(__file__).resolve().parent
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=timezone.utc)
 CHUNK = 1 << 16
-NAMES = ("site-a", "server", "escrow", "outsider", "rogue")
+NAMES = ("site-a", "server", "escrow", "outsider", "rogue", "dpo", "ciso")
 
 
 def drbg(label: str) -> Callable[[int], bytes]:

@@ -1,0 +1,94 @@
+"""Policy objects: frozen dataclasses, validated by ``load.py``, evaluated by ``evaluate.py``.
+
+Two kinds of policy (policies/README.md explains every field for reviewers):
+
+* :class:`ExportPolicy` -- what may leave a site, to whom, under which DP guarantee;
+* :class:`IngestPolicy` -- what a server accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+__all__ = [
+    "ARTIFACTS",
+    "ARTIFACT_MODES",
+    "EXPORT_SCHEMA",
+    "INGEST_SCHEMA",
+    "TensorRule",
+    "DpLimit",
+    "ExportPolicy",
+    "IngestPolicy",
+]
+
+EXPORT_SCHEMA = "secure-oneshot/site-export-policy/v1"
+INGEST_SCHEMA = "secure-oneshot/server-ingest-policy/v1"
+# What can leave a site.  BatchNorm running statistics are split from the
+# classifier because they are computed from patient data and feed model inversion.
+ARTIFACTS = ("classifier", "generator", "bn_statistics", "dp_feature_statistics")
+ARTIFACT_MODES = ("allow", "deny", "allow-with-dp")
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One entry of the tensor allow-list: which tensors of an artifact, which dtypes, how big."""
+
+    artifact: str
+    names: tuple[str, ...]          # fnmatch patterns on the payload name, e.g. "classifier/layer*.weight"
+    dtypes: tuple[str, ...]         # safetensors dtype codes, e.g. ("F32", "BF16")
+    max_bytes: int
+    index: int = 0                  # position in the file, for explanations ("tensors[2]")
+
+
+@dataclass(frozen=True)
+class DpLimit:
+    """The differential-privacy guarantee an artifact (or a composition) must meet."""
+
+    max_epsilon: float
+    max_delta: float
+    accountants: tuple[str, ...] = ("prv", "rdp")
+    require_poisson: bool = True
+
+
+@dataclass(frozen=True)
+class ExportPolicy:
+    """A site export policy (schema ``secure-oneshot/site-export-policy/v1``)."""
+
+    id: str
+    version: int
+    owner: str
+    effective: datetime
+    expires: datetime
+    study: dict[str, str]
+    approvals_required: int
+    approvers: tuple[str, ...]
+    recipients: tuple[str, ...]
+    artifacts: dict[str, str]
+    tensors: tuple[TensorRule, ...]
+    dp: dict[str, DpLimit]
+    composed_dp: DpLimit | None
+    max_bundle_bytes: int
+    valid_days: float
+    sha256: str = field(default="", compare=False)
+    source: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class IngestPolicy:
+    """A server ingest policy (schema ``secure-oneshot/server-ingest-policy/v1``)."""
+
+    id: str
+    version: int
+    owner: str
+    senders: tuple[str, ...]
+    required_artifacts: tuple[str, ...]
+    denied_artifacts: tuple[str, ...]
+    dp: dict[str, DpLimit]
+    require_dp: tuple[str, ...]
+    architectures: tuple[str, ...]
+    max_bundle_bytes: int
+    max_tensors: int
+    max_tensor_bytes: int
+    sha256: str = field(default="", compare=False)
+    source: str = field(default="", compare=False)
