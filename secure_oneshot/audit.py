@@ -120,6 +120,7 @@ from datetime import datetime
 from typing import Any
 
 from . import __version__
+from ._internal.atomic import fsync_dir
 from ._internal.encoding import b64decode, b64encode, canonical_json, format_time, parse_strict_json, parse_time, utc_now
 from .errors import AuditLogError, ResourceError
 from .keys.identity import Identity, PublicIdentity, check_key_id
@@ -654,13 +655,8 @@ def _write_line(log: str, fd: int, line: bytes) -> None:
 
 
 def _fsync_dir(log: str) -> None:
-    """Make a new log's directory entry durable, not only its content."""
     try:
-        fd = os.open(os.path.dirname(os.path.abspath(log)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(os.path.dirname(os.path.abspath(log)))
     except OSError as e:
         raise ResourceError(f"cannot sync the folder of audit log {log}: {e.strerror}") from e
 

@@ -15,10 +15,11 @@ from typing import BinaryIO
 
 from ..errors import ResourceError, SecureOneshotError
 
-__all__ = ["atomic_writer", "atomic_write_bytes"]
+__all__ = ["atomic_writer", "atomic_write_bytes", "fsync_dir"]
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make a directory entry (a new or renamed file) durable, not only the file's content."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -57,7 +58,7 @@ def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o644, overwrite:
         if not overwrite and final.exists():
             raise ResourceError(f"{final} appeared while writing", hint="choose another path")
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

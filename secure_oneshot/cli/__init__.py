@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import EXIT_CODES, SecureOneshotError
-from . import audit_cmd, bundle_cmd, keys_cmd
+from . import audit_cmd, bundle_cmd, export_cmd, keys_cmd, policy_cmd
 from .output import Result
 
 __all__ = ["main", "build_parser"]
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options(argparse.SUPPRESS)
     keys_cmd.register(commands, common)
     bundle_cmd.register(commands, common)
+    policy_cmd.register(commands, common)
+    export_cmd.register(commands, common)
     audit_cmd.register(commands, common)
     return parser
 

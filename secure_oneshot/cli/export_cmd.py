@@ -1,0 +1,81 @@
+"""``secure-oneshot export`` (site) and ``secure-oneshot ingest`` (server)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..client.export import ExportRequest, export_model
+from ..keys import format_key_id, load_public, load_trust_store
+from ..policy.explain import decision_table, evaluation_json
+from ..policy.load import load_ingest_policy
+from ..policy.model import ARTIFACTS
+from ..server.ingest import IngestFolders, ingest_inbox
+from .keys_cmd import add_trust_option, trust_path
+from .output import Result, byte_size
+from .secrets import add_passphrase_option, load_private_identity
+
+__all__ = ["register"]
+
+
+def _export(args: argparse.Namespace) -> Result:
+    sender = load_private_identity(args.key, args.passphrase_env)
+    recipients = [load_public(p) for p in args.to]
+    request = ExportRequest(
+        model_dir=Path(args.model), policy_path=Path(args.policy), sender=sender, recipients=recipients,
+        out=Path(args.out), audit_log=Path(args.audit), trust=load_trust_store(trust_path(args)),
+        without=frozenset(args.without or []), dry_run=args.dry_run,
+    )
+    report = export_model(request)
+    ev = report.evaluation
+    eps = ", ".join(f"{a} epsilon {e:.3g}" for a, e in sorted(report.epsilons.items())) or "no DP claims"
+    lines = [
+        f"{'DRY RUN: would send' if args.dry_run else 'SENT'} {len(report.tensors)} tensors, {byte_size(ev.payload_bytes)}; {eps}",
+        f"  policy    {report.policy.id} v{report.policy.version} (sha256 {report.policy.sha256[:16]}...)",
+        *(f"  to        {r.name} ({format_key_id(r.key_id)})" for r in recipients),
+    ]
+    data = {"dry_run": args.dry_run, "tensors": report.tensors, **evaluation_json(ev)}
+    if report.bundle is not None:
+        m = report.bundle.manifest
+        lines += [f"  bundle    {report.bundle.path} (id {m.bundle_id})", f"  sha256    {m.payload_sha256}", f"  expires   {m.expires}",
+                  f"  audit     recorded in {args.audit}"]
+        data.update({"bundle": str(report.bundle.path), "bundle_id": m.bundle_id, "payload_sha256": m.payload_sha256, "expires": m.expires})
+    if args.explain:
+        lines += ["decisions:", *decision_table(ev.decisions)]
+    return Result(data, lines)
+
+
+def _ingest(args: argparse.Namespace) -> Result:
+    identity = load_private_identity(args.key, args.passphrase_env)
+    policy = load_ingest_policy(args.policy)
+    folders = IngestFolders.under(Path(args.server_dir), Path(args.inbox) if args.inbox else None)
+    outcomes = ingest_inbox(folders, identity, load_trust_store(trust_path(args)), policy)
+    lines = [f"{len(outcomes)} bundle(s) in {folders.inbox}: "
+             + ", ".join(f"{sum(o.outcome == k for o in outcomes)} {k}" for k in ("accepted", "quarantined"))]
+    lines += [f"  {o.outcome:16s} {o.file}  {o.error + ': ' if o.error else ''}{o.reason}" for o in outcomes]
+    return Result({"outcomes": [o.__dict__ for o in outcomes], "accepted_dir": str(folders.accepted), "quarantine_dir": str(folders.quarantine)}, lines)
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+    export = commands.add_parser("export", help="policy-checked, signed, encrypted, audited export of a trained model", parents=[common])
+    export.add_argument("--model", required=True, metavar="DIR", help="trained model directory (record.json + safetensors)")
+    export.add_argument("--policy", required=True, metavar="POLICY.toml", help="the site export policy (signatures in POLICY.toml.sig)")
+    export.add_argument("--key", required=True, metavar="FILE.key", help="the site's private key")
+    export.add_argument("--to", required=True, action="append", metavar="FILE.pub", help="recipient public identity (repeatable)")
+    export.add_argument("--out", required=True, metavar="BUNDLE", help="bundle file to write")
+    export.add_argument("--audit", default="audit.jsonl", metavar="LOG", help="the site's audit log (default audit.jsonl)")
+    export.add_argument("--without", action="append", choices=ARTIFACTS, help="leave this artifact out (e.g. bn_statistics)")
+    export.add_argument("--dry-run", action="store_true", help="evaluate everything, write nothing")
+    export.add_argument("--explain", action="store_true", help="also print the full decision table")
+    add_trust_option(export)
+    add_passphrase_option(export)
+    export.set_defaults(handler=_export)
+
+    ingest = commands.add_parser("ingest", help="verify an inbox of bundles; accept or quarantine each", parents=[common])
+    ingest.add_argument("--server-dir", required=True, metavar="DIR", help="holds inbox/, accepted/, quarantine/, ledger.db, audit.jsonl")
+    ingest.add_argument("--inbox", metavar="DIR", help="inbox folder (default SERVER_DIR/inbox)")
+    ingest.add_argument("--policy", required=True, metavar="POLICY.toml", help="the server ingest policy")
+    ingest.add_argument("--key", required=True, metavar="FILE.key", help="the server's private key")
+    add_trust_option(ingest)
+    add_passphrase_option(ingest)
+    ingest.set_defaults(handler=_ingest)

@@ -1,0 +1,1 @@
+"""Site side: export (and, with a later issue, local training)."""

@@ -1,0 +1,238 @@
+"""Evaluate a policy into decisions: per tensor, per artifact, per rule, each allowed or denied with a reason.
+
+Pure: takes the policy, the candidate and a context (time, recipients,
+approvals, versions already used) and returns an :class:`Evaluation`.  Every
+violation is collected; nothing stops at the first.  Callers decide what to do
+with a denial (``export`` refuses; ``policy explain`` prints the table).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import torch
+
+from ..bundle.safetensors_strict import serialize_tensors
+from ..errors import PrivacyError
+from .artifacts import ExportCandidate, artifact_of
+from .dp import DpRecord, composed_epsilon, group_by_dataset, verify_claim
+from .model import DpLimit, ExportPolicy, IngestPolicy
+
+__all__ = ["Decision", "Evaluation", "ExportContext", "evaluate_export", "evaluate_ingest", "dtype_code"]
+
+_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def dtype_code(tensor: torch.Tensor) -> str:
+    return _CODES.get(tensor.dtype, str(tensor.dtype))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One line of the explain table."""
+
+    kind: str       # "policy" | "recipient" | "artifact" | "dp" | "tensor" | "bundle"
+    subject: str    # what was judged: a tensor name, an artifact, a key id, ...
+    rule: str       # the policy key that decided, e.g. "artifacts.bn_statistics" or "tensors[1]"
+    allowed: bool
+    reason: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"kind": self.kind, "subject": self.subject, "rule": self.rule, "allowed": self.allowed, "reason": self.reason}
+
+
+@dataclass
+class Evaluation:
+    """All decisions plus the recomputed epsilons (artifact -> epsilon; "composed:<fingerprint>" for compositions)."""
+
+    decisions: list[Decision] = field(default_factory=list)
+    epsilons: dict[str, float] = field(default_factory=dict)
+    payload_bytes: int = 0
+
+    @property
+    def allowed(self) -> bool:
+        return all(d.allowed for d in self.decisions)
+
+    @property
+    def denied(self) -> list[Decision]:
+        return [d for d in self.decisions if not d.allowed]
+
+    def allowed_tensors(self) -> list[str]:
+        return [d.subject for d in self.decisions if d.kind == "tensor" and d.allowed]
+
+    def add(self, kind: str, subject: str, rule: str, allowed: bool, reason: str) -> None:
+        self.decisions.append(Decision(kind, subject, rule, allowed, reason))
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """Facts about this export that are not in the policy or the model."""
+
+    now: datetime
+    recipients: tuple[str, ...]
+    approvals: int                      # valid approver signatures on this exact policy file
+    highest_version_used: int | None    # highest version of this policy id used before at this site
+
+
+# --- DP ----------------------------------------------------------------------------------------
+
+
+def _check_limit(ev: Evaluation, artifact: str, record: DpRecord, epsilon: float, limit: DpLimit, rule: str) -> None:
+    checks = [
+        ("max_epsilon", epsilon <= limit.max_epsilon, f"recomputed epsilon {epsilon:.3g} vs limit {limit.max_epsilon:g}"),
+        ("max_delta", record.delta <= limit.max_delta, f"delta {record.delta:g} vs limit {limit.max_delta:g}"),
+        ("accountants", record.accountant in limit.accountants, f"accountant {record.accountant!r}, allowed {list(limit.accountants)}"),
+    ]
+    if limit.require_poisson:
+        checks.append(("require_poisson", record.sampling == "poisson", f"sampling {record.sampling!r}; Poisson sampling required"))
+    for key, ok, reason in checks:
+        ev.add("dp", artifact, f"{rule}.{key}", ok, reason)
+
+
+def _verified_epsilon(ev: Evaluation, artifact: str, record: DpRecord) -> float | None:
+    """Recompute the claim with Opacus; a disagreeing claim is a denial, not an exception."""
+    try:
+        epsilon = verify_claim(record)
+    except PrivacyError as e:
+        ev.add("dp", artifact, f"dp.{artifact}", False, e.message)
+        return None
+    ev.epsilons[artifact] = epsilon
+    ev.add("dp", artifact, f"dp.{artifact}", True, f"claimed epsilon {record.epsilon:.3g} matches the recomputed {epsilon:.3g} ({record.accountant})")
+    return epsilon
+
+
+def _check_dp(ev: Evaluation, records: dict[str, DpRecord], limits: dict[str, DpLimit]) -> None:
+    for artifact, record in sorted(records.items()):
+        epsilon = _verified_epsilon(ev, artifact, record)
+        if epsilon is not None and artifact in limits:
+            _check_limit(ev, artifact, record, epsilon, limits[artifact], f"dp.{artifact}")
+
+
+def _check_composition(ev: Evaluation, records: dict[str, DpRecord], limit: DpLimit | None) -> None:
+    """Artifacts trained on the same records spend one budget: compose them and check the total."""
+    if limit is None:
+        return
+    for fingerprint, names in group_by_dataset(records).items():
+        if len(names) < 2:
+            continue
+        group = [records[n] for n in names]
+        delta = sum(r.delta for r in group)
+        epsilon = composed_epsilon(group, delta)
+        ev.epsilons[f"composed:{fingerprint}"] = epsilon
+        subject = "+".join(names)
+        ev.add("dp", subject, "dp.composed.max_epsilon", epsilon <= limit.max_epsilon,
+               f"composed epsilon {epsilon:.3g} (same records {fingerprint[:12]}) vs limit {limit.max_epsilon:g}")
+        ev.add("dp", subject, "dp.composed.max_delta", delta <= limit.max_delta, f"composed delta {delta:g} vs limit {limit.max_delta:g}")
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def _check_policy_state(ev: Evaluation, policy: ExportPolicy, ctx: ExportContext) -> None:
+    ev.add("policy", policy.id, "effective", ctx.now >= policy.effective, f"effective from {policy.effective:%Y-%m-%d %H:%M}Z")
+    ev.add("policy", policy.id, "expires", ctx.now < policy.expires, f"expires {policy.expires:%Y-%m-%d %H:%M}Z")
+    ev.add("policy", policy.id, "approval.required", ctx.approvals >= policy.approvals_required,
+           f"{ctx.approvals} valid approver signature(s), {policy.approvals_required} required")
+    seen = ctx.highest_version_used
+    ev.add("policy", policy.id, "version", seen is None or policy.version >= seen,
+           f"version {policy.version}" + ("" if seen is None else f"; version {seen} was already used here (no rollback)"))
+
+
+def _check_recipients(ev: Evaluation, policy: ExportPolicy, recipients: Sequence[str]) -> None:
+    for key_id in recipients:
+        ok = key_id in policy.recipients
+        ev.add("recipient", key_id, "recipients.allowed", ok, "listed" if ok else "not in recipients.allowed")
+
+
+def _check_artifacts(ev: Evaluation, policy: ExportPolicy, candidate: ExportCandidate) -> set[str]:
+    """Artifact-level decisions; returns the artifacts that may leave."""
+    permitted = set()
+    for artifact in sorted(candidate.artifacts()):
+        mode = policy.artifacts.get(artifact, "deny")  # unknown artifacts (unknown file stems) fail closed
+        has_dp = artifact in candidate.dp
+        ok = mode == "allow" or (mode == "allow-with-dp" and has_dp)
+        reason = {"allow": "allowed", "deny": "denied by policy", "allow-with-dp": "allowed only with DP: " + ("DP record present" if has_dp else "no DP record")}[mode]
+        ev.add("artifact", artifact, f"artifacts.{artifact}", ok, reason)
+        if ok:
+            permitted.add(artifact)
+    return permitted
+
+
+def _tensor_decision(policy: ExportPolicy, name: str, tensor: torch.Tensor, artifact: str) -> tuple[str, bool, str]:
+    nbytes, code = tensor.numel() * tensor.element_size(), dtype_code(tensor)
+    for rule in policy.tensors:
+        if rule.artifact != artifact or not any(fnmatch.fnmatchcase(name, p) for p in rule.names):
+            continue
+        if code not in rule.dtypes:
+            return f"tensors[{rule.index}]", False, f"dtype {code} not in {list(rule.dtypes)}"
+        if nbytes > rule.max_bytes:
+            return f"tensors[{rule.index}]", False, f"{nbytes} bytes > max_bytes {rule.max_bytes}"
+        return f"tensors[{rule.index}]", True, f"{code}, {nbytes} bytes"
+    return "tensors", False, "no [[tensors]] rule allows it (allow-list)"
+
+
+def _check_tensors(ev: Evaluation, policy: ExportPolicy, candidate: ExportCandidate, permitted: set[str]) -> None:
+    for name, tensor in sorted(candidate.tensors.items()):
+        artifact = artifact_of(name)
+        if artifact not in permitted:
+            ev.add("tensor", name, f"artifacts.{artifact}", False, f"artifact {artifact} may not leave")
+            continue
+        ev.add("tensor", name, *_tensor_decision(policy, name, tensor, artifact))
+
+
+def payload_size(tensors: dict[str, torch.Tensor]) -> int:
+    """Exact safetensors size of ``tensors`` (no copy: the writer returns views)."""
+    return sum(len(segment) for segment in serialize_tensors(tensors))
+
+
+def evaluate_export(policy: ExportPolicy, candidate: ExportCandidate, ctx: ExportContext) -> Evaluation:
+    """Every decision for sending ``candidate`` under ``policy``; nothing is skipped after a denial."""
+    ev = Evaluation()
+    _check_policy_state(ev, policy, ctx)
+    _check_recipients(ev, policy, ctx.recipients)
+    permitted = _check_artifacts(ev, policy, candidate)
+    _check_dp(ev, {a: r for a, r in candidate.dp.items() if a in candidate.artifacts()}, policy.dp)
+    _check_composition(ev, {a: r for a, r in candidate.dp.items() if a in candidate.artifacts()}, policy.composed_dp)
+    _check_tensors(ev, policy, candidate, permitted)
+    allowed = {n: candidate.tensors[n] for n in ev.allowed_tensors()}
+    ev.payload_bytes = payload_size(allowed)
+    ev.add("bundle", "payload", "bundle.max_bytes", ev.payload_bytes <= policy.max_bundle_bytes,
+           f"{ev.payload_bytes} bytes vs limit {policy.max_bundle_bytes}")
+    return ev
+
+
+# --- ingest ------------------------------------------------------------------------------------
+
+
+def _architecture(meta: dict[str, object], artifact: str) -> str:
+    entry = meta.get("artifacts", {}) if isinstance(meta, dict) else {}
+    info = entry.get(artifact, {}) if isinstance(entry, dict) else {}
+    return str(info.get("architecture", "")) if isinstance(info, dict) else ""
+
+
+def evaluate_ingest(policy: IngestPolicy, sender: str, tensors: dict[str, torch.Tensor], dp: dict[str, DpRecord],
+                    meta: dict[str, object], payload_bytes: int) -> Evaluation:
+    """Decisions for accepting an already verified bundle at the server."""
+    ev = Evaluation(payload_bytes=payload_bytes)
+    ev.add("policy", sender, "senders.allowed", sender in policy.senders, "listed" if sender in policy.senders else "sender not in senders.allowed")
+    present = sorted({artifact_of(n) for n in tensors})
+    for artifact in policy.required_artifacts:
+        ev.add("artifact", artifact, "artifacts.required", artifact in present, "present" if artifact in present else "required but missing")
+    for artifact in present:
+        denied = artifact in policy.denied_artifacts or artifact.startswith("unknown:")
+        ev.add("artifact", artifact, "artifacts.denied", not denied, "denied at this server" if denied else "accepted")
+        if artifact in policy.require_dp and artifact not in dp:
+            ev.add("dp", artifact, "artifacts.require_dp", False, "DP required but the bundle has no DP record for it")
+        if artifact in ("classifier", "generator"):
+            arch = _architecture(meta, artifact)
+            ev.add("artifact", artifact, "models.architectures", arch in policy.architectures, f"architecture {arch or '(none)'!r}")
+    _check_dp(ev, {a: r for a, r in dp.items() if a in present}, policy.dp)
+    ev.add("bundle", "payload", "limits.max_bundle_bytes", payload_bytes <= policy.max_bundle_bytes, f"{payload_bytes} bytes")
+    ev.add("bundle", "payload", "limits.max_tensors", len(tensors) <= policy.max_tensors, f"{len(tensors)} tensors")
+    biggest = max((t.numel() * t.element_size() for t in tensors.values()), default=0)
+    ev.add("bundle", "payload", "limits.max_tensor_bytes", biggest <= policy.max_tensor_bytes, f"largest tensor {biggest} bytes")
+    return ev

@@ -1,0 +1,92 @@
+"""Approver signatures on policy files: k-of-n, as the policy itself declares.
+
+``policy sign`` appends an Ed25519 signature to ``POLICY.toml.sig`` (JSON);
+``policy verify`` and ``export`` count the valid signatures by the policy's
+listed approvers, whose public keys must be in the trust store with the role
+``approver``.  A signature covers the policy id, version and the SHA-256 of the
+exact file bytes, so any edit after signing voids every signature.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from .._internal.atomic import atomic_write_bytes
+from .._internal.encoding import b64decode, b64encode, canonical_json, format_time, utc_now
+from ..errors import ConfigError, SecureOneshotError
+from ..keys import Identity, TrustStore
+from .model import ExportPolicy, IngestPolicy
+
+__all__ = ["SIGNATURES_FORMAT", "Approval", "signature_path", "sign_policy", "count_approvals"]
+
+SIGNATURES_FORMAT = "secure-oneshot-policy-signatures/v1"
+_LABEL = b"secure-oneshot/v1 policy approval\x00"
+
+Policy = ExportPolicy | IngestPolicy
+
+
+@dataclass(frozen=True)
+class Approval:
+    """One checked signature."""
+
+    key_id: str
+    name: str
+    signed_at: str
+    valid: bool
+    reason: str
+
+
+def signature_path(policy_path: str | os.PathLike[str]) -> Path:
+    return Path(f"{os.fspath(policy_path)}.sig")
+
+
+def _message(policy: Policy) -> bytes:
+    return _LABEL + canonical_json({"policy_id": policy.id, "policy_version": policy.version, "policy_sha256": policy.sha256})
+
+
+def _read_signatures(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a valid signature file ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != SIGNATURES_FORMAT or not isinstance(doc.get("signatures"), list):
+        raise ConfigError(f"{path}: not a {SIGNATURES_FORMAT} file")
+    return [s for s in doc["signatures"] if isinstance(s, dict)]
+
+
+def sign_policy(policy: Policy, policy_path: str | os.PathLike[str], approver: Identity, now: datetime | None = None) -> Path:
+    """Add ``approver``'s signature to the policy's ``.sig`` file (replacing an older one by the same key)."""
+    path = signature_path(policy_path)
+    others = [s for s in _read_signatures(path) if s.get("key_id") != approver.key_id]
+    mine = {"key_id": approver.key_id, "name": approver.name, "signed_at": format_time(now or utc_now()),
+            "policy_sha256": policy.sha256, "signature": b64encode(approver.sign(_message(policy)))}
+    doc = {"format": SIGNATURES_FORMAT, "policy_id": policy.id, "policy_version": policy.version, "signatures": others + [mine]}
+    atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii"))
+    return path
+
+
+def _check_one(policy: Policy, entry: dict[str, str], trust: TrustStore, now: datetime) -> Approval:
+    key_id, name, when = str(entry.get("key_id", "")), str(entry.get("name", "")), str(entry.get("signed_at", ""))
+    if key_id not in policy.approvers:  # type: ignore[union-attr]
+        return Approval(key_id, name, when, False, "not one of this policy's approvers")
+    if entry.get("policy_sha256") != policy.sha256:
+        return Approval(key_id, name, when, False, "signed a different version of the file (edited after signing)")
+    try:
+        public = trust.require(key_id, "approver", now)
+        signature = b64decode(str(entry.get("signature", "")), length=64)
+    except (SecureOneshotError, ValueError) as e:
+        return Approval(key_id, name, when, False, getattr(e, "message", str(e)))
+    ok = public.verify(_message(policy), signature)
+    return Approval(key_id, public.name, when, ok, "valid" if ok else "signature does not verify")
+
+
+def count_approvals(policy: ExportPolicy, policy_path: str | os.PathLike[str], trust: TrustStore, now: datetime | None = None) -> tuple[int, list[Approval]]:
+    """(number of distinct valid approver signatures, every signature checked)."""
+    checked = [_check_one(policy, e, trust, now or utc_now()) for e in _read_signatures(signature_path(policy_path))]
+    return len({a.key_id for a in checked if a.valid}), checked

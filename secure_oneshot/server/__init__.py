@@ -1,0 +1,1 @@
+"""Server side: ingest (and, with a later issue, synthesis and distillation)."""

@@ -1,0 +1,106 @@
+"""``ingest``: a mixed inbox -> exactly the good bundles accepted, the rest quarantined with reasons; idempotent."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from secure_oneshot import audit
+from secure_oneshot.bundle import open_bundle, seal_tensors
+from secure_oneshot.policy.load import load_ingest_policy
+from secure_oneshot.server.ingest import IngestFolders, ingest_inbox
+
+from .conftest import NOW
+from .policy_helpers import POLICIES, classifier_tensors, dp_record, load_cast
+
+CAST = load_cast()
+META = {"artifacts": {"classifier": {"architecture": "small-cnn"}}}
+
+
+def seal(path: Path, *, sender=None, named=None, meta=META, dp=None) -> Path:
+    named = named or {f"classifier/{k}": v for k, v in classifier_tensors().items()}
+    seal_tensors(named, path, sender=sender or CAST.site, recipients=[CAST.server.public], meta=meta,
+                 dp={a: r.to_json() for a, r in (dp or {}).items()}, now=NOW)
+    return path
+
+
+def build_inbox(root: Path) -> dict[str, str]:
+    """file name -> expected outcome ('accepted' or the error class)."""
+    inbox = root / "inbox"
+    inbox.mkdir(parents=True)
+    seal(inbox / "a-good.sob")
+    seal(inbox / "b-good-dp.sob", dp={"classifier": dp_record()})
+    tampered = bytearray(seal(inbox / "c-tampered.sob").read_bytes())
+    tampered[-10] ^= 1
+    (inbox / "c-tampered.sob").write_bytes(bytes(tampered))
+    shutil.copy(inbox / "a-good.sob", inbox / "d-replayed.sob")  # same bundle id, arrives again
+    seal(inbox / "e-untrusted.sob", sender=CAST.outsider)
+    seal(inbox / "f-wrong-arch.sob", meta={"artifacts": {"classifier": {"architecture": "vit-huge"}}})
+    seal(inbox / "g-forged-dp.sob", dp={"classifier": dp_record(claim=0.5)})
+    seal(inbox / "h-no-classifier.sob", named={"generator/unet.w": torch.ones(1)}, meta={"artifacts": {"generator": {"architecture": "unet2d-small"}}})
+    (inbox / "i-garbage.sob").write_bytes(b"not a bundle at all")
+    return {
+        "a-good.sob": "accepted", "b-good-dp.sob": "accepted", "c-tampered.sob": "BundleAuthError",
+        "d-replayed.sob": "ReplayError", "e-untrusted.sob": "TrustError", "f-wrong-arch.sob": "PolicyViolationError",
+        "g-forged-dp.sob": "PrivacyError", "h-no-classifier.sob": "PolicyViolationError", "i-garbage.sob": "BundleFormatError",
+    }
+
+
+def run(root: Path):
+    folders = IngestFolders.under(root)
+    return folders, ingest_inbox(folders, CAST.server, CAST.server_trust(), load_ingest_policy(POLICIES / "server-ingest.toml"), NOW)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".lock"}
+
+
+def test_mixed_inbox(tmp_path: Path) -> None:
+    expected = build_inbox(tmp_path)
+    folders, outcomes = run(tmp_path)
+    got = {o.file: ("accepted" if o.outcome == "accepted" else o.error) for o in outcomes}
+    assert got == expected
+    assert list(folders.inbox.iterdir()) == []
+    accepted = sorted(p.name for p in folders.accepted.glob("*.sob"))
+    assert len(accepted) == 2
+    for name in accepted:  # kept encrypted at rest; re-openable with the server key
+        opened = open_bundle(folders.accepted / name, CAST.server, CAST.server_trust(), now=NOW)
+        entry = json.loads((folders.accepted / name).with_suffix(".json").read_text())
+        assert entry["bundle_id"] == opened.header.bundle_id and entry["tensors"] == sorted(opened.tensors)
+    for name, error in expected.items():
+        if error != "accepted":
+            assert (folders.quarantine / name).exists(), name
+            reason = json.loads((folders.quarantine / f"{name}.reason.json").read_text())
+            assert reason["error"] == error and reason["message"], name
+    records = audit.verify_log(folders.audit_log, CAST.server.public)
+    assert [r.event.outcome for r in records].count("ok") == 2 and len(records) == len(expected)
+
+
+def test_quarantine_reasons_name_the_rule(tmp_path: Path) -> None:
+    build_inbox(tmp_path)
+    folders, _ = run(tmp_path)
+    arch = json.loads((folders.quarantine / "f-wrong-arch.sob.reason.json").read_text())
+    assert any(d["rule"] == "models.architectures" and not d["allowed"] for d in arch["decisions"])
+    assert "forged" in json.loads((folders.quarantine / "g-forged-dp.sob.reason.json").read_text())["message"]
+    assert "already accepted" in json.loads((folders.quarantine / "d-replayed.sob.reason.json").read_text())["message"]
+
+
+def test_running_twice_changes_nothing(tmp_path: Path) -> None:
+    build_inbox(tmp_path)
+    run(tmp_path)
+    before = snapshot(tmp_path)
+    _, outcomes = run(tmp_path)
+    assert outcomes == [] and snapshot(tmp_path) == before
+
+
+def test_a_bundle_arriving_again_later_is_a_replay(tmp_path: Path) -> None:
+    (tmp_path / "inbox").mkdir()
+    original = seal(tmp_path / "inbox" / "x.sob").read_bytes()
+    run(tmp_path)
+    (tmp_path / "inbox" / "x.sob").write_bytes(original)
+    folders, outcomes = run(tmp_path)
+    assert [o.error for o in outcomes] == ["ReplayError"]
+    assert len(list(folders.accepted.glob("*.sob"))) == 1
