@@ -57,6 +57,7 @@ __all__ = [
     "PRV_EPS_ERROR",
     "PRV_DELTA_ERROR_RATIO",
     "MAX_HISTORY_ENTRIES",
+    "NOISE_MULTIPLIER_RANGE",
     "MAX_PRV_CELLS",
     "DpRecord",
     "encode_real",
@@ -85,6 +86,14 @@ PRV_DELTA_ERROR_RATIO = 1e-3
 
 MAX_HISTORY_ENTRIES = 1024
 """Most history entries a record may carry (Opacus merges consecutive identical steps into one entry)."""
+
+NOISE_MULTIPLIER_RANGE = (1e-3, 1e4)
+"""Noise multipliers :func:`compute_epsilon` accepts (records outside still parse).
+
+Outside it Opacus misbehaves: below ~1e-154, ``sigma**2`` underflows and the RDP
+series never terminates (a hang); large values cost seconds per entry.  Below
+1e-3 epsilon exceeds 5e5 (no privacy); above 1e4 one more decade changes nothing.
+"""
 
 MAX_PRV_CELLS = 2**26
 """Most (history entries x discretisation points) the PRV accountant may use (~0.5 GiB per float64 array set).
@@ -124,8 +133,8 @@ def _as_int(value: Any, path: str) -> int:
 
 def _check_range(value: float, path: str, low: float, high: float, *, high_inclusive: bool) -> float:
     """Require ``low < value < high`` (or ``<= high``), finite."""
-    above = value <= high if high_inclusive else value < high
-    if not (math.isfinite(value) and low < value and above):
+    below_high = value <= high if high_inclusive else value < high
+    if not (math.isfinite(value) and low < value and below_high):
         bound = f"{'<=' if high_inclusive else '<'} {high:g}" if math.isfinite(high) else "finite"
         raise _malformed(path, f"must be > {low:g} and {bound}, got {value!r}")
     return value
@@ -376,6 +385,15 @@ def _check_delta(delta: Any, path: str = "delta") -> float:
     return _check_range(_as_real(delta, path), path, 0.0, 1.0, high_inclusive=False)
 
 
+def _check_recomputable(history: Sequence[tuple[float, float, int]]) -> None:
+    low, high = NOISE_MULTIPLIER_RANGE
+    for i, (sigma, _, _) in enumerate(history):
+        if not low <= sigma <= high:
+            raise PrivacyError(f"cannot recompute epsilon: history[{i}].noise_multiplier {sigma!r} is outside "
+                               f"[{low:g}, {high:g}], where Opacus's analysis is reliable",
+                               hint="a noise multiplier this far out gives no meaningful DP claim; do not trust it")
+
+
 def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
     from opacus.accountants import RDPAccountant
 
@@ -413,8 +431,8 @@ def compute_epsilon(accountant: str, history: Iterable[Sequence[Any]], delta: fl
 
     Uses the pinned settings :data:`RDP_ORDERS` (RDP) and :data:`PRV_EPS_ERROR`,
     :data:`PRV_DELTA_ERROR_RATIO` (PRV; the upper bound is returned).  The result
-    assumes Poisson subsampling.  It may be ``inf`` (no privacy); a negative RDP
-    conversion (only at huge delta) is reported as ``0.0``.
+    assumes Poisson subsampling.  A negative RDP conversion (only at huge delta) is
+    reported as ``0.0``; a NaN as ``inf``.
 
     Args:
         accountant: ``"rdp"`` or ``"prv"``.
@@ -426,11 +444,13 @@ def compute_epsilon(accountant: str, history: Iterable[Sequence[Any]], delta: fl
 
     Raises:
         PrivacyError: unknown accountant ("gdp" included), a malformed history or delta,
-            a history too expensive for PRV, or a numerical failure inside Opacus.
+            a noise multiplier outside :data:`NOISE_MULTIPLIER_RANGE`, a history too
+            expensive for PRV, or a numerical failure inside Opacus.
     """
     name = _check_accountant(accountant)
     entries = _check_history(history, "history")
     target = _check_delta(delta)
+    _check_recomputable(entries)
     try:
         with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = -inf when q == 1, on purpose
             epsilon = (_rdp_epsilon if name == "rdp" else _prv_epsilon)(entries, target)

@@ -121,9 +121,13 @@ def _check_composition(ev: Evaluation, records: dict[str, DpRecord], limit: DpLi
             continue
         group = [records[n] for n in names]
         delta = sum(r.delta for r in group)
-        epsilon = composed_epsilon(group, delta)
-        ev.epsilons[f"composed:{fingerprint}"] = epsilon
         subject = "+".join(names)
+        try:
+            epsilon = composed_epsilon(group, delta)
+        except PrivacyError as e:  # e.g. a history Opacus cannot evaluate: a denial, not a crash
+            ev.add("dp", subject, "dp.composed", False, e.message)
+            continue
+        ev.epsilons[f"composed:{fingerprint}"] = epsilon
         ev.add("dp", subject, "dp.composed.max_epsilon", epsilon <= limit.max_epsilon,
                f"composed epsilon {epsilon:.3g} (same records {fingerprint[:12]}) vs limit {limit.max_epsilon:g}")
         ev.add("dp", subject, "dp.composed.max_delta", delta <= limit.max_delta, f"composed delta {delta:g} vs limit {limit.max_delta:g}")
