@@ -157,6 +157,14 @@ def test_refused_too_few_approvals(tmp_path: Path) -> None:
     assert_refused(tmp_path, request(tmp_path, model, policy), PolicyViolationError, "1 valid approver signature(s), 2 required")
 
 
+def test_site_floor_refuses_an_unsigned_policy(tmp_path: Path) -> None:
+    """A policy that asks for no signatures is still refused where the site requires them."""
+    model = make_model_dir(tmp_path / "model", bn=False, dp={"classifier": dp_record()})
+    policy = install_policy(tmp_path, "hospital-strict.toml", edit={"required = 2": "required = 0"})
+    assert export_model(request(tmp_path, model, policy, dry_run=True)).tensors
+    assert_refused(tmp_path, request(tmp_path, model, policy, min_approvals=1), PolicyViolationError, "the site requires at least 1")
+
+
 def test_signature_of_an_edited_policy_does_not_count(tmp_path: Path) -> None:
     model, policy = strict_setup(tmp_path)
     policy.write_text(policy.read_text().replace("valid_days = 7", "valid_days = 8"))

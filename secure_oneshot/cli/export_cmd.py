@@ -24,7 +24,7 @@ def _export(args: argparse.Namespace) -> Result:
     request = ExportRequest(
         model_dir=Path(args.model), policy_path=Path(args.policy), sender=sender, recipients=recipients,
         out=Path(args.out), audit_log=Path(args.audit), trust=load_trust_store(trust_path(args)),
-        without=frozenset(args.without or []), dry_run=args.dry_run,
+        without=frozenset(args.without or []), min_approvals=args.min_approvals, dry_run=args.dry_run,
     )
     report = export_model(request)
     ev = report.evaluation
@@ -65,6 +65,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     export.add_argument("--out", required=True, metavar="BUNDLE", help="bundle file to write")
     export.add_argument("--audit", default="audit.jsonl", metavar="LOG", help="the site's audit log (default audit.jsonl)")
     export.add_argument("--without", action="append", choices=ARTIFACTS, help="leave this artifact out (e.g. bn_statistics)")
+    export.add_argument("--min-approvals", type=int, default=0, metavar="N",
+                        help="the site's floor for approver signatures on the policy, whatever the policy says (default 0)")
     export.add_argument("--dry-run", action="store_true", help="evaluate everything, write nothing")
     export.add_argument("--explain", action="store_true", help="also print the full decision table")
     add_trust_option(export)

@@ -44,6 +44,7 @@ class ExportRequest:
     audit_log: Path
     trust: TrustStore
     without: frozenset[str] = frozenset()
+    min_approvals: int = 0
     dry_run: bool = False
     now: datetime | None = None
 
@@ -130,7 +131,7 @@ def export_model(req: ExportRequest) -> ExportReport:
     policy = load_export_policy(req.policy_path)
     approvals, _ = count_approvals(policy, req.policy_path, req.trust, now)
     candidate = load_model_dir(req.model_dir).without(set(req.without))
-    ctx = ExportContext(now, tuple(r.key_id for r in req.recipients), approvals, highest_policy_version(records, policy.id))
+    ctx = ExportContext(now, tuple(r.key_id for r in req.recipients), approvals, highest_policy_version(records, policy.id), req.min_approvals)
     ev = evaluate_export(policy, candidate, ctx)
     if not ev.allowed:
         raise _refuse(req, policy, ev)

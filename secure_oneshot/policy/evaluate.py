@@ -76,6 +76,7 @@ class ExportContext:
     recipients: tuple[str, ...]
     approvals: int                      # valid approver signatures on this exact policy file
     highest_version_used: int | None    # highest version of this policy id used before at this site
+    min_approvals: int = 0              # the site's own floor: a policy cannot lower it by requiring fewer
 
 
 # --- DP ----------------------------------------------------------------------------------------
@@ -139,8 +140,10 @@ def _check_composition(ev: Evaluation, records: dict[str, DpRecord], limit: DpLi
 def _check_policy_state(ev: Evaluation, policy: ExportPolicy, ctx: ExportContext) -> None:
     ev.add("policy", policy.id, "effective", ctx.now >= policy.effective, f"effective from {policy.effective:%Y-%m-%d %H:%M}Z")
     ev.add("policy", policy.id, "expires", ctx.now < policy.expires, f"expires {policy.expires:%Y-%m-%d %H:%M}Z")
-    ev.add("policy", policy.id, "approval.required", ctx.approvals >= policy.approvals_required,
-           f"{ctx.approvals} valid approver signature(s), {policy.approvals_required} required")
+    required = max(policy.approvals_required, ctx.min_approvals)
+    floor = f" (the site requires at least {ctx.min_approvals})" if ctx.min_approvals > policy.approvals_required else ""
+    ev.add("policy", policy.id, "approval.required", ctx.approvals >= required,
+           f"{ctx.approvals} valid approver signature(s), {required} required{floor}")
     seen = ctx.highest_version_used
     ev.add("policy", policy.id, "version", seen is None or policy.version >= seen,
            f"version {policy.version}" + ("" if seen is None else f"; version {seen} was already used here (no rollback)"))
