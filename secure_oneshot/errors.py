@@ -28,6 +28,7 @@ __all__ = [
     "FreshnessError",
     "TensorPayloadError",
     "AuditLogError",
+    "DataError",
     "EXIT_CODES",
 ]
 
@@ -149,12 +150,19 @@ class AuditLogError(SecureOneshotError):
     default_hint = "keep the log read-only and compare it with its last backup; report the first bad record"
 
 
+class DataError(SecureOneshotError):
+    """A dataset file is missing, malformed, or of a task this version does not support."""
+
+    exit_code = 15
+    default_hint = "check --data-root (or SECURE_ONESHOT_DATA) and the dataset flag"
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it with the `-v` traceback)",
     2: "usage error (bad command-line arguments)",
     **{cls.exit_code: cls.__doc__.splitlines()[0] for cls in (  # type: ignore[union-attr]
         ConfigError, KeyMaterialError, BundleFormatError, BundleAuthError, PolicyViolationError,
-        PrivacyError, ResourceError, TrustError, ReplayError, FreshnessError, TensorPayloadError, AuditLogError,
+        PrivacyError, ResourceError, TrustError, ReplayError, FreshnessError, TensorPayloadError, AuditLogError, DataError,
     )},
 }

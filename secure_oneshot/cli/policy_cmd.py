@@ -26,7 +26,7 @@ def _summary(policy) -> list[str]:  # type: ignore[no-untyped-def]
     lines = [f"valid {kind} policy {policy.id} v{policy.version} (owner: {policy.owner})", f"sha256 {policy.sha256}"]
     if isinstance(policy, ExportPolicy):
         lines += [f"  in force {policy.effective:%Y-%m-%d} .. {policy.expires:%Y-%m-%d}",
-                  f"  artifacts: " + ", ".join(f"{a}={m}" for a, m in policy.artifacts.items()),
+                  "  artifacts: " + ", ".join(f"{a}={m}" for a, m in policy.artifacts.items()),
                   f"  recipients: {len(policy.recipients)}; tensor rules: {len(policy.tensors)}; approvals required: {policy.approvals_required}"]
     return lines
 

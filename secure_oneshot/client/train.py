@@ -1,0 +1,250 @@
+"""Local training of a site's classifier: the method's recipe by default, Opacus DP on request.
+
+Each stage is a function of (config, inputs): :func:`site_data` picks the
+site's records, :func:`train_classifier` trains (optionally with DP-SGD),
+:func:`write_model_dir` saves safetensors + a JSON training record (never a
+pickle; Opacus's own checkpoint helper pickles, so it is not used).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .. import __version__
+from .._internal.atomic import atomic_write_bytes
+from ..data import MedMNISTSplit, Partition, SiteData, load_medmnist, load_npz, partition_indices, to_dataset
+from ..errors import ConfigError, PrivacyError
+from ..metrics import evaluate_model
+from ..models.classifier import ClassifierConfig, build_classifier
+from ..policy.artifacts import MODEL_RECORD_FORMAT
+from ..policy.dp import DpRecord, dp_record_from_opacus
+
+__all__ = ["TrainConfig", "PRESETS", "DataConfig", "TrainResult", "site_data", "train_classifier", "classifier_state", "write_model_dir"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training.  Defaults are the method's recipe (FedISCA's public code)."""
+
+    epochs: int = 100
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (0.5, 0.75)   # fractions of the epochs: 50 and 75 of 100
+    gamma: float = 0.1
+    batch_size: int = 128
+    seed: int = 0
+    val_fraction: float = 0.1                      # held-out slice of the site's own records
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    grad_sample_mode: str = "hooks"
+    max_physical_batch_size: int = 128
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "fedisca": TrainConfig(),
+    # About a minute per site on 2 CPU cores with small-cnn at 28 px.
+    "cpu": TrainConfig(epochs=15, lr=0.02, batch_size=64),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which records a site trains on: one part of train+val of a MedMNIST set, or the site's own file."""
+
+    flag: str = "pneumoniamnist"
+    size: int = 28
+    root: str | None = None
+    file: str | None = None          # a site's own MedMNIST-format .npz (then no partitioning)
+    site: int = 0
+    partition: Partition = field(default_factory=Partition)
+    download: bool = False
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    model_config: ClassifierConfig
+    history: list[dict[str, float]]
+    metrics: dict[str, dict[str, float]]
+    dp: DpRecord | None
+    data: SiteData
+
+
+def _merged_train_val(cfg: DataConfig) -> MedMNISTSplit:
+    if cfg.file:
+        splits = [load_npz(cfg.file, cfg.flag, s) for s in ("train", "val")]
+    else:
+        splits = [load_medmnist(cfg.flag, s, size=cfg.size, root=cfg.root, download=cfg.download) for s in ("train", "val")]
+    a, b = splits
+    return MedMNISTSplit(a.flag, "train+val", np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]), a.n_classes, a.n_channels, a.task)
+
+
+def site_data(cfg: DataConfig, val_fraction: float = 0.1, seed: int = 0) -> SiteData:
+    """The site's records (its partition of train+val, or its own file), a local validation slice, and the test split."""
+    pool = _merged_train_val(cfg)
+    if not cfg.file:
+        parts = partition_indices(pool.labels, cfg.partition)
+        if not 0 <= cfg.site < len(parts):
+            raise ConfigError(f"site {cfg.site} does not exist in a {len(parts)}-site partition")
+        pool = pool.subset(parts[cfg.site])
+    order = np.random.default_rng(seed).permutation(len(pool))
+    n_val = max(1, int(round(val_fraction * len(pool))))
+    test = load_npz(cfg.file, cfg.flag, "test") if cfg.file else load_medmnist(cfg.flag, "test", size=cfg.size, root=cfg.root)
+    return SiteData(pool.subset(np.sort(order[n_val:])), pool.subset(np.sort(order[:n_val])), test)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.MultiStepLR:
+    milestones = sorted({max(1, int(round(f * cfg.epochs))) for f in cfg.milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
+
+
+def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, cfg: TrainConfig):  # type: ignore[no-untyped-def]
+    """Opacus: validate and fix (BatchNorm -> GroupNorm) first, then DP-SGD with Poisson sampling at a stated budget."""
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant=cfg.accountant)
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=cfg.dp_epsilon, target_delta=cfg.dp_delta,
+        epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode=cfg.grad_sample_mode,
+    )
+    return engine, model, optimizer, loader
+
+
+@contextmanager
+def _physical_batches(loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Iterator[DataLoader]:
+    """Opacus's BatchMemoryManager bounds memory for large logical batches under DP."""
+    if cfg.dp_epsilon is None:
+        yield loader
+        return
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=cfg.max_physical_batch_size, optimizer=optimizer) as memory_safe:
+        yield memory_safe
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, float]:
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    total, correct, loss_sum = 0, 0, 0.0
+    with _physical_batches(loader, optimizer, cfg) as batches:
+        for x, y in batches:
+            if len(y) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = criterion(logits, y)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+    return {"loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1)}
+
+
+def _progress(enabled: bool, epochs: int):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import Progress
+
+    return Progress(transient=True)
+
+
+def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteData, *, progress: bool = False) -> TrainResult:
+    """Train on ``data.train``; validate each epoch on ``data.val``; test on ``data.test`` at the end.
+
+    Raises:
+        PrivacyError: Opacus cannot reach the requested budget with these settings.
+    """
+    torch.manual_seed(cfg.seed)
+    dp = cfg.dp_epsilon is not None
+    model = build_classifier(replace(model_cfg, norm="group" if dp else model_cfg.norm))
+    train_set = to_dataset(data.train)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
+    optimizer = _optimizer(model, cfg)
+    engine = None
+    if dp:
+        try:
+            engine, model, optimizer, loader = _make_private(model, optimizer, loader, cfg)
+        except ValueError as e:
+            raise PrivacyError(f"Opacus cannot train to epsilon {cfg.dp_epsilon}: {e}") from e
+    scheduler = _scheduler(optimizer, cfg)
+    history = []
+    val_set = to_dataset(data.val)
+    with _progress(progress, cfg.epochs) as bar:
+        task = bar.add_task("training", total=cfg.epochs) if bar else None
+        for epoch in range(cfg.epochs):
+            row = {"epoch": epoch + 1, **_train_epoch(model, loader, optimizer, cfg), **{f"val_{k}": v for k, v in evaluate_model(model, val_set).items()}}
+            scheduler.step()
+            history.append(row)
+            if bar:
+                bar.update(task, advance=1, description=f"epoch {epoch + 1} loss {row['loss']:.3f} val acc {row['val_acc']:.3f}")
+    plain = getattr(model, "_module", model)
+    metrics = {"val": evaluate_model(plain, val_set)}
+    if data.test is not None:
+        metrics["test"] = evaluate_model(plain, to_dataset(data.test))
+    record = None
+    if engine is not None:
+        record = dp_record_from_opacus(engine.accountant, delta=cfg.dp_delta, max_grad_norm=cfg.max_grad_norm,
+                                       sampling="poisson", dataset_fingerprint=data.train.fingerprint())
+    return TrainResult(plain, replace(model_cfg, norm="group" if dp else model_cfg.norm), history, metrics, record, data)
+
+
+def classifier_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict as contiguous CPU tensors, without Opacus's ``_module.`` wrapper prefix."""
+    return {k.removeprefix("_module."): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _versions() -> dict[str, str]:
+    import opacus
+
+    return {"secure-oneshot": __version__, "torch": torch.__version__, "opacus": opacus.__version__, "python": platform.python_version()}
+
+
+def training_record(result: TrainResult, data_cfg: DataConfig, cfg: TrainConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The site's JSON record: what was trained on what, how, with which guarantee (no images, no tensors)."""
+    counts = np.bincount(result.data.train.labels, minlength=result.data.train.n_classes).tolist()
+    artifacts = {"classifier": {**asdict(result.model_config), "image_size": int(result.data.train.images.shape[1])}}
+    dp = {"classifier": result.dp.to_json()} if result.dp else {}
+    return {
+        "format": MODEL_RECORD_FORMAT,
+        "site": f"site-{data_cfg.site}" if not data_cfg.file else Path(data_cfg.file).stem,
+        "artifacts": artifacts,
+        "dp": dp,
+        "training": {
+            "config": asdict(cfg), "data": {"flag": data_cfg.flag, "size": data_cfg.size, "site": data_cfg.site,
+                                            "partition": asdict(data_cfg.partition), "fingerprint": result.data.train.fingerprint(),
+                                            "train_records": len(result.data.train), "val_records": len(result.data.val),
+                                            "label_counts": counts},
+            "history": result.history, "metrics": result.metrics, "versions": _versions(), **(extra or {}),
+        },
+    }
+
+
+def write_model_dir(directory: str | Path, tensors_by_file: dict[str, dict[str, torch.Tensor]], record: dict[str, Any]) -> Path:
+    """Write ``<stem>.safetensors`` files and ``record.json``, each atomically."""
+    from safetensors.torch import save
+
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, tensors in tensors_by_file.items():
+        atomic_write_bytes(folder / f"{stem}.safetensors", save(tensors))
+    atomic_write_bytes(folder / "record.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    return folder

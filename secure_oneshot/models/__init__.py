@@ -1,0 +1,1 @@
+"""Model builders: classifiers (torchvision blocks) and the diffusion generator (diffusers)."""

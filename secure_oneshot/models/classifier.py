@@ -1,0 +1,90 @@
+"""Classifier registry: build a model from a small config, with BatchNorm or GroupNorm.
+
+* ``resnet18-cifar``: torchvision's ResNet-18 with the CIFAR-style stem the
+  method uses at 28 px (3x3 conv, stride 1, no max pool);
+* ``resnet18``: torchvision's ResNet-18 as is (224 px), input channels adapted;
+* ``small-cnn``: a small, fast CNN for CPU presets and tests.
+
+DP training replaces BatchNorm with GroupNorm through Opacus's own
+``ModuleValidator.fix`` (validate, then fix, before DP), so the architecture
+name stays the same and the norm is recorded separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+__all__ = ["ClassifierConfig", "ARCHITECTURES", "build_classifier", "has_batchnorm"]
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    architecture: str = "small-cnn"
+    in_channels: int = 1
+    num_classes: int = 2
+    norm: str = "batch"          # "batch" | "group" (what Opacus's fix produces)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    # Opacus's fix uses min(32, channels) groups; keep the same so both paths agree.
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+def _norm(kind: str) -> Callable[[int], nn.Module]:
+    return nn.BatchNorm2d if kind == "batch" else _group_norm
+
+
+def _resnet18_cifar(cfg: ClassifierConfig) -> nn.Module:
+    model = resnet18(weights=None, num_classes=cfg.num_classes, norm_layer=_norm(cfg.norm))
+    model.conv1 = nn.Conv2d(cfg.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _resnet18(cfg: ClassifierConfig) -> nn.Module:
+    model = resnet18(weights=None, num_classes=cfg.num_classes, norm_layer=_norm(cfg.norm))
+    model.conv1 = nn.Conv2d(cfg.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+class SmallCNN(nn.Module):
+    """conv-norm-relu-pool x 3, global average pool, linear: about 100k parameters."""
+
+    def __init__(self, cfg: ClassifierConfig) -> None:
+        super().__init__()
+        norm = _norm(cfg.norm)
+        widths = (cfg.in_channels, 32, 64, 128)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), norm(c_out), nn.ReLU(inplace=False), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(widths[-1], cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # (N, 128, H/8, W/8)
+        return self.head(x.mean(dim=(2, 3)))  # (N, 128) -> (N, classes)
+
+
+ARCHITECTURES: dict[str, Callable[[ClassifierConfig], nn.Module]] = {
+    "resnet18-cifar": _resnet18_cifar,
+    "resnet18": _resnet18,
+    "small-cnn": SmallCNN,
+}
+
+
+def build_classifier(cfg: ClassifierConfig) -> nn.Module:
+    """A freshly initialised classifier.  Raises ``ValueError`` for unknown names (configs are validated earlier)."""
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {cfg.architecture!r}; known: {sorted(ARCHITECTURES)}")
+    if cfg.norm not in ("batch", "group"):
+        raise ValueError("norm must be 'batch' or 'group'")
+    return ARCHITECTURES[cfg.architecture](cfg)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
