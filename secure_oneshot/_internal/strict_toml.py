@@ -70,7 +70,7 @@ class Table:
 
     def finish(self) -> None:
         for key in sorted(set(self.data) - self.read):
-            self.problems.add(self._key(key), "unknown key (typo?): unknown keys are refused so they cannot widen a policy")
+            self.problems.add(self._key(key), "unknown key (typo?): unknown keys are refused, so a typo cannot change what happens")
 
 
 def _type_problem(value: Any, kind: str) -> str | None:
@@ -81,6 +81,7 @@ def _type_problem(value: Any, kind: str) -> str | None:
         "boolean": lambda v: isinstance(v, bool),
         "date-time": lambda v: isinstance(v, datetime) and v.tzinfo is not None,
         "list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "list of numbers": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
         "list of tables": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
     }
     if checks[kind](value):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import EXIT_CODES, SecureOneshotError
-from . import audit_cmd, bundle_cmd, export_cmd, keys_cmd, policy_cmd
+from . import audit_cmd, bundle_cmd, export_cmd, keys_cmd, policy_cmd, train_cmd
 from .output import Result
 
 __all__ = ["main", "build_parser"]
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy_cmd.register(commands, common)
     export_cmd.register(commands, common)
     audit_cmd.register(commands, common)
+    train_cmd.register(commands, common)
     return parser
 
 

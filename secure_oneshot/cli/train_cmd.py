@@ -1,0 +1,80 @@
+"""``secure-oneshot train`` and ``secure-oneshot partition``: the site's local job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .._internal.atomic import atomic_write_bytes
+from ..client.site_config import load_site_config
+from ..data import Partition, load_medmnist, partition_indices
+from ..data.partition import label_counts
+from .output import Result
+
+__all__ = ["register"]
+
+
+def _train(args: argparse.Namespace) -> Result:
+    from ..client.site import run_site
+
+    cfg = load_site_config(args.config, root_override=args.data_root)
+    if args.out:
+        cfg = replace(cfg, out=Path(args.out))
+    if args.dp_epsilon is not None:
+        cfg = replace(cfg, train=replace(cfg.train, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta))
+    if args.epochs is not None:
+        cfg = replace(cfg, train=replace(cfg.train, epochs=args.epochs))
+    run = run_site(cfg, progress=not args.json)
+    test = run.classifier.metrics.get("test", {})
+    eps = {a: r["epsilon"] for a, r in run.record["dp"].items()}
+    lines = [
+        f"trained site {cfg.data.site} of {cfg.data.flag} ({len(run.classifier.data.train)} records) -> {run.out}",
+        f"  classifier  {cfg.model.architecture}, norm {run.classifier.model_config.norm}; "
+        f"test ACC {test.get('acc', float('nan')):.3f} AUC {test.get('auc', float('nan')):.3f}",
+        *(f"  {stem:11s} {n} tensors" for stem, n in run.files.items()),
+        f"  DP          {', '.join(f'{a} epsilon {e}' for a, e in eps.items()) or 'none (not private)'}",
+        f"  next: secure-oneshot export --model {run.out} --policy POLICY.toml ...",
+    ]
+    return Result({"out": str(run.out), "files": run.files, "metrics": run.classifier.metrics, "dp": run.record["dp"]}, lines)
+
+
+def _partition(args: argparse.Namespace) -> Result:
+    splits = [load_medmnist(args.flag, s, size=args.size, root=args.data_root) for s in ("train", "val")]
+    labels = np.concatenate([s.labels for s in splits])
+    config = Partition(args.sites, args.scheme, args.alpha, args.seed, args.min_size)
+    parts = partition_indices(labels, config)
+    counts = label_counts(labels, parts, splits[0].n_classes)
+    data = {"flag": args.flag, "partition": config.__dict__, "sites": [{"site": i, "size": len(p), "label_counts": c, "indices": p.tolist()}
+                                                                      for i, (p, c) in enumerate(zip(parts, counts))]}
+    if args.out:
+        atomic_write_bytes(args.out, (json.dumps(data) + "\n").encode("ascii"))
+    lines = [f"{args.flag} train+val ({len(labels)} records) -> {args.sites} sites, {args.scheme}" + (f" alpha {args.alpha}" if args.scheme == "dirichlet" else "")]
+    lines += [f"  site {i}: {len(p):5d} records, labels {c}" for i, (p, c) in enumerate(zip(parts, counts))]
+    return Result({k: v for k, v in data.items() if k != "sites"} | {"sites": [{k: v for k, v in s.items() if k != "indices"} for s in data["sites"]]}, lines)
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+    train = commands.add_parser("train", help="train a site's classifier (and optional generator) into a model directory", parents=[common])
+    train.add_argument("--config", required=True, metavar="SITE.toml", help="site config (see README)")
+    train.add_argument("--data-root", metavar="DIR", help="MedMNIST folder (overrides the config and $SECURE_ONESHOT_DATA)")
+    train.add_argument("--out", metavar="DIR", help="model directory (overrides [output] dir)")
+    train.add_argument("--dp-epsilon", type=float, help="train the classifier with DP-SGD to this epsilon")
+    train.add_argument("--dp-delta", type=float, default=1e-5)
+    train.add_argument("--epochs", type=int)
+    train.set_defaults(handler=_train)
+
+    part = commands.add_parser("partition", help="split train+val of a MedMNIST set among sites (IID or Dirichlet)", parents=[common])
+    part.add_argument("--flag", default="pneumoniamnist")
+    part.add_argument("--size", type=int, default=28)
+    part.add_argument("--data-root", metavar="DIR")
+    part.add_argument("--sites", type=int, default=5)
+    part.add_argument("--scheme", choices=("iid", "dirichlet"), default="iid")
+    part.add_argument("--alpha", type=float, default=0.6)
+    part.add_argument("--seed", type=int, default=0)
+    part.add_argument("--min-size", type=int, default=10)
+    part.add_argument("--out", metavar="FILE.json", help="write every site's index list and label counts")
+    part.set_defaults(handler=_partition)

@@ -1,0 +1,72 @@
+"""One site's whole local job: data -> classifier (optionally DP) -> optional generator and DP
+feature statistics -> a model directory that ``export`` checks against the site's policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import to_dataset
+from ..errors import ConfigError
+from .site_config import SiteConfig
+from .train import TrainResult, classifier_state, site_data, train_classifier, training_record, write_model_dir
+
+__all__ = ["SiteRun", "run_site"]
+
+
+@dataclass
+class SiteRun:
+    out: Path
+    classifier: TrainResult
+    record: dict[str, Any]
+    files: dict[str, int]   # file stem -> tensor count
+
+
+def _generator(cfg: SiteConfig, result: TrainResult, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
+    """Train the class-conditional diffusion generator on the same records (its own DP budget)."""
+    from ..models.generator import PRESETS as GENERATOR_PRESETS
+    from .generator import GeneratorTraining, generator_state, train_generator
+
+    options = dict(cfg.generator or {})
+    preset = GENERATOR_PRESETS[options.pop("preset", "cpu-small")]
+    train = result.data.train
+    gcfg = replace(preset, in_channels=train.n_channels, num_classes=train.n_classes, image_size=int(train.images.shape[1]))
+    options.pop("samples", None)
+    training = GeneratorTraining(seed=cfg.train.seed, dataset_fingerprint=train.fingerprint(), **options)
+    g = train_generator(gcfg, training, to_dataset(train), progress=progress)
+    meta = {"architecture": "unet2d-small", "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in gcfg.__dict__.items()},
+            "scheduler": g.scheduler, "final_loss": g.losses[-1] if g.losses else None}
+    return generator_state(g.model), meta, g.dp
+
+
+def _feature_stats(cfg: SiteConfig, result: TrainResult) -> tuple[dict[str, torch.Tensor], Any]:
+    if result.dp is None:
+        raise ConfigError("[feature_stats] needs a DP classifier (set train.dp_epsilon)",
+                          hint="a non-DP classifier keeps BatchNorm statistics; those are a separate artifact")
+    from .feature_stats import FeatureStatsConfig, dp_feature_statistics
+
+    options = cfg.feature_stats or {}
+    stats_cfg = FeatureStatsConfig(epsilon=options["epsilon"], delta=options.get("delta", 1e-5), clip_norm=options.get("clip_norm", 1.0),
+                                   seed=cfg.train.seed, dataset_fingerprint=result.data.train.fingerprint())
+    return dp_feature_statistics(result.model, to_dataset(result.data.train), stats_cfg)
+
+
+def run_site(cfg: SiteConfig, *, progress: bool = False) -> SiteRun:
+    """Train everything the config asks for and write the model directory atomically, file by file."""
+    data = site_data(cfg.data, cfg.train.val_fraction, cfg.train.seed)
+    result = train_classifier(cfg.model, cfg.train, data, progress=progress)
+    files = {"classifier": classifier_state(result.model)}
+    record = training_record(result, cfg.data, cfg.train)
+    if cfg.generator is not None:
+        files["generator"], record["artifacts"]["generator"], gen_dp = _generator(cfg, result, progress)
+        if gen_dp is not None:
+            record["dp"]["generator"] = gen_dp.to_json()
+    if cfg.feature_stats is not None:
+        files["feature_stats"], stats_dp = _feature_stats(cfg, result)
+        record["artifacts"]["dp_feature_statistics"] = {"layers": sorted({k.rsplit(".", 1)[0] for k in files["feature_stats"]})}
+        record["dp"]["dp_feature_statistics"] = stats_dp.to_json()
+    out = write_model_dir(cfg.out, files, record)
+    return SiteRun(out, result, record, {stem: len(t) for stem, t in files.items()})

@@ -1,0 +1,144 @@
+"""The site config file (``site.toml``) for ``secure-oneshot train``: strict, every problem with file:line.
+
+::
+
+    [data]
+    flag = "pneumoniamnist"      # any 2D MedMNIST flag
+    size = 28
+    root = "../shared/data/medmnist"   # optional; else --data-root or $SECURE_ONESHOT_DATA
+    # file = "my-site.npz"      # a site's own MedMNIST-format file instead of a partition
+    site = 0                     # which part of the partition this site is (simulations)
+    n_sites = 5
+    partition = "iid"            # or "dirichlet"
+    alpha = 0.6
+    partition_seed = 0
+    min_size = 10
+
+    [model]
+    architecture = "small-cnn"   # resnet18-cifar | resnet18 | small-cnn
+
+    [train]
+    preset = "cpu"               # cpu | fedisca; any TrainConfig field below overrides it
+    dp_epsilon = 8.0             # omit for non-private training
+
+    [generator]                  # optional: a class-conditional diffusion generator
+    preset = "cpu-small"
+    epochs = 3
+    dp_epsilon = 8.0             # optional
+
+    [feature_stats]              # optional, DP classifiers only: DP per-layer feature statistics
+    epsilon = 1.0
+
+    [output]
+    dir = "site-0/model"
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .._internal.compat import tomllib
+from .._internal.strict_toml import Problems, Table, one_of, positive, probability
+from ..data import Partition
+from ..errors import ConfigError
+from ..models.classifier import ARCHITECTURES, ClassifierConfig
+from .train import PRESETS, DataConfig, TrainConfig
+
+__all__ = ["SiteConfig", "load_site_config", "site_config_from_text"]
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    data: DataConfig
+    model: ClassifierConfig
+    train: TrainConfig
+    generator: dict[str, Any] | None
+    feature_stats: dict[str, Any] | None
+    out: Path
+
+
+# TrainConfig field -> TOML type ("from __future__ import annotations" makes field types strings).
+_TRAIN_KINDS = {"int": "integer", "float": "number", "float | None": "number", "bool": "boolean", "str": "string",
+                "tuple[float, ...]": "list of numbers"}
+
+
+def _train_config(t: Table) -> TrainConfig:
+    preset = t.get("preset", "string", "cpu", check=one_of(tuple(PRESETS)))
+    overrides: dict[str, Any] = {}
+    for f in fields(TrainConfig):
+        if f.name in t.data:
+            overrides[f.name] = t.get(f.name, _TRAIN_KINDS[str(f.type)])
+    t.finish()
+    if overrides.get("milestones") is not None:
+        overrides["milestones"] = tuple(overrides["milestones"])
+    return replace(PRESETS.get(preset, PRESETS["cpu"]), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _data_config(t: Table, root_override: str | None) -> DataConfig:
+    partition = Partition(
+        n_sites=t.get("n_sites", "integer", 5, check=positive),
+        scheme=t.get("partition", "string", "iid", check=one_of(("iid", "dirichlet"))),
+        alpha=t.get("alpha", "number", 0.6, check=positive),
+        seed=t.get("partition_seed", "integer", 0),
+        min_size=t.get("min_size", "integer", 10, check=positive),
+    )
+    config = DataConfig(
+        flag=t.get("flag", "string", "pneumoniamnist"),
+        size=t.get("size", "integer", 28, check=one_of((28, 64, 128, 224))),
+        root=root_override or t.get("root", "string", None),
+        file=t.get("file", "string", None),
+        site=t.get("site", "integer", 0),
+        partition=partition,
+    )
+    t.finish()
+    return config
+
+
+def _optional_table(root: Table, name: str, allowed: dict[str, str]) -> dict[str, Any] | None:
+    if name not in root.data:
+        root.read.add(name)
+        return None
+    t = root.table(name)
+    values = {key: t.get(key, kind, None) for key, kind in allowed.items()}
+    t.finish()
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def site_config_from_text(text: str, source: str = "<site config>", *, root_override: str | None = None) -> SiteConfig:
+    """Parse a site config.  Raises ``ConfigError`` listing every problem."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML ({e})") from e
+    problems = Problems(source, text, "see the site.toml example in secure_oneshot/client/site_config.py")
+    root = Table(doc, "", problems)
+    data = _data_config(root.table("data", required=False), root_override)
+    model_t = root.table("model", required=False)
+    architecture = model_t.get("architecture", "string", "small-cnn", check=one_of(tuple(ARCHITECTURES)))
+    model_t.finish()
+    train = _train_config(root.table("train", required=False))
+    generator = _optional_table(root, "generator", {"preset": "string", "epochs": "integer", "batch_size": "integer", "lr": "number",
+                                                   "dp_epsilon": "number", "dp_delta": "number", "samples": "integer"})
+    stats = _optional_table(root, "feature_stats", {"epsilon": "number", "delta": "number", "clip_norm": "number"})
+    output = root.table("output", required=False)
+    out = output.get("dir", "string", "model")
+    output.finish()
+    root.finish()
+    if train.dp_epsilon is not None and not train.dp_epsilon > 0:
+        problems.add("train.dp_epsilon", "must be positive")
+    problems.raise_if_any()
+    return SiteConfig(data, ClassifierConfig(architecture), train, generator, stats, Path(out))
+
+
+def load_site_config(path: str | os.PathLike[str], *, root_override: str | None = None) -> SiteConfig:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read site config {path}: {e.strerror}") from e
+    return site_config_from_text(text, str(path), root_override=root_override)
+
+
+_ = probability  # re-exported for configs that grow delta fields
