@@ -49,8 +49,9 @@ def _feature_stats(cfg: SiteConfig, result: TrainResult) -> tuple[dict[str, torc
     from .feature_stats import FeatureStatsConfig, dp_feature_statistics
 
     options = cfg.feature_stats or {}
+    # No seed: the noise must come from the OS, or anyone with the code could regenerate and subtract it.
     stats_cfg = FeatureStatsConfig(epsilon=options["epsilon"], delta=options.get("delta", 1e-5), clip_norm=options.get("clip_norm", 1.0),
-                                   seed=cfg.train.seed, dataset_fingerprint=result.data.train.fingerprint())
+                                   dataset_fingerprint=result.data.train.fingerprint())
     return dp_feature_statistics(result.model, to_dataset(result.data.train), stats_cfg)
 
 
