@@ -50,7 +50,7 @@ class TrainConfig:
     dp_delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "prv"
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "hooks"                # Opacus: "hooks" | "functorch" | "ew" | "ghost" (fast clipping)
     max_physical_batch_size: int = 128
 
 
@@ -121,11 +121,17 @@ def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant=cfg.accountant)
-    model, optimizer, loader = engine.make_private_with_epsilon(
+    criterion = nn.CrossEntropyLoss()
+    wrapped = engine.make_private_with_epsilon(
         module=model, optimizer=optimizer, data_loader=loader, target_epsilon=cfg.dp_epsilon, target_delta=cfg.dp_delta,
         epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode=cfg.grad_sample_mode,
+        criterion=criterion,
     )
-    return engine, model, optimizer, loader
+    if cfg.grad_sample_mode == "ghost":  # ghost clipping also wraps the loss (two backward passes, no per-sample grads)
+        model, optimizer, criterion, loader = wrapped
+    else:
+        model, optimizer, loader = wrapped
+    return engine, model, optimizer, loader, criterion
 
 
 @contextmanager
@@ -140,9 +146,8 @@ def _physical_batches(loader: DataLoader, optimizer: torch.optim.Optimizer, cfg:
         yield memory_safe
 
 
-def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, float]:
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig, criterion: nn.Module) -> dict[str, float]:
     model.train()
-    criterion = nn.CrossEntropyLoss()
     total, correct, loss_sum = 0, 0, 0.0
     with _physical_batches(loader, optimizer, cfg) as batches:
         for x, y in batches:
@@ -179,10 +184,10 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     train_set = to_dataset(data.train)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = _optimizer(model, cfg)
-    engine = None
+    engine, criterion = None, nn.CrossEntropyLoss()
     if dp:
         try:
-            engine, model, optimizer, loader = _make_private(model, optimizer, loader, cfg)
+            engine, model, optimizer, loader, criterion = _make_private(model, optimizer, loader, cfg)
         except ValueError as e:
             raise PrivacyError(f"Opacus cannot train to epsilon {cfg.dp_epsilon}: {e}") from e
     scheduler = _scheduler(optimizer, cfg)
@@ -191,7 +196,7 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     with _progress(progress, cfg.epochs) as bar:
         task = bar.add_task("training", total=cfg.epochs) if bar else None
         for epoch in range(cfg.epochs):
-            row = {"epoch": epoch + 1, **_train_epoch(model, loader, optimizer, cfg), **{f"val_{k}": v for k, v in evaluate_model(model, val_set).items()}}
+            row = {"epoch": epoch + 1, **_train_epoch(model, loader, optimizer, cfg, criterion), **{f"val_{k}": v for k, v in evaluate_model(model, val_set).items()}}
             scheduler.step()
             history.append(row)
             if bar:
