@@ -28,6 +28,8 @@ def _train(args: argparse.Namespace) -> Result:
         cfg = replace(cfg, train=replace(cfg.train, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta))
     if args.epochs is not None:
         cfg = replace(cfg, train=replace(cfg.train, epochs=args.epochs))
+    if args.download:
+        cfg = replace(cfg, data=replace(cfg.data, download=True))
     run = run_site(cfg, progress=not args.json)
     test = run.classifier.metrics.get("test", {})
     eps = {a: r["epsilon"] for a, r in run.record["dp"].items()}
@@ -43,7 +45,7 @@ def _train(args: argparse.Namespace) -> Result:
 
 
 def _partition(args: argparse.Namespace) -> Result:
-    splits = [load_medmnist(args.flag, s, size=args.size, root=args.data_root) for s in ("train", "val")]
+    splits = [load_medmnist(args.flag, s, size=args.size, root=args.data_root, download=args.download) for s in ("train", "val")]
     labels = np.concatenate([s.labels for s in splits])
     config = Partition(args.sites, args.scheme, args.alpha, args.seed, args.min_size)
     parts = partition_indices(labels, config)
@@ -65,6 +67,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     train.add_argument("--dp-epsilon", type=float, help="train the classifier with DP-SGD to this epsilon")
     train.add_argument("--dp-delta", type=float, default=1e-5)
     train.add_argument("--epochs", type=int)
+    train.add_argument("--download", action="store_true", help="let medmnist download a missing file (needs internet access)")
     train.set_defaults(handler=_train)
 
     part = commands.add_parser("partition", help="split train+val of a MedMNIST set among sites (IID or Dirichlet)", parents=[common])
@@ -76,5 +79,6 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     part.add_argument("--alpha", type=float, default=0.6)
     part.add_argument("--seed", type=int, default=0)
     part.add_argument("--min-size", type=int, default=10)
+    part.add_argument("--download", action="store_true", help="let medmnist download a missing file (needs internet access)")
     part.add_argument("--out", metavar="FILE.json", help="write every site's index list and label counts")
     part.set_defaults(handler=_partition)

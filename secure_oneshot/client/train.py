@@ -103,7 +103,7 @@ def site_data(cfg: DataConfig, val_fraction: float = 0.1, seed: int = 0) -> Site
         pool = pool.subset(parts[cfg.site])
     order = np.random.default_rng(seed).permutation(len(pool))
     n_val = max(1, int(round(val_fraction * len(pool))))
-    test = load_npz(cfg.file, cfg.flag, "test") if cfg.file else load_medmnist(cfg.flag, "test", size=cfg.size, root=cfg.root)
+    test = load_npz(cfg.file, cfg.flag, "test") if cfg.file else load_medmnist(cfg.flag, "test", size=cfg.size, root=cfg.root, download=cfg.download)
     return SiteData(pool.subset(np.sort(order[n_val:])), pool.subset(np.sort(order[:n_val])), test)
 
 
