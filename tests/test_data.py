@@ -109,3 +109,37 @@ def test_minimum_size_is_enforced_or_refused() -> None:
         partition_indices(LABELS, Partition(n_sites=20, min_size=100))
     with pytest.raises(ConfigError, match="no Dirichlet"):
         partition_indices(LABELS, Partition(n_sites=10, scheme="dirichlet", alpha=0.01, min_size=90, max_tries=5))
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def test_partition_cli_json(data_root: Path, capsys, tmp_path: Path) -> None:  # noqa: F811
+    import json
+
+    from secure_oneshot.cli import main
+
+    out = tmp_path / "parts.json"
+    code = main(["--json", "partition", "--data-root", str(data_root), "--flag", "breastmnist", "--sites", "3",
+                 "--scheme", "dirichlet", "--alpha", "0.5", "--out", str(out)])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and [s["size"] for s in summary["sites"]] == [len(s["indices"]) for s in json.loads(out.read_text())["sites"]]
+    assert sum(s["size"] for s in summary["sites"]) == 546 + 78
+
+
+def test_train_cli_missing_data_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    from secure_oneshot.cli import main
+
+    (tmp_path / "site.toml").write_text('[data]\nflag = "pneumoniamnist"\n')
+    code = main(["train", "--config", str(tmp_path / "site.toml"), "--data-root", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert code == 15 and "pneumoniamnist.npz not found" in err and "Traceback" not in err
+
+
+def test_site_config_errors_name_file_and_line(tmp_path: Path, capsys) -> None:
+    from secure_oneshot.cli import main
+
+    (tmp_path / "site.toml").write_text('[data]\nflag = "pneumoniamnist"\n[train]\nepoch = 3\nlr = "fast"\n')
+    code = main(["train", "--config", str(tmp_path / "site.toml")])
+    err = capsys.readouterr().err
+    assert code == 3 and "site.toml:4: train.epoch: unknown key" in err and "site.toml:5: train.lr: must be a number" in err
