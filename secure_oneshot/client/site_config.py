@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .._internal.compat import tomllib
-from .._internal.strict_toml import Problems, Table, one_of, positive, probability
+from .._internal.strict_toml import Problems, Table, one_of, positive
 from ..data import Partition
 from ..errors import ConfigError
 from ..models.classifier import ARCHITECTURES, ClassifierConfig
@@ -141,4 +141,3 @@ def load_site_config(path: str | os.PathLike[str], *, root_override: str | None 
     return site_config_from_text(text, str(path), root_override=root_override)
 
 
-_ = probability  # re-exported for configs that grow delta fields
