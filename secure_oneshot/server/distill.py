@@ -1,0 +1,230 @@
+"""FedISCA knowledge distillation: train a global student on the snapshots of model inversion.
+
+Per epoch (:func:`distill`):
+
+1. synthesize a fresh batch (:func:`~secure_oneshot.server.synthesis.synthesize_batch`),
+   keeping every ``synth.snapshot_every``-th intermediate batch on the device
+   (noise -> realistic; ``snapshot_every = 1`` is the authors' "every snapshot").
+   Memory: ``steps / snapshot_every`` batches live on the device at once --
+   256 x 1 x 28 x 28 float32 x 500 steps is about 400 MB; at 224 px x 3 channels
+   each snapshot is about 150 MB, so raise ``snapshot_every`` there (every k-th
+   snapshot changes ``n`` and so the ``a = i/n`` ramp's resolution, not its shape);
+2. for snapshot ``i`` of ``n``: ``loss = a * KD(student, teacher) + (1 - a) *
+   KD(student, noise-adapted teacher)``, ``a = i / n``, one SGD step each, with
+   ``KD`` = :func:`kd_loss` at temperature ``T``;
+3. the learning rate drops x0.1 at each milestone (fractions of ``epochs``).
+
+Noise-adapted teacher (``DistillConfig.noise_adapted``):
+
+* ``"train-mode"`` (faithful): a copy of the site models whose BatchNorm layers
+  run in train mode, so they normalise each snapshot with that snapshot's own
+  statistics (and update their running statistics, which train mode never
+  reads).  The authors also run a no-grad pass over the snapshots (last to
+  first) before distilling; in train mode its only effect is on those unread
+  running statistics, so it is skipped here.
+* ``"eval"``: the same copy, but its running statistics are refreshed by that
+  pass (last to first, default BN momentum) and it then runs in eval mode:
+  it normalises with statistics adapted to the (mostly noisy) snapshots.
+* ``"none"``: plain KD from the teacher (``a = 1`` throughout).
+
+Site models without BatchNorm (GroupNorm, DP-trained) have nothing to adapt:
+the noise-adapted teacher would be the teacher itself, so the teacher's logits
+are reused and the loss is plain KD.
+
+The returned student is the **last** epoch's: no model selection on a test set
+(the authors select on the test set).  ``eval_set`` only reports metrics.
+
+What this module does not do: load bundles, save checkpoints, or choose data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError
+from ..metrics import evaluate_model
+from .ensemble import Ensemble
+from .synthesis import FeatureStats, InversionConfig, synthesize_batch
+
+__all__ = ["NOISE_ADAPTED", "DistillConfig", "DistillResult", "distill", "kd_loss", "learning_rate"]
+
+NOISE_ADAPTED = ("train-mode", "eval", "none")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The student's training (the authors' defaults).
+
+    Raises:
+        ConfigError: listing every invalid field.
+    """
+
+    epochs: int = 100
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (0.5, 0.75)   # fractions of epochs where lr is multiplied by 0.1
+    temperature: float = 20.0
+    noise_adapted: str = "train-mode"             # "train-mode" | "eval" | "none" (module docstring)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}"),
+            (all(_number(v) and v >= 0 for v in (self.lr, self.momentum, self.weight_decay)),
+             "lr, momentum and weight_decay must be numbers >= 0"),
+            (isinstance(self.milestones, tuple) and all(_number(m) and 0 <= m <= 1 for m in self.milestones),
+             f"milestones must be a tuple of fractions in [0, 1], got {self.milestones!r}"),
+            (_number(self.temperature) and self.temperature > 0, f"temperature must be > 0, got {self.temperature!r}"),
+            (self.noise_adapted in NOISE_ADAPTED, f"noise_adapted must be one of {list(NOISE_ADAPTED)}, got {self.noise_adapted!r}"),
+            (isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ConfigError("invalid distillation config: " + "; ".join(problems))
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class DistillResult:
+    """The last epoch's student and one record per epoch (``epoch``, ``lr``, ``loss``, and metrics)."""
+
+    student: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """``KL(softmax(t/T) || softmax(s/T)) * T**2``, averaged over the batch (the authors' ``KLDiv``)."""
+    log_p_student = F.log_softmax(student_logits / T, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / T, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * T * T
+
+
+def learning_rate(cfg: DistillConfig, epoch: int) -> float:
+    """The rate of 0-based ``epoch``: ``cfg.lr`` x 0.1 per milestone ``round(m * epochs)`` reached."""
+    return cfg.lr * 0.1 ** sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+
+
+def _has_bn(models: Sequence[nn.Module]) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for model in models for m in model.modules())
+
+
+def _adapted_teacher(site_models: Sequence[nn.Module], cfg: DistillConfig, device: str | torch.device) -> Ensemble | None:
+    """The noise-adapted copy, or ``None`` when it would equal the teacher (mode "none", or no BatchNorm)."""
+    if cfg.noise_adapted == "none" or not _has_bn(site_models):
+        return None
+    return Ensemble(site_models, adapt_bn=True).to(device)
+
+
+@torch.no_grad()
+def _refresh_running_stats(adapted: Ensemble, snapshots: Sequence[Tensor]) -> None:
+    """The authors' pass, last snapshot to first (real -> noise), then eval mode ("eval" variant)."""
+    adapted.set_adapt_bn(True)
+    for x in reversed(snapshots):
+        adapted(x)
+    adapted.set_adapt_bn(False)
+
+
+def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | None, snapshots: Sequence[Tensor],
+                   optimizer: torch.optim.Optimizer, T: float) -> Tensor:
+    """One SGD step per snapshot; returns the mean loss (a device tensor: no sync per step)."""
+    student.train()
+    total = torch.zeros((), device=snapshots[0].device)
+    for i, x in enumerate(snapshots):
+        a = i / len(snapshots)  # 0 (noise, adapted teacher) -> 1 (realistic, teacher)
+        with torch.no_grad():
+            t_logits = teacher(x)
+            n_logits = adapted(x) if adapted is not None else t_logits
+        s_logits = student(x)
+        loss = a * kd_loss(s_logits, t_logits, T) + (1 - a) * kd_loss(s_logits, n_logits, T)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+    return total / len(snapshots)
+
+
+def _synthesize(site_models: Sequence[nn.Module], teacher: Ensemble, synth: InversionConfig, epoch: int,
+                device: str | torch.device, **synthesis_options: Any) -> list[Tensor]:
+    snapshots: list[Tensor] = []
+    cfg = dataclasses.replace(synth, seed=synth.seed + epoch)  # a fresh batch every epoch, reproducibly
+    synthesize_batch(site_models, teacher, cfg, device=device,
+                     on_snapshot=lambda step, x: snapshots.append(x), **synthesis_options)
+    return snapshots
+
+
+def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: InversionConfig, cfg: DistillConfig, *,
+            device: str | torch.device = "cpu", eval_set: Dataset[Any] | None = None, progress: bool = False,
+            on_epoch: Callable[[dict[str, float]], None] | None = None,
+            feature_stats: Sequence[FeatureStats | None] | None = None, adversarial: bool = False,
+            allow_ce_only: bool = False) -> DistillResult:
+    """Train ``student`` (in place) from the site models alone, FedISCA style.
+
+    Args:
+        student: the global model to train; moved to ``device``.
+        site_models: the (verified) site classifiers; copied, never changed.
+        synth: the per-epoch inversion (``snapshot_every`` bounds the snapshots kept on the device).
+        cfg: the student's training.
+        device: where everything runs.
+        eval_set: a server-side dataset to report metrics on each epoch (never used to select).
+        progress: print one line per epoch to stderr.
+        on_epoch: called with each epoch's record.
+        feature_stats, allow_ce_only: passed to :func:`synthesize_batch` (BN-free sites).
+        adversarial: pass the student to synthesis for the adversarial term (BN-free sites).
+
+    Returns:
+        :class:`DistillResult` with the last epoch's student and the per-epoch history.
+
+    Raises:
+        ValueError: BN-free sites with no prior (see :func:`synthesize_batch`).
+
+    >>> result = distill(student, sites, InversionConfig(), DistillConfig(), device="cuda")  # doctest: +SKIP
+    >>> result.history[-1]["loss"]                                                          # doctest: +SKIP
+    """
+    torch.manual_seed(cfg.seed)
+    student.to(device)
+    teacher = Ensemble(site_models).to(device)
+    adapted = _adapted_teacher(site_models, cfg, device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    options = {"feature_stats": feature_stats, "student": student if adversarial else None, "allow_ce_only": allow_ce_only}
+    history: list[dict[str, float]] = []
+    for epoch in range(cfg.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, epoch)
+        snapshots = _synthesize(site_models, teacher, synth, epoch, device, **options)
+        if adapted is not None and cfg.noise_adapted == "eval":
+            _refresh_running_stats(adapted, snapshots)
+        loss = _distill_epoch(student, teacher, adapted, snapshots, optimizer, cfg.temperature)
+        del snapshots  # free the device memory before evaluation
+        history.append(_epoch_record(student, epoch, learning_rate(cfg, epoch), float(loss), eval_set, device))
+        _report(history[-1], cfg.epochs, progress, on_epoch)
+    return DistillResult(student=student, history=history)
+
+
+def _epoch_record(student: nn.Module, epoch: int, lr: float, loss: float, eval_set: Dataset[Any] | None,
+                  device: str | torch.device) -> dict[str, float]:
+    record: dict[str, float] = {"epoch": epoch + 1, "lr": lr, "loss": loss}
+    if eval_set is not None:
+        record.update(evaluate_model(student, eval_set, device=str(device)))
+        student.train()
+    return record
+
+
+def _report(record: dict[str, float], epochs: int, progress: bool, on_epoch: Callable[[dict[str, float]], None] | None) -> None:
+    if progress:
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "lr"))
+        print(f"distill epoch {int(record['epoch'])}/{epochs}  lr {record['lr']:.2g}  {metrics}", file=sys.stderr)
+    if on_epoch is not None:
+        on_epoch(record)

@@ -1,0 +1,201 @@
+"""The teacher: the mean of the site classifiers' logits, run as one batched computation.
+
+When every site shares one architecture (the usual case: five ResNet-18s), the
+sites' parameters and buffers are stacked (``torch.func.stack_module_state``)
+and a single skeleton module is run over them with ``functional_call`` +
+``vmap``: one batched computation per step, no Python loop over sites.
+Heterogeneous sites fall back to a loop.
+
+The ensemble owns frozen copies of the site models (``requires_grad=False``,
+eval mode), so building one never changes the caller's models and synthesis
+never accumulates gradients in the teachers.  With ``adapt_bn=True`` the
+BatchNorm layers run in train mode instead: they normalise with each batch's
+own statistics and update their (stacked) running statistics, which is
+FedISCA's noise-adapted teacher.
+
+:meth:`Ensemble.per_site` also takes a *probe*: a function called inside each
+site's computation (inside ``vmap`` on the batched path) right after that
+site's forward pass, returning one scalar per site.  The synthesis code uses it
+to turn what forward hooks recorded during the pass into a per-site
+BatchNorm-statistics loss; see :mod:`secure_oneshot.server.synthesis`.
+
+What this module does not do: load weights, check trust, or train anything.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+__all__ = ["Ensemble", "Probe", "same_architecture"]
+
+Probe = Callable[[Any], Tensor]
+"""Called after one site's forward pass with that site's probe input; returns a scalar tensor."""
+
+
+def _signature(model: nn.Module) -> tuple[Any, ...]:
+    modules = tuple((name, type(m)) for name, m in model.named_modules())
+    params = tuple((name, p.shape, p.dtype) for name, p in model.named_parameters())
+    buffers = tuple((name, b.shape, b.dtype) for name, b in model.named_buffers())
+    return modules, params, buffers
+
+
+def same_architecture(models: Sequence[nn.Module]) -> bool:
+    """True when every model has the same module tree, parameter and buffer names, shapes and dtypes.
+
+    That is what stacking needs; models whose ``forward`` depends on plain
+    attributes that differ between them (not tensors) would still compare equal,
+    so pass ``batched=False`` for such exotic models.
+    """
+    first = _signature(models[0])
+    return all(_signature(m) == first for m in models[1:])
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(model)
+    clone.requires_grad_(False)
+    return clone.eval()
+
+
+def _is_bn(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def _set_modes(module: nn.Module, adapt_bn: bool) -> None:
+    """Eval everywhere; BatchNorm layers in train mode when ``adapt_bn``."""
+    for m in module.modules():
+        m.training = adapt_bn and _is_bn(m)
+
+
+def _stack_probe_inputs(inputs: Sequence[Any]) -> Any:
+    """Per-site pytrees (nested dicts of tensors) -> one pytree of stacked tensors (leading site dim)."""
+    first = inputs[0]
+    if isinstance(first, Mapping):
+        if any(not isinstance(i, Mapping) or set(i) != set(first) for i in inputs):
+            raise ValueError("probe inputs must have the same keys for every site on the batched path "
+                             "(build the Ensemble with batched=False for per-site differences)")
+        return {key: _stack_probe_inputs([i[key] for i in inputs]) for key in first}
+    return torch.stack(list(inputs))
+
+
+class Ensemble(nn.Module):
+    """Mean of the site models' logits (eval mode; BatchNorm in train mode with ``adapt_bn``).
+
+    Args:
+        models: the site classifiers (copied and frozen; the originals are untouched).
+        batched: ``True`` stacks the sites and runs them with ``vmap``; ``False`` loops;
+            ``None`` (default) batches when :func:`same_architecture` holds.
+        adapt_bn: run BatchNorm layers in train mode (FedISCA's noise-adapted teacher).
+
+    Raises:
+        ValueError: no models, or ``batched=True`` with differing architectures.
+
+    >>> teacher = Ensemble([site_a, site_b]).to("cuda")   # doctest: +SKIP
+    >>> teacher(images).shape                              # doctest: +SKIP
+    torch.Size([256, 2])
+    """
+
+    def __init__(self, models: Sequence[nn.Module], *, batched: bool | None = None, adapt_bn: bool = False) -> None:
+        super().__init__()
+        if len(models) == 0:
+            raise ValueError("an ensemble needs at least one site model")
+        copies = [_frozen_copy(m) for m in models]
+        homogeneous = same_architecture(copies)
+        if batched and not homogeneous:
+            raise ValueError("batched=True needs site models of one architecture (same parameter names and shapes)")
+        self.num_sites = len(copies)
+        self.batched = homogeneous if batched is None else batched
+        self.adapt_bn = adapt_bn
+        if self.batched:
+            self._init_stacked(copies)
+        else:
+            self.sites = nn.ModuleList(copies)
+        self.set_adapt_bn(adapt_bn)
+
+    def _init_stacked(self, copies: list[nn.Module]) -> None:
+        params, buffers = stack_module_state(copies)  # name -> (S, *shape)
+        self._param_names, self._buffer_names = list(params), list(buffers)
+        for i, tensor in enumerate([*params.values(), *buffers.values()]):
+            self.register_buffer(f"_stacked{i}", tensor.detach())  # buffers: moved by .to(), never trained
+        # The skeleton holds no data (meta tensors) and stays outside the module tree so .to() skips it.
+        self.__dict__["_skeleton"] = copies[0].to("meta")
+
+    # --- modes and hooks ---------------------------------------------------------------------
+
+    def set_adapt_bn(self, adapt_bn: bool) -> Ensemble:
+        """Switch BatchNorm layers between eval (the teacher) and train mode (noise-adapted)."""
+        self.adapt_bn = adapt_bn
+        for module in self.hook_modules():
+            _set_modes(module, adapt_bn)
+        return self
+
+    def train(self, mode: bool = True) -> Ensemble:
+        """Modes are fixed by ``adapt_bn``: ``train()``/``eval()`` on a parent module leave them alone."""
+        self.training = False
+        return self.set_adapt_bn(self.adapt_bn) if hasattr(self, "adapt_bn") else self
+
+    def hook_modules(self) -> list[nn.Module]:
+        """The modules that actually run: the skeleton (batched) or each site model (loop).
+
+        Forward hooks registered on these fire once per site per forward pass
+        (inside ``vmap`` on the batched path, where the module's parameters and
+        buffers read as that site's).
+        """
+        return [self.__dict__["_skeleton"]] if self.batched else list(self.sites)
+
+    def _stacked_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        tensors = [getattr(self, f"_stacked{i}") for i in range(len(self._param_names) + len(self._buffer_names))]
+        n = len(self._param_names)
+        return dict(zip(self._param_names, tensors[:n])), dict(zip(self._buffer_names, tensors[n:]))
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W)`` -> ``(N, classes)``: the mean of the sites' logits."""
+        return self.per_site_logits(x).mean(dim=0)
+
+    def per_site_logits(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W)`` -> ``(S, N, classes)``."""
+        return self.per_site(x)[0]
+
+    def per_site(self, x: Tensor, probe: Probe | None = None,
+                 probe_inputs: Sequence[Any] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Per-site logits ``(S, N, classes)`` and, with a probe, its per-site scalars ``(S,)``.
+
+        Args:
+            x: the input batch, shared by every site.
+            probe: called right after each site's forward pass with that site's entry of
+                ``probe_inputs`` (or ``{}``); must return a scalar tensor.
+            probe_inputs: one pytree (nested dicts of tensors) per site; on the batched path they
+                must have the same structure for every site (they are stacked and vmapped).
+        """
+        if probe_inputs is not None and len(probe_inputs) != self.num_sites:
+            raise ValueError(f"{len(probe_inputs)} probe inputs for {self.num_sites} sites")
+        if self.batched:
+            return self._batched(x, probe, probe_inputs)
+        return self._looped(x, probe, probe_inputs)
+
+    def _batched(self, x: Tensor, probe: Probe | None, probe_inputs: Sequence[Any] | None) -> tuple[Tensor, Tensor | None]:
+        skeleton = self.__dict__["_skeleton"]
+        params, buffers = self._stacked_state()
+        extra = _stack_probe_inputs(probe_inputs) if probe_inputs else {}
+
+        def one_site(p: dict[str, Tensor], b: dict[str, Tensor], e: Any, inputs: Tensor) -> tuple[Tensor, Tensor]:
+            logits = functional_call(skeleton, (p, b), (inputs,))  # (N, classes) for this site
+            return logits, (probe(e) if probe is not None else logits.new_zeros(()))
+
+        logits, scalars = vmap(one_site, in_dims=(0, 0, 0, None))(params, buffers, extra, x)  # (S, N, K), (S,)
+        return logits, (scalars if probe is not None else None)
+
+    def _looped(self, x: Tensor, probe: Probe | None, probe_inputs: Sequence[Any] | None) -> tuple[Tensor, Tensor | None]:
+        logits, scalars = [], []
+        for s, model in enumerate(self.sites):
+            logits.append(model(x))
+            if probe is not None:
+                scalars.append(probe(probe_inputs[s] if probe_inputs else {}))
+        return torch.stack(logits), (torch.stack(scalars) if probe is not None else None)
