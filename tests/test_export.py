@@ -127,6 +127,15 @@ def test_refused_composed_budget(tmp_path: Path) -> None:
     assert_refused(tmp_path, request(tmp_path, model, policy), PrivacyError, "dp.composed.max_epsilon")
 
 
+def test_composed_delta_at_the_limit_is_allowed(tmp_path: Path) -> None:
+    """Three records of delta 1e-5 sum to 3.0000000000000004e-05 in floating point; the 3e-5 limit must hold."""
+    records = {a: dp_record(noise=3.0, steps=200) for a in ("classifier", "generator", "dp_feature_statistics")}
+    records["dp_feature_statistics"] = dp_record(noise=3.0, rate=1.0, steps=1, sampling="fixed")
+    model, policy = strict_setup(tmp_path, generator=True, feature_stats=True, dp=records)
+    report = export_model(request(tmp_path, model, policy, dry_run=True))
+    assert any(n.startswith("generator/") for n in report.tensors)
+
+
 def test_refused_unknown_tensor(tmp_path: Path) -> None:
     model = make_model_dir(tmp_path / "model", bn=False, dp={"classifier": dp_record()})
     policy = install_policy(tmp_path, "hospital-strict.toml", signers=(CAST.dpo, CAST.ciso),

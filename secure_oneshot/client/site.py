@@ -28,15 +28,19 @@ class SiteRun:
 def _generator(cfg: SiteConfig, result: TrainResult, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
     """Train the class-conditional diffusion generator on the same records (its own DP budget)."""
     from ..models.generator import PRESETS as GENERATOR_PRESETS
-    from .generator import GeneratorTraining, generator_state, train_generator
+    from .generator import GeneratorTraining, generator_state, sample_images, save_sample_grid, train_generator
 
     options = dict(cfg.generator or {})
     preset = GENERATOR_PRESETS[options.pop("preset", "cpu-small")]
     train = result.data.train
     gcfg = replace(preset, in_channels=train.n_channels, num_classes=train.n_classes, image_size=int(train.images.shape[1]))
-    options.pop("samples", None)
+    samples = options.pop("samples", 0)
     training = GeneratorTraining(seed=cfg.train.seed, dataset_fingerprint=train.fingerprint(), **options)
     g = train_generator(gcfg, training, to_dataset(train), progress=progress)
+    if samples:  # a grid the site can look at before deciding to release the generator
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        labels = torch.arange(samples) % train.n_classes
+        save_sample_grid(sample_images(g.model, g.scheduler, labels), cfg.out / "generator_samples.png", nrow=train.n_classes * 4)
     meta = {"architecture": "unet2d-small", "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in gcfg.__dict__.items()},
             "scheduler": g.scheduler, "final_loss": g.losses[-1] if g.losses else None}
     return generator_state(g.model), meta, g.dp

@@ -25,6 +25,7 @@
     preset = "cpu-small"
     epochs = 3
     dp_epsilon = 8.0             # optional
+    samples = 32                 # optional: write generator_samples.png to check it
 
     [feature_stats]              # optional, DP classifiers only: DP per-layer feature statistics
     epsilon = 1.0

@@ -151,16 +151,16 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     total, correct, loss_sum = 0, 0, 0.0
     with _physical_batches(loader, optimizer, cfg) as batches:
         for x, y in batches:
-            if len(y) == 0:  # Poisson sampling can draw an empty batch
-                continue
+            # An empty Poisson batch still takes its noise-only DP step: skipping it would reveal that it was empty.
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = criterion(logits, y)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            total += len(y)
+            if len(y):  # the mean over an empty batch is NaN
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                total += len(y)
     return {"loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1)}
 
 

@@ -82,10 +82,15 @@ class ExportContext:
 # --- DP ----------------------------------------------------------------------------------------
 
 
+def _at_most(value: float, limit: float) -> bool:
+    """``value <= limit`` up to float rounding: 3 x 1e-5 must meet a 3e-5 limit."""
+    return value <= limit * (1 + 1e-9)
+
+
 def _check_limit(ev: Evaluation, artifact: str, record: DpRecord, epsilon: float, limit: DpLimit, rule: str) -> None:
     checks = [
         ("max_epsilon", epsilon <= limit.max_epsilon, f"recomputed epsilon {epsilon:.3g} vs limit {limit.max_epsilon:g}"),
-        ("max_delta", record.delta <= limit.max_delta, f"delta {record.delta:g} vs limit {limit.max_delta:g}"),
+        ("max_delta", _at_most(record.delta, limit.max_delta), f"delta {record.delta:g} vs limit {limit.max_delta:g}"),
         ("accountants", record.accountant in limit.accountants, f"accountant {record.accountant!r}, allowed {list(limit.accountants)}"),
     ]
     if limit.require_poisson:
@@ -131,7 +136,7 @@ def _check_composition(ev: Evaluation, records: dict[str, DpRecord], limit: DpLi
         ev.epsilons[f"composed:{fingerprint}"] = epsilon
         ev.add("dp", subject, "dp.composed.max_epsilon", epsilon <= limit.max_epsilon,
                f"composed epsilon {epsilon:.3g} (same records {fingerprint[:12]}) vs limit {limit.max_epsilon:g}")
-        ev.add("dp", subject, "dp.composed.max_delta", delta <= limit.max_delta, f"composed delta {delta:g} vs limit {limit.max_delta:g}")
+        ev.add("dp", subject, "dp.composed.max_delta", _at_most(delta, limit.max_delta), f"composed delta {delta:g} vs limit {limit.max_delta:g}")
 
 
 # --- export ------------------------------------------------------------------------------------
