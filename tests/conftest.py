@@ -86,3 +86,12 @@ def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     for name, tensor in want.items():
         assert (got[name].dtype, got[name].shape) == (tensor.dtype, tensor.shape), name
         assert raw_bytes(got[name]) == raw_bytes(tensor), name
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: with 2 threads on a busy 2-core machine, OpenMP waits make calls far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,13 +35,7 @@ from secure_oneshot.server.synthesis import (
 SIZE = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: with 2 threads on a busy 2-core machine, OpenMP waits make calls much slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(seed: int, norm: str = "batch", classes: int = 2) -> nn.Sequential:

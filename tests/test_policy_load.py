@@ -48,7 +48,7 @@ EXPORT_CASES = [
     ("", "schema", '"secure-oneshot/site-export-policy/v2"', "schema", "must be"),
     ("", "id", '"has spaces in it"', "id", "1-128 characters"),
     ("", "version", "0", "version", "must be positive"),
-    ("", "version", '"3"', "version", "must be a integer"),
+    ("", "version", '"3"', "version", "must be an integer"),
     ("", "owner", "42", "owner", "must be a string"),
     ("", "effective", '"2026-11-01"', "effective", "date-time"),
     ("", "expires", "2026-01-01T00:00:00Z", "expires", "must be after effective"),
@@ -73,18 +73,23 @@ EXPORT_CASES = [
     ("[dp.classifier]", "require_poisson", '"yes"', "dp.classifier.require_poisson", "must be a boolean"),
     ("[dp.composed]", "max_epsilon", "0", "dp.composed.max_epsilon", "must be positive"),
     ("[dp.composed]", "max_delta", "0", "dp.composed.max_delta", "between 0 and 1"),
-    ("[bundle]", "max_bytes", "1.5e8", "bundle.max_bytes", "must be a integer"),
+    ("[bundle]", "max_bytes", "1.5e8", "bundle.max_bytes", "must be an integer"),
     ("[bundle]", "valid_days", "400", "bundle.valid_days", "between 0 and 365"),
 ]
 
 
 @pytest.mark.parametrize("section, key, value, path, fragment", EXPORT_CASES, ids=[f"{c[3]}={c[2]}" for c in EXPORT_CASES])
 def test_invalid_export_field_names_file_line_and_key(section, key, value, path, fragment) -> None:
-    text, line = mutate(STRICT, section, key, value)
+    assert_located(STRICT, "strict.toml", section, key, value, path, fragment)
+
+
+def assert_located(policy: str, source: str, section: str, key: str, value: str, path: str, fragment: str) -> None:
+    """The mutated field is refused with ``source:line: path:`` and the expected reason."""
+    text, line = mutate(policy, section, key, value)
     with pytest.raises(ConfigError) as caught:
-        policy_from_text(text, "strict.toml")
-    assert f"strict.toml:{line}: {path}: " in caught.value.message
-    assert fragment in caught.value.message
+        policy_from_text(text, source)
+    assert f"{source}:{line}: {path}: " in caught.value.message or path == "artifacts.require_dp", caught.value.message
+    assert path in caught.value.message and fragment in caught.value.message
 
 
 @pytest.mark.parametrize("section, key", [("", "owner"), ("[study]", "dua"), ("[bundle]", "valid_days"), ("[dp.classifier]", "max_delta")])
@@ -130,18 +135,15 @@ INGEST_CASES = [
     ("[dp.classifier]", "max_epsilon", "-1", "dp.classifier.max_epsilon", "must be positive"),
     ("[models]", "architectures", "[1, 2]", "models.architectures", "list of strings"),
     ("[limits]", "max_bundle_bytes", "0", "limits.max_bundle_bytes", "must be positive"),
-    ("[limits]", "max_tensors", "true", "limits.max_tensors", "must be a integer"),
-    ("[limits]", "max_tensor_bytes", '"big"', "limits.max_tensor_bytes", "must be a integer"),
+    ("[limits]", "max_tensors", "true", "limits.max_tensors", "must be an integer"),
+    ("[limits]", "max_tensor_bytes", '"big"', "limits.max_tensor_bytes", "must be an integer"),
 ]
 
 
 @pytest.mark.parametrize("section, key, value, path, fragment", INGEST_CASES, ids=[f"{c[3]}={c[2]}" for c in INGEST_CASES])
 def test_invalid_ingest_field(section, key, value, path, fragment) -> None:
-    text, line = mutate(INGEST, section, key, value)
-    with pytest.raises(ConfigError) as caught:
-        policy_from_text(text, "ingest.toml")
-    assert f"ingest.toml:{line}: {path}: " in caught.value.message or (path == "artifacts.require_dp" and path in caught.value.message)
-    assert fragment in caught.value.message
+    # require_dp's problem is reported where the missing [dp.*] table would be, not on its own line.
+    assert_located(INGEST, "ingest.toml", section, key, value, path, fragment)
 
 
 def test_kind_is_checked_where_one_kind_is_expected(tmp_path: Path) -> None:

@@ -87,7 +87,8 @@ def _type_problem(value: Any, kind: str) -> str | None:
     if checks[kind](value):
         return None
     extra = " with a time zone, e.g. 2027-01-01T00:00:00Z" if kind == "date-time" else ""
-    return f"must be a {kind}{extra}, got {type(value).__name__} {value!r}"
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"must be {article} {kind}{extra}, got {type(value).__name__} {value!r}"
 
 
 def positive(v: Any) -> str | None:
