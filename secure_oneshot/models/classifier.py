@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
+from torchvision.models.resnet import BasicBlock, ResNet
 
 __all__ = ["ClassifierConfig", "ARCHITECTURES", "build_classifier", "has_batchnorm"]
 
@@ -39,15 +39,34 @@ def _norm(kind: str) -> Callable[[int], nn.Module]:
     return nn.BatchNorm2d if kind == "batch" else _group_norm
 
 
+class _BasicBlock(BasicBlock):
+    """torchvision's BasicBlock with an out-of-place residual add.
+
+    ``out += identity`` modifies in place the output of a layer whose backward
+    Opacus hooks, which autograd refuses under DP; the arithmetic is the same.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+def resnet18(num_classes: int, norm_layer: Callable[[int], nn.Module]) -> ResNet:
+    """torchvision's ResNet-18 layout ([2, 2, 2, 2] basic blocks), built from the block above."""
+    return ResNet(_BasicBlock, [2, 2, 2, 2], num_classes=num_classes, norm_layer=norm_layer)
+
+
 def _resnet18_cifar(cfg: ClassifierConfig) -> nn.Module:
-    model = resnet18(weights=None, num_classes=cfg.num_classes, norm_layer=_norm(cfg.norm))
+    model = resnet18(num_classes=cfg.num_classes, norm_layer=_norm(cfg.norm))
     model.conv1 = nn.Conv2d(cfg.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
 
 
 def _resnet18(cfg: ClassifierConfig) -> nn.Module:
-    model = resnet18(weights=None, num_classes=cfg.num_classes, norm_layer=_norm(cfg.norm))
+    model = resnet18(num_classes=cfg.num_classes, norm_layer=_norm(cfg.norm))
     model.conv1 = nn.Conv2d(cfg.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return model
 
@@ -83,7 +102,12 @@ def build_classifier(cfg: ClassifierConfig) -> nn.Module:
         raise ValueError(f"unknown architecture {cfg.architecture!r}; known: {sorted(ARCHITECTURES)}")
     if cfg.norm not in ("batch", "group"):
         raise ValueError("norm must be 'batch' or 'group'")
-    return ARCHITECTURES[cfg.architecture](cfg)
+    model = ARCHITECTURES[cfg.architecture](cfg)
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            # torchvision's in-place ReLU modifies the views Opacus's backward hooks return (a RuntimeError under DP).
+            module.inplace = False
+    return model
 
 
 def has_batchnorm(model: nn.Module) -> bool:
