@@ -50,3 +50,17 @@ def test_dp_step_runs_with_opacus_hooks(architecture: str) -> None:
             nn.CrossEntropyLoss()(model(x), y).backward()
             optimizer.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("architecture", ["small-cnn", "resnet18-cifar"])
+def test_opacus_fix_matches_what_the_server_rebuilds(architecture: str) -> None:
+    """Sites fix BatchNorm with Opacus; the server rebuilds with norm="group": same names, shapes and outputs."""
+    from secure_oneshot.client.train import _fix_for_dp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fixed = _fix_for_dp(build_classifier(ClassifierConfig(architecture))).eval()
+    rebuilt = build_classifier(ClassifierConfig(architecture, norm="group")).eval()
+    rebuilt.load_state_dict(fixed.state_dict())  # strict
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(fixed(x), rebuilt(x), atol=1e-6)

@@ -116,6 +116,17 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.opti
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
 
 
+def _fix_for_dp(model: nn.Module) -> nn.Module:
+    """Validate, then fix, before DP (Opacus): BatchNorm becomes GroupNorm(min(32, C), C), as ``norm="group"`` builds it."""
+    from opacus.validators import ModuleValidator
+
+    model = ModuleValidator.fix(model)
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise PrivacyError(f"Opacus cannot train this model with DP after fixing it: {errors}")
+    return model
+
+
 def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, cfg: TrainConfig):  # type: ignore[no-untyped-def]
     """Opacus: validate and fix (BatchNorm -> GroupNorm) first, then DP-SGD with Poisson sampling at a stated budget."""
     from opacus import PrivacyEngine
@@ -180,7 +191,9 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     """
     torch.manual_seed(cfg.seed)
     dp = cfg.dp_epsilon is not None
-    model = build_classifier(replace(model_cfg, norm="group" if dp else model_cfg.norm))
+    model = build_classifier(model_cfg)
+    if dp:
+        model = _fix_for_dp(model)
     train_set = to_dataset(data.train)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = _optimizer(model, cfg)
