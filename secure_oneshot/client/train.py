@@ -175,7 +175,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     return {"loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1)}
 
 
-def _progress(enabled: bool, epochs: int):  # type: ignore[no-untyped-def]
+def _progress(enabled: bool):  # type: ignore[no-untyped-def]
     if not enabled:
         return nullcontext(None)
     from rich.progress import Progress
@@ -206,7 +206,7 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     scheduler = _scheduler(optimizer, cfg)
     history = []
     val_set = to_dataset(data.val)
-    with _progress(progress, cfg.epochs) as bar:
+    with _progress(progress) as bar:
         task = bar.add_task("training", total=cfg.epochs) if bar else None
         for epoch in range(cfg.epochs):
             row = {"epoch": epoch + 1, **_train_epoch(model, loader, optimizer, cfg, criterion), **{f"val_{k}": v for k, v in evaluate_model(model, val_set).items()}}

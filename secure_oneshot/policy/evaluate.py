@@ -207,8 +207,10 @@ def evaluate_export(policy: ExportPolicy, candidate: ExportCandidate, ctx: Expor
     _check_policy_state(ev, policy, ctx)
     _check_recipients(ev, policy, ctx.recipients)
     permitted = _check_artifacts(ev, policy, candidate)
-    _check_dp(ev, {a: r for a, r in candidate.dp.items() if a in candidate.artifacts()}, policy.dp)
-    _check_composition(ev, {a: r for a, r in candidate.dp.items() if a in candidate.artifacts()}, policy.composed_dp)
+    present = candidate.artifacts()
+    records = {a: r for a, r in candidate.dp.items() if a in present}  # DP records of artifacts actually offered
+    _check_dp(ev, records, policy.dp)
+    _check_composition(ev, records, policy.composed_dp)
     _check_tensors(ev, policy, candidate, permitted)
     allowed = {n: candidate.tensors[n] for n in ev.allowed_tensors()}
     ev.payload_bytes = payload_size(allowed)
