@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,9 +54,11 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError
 from ..metrics import evaluate_model
 from .ensemble import Ensemble
-from .synthesis import FeatureStats, InversionConfig, synthesize_batch
+from .execution import Execution
+from .sources import SiteGenerator, Snapshot, SnapshotSource, SynthesisMethod
+from .synthesis import FeatureStats, InversionConfig
 
-__all__ = ["NOISE_ADAPTED", "DistillConfig", "DistillResult", "distill", "kd_loss", "learning_rate"]
+__all__ = ["NOISE_ADAPTED", "DistillConfig", "DistillResult", "distill", "kd_loss", "per_image_kd", "learning_rate"]
 
 NOISE_ADAPTED = ("train-mode", "eval", "none")
 
@@ -107,9 +110,14 @@ class DistillResult:
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     """``KL(softmax(t/T) || softmax(s/T)) * T**2``, averaged over the batch (the authors' ``KLDiv``)."""
+    return per_image_kd(student_logits, teacher_logits, T).mean()
+
+
+def per_image_kd(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """``(N,)``: each image's ``KL(softmax(t/T) || softmax(s/T)) * T**2``."""
     log_p_student = F.log_softmax(student_logits / T, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits / T, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * T * T
+    return F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1) * T * T
 
 
 def learning_rate(cfg: DistillConfig, epoch: int) -> float:
@@ -121,34 +129,40 @@ def _has_bn(models: Sequence[nn.Module]) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for model in models for m in model.modules())
 
 
-def _adapted_teacher(site_models: Sequence[nn.Module], cfg: DistillConfig, device: str | torch.device) -> Ensemble | None:
+def _adapted_teacher(site_models: Sequence[nn.Module], cfg: DistillConfig, execution: Execution) -> Ensemble | None:
     """The noise-adapted copy, or ``None`` when it would equal the teacher (mode "none", or no BatchNorm)."""
     if cfg.noise_adapted == "none" or not _has_bn(site_models):
         return None
-    return Ensemble(site_models, adapt_bn=True).to(device)
+    return execution.prepare(Ensemble(site_models, adapt_bn=True, batched=execution.use_batched))
 
 
 @torch.no_grad()
-def _refresh_running_stats(adapted: Ensemble, snapshots: Sequence[Tensor]) -> None:
+def _refresh_running_stats(adapted: Ensemble, snapshots: Sequence[Snapshot], execution: Execution) -> None:
     """The authors' pass, last snapshot to first (real -> noise), then eval mode ("eval" variant)."""
     adapted.set_adapt_bn(True)
-    for x in reversed(snapshots):
-        adapted(x)
+    for x, _ in reversed(snapshots):
+        with execution.autocast():
+            adapted(execution.layout(x))
     adapted.set_adapt_bn(False)
 
 
-def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | None, snapshots: Sequence[Tensor],
-                   optimizer: torch.optim.Optimizer, T: float) -> Tensor:
-    """One SGD step per snapshot; returns the mean loss (a device tensor: no sync per step)."""
+def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | None, snapshots: Sequence[Snapshot],
+                   optimizer: torch.optim.Optimizer, T: float, execution: Execution) -> Tensor:
+    """One SGD step per snapshot; returns the mean loss (a device tensor: no sync per step).
+
+    ``a`` (per image) weighs the teacher, ``1 - a`` the noise-adapted teacher: ``i / n`` for inversion snapshots
+    (0 = noise -> 1 = realistic), 1 for generator samples (:mod:`~secure_oneshot.server.sources`).
+    """
     student.train()
-    total = torch.zeros((), device=snapshots[0].device)
-    for i, x in enumerate(snapshots):
-        a = i / len(snapshots)  # 0 (noise, adapted teacher) -> 1 (realistic, teacher)
-        with torch.no_grad():
-            t_logits = teacher(x)
-            n_logits = adapted(x) if adapted is not None else t_logits
-        s_logits = student(x)
-        loss = a * kd_loss(s_logits, t_logits, T) + (1 - a) * kd_loss(s_logits, n_logits, T)
+    total = torch.zeros((), device=snapshots[0][0].device)
+    for snapshot, a in snapshots:
+        x = execution.layout(snapshot)
+        with execution.autocast():
+            with torch.no_grad():
+                t_logits = teacher(x).float()
+                n_logits = adapted(x).float() if adapted is not None else t_logits
+            s_logits = student(x).float()
+        loss = (a * per_image_kd(s_logits, t_logits, T) + (1 - a) * per_image_kd(s_logits, n_logits, T)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -156,75 +170,75 @@ def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | No
     return total / len(snapshots)
 
 
-def _synthesize(site_models: Sequence[nn.Module], teacher: Ensemble, synth: InversionConfig, epoch: int,
-                device: str | torch.device, **synthesis_options: Any) -> list[Tensor]:
-    snapshots: list[Tensor] = []
-    cfg = dataclasses.replace(synth, seed=synth.seed + epoch)  # a fresh batch every epoch, reproducibly
-    synthesize_batch(site_models, teacher, cfg, device=device,
-                     on_snapshot=lambda step, x: snapshots.append(x), **synthesis_options)
-    return snapshots
-
-
 def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: InversionConfig, cfg: DistillConfig, *,
-            device: str | torch.device = "cpu", eval_set: Dataset[Any] | None = None, progress: bool = False,
+            execution: Execution | None = None, eval_set: Dataset[Any] | None = None, progress: bool = False,
             on_epoch: Callable[[dict[str, float]], None] | None = None,
             feature_stats: Sequence[FeatureStats | None] | None = None, adversarial: bool = False,
-            allow_ce_only: bool = False) -> DistillResult:
+            allow_ce_only: bool = False, method: SynthesisMethod | None = None,
+            generators: Sequence[SiteGenerator] = ()) -> DistillResult:
     """Train ``student`` (in place) from the site models alone, FedISCA style.
 
     Args:
-        student: the global model to train; moved to ``device``.
+        student: the global model to train; moved to the device.
         site_models: the (verified) site classifiers; copied, never changed.
         synth: the per-epoch inversion (``snapshot_every`` bounds the snapshots kept on the device).
         cfg: the student's training.
-        device: where everything runs.
+        execution: device, precision, layout, batching (:class:`Execution`; ``auto`` by default).
         eval_set: a server-side dataset to report metrics on each epoch (never used to select).
         progress: print one line per epoch to stderr.
         on_epoch: called with each epoch's record.
         feature_stats, allow_ce_only: passed to :func:`synthesize_batch` (BN-free sites).
         adversarial: pass the student to synthesis for the adversarial term (BN-free sites).
+        method: inversion (default), generator or mixed (:mod:`~secure_oneshot.server.sources`).
+        generators: the sites' released generators (for ``generator`` and ``mixed``).
 
     Returns:
         :class:`DistillResult` with the last epoch's student and the per-epoch history.
 
     Raises:
         ValueError: BN-free sites with no prior (see :func:`synthesize_batch`).
+        ConfigError: a generator method without generators.
 
-    >>> result = distill(student, sites, InversionConfig(), DistillConfig(), device="cuda")  # doctest: +SKIP
-    >>> result.history[-1]["loss"]                                                          # doctest: +SKIP
+    >>> result = distill(student, sites, InversionConfig(), DistillConfig(), execution=Execution("cuda"))  # doctest: +SKIP
+    >>> result.history[-1]["loss"]                                                                       # doctest: +SKIP
     """
+    execution = execution or Execution()
     torch.manual_seed(cfg.seed)
-    student.to(device)
-    teacher = Ensemble(site_models).to(device)
-    adapted = _adapted_teacher(site_models, cfg, device)
+    execution.prepare(student)
+    teacher = execution.prepare(Ensemble(site_models, batched=execution.use_batched))
+    adapted = _adapted_teacher(site_models, cfg, execution)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    options = {"feature_stats": feature_stats, "student": student if adversarial else None, "allow_ce_only": allow_ce_only}
+    source = SnapshotSource(site_models, teacher, synth, method or SynthesisMethod(), execution, generators,
+                            feature_stats=feature_stats, student=student if adversarial else None, allow_ce_only=allow_ce_only)
     history: list[dict[str, float]] = []
     for epoch in range(cfg.epochs):
+        started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, epoch)
-        snapshots = _synthesize(site_models, teacher, synth, epoch, device, **options)
+        snapshots = source.epoch(epoch)
         if adapted is not None and cfg.noise_adapted == "eval":
-            _refresh_running_stats(adapted, snapshots)
-        loss = _distill_epoch(student, teacher, adapted, snapshots, optimizer, cfg.temperature)
+            _refresh_running_stats(adapted, snapshots, execution)
+        loss = float(_distill_epoch(student, teacher, adapted, snapshots, optimizer, cfg.temperature, execution))  # one sync per epoch
         del snapshots  # free the device memory before evaluation
-        history.append(_epoch_record(student, epoch, learning_rate(cfg, epoch), float(loss), eval_set, device))
+        seconds = time.perf_counter() - started
+        record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch), "loss": loss, "seconds": seconds,
+                  "images_per_s": synth.batch_size * synth.steps / seconds}
+        history.append(_with_metrics(record, student, eval_set, execution))
         _report(history[-1], cfg.epochs, progress, on_epoch)
     return DistillResult(student=student, history=history)
 
 
-def _epoch_record(student: nn.Module, epoch: int, lr: float, loss: float, eval_set: Dataset[Any] | None,
-                  device: str | torch.device) -> dict[str, float]:
-    record: dict[str, float] = {"epoch": epoch + 1, "lr": lr, "loss": loss}
+def _with_metrics(record: dict[str, float], student: nn.Module, eval_set: Dataset[Any] | None,
+                  execution: Execution) -> dict[str, float]:
     if eval_set is not None:
-        record.update(evaluate_model(student, eval_set, device=str(device)))
+        record.update(evaluate_model(student, eval_set, device=str(execution.torch_device)))
         student.train()
     return record
 
 
 def _report(record: dict[str, float], epochs: int, progress: bool, on_epoch: Callable[[dict[str, float]], None] | None) -> None:
     if progress:
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "lr"))
+        metrics = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "lr", "seconds"))
         print(f"distill epoch {int(record['epoch'])}/{epochs}  lr {record['lr']:.2g}  {metrics}", file=sys.stderr)
     if on_epoch is not None:
         on_epoch(record)

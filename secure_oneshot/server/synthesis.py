@@ -54,6 +54,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import ConfigError
 from .ensemble import Ensemble
+from .execution import Execution
 
 __all__ = [
     "BNStatHooks",
@@ -144,6 +145,7 @@ def normalize_feature_stats(stats: FeatureStats) -> dict[str, dict[str, Tensor]]
 def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance over samples and positions: ``(N, C, *) -> (C,), (C,)``."""
     dims = [0, *range(2, x.dim())]
+    x = x.float()  # under bf16 autocast the layer input is bf16: its moments are not
     return x.mean(dim=dims), x.var(dim=dims, unbiased=False)
 
 
@@ -292,11 +294,11 @@ def _adversarial(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 def _inversion_losses(hooks: BNStatHooks, x: Tensor, y: Tensor, cfg: InversionConfig,
                       student: nn.Module | None) -> dict[str, Tensor]:
     logits, bn = hooks.per_site(x)
-    teacher = logits.mean(dim=0)  # (S, N, K) -> (N, K)
+    teacher = logits.float().mean(dim=0)  # (S, N, K) -> (N, K), float32 whatever the autocast
     losses = {"ce": F.cross_entropy(teacher, y), "bn": bn, "tv": total_variation(x)}
     total = losses["ce"] + cfg.bn_weight * bn + cfg.tv_weight * losses["tv"]
     if student is not None:
-        losses["adv"] = _adversarial(student(x), teacher)
+        losses["adv"] = _adversarial(student(x).float(), teacher)
         total = total - cfg.adv_weight * losses["adv"]
     losses["total"] = total
     return losses
@@ -334,7 +336,7 @@ def _check_prior(hooks: BNStatHooks, student: nn.Module | None, allow_ce_only: b
 
 
 def synthesize_batch(models: Sequence[nn.Module], ensemble: Ensemble | None, cfg: InversionConfig, *,
-                     device: str | torch.device = "cpu",
+                     execution: Execution | None = None,
                      on_snapshot: Callable[[int, Tensor], None] | None = None,
                      on_loss: Callable[[int, dict[str, Tensor]], None] | None = None,
                      feature_stats: Sequence[FeatureStats | None] | None = None,
@@ -344,9 +346,9 @@ def synthesize_batch(models: Sequence[nn.Module], ensemble: Ensemble | None, cfg
 
     Args:
         models: the site classifiers.
-        ensemble: their :class:`Ensemble` (built from ``models`` when ``None``); moved to ``device``.
+        ensemble: their :class:`Ensemble` (built from ``models`` when ``None``); moved to the device.
         cfg: the inversion settings.
-        device: where everything runs.
+        execution: device, precision and layout (:class:`Execution`; ``auto`` everything by default).
         on_snapshot: called every ``cfg.snapshot_every`` steps with (steps done, a *copy* of the
             batch on the device: Adam updates ``x`` in place, so a view would change afterwards).
         on_loss: called every step with (steps done, the detached loss terms on the device: no sync).
@@ -360,15 +362,17 @@ def synthesize_batch(models: Sequence[nn.Module], ensemble: Ensemble | None, cfg
     Raises:
         ValueError: BN-free sites with neither statistics nor a student (unless ``allow_ce_only``).
     """
-    ensemble = (ensemble if ensemble is not None else Ensemble(models)).to(device)
+    execution = execution or Execution()
+    ensemble = execution.prepare(ensemble if ensemble is not None else Ensemble(models, batched=execution.use_batched))
     if ensemble.num_sites != len(models):
         raise ValueError(f"the ensemble has {ensemble.num_sites} sites but {len(models)} models were given")
-    x, y, shifts = _initial_batch(cfg, device)
+    x, y, shifts = _initial_batch(cfg, execution.torch_device)
     optimizer = torch.optim.Adam([x], lr=cfg.lr)  # fresh state every call, as the authors reset it per epoch
     with BNStatHooks(ensemble, feature_stats) as hooks, _Frozen(student):
         _check_prior(hooks, student, allow_ce_only)
         for step in range(1, cfg.steps + 1):
-            losses = _inversion_losses(hooks, jitter(x, cfg.jitter, shifts), y, cfg, student)
+            with execution.autocast():
+                losses = _inversion_losses(hooks, execution.layout(jitter(x, cfg.jitter, shifts)), y, cfg, student)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()

@@ -1,0 +1,162 @@
+"""Where the distillation images come from: one interface over the synthesis methods.
+
+Each epoch, :meth:`SnapshotSource.epoch` returns the batches the student takes
+one SGD step on, in order, each with a per-image weight ``a`` of the
+curriculum (``a`` on the teacher, ``1 - a`` on the noise-adapted teacher; see
+:mod:`secure_oneshot.server.distill`):
+
+* ``inversion`` (FedISCA, the default): every kept snapshot of one model
+  inversion run, noise -> realistic, ``a = i / n`` for snapshot ``i`` of ``n``;
+* ``generator``: a class-balanced batch sampled from the sites' released
+  diffusion generators (deterministic DDIM, ``generator_steps`` steps), each
+  generator drawing an equal share of every class; the same batch is shown
+  ``n`` times, randomly rolled like inversion's jitter, with ``a = 1``
+  (generator samples are meant to be realistic, so only the teacher labels
+  them);
+* ``mixed``: each step's batch is an inversion snapshot (``(1 - share) * B``
+  images, its own ``a``) concatenated with the generator batch (``share * B``
+  images, ``a = 1``).
+
+``n = steps // snapshot_every`` for every method, so they give the student the
+same number of steps per epoch and compare fairly.
+
+What this module does not do: train the student or load bundles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .ensemble import Ensemble
+from .execution import Execution
+from .synthesis import InversionConfig, balanced_labels, jitter, synthesize_batch
+
+__all__ = ["METHODS", "SynthesisMethod", "SiteGenerator", "Snapshot", "SnapshotSource"]
+
+METHODS = ("inversion", "generator", "mixed")
+
+Snapshot = tuple[Tensor, Tensor]
+"""``(images (N, C, H, W), a (N,))`` on the device."""
+
+
+@dataclass(frozen=True)
+class SynthesisMethod:
+    """Which images the student learns from (module docstring).
+
+    Raises:
+        ConfigError: unknown method, a share outside (0, 1) for ``mixed``, or steps < 1.
+    """
+
+    method: str = "inversion"
+    generator_share: float = 0.5     # mixed: the fraction of each batch drawn from the generators
+    generator_steps: int = 25        # DDIM steps per sample
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if not isinstance(self.generator_share, (int, float)) or not 0 < self.generator_share < 1:
+            problems.append(f"generator_share must be in (0, 1), got {self.generator_share!r}")
+        if not isinstance(self.generator_steps, int) or self.generator_steps < 1:
+            problems.append(f"generator_steps must be an integer >= 1, got {self.generator_steps!r}")
+        if problems:
+            raise ConfigError("invalid synthesis method: " + "; ".join(problems))
+
+    def generator_count(self, batch_size: int) -> int:
+        """How many of an epoch's ``batch_size`` images come from the generators."""
+        if self.method == "inversion":
+            return 0
+        if self.method == "generator":
+            return batch_size
+        return min(batch_size - 1, max(1, round(self.generator_share * batch_size)))
+
+
+@dataclass
+class SiteGenerator:
+    """A site's released generator: the UNet and the DDPM schedule it was trained with."""
+
+    model: nn.Module
+    scheduler: dict[str, Any]
+
+
+def generator_labels(count: int, num_classes: int, num_generators: int) -> tuple[Tensor, Tensor]:
+    """Balanced labels and which generator draws each image: consecutive blocks of one of every class go round-robin,
+    so every generator draws every class equally often (up to one block)."""
+    labels = balanced_labels(count, num_classes)
+    owner = (torch.arange(count) // num_classes) % num_generators
+    return labels, owner
+
+
+class SnapshotSource:
+    """An epoch's training batches for the student, by :class:`SynthesisMethod`.
+
+    Raises:
+        ConfigError: a method that needs generators when no site released one.
+    """
+
+    def __init__(self, site_models: Sequence[nn.Module], teacher: Ensemble, inversion: InversionConfig, method: SynthesisMethod,
+                 execution: Execution, generators: Sequence[SiteGenerator] = (), **inversion_options: Any) -> None:
+        self.site_models, self.teacher, self.inversion = site_models, teacher, inversion
+        self.method, self.execution, self.generators = method, execution, list(generators)
+        self.inversion_options = inversion_options
+        self.n_generated = method.generator_count(inversion.batch_size)
+        if self.n_generated and not self.generators:
+            raise ConfigError(f"synthesis method {method.method!r} needs site generators, but no site released one",
+                              hint="use --synthesis inversion, or have sites export their generator artifact")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.inversion.steps // self.inversion.snapshot_every
+
+    def epoch(self, epoch: int) -> list[Snapshot]:
+        """The student's batches for ``epoch`` (0-based), reproducible from the seeds."""
+        device = self.execution.torch_device
+        inverted = self._inverted(epoch) if self.n_generated < self.inversion.batch_size else []
+        if not self.n_generated:
+            return inverted
+        generated = self._generated(epoch).to(device)
+        shifts = torch.Generator().manual_seed(self.inversion.seed + epoch)
+        ones = torch.ones(len(generated), device=device)
+        batches = []
+        for i in range(self.steps_per_epoch):
+            rolled = jitter(generated, self.inversion.jitter, shifts)
+            if inverted:
+                batches.append((torch.cat([inverted[i][0], rolled]), torch.cat([inverted[i][1], ones])))
+            else:
+                batches.append((rolled, ones))
+        return batches
+
+    def _inverted(self, epoch: int) -> list[Snapshot]:
+        images: list[Tensor] = []
+        cfg = dataclasses.replace(self.inversion, seed=self.inversion.seed + epoch,  # a fresh batch every epoch
+                                  batch_size=self.inversion.batch_size - self.n_generated)
+        synthesize_batch(self.site_models, self.teacher, cfg, execution=self.execution,
+                         on_snapshot=lambda step, x: images.append(x), **self.inversion_options)
+        n = len(images)
+        return [(x, torch.full((len(x),), i / n, device=x.device)) for i, x in enumerate(images)]
+
+    @torch.no_grad()
+    def _generated(self, epoch: int) -> Tensor:
+        from ..client.generator import sample_images
+
+        labels, owner = generator_labels(self.n_generated, self.inversion.num_classes, len(self.generators))
+        images = torch.empty(self.n_generated, self.inversion.channels, self.inversion.image_size, self.inversion.image_size)
+        for g, site in enumerate(self.generators):
+            mine = (owner == g).nonzero().squeeze(1)
+            if len(mine):
+                images[mine] = sample_images(site.model, site.scheduler, labels[mine], steps=self.method.generator_steps,
+                                             seed=_sample_seed(self.inversion.seed, epoch, g), device=self.execution.torch_device)
+        return images
+
+
+def _sample_seed(seed: int, epoch: int, generator: int) -> int:
+    """A distinct, reproducible noise seed per (run seed, epoch, generator)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{generator}".encode()).digest()[:8], "big")
