@@ -22,7 +22,7 @@ from secure_oneshot.client.feature_stats import true_feature_statistics
 from secure_oneshot.errors import ConfigError
 from secure_oneshot.metrics import evaluate_model
 from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
-from secure_oneshot.server.distill import DistillConfig, distill, kd_loss, learning_rate
+from secure_oneshot.server.distill import DistillConfig, distill, kd_loss, learning_rate, per_image_kd, recalibrate_bn
 from secure_oneshot.server.ensemble import Ensemble
 from secure_oneshot.server.execution import PLAIN_LOOP, Execution
 from secure_oneshot.server.synthesis import (
@@ -310,3 +310,53 @@ def test_distillation_from_groupnorm_sites_with_the_adversarial_term():
         distill(tiny(12), sites, inversion(steps=2), DistillConfig(epochs=1))
     result = distill(tiny(12), sites, inversion(steps=4), DistillConfig(epochs=1), adversarial=True)
     assert result.history[0]["loss"] >= 0
+
+
+def test_batched_teacher_gives_the_loops_input_gradients():
+    """Same logits and same d(logits)/d(input) within 1e-5 (float32, small-cnn x 3)."""
+    sites = [small_cnn(seed) for seed in range(3)]
+    grads = []
+    for batched in (True, False):
+        x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        Ensemble(sites, batched=batched)(x).square().sum().backward()
+        grads.append(x.grad)
+    assert float(grads[0].abs().max()) > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-5)
+
+
+def test_noise_adapted_teacher_depends_on_the_batch_and_the_eval_variant_does_not():
+    sites = [small_cnn(seed) for seed in range(2)]
+    x, other = torch.randn(8, 1, 16, 16), torch.randn(8, 1, 16, 16) * 3 + 1
+    adapted = Ensemble(sites, adapt_bn=True)
+    alone = adapted(x[:4])
+    mixed = adapted(torch.cat([x[:4], other[:4]]))[:4]  # the same 4 images normalised with another batch's statistics
+    assert float((alone - mixed).abs().max()) > 1e-3
+    frozen = Ensemble(sites, adapt_bn=True).set_adapt_bn(False)  # the eval variant after its refresh
+    torch.testing.assert_close(frozen(x[:4]), frozen(torch.cat([x[:4], other[:4]]))[:4], rtol=0, atol=1e-5)
+
+
+def test_bn_free_sites_have_an_empty_bn_loss():
+    sites = [tiny(seed, norm="group") for seed in range(2)]
+    with BNStatHooks(Ensemble(sites)) as hooks:
+        logits, loss = hooks.per_site(torch.randn(4, 1, SIZE, SIZE))
+    assert hooks.layer_counts == [0, 0] and not hooks.active
+    assert logits.shape == (2, 4, 2) and float(loss) == 0.0
+
+
+def test_recalibrated_student_bn_statistics_are_the_plain_average_over_the_snapshots():
+    student = nn.Sequential(nn.BatchNorm2d(1), nn.Flatten(), nn.Linear(SIZE * SIZE, 2)).train()
+    snapshots = [(torch.randn(16, 1, SIZE, SIZE) + shift, torch.ones(16)) for shift in (1.0, 3.0)]
+    recalibrate_bn(student, snapshots, PLAIN_LOOP)
+    bn = student[0]
+    expected = torch.stack([x.mean() for x, _ in snapshots]).mean()
+    torch.testing.assert_close(bn.running_mean, expected.reshape(1))
+    assert bn.momentum == 0.1 and student.training and int(bn.num_batches_tracked) == 2
+
+
+def test_per_image_weights_mix_the_two_teachers():
+    s, t, n = torch.randn(4, 2), torch.randn(4, 2), torch.randn(4, 2)
+    a = torch.tensor([0.0, 0.25, 0.75, 1.0])
+    mixed = a * per_image_kd(s, t, 20.0) + (1 - a) * per_image_kd(s, n, 20.0)
+    torch.testing.assert_close(mixed[0], per_image_kd(s, n, 20.0)[0])
+    torch.testing.assert_close(mixed[3], per_image_kd(s, t, 20.0)[3])
+    torch.testing.assert_close(per_image_kd(s, t, 4.0).mean(), kd_loss(s, t, 4.0))

@@ -62,7 +62,9 @@ def _feature_stats(cfg: SiteConfig, result: TrainResult) -> tuple[dict[str, torc
 def run_site(cfg: SiteConfig, *, progress: bool = False) -> SiteRun:
     """Train everything the config asks for and write the model directory atomically, file by file."""
     data = site_data(cfg.data, cfg.train.val_fraction, cfg.train.seed)
-    result = train_classifier(cfg.model, cfg.train, data, progress=progress)
+    # The data decides channels and classes (RGB, many-class sets), not the config's defaults.
+    model_cfg = replace(cfg.model, in_channels=data.train.n_channels, num_classes=data.train.n_classes)
+    result = train_classifier(model_cfg, cfg.train, data, progress=progress)
     files = {"classifier": classifier_state(result.model)}
     record = training_record(result, cfg.data, cfg.train)
     if cfg.generator is not None:

@@ -31,6 +31,15 @@ Site models without BatchNorm (GroupNorm, DP-trained) have nothing to adapt:
 the noise-adapted teacher would be the teacher itself, so the teacher's logits
 are reused and the loss is plain KD.
 
+Student BatchNorm statistics (``DistillConfig.recalibrate_bn``, an addition to
+the method, off by default): the student trains in train mode on every
+snapshot, so its running statistics (used at evaluation) average over noise
+and realistic images alike.  With ``recalibrate_bn = f > 0`` they are
+re-estimated after each epoch as the plain average over the last fraction
+``f`` of that epoch's snapshots -- the realistic end.  Measured with the cpu
+preset on 5 non-IID PneumoniaMNIST sites, epochs 9-13: test ACC 0.832-0.849
+with ``f = 0.25`` against 0.803-0.846 without, AUC unchanged (0.96).
+
 The returned student is the **last** epoch's: no model selection on a test set
 (the authors select on the test set).  ``eval_set`` only reports metrics.
 
@@ -58,7 +67,7 @@ from .execution import Execution
 from .sources import SiteGenerator, Snapshot, SnapshotSource, SynthesisMethod
 from .synthesis import FeatureStats, InversionConfig
 
-__all__ = ["NOISE_ADAPTED", "DistillConfig", "DistillResult", "distill", "kd_loss", "per_image_kd", "learning_rate"]
+__all__ = ["NOISE_ADAPTED", "DistillConfig", "DistillResult", "distill", "kd_loss", "per_image_kd", "learning_rate", "recalibrate_bn"]
 
 NOISE_ADAPTED = ("train-mode", "eval", "none")
 
@@ -78,7 +87,8 @@ class DistillConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)   # fractions of epochs where lr is multiplied by 0.1
     temperature: float = 20.0
     noise_adapted: str = "train-mode"             # "train-mode" | "eval" | "none" (module docstring)
-    seed: int = 0
+    recalibrate_bn: float = 0.0                   # > 0: re-estimate the student's BN statistics on this last fraction
+    seed: int = 0                                 #      of each epoch's snapshots (module docstring; not in the method)
 
     def __post_init__(self) -> None:
         checks = [
@@ -90,6 +100,8 @@ class DistillConfig:
             (_number(self.temperature) and self.temperature > 0, f"temperature must be > 0, got {self.temperature!r}"),
             (self.noise_adapted in NOISE_ADAPTED, f"noise_adapted must be one of {list(NOISE_ADAPTED)}, got {self.noise_adapted!r}"),
             (isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (_number(self.recalibrate_bn) and 0 <= self.recalibrate_bn <= 1,
+             f"recalibrate_bn must be a fraction in [0, 1], got {self.recalibrate_bn!r}"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -144,6 +156,24 @@ def _refresh_running_stats(adapted: Ensemble, snapshots: Sequence[Snapshot], exe
         with execution.autocast():
             adapted(execution.layout(x))
     adapted.set_adapt_bn(False)
+
+
+@torch.no_grad()
+def recalibrate_bn(student: nn.Module, snapshots: Sequence[Snapshot], execution: Execution) -> None:
+    """Replace the student's BatchNorm running statistics by their plain average over ``snapshots``."""
+    layers = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the passes below
+    mode = student.training
+    student.train()
+    for x, _ in snapshots:
+        with execution.autocast():
+            student(execution.layout(x))
+    student.train(mode)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
 
 
 def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | None, snapshots: Sequence[Snapshot],
@@ -219,6 +249,8 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
         if adapted is not None and cfg.noise_adapted == "eval":
             _refresh_running_stats(adapted, snapshots, execution)
         loss = float(_distill_epoch(student, teacher, adapted, snapshots, optimizer, cfg.temperature, execution))  # one sync per epoch
+        if cfg.recalibrate_bn > 0:
+            recalibrate_bn(student, snapshots[-max(1, round(cfg.recalibrate_bn * len(snapshots))):], execution)
         del snapshots  # free the device memory before evaluation
         seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch), "loss": loss, "seconds": seconds,

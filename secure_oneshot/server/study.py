@@ -46,8 +46,8 @@ __all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "paper": ({}, {}),
     "gpu": ({"steps": 200, "snapshot_every": 2}, {"epochs": 40, "milestones": (0.5, 0.75)}),
-    "cpu": ({"batch_size": 64, "steps": 100, "bn_weight": 0.1}, {"epochs": 16}),
-    "smoke": ({"batch_size": 32, "steps": 12, "snapshot_every": 2, "bn_weight": 0.1}, {"epochs": 2}),
+    "cpu": ({"batch_size": 64, "steps": 100, "bn_weight": 0.1}, {"epochs": 16, "recalibrate_bn": 0.25}),
+    "smoke": ({"batch_size": 32, "steps": 12, "snapshot_every": 2, "bn_weight": 0.1}, {"epochs": 2, "recalibrate_bn": 0.25}),
 }
 
 
@@ -115,7 +115,7 @@ def load_accepted(accepted: Path, identity: Identity, trust: TrustStore) -> list
                                   artifacts.get("generator"), opened.header.bundle_id))
     if not models:
         raise ConfigError(f"no accepted bundles in {accepted}", hint="run `secure-oneshot ingest` first")
-    return models
+    return sorted(models, key=lambda s: (s.name, s.bundle_id))  # bundle ids are random: order by site
 
 
 def load_model_dirs(directories: list[Path]) -> list[SiteModel]:

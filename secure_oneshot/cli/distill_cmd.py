@@ -1,0 +1,131 @@
+"""``secure-oneshot distill`` (server) and ``secure-oneshot demo`` (the whole study on one machine)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..server.execution import Execution
+from ..server.sources import METHODS, SynthesisMethod
+from ..server.study import PRESETS, DistillJob
+from .output import Result
+
+__all__ = ["register"]
+
+
+def _execution(args: argparse.Namespace) -> Execution:
+    return Execution(device=args.device, precision=args.precision, channels_last=not args.no_channels_last, batched=args.batched)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _sites(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from ..keys import load_trust_store
+    from ..server.study import load_accepted, load_model_dirs
+    from .keys_cmd import trust_path
+    from .secrets import load_private_identity
+
+    if args.model:
+        return load_model_dirs([Path(m) for m in args.model]), None
+    if not (args.server_dir and args.key):
+        raise ConfigError("say where the site models are", hint="--server-dir DIR --key SERVER.key (accepted bundles), or --model DIR ... (research)")
+    identity = load_private_identity(args.key, args.passphrase_env)
+    server = Path(args.server_dir)
+    return load_accepted(server / "accepted", identity, load_trust_store(trust_path(args))), (server / "audit.jsonl", identity)
+
+
+def _distill(args: argparse.Namespace) -> Result:
+    from ..data import load_medmnist, to_dataset
+    from ..server.study import run_distillation
+
+    sites, audit_to = _sites(args)
+    execution = _execution(args)
+    preset = args.preset if args.preset != "auto" else ("gpu" if execution.torch_device.type == "cuda" else "cpu")
+    job = DistillJob(preset=preset, student_arch=args.student, execution=execution, seed=args.seed, epochs=args.epochs,
+                     noise_adapted=args.noise_adapted, image_size=args.image_size,
+                     method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps))
+    test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval else None
+    out = Path(args.out) if args.out else (Path(args.server_dir) / "global" if args.server_dir else Path("global"))
+    _say(f"distilling from {len(sites)} site models ({', '.join(s.name for s in sites)}): preset {preset}, "
+         f"synthesis {args.synthesis}, {execution.describe()}")
+    run = run_distillation(sites, out, job, test_set=test, progress=not args.json, audit_to=audit_to)
+    lines = [f"global model -> {run.outputs['global.safetensors']} (sha256 {run.report['global_sha256'][:16]}...)"]
+    if run.metrics:
+        from ..demo import metrics_table
+
+        lines += [f"evaluated on {args.eval} test (last epoch; nothing selected on test):", *metrics_table(run.metrics)]
+    lines += [f"  report  {run.outputs['report.md']}", f"  images  {run.outputs['synthetic.png']}"]
+    if audit_to:
+        lines.append(f"  audit   recorded in {audit_to[0]}")
+    return Result({"outputs": run.outputs, "metrics": run.metrics, "history": run.history, "global_sha256": run.report["global_sha256"],
+                   "execution": run.report["execution"]}, lines)
+
+
+def _demo(args: argparse.Namespace) -> Result:
+    from ..demo import DemoConfig, run_demo, summary_lines
+
+    out = Path(args.out) if args.out else Path(f"secure-oneshot-demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
+    cfg = DemoConfig(out=out, flag=args.flag, data_root=args.data_root, preset=args.preset, sites=args.sites, alpha=args.alpha,
+                     seed=args.seed, tamper=not args.no_tamper, centralised=not args.no_centralised, execution=_execution(args))
+    result = run_demo(cfg, say=_say)
+    data = {"run": str(result.out), "metrics": result.metrics, "seconds": result.seconds, "paths": result.paths,
+            "outcomes": [o.__dict__ for o in result.outcomes]}
+    return Result(data, summary_lines(result))
+
+
+def _add_execution_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("execution")
+    group.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda, cuda:N")
+    group.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="bf16 autocast for forward passes (auto: where the device has bf16 arithmetic)")
+    group.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory layout")
+    group.add_argument("--batched", choices=("auto", "on", "off"), default="auto",
+                       help="run same-architecture site models as one vmap computation (auto: on CUDA only)")
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+    from .keys_cmd import add_trust_option
+    from .secrets import add_passphrase_option
+
+    distill = commands.add_parser("distill", help="distil one global model from the accepted site models (server)", parents=[common],
+                                  description="FedISCA-style synthesis + distillation from the site models alone.")
+    source = distill.add_argument_group("site models (one of)")
+    source.add_argument("--server-dir", metavar="DIR", help="server folder of `ingest` (uses DIR/accepted, audits to DIR/audit.jsonl)")
+    source.add_argument("--model", action="append", metavar="DIR", help="research: a model directory (repeatable)")
+    distill.add_argument("--key", metavar="FILE.key", help="the server's private key (with --server-dir)")
+    distill.add_argument("--out", metavar="DIR", help="output folder (default SERVER_DIR/global, or ./global)")
+    distill.add_argument("--preset", choices=("auto", *PRESETS), default="auto", help="auto: gpu on CUDA, else cpu")
+    distill.add_argument("--synthesis", choices=METHODS, default="inversion", help="where the images come from (default inversion)")
+    distill.add_argument("--generator-share", type=float, default=0.5, help="mixed: fraction of each batch from the generators")
+    distill.add_argument("--generator-steps", type=int, default=25, help="DDIM steps per generator sample")
+    distill.add_argument("--student", metavar="ARCH", help="student architecture (default: the sites')")
+    distill.add_argument("--epochs", type=int, help="override the preset's epochs")
+    distill.add_argument("--noise-adapted", choices=("train-mode", "eval", "none"), help="override the noise-adapted teacher")
+    distill.add_argument("--eval", metavar="FLAG", help="report metrics on this MedMNIST set's test split each epoch (never selects)")
+    distill.add_argument("--data-root", metavar="DIR", help="MedMNIST folder for --eval")
+    distill.add_argument("--image-size", type=int, default=28)
+    distill.add_argument("--seed", type=int, default=0)
+    _add_execution_options(distill)
+    add_trust_option(distill)
+    add_passphrase_option(distill)
+    distill.set_defaults(handler=_distill)
+
+    demo = commands.add_parser("demo", help="the whole study end to end on one machine: keys, sites, bundles, ingest, distillation",
+                               parents=[common], description="Simulate hospitals and a server on PneumoniaMNIST; every artifact goes under one folder.")
+    demo.add_argument("--data-root", metavar="DIR", help="MedMNIST folder (default $SECURE_ONESHOT_DATA, else ~/.medmnist)")
+    demo.add_argument("--out", metavar="DIR", help="run folder (default ./secure-oneshot-demo-<UTC time>); must not exist or be empty")
+    demo.add_argument("--flag", default="pneumoniamnist", help="MedMNIST dataset (default pneumoniamnist)")
+    demo.add_argument("--preset", choices=("auto", "smoke", "cpu", "gpu", "paper"), default="auto",
+                      help="auto: gpu on CUDA else cpu; smoke: about a minute; paper: the method's full settings (GPU)")
+    demo.add_argument("--sites", type=int, help="number of hospitals (default: the preset's, 5)")
+    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split (default 0.5)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-tamper", action="store_true", help="do not deliver the tampered bundle copy")
+    demo.add_argument("--no-centralised", action="store_true", help="skip the pooled-data reference training")
+    _add_execution_options(demo)
+    demo.set_defaults(handler=_demo)

@@ -1,0 +1,382 @@
+"""``secure-oneshot demo``: a whole one-shot study, end to end, on one machine.
+
+Simulates N hospitals and a study server with real keys, policies, bundles and
+audit logs, all under one run folder::
+
+    RUN/
+      keys/            one identity per hospital, the server and the data protection officer (dpo);
+                       trust.toml.  Demo keys are NOT passphrase-protected: never use them for real data.
+      policies/        site-export.toml (+ .sig, signed by the dpo) and server-ingest.toml
+      partition.json   which records each hospital holds (Dirichlet over labels)
+      sites/NAME/      model/ (trained model directory), outbox/NAME.sob, audit.jsonl
+      server/          inbox/, accepted/, quarantine/, ledger.db, audit.jsonl
+      server/global/   global.safetensors, report.json, report.md, synthetic.png
+      results.json, results.md
+
+Steps: identities and trust -> policies (signed) -> partition -> train each site
+-> export (policy-checked, signed, encrypted, audited) -> transfer to the
+server inbox (plus, by default, one deliberately tampered copy, which ingest
+must quarantine) -> ingest -> distil -> baselines (each site, ensemble,
+FedAvg, global, and centralised training on the pooled records) on the test
+split, which is only evaluated: the global model is the last epoch's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._internal.atomic import atomic_write_bytes
+from ._internal.encoding import format_time, utc_now
+from .client.export import ExportRequest, export_model
+from .client.site import run_site
+from .client.site_config import SiteConfig
+from .client.train import PRESETS as TRAIN_PRESETS
+from .client.train import DataConfig, TrainConfig, site_data, train_classifier
+from .data import Partition, load_medmnist, partition_indices, to_dataset
+from .data.partition import label_counts
+from .errors import ConfigError
+from .keys import Identity, TrustEntry, TrustStore, save_identity, save_trust_store
+from .keys.keyfile import UnsafePlaintextKeyWarning
+from .metrics import evaluate_model
+from .models.classifier import ClassifierConfig
+from .policy.load import load_export_policy, load_ingest_policy
+from .policy.signatures import sign_policy
+from .server.execution import Execution
+from .server.ingest import BundleOutcome, IngestFolders, ingest_inbox
+from .server.study import DistillJob, DistillRun, load_accepted, run_distillation
+
+__all__ = ["DemoConfig", "DemoResult", "DEMO_PRESETS", "run_demo", "metrics_table", "summary_lines"]
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    sites: int
+    architecture: str
+    train: TrainConfig
+    server: str            # a server.study preset
+
+
+DEMO_PRESETS: dict[str, DemoPreset] = {
+    "smoke": DemoPreset(3, "small-cnn", replace(TRAIN_PRESETS["cpu"], epochs=2), "smoke"),
+    "cpu": DemoPreset(5, "small-cnn", TRAIN_PRESETS["cpu"], "cpu"),
+    "gpu": DemoPreset(5, "resnet18-cifar", replace(TRAIN_PRESETS["fedisca"], epochs=30, lr=0.01), "gpu"),
+    "paper": DemoPreset(5, "resnet18-cifar", TRAIN_PRESETS["fedisca"], "paper"),
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path
+    flag: str = "pneumoniamnist"
+    data_root: str | None = None
+    preset: str = "auto"             # auto: gpu when CUDA is visible, else cpu
+    sites: int | None = None         # default: the preset's
+    alpha: float = 0.5               # Dirichlet concentration over labels
+    seed: int = 0
+    tamper: bool = True              # also deliver a tampered copy of one bundle (must be quarantined)
+    centralised: bool = True         # train on the pooled records too (a research-only reference)
+    execution: Execution = field(default_factory=Execution)
+
+    def resolved_preset(self) -> DemoPreset:
+        name = self.preset_name
+        if name not in DEMO_PRESETS:
+            raise ConfigError(f"unknown demo preset {self.preset!r}", hint=f"use auto or one of {', '.join(DEMO_PRESETS)}")
+        preset = DEMO_PRESETS[name]
+        return replace(preset, sites=self.sites) if self.sites else preset
+
+    @property
+    def preset_name(self) -> str:
+        if self.preset != "auto":
+            return self.preset
+        return "gpu" if self.execution.torch_device.type == "cuda" else "cpu"
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    metrics: dict[str, dict[str, float]]
+    outcomes: list[BundleOutcome]
+    distill: DistillRun
+    seconds: dict[str, float]
+    paths: dict[str, str]
+
+
+Say = Callable[[str], None]
+
+# --- identities, trust, policies -----------------------------------------------------------------
+
+
+def _identities(run: Path, site_names: list[str]) -> tuple[dict[str, Identity], Path]:
+    ids = {name: Identity.generate(name) for name in [*site_names, "server", "dpo"]}
+    with warnings.catch_warnings():  # demo keys are unprotected on purpose (keys/README in the run says so)
+        warnings.simplefilter("ignore", UnsafePlaintextKeyWarning)
+        for identity in ids.values():
+            save_identity(identity, run / "keys", None)
+    roles = {"server": {"recipient"}, "dpo": {"approver"}}
+    store = TrustStore()
+    for name, identity in ids.items():
+        store = store.with_entry(TrustEntry(identity.public, frozenset(roles.get(name, {"sender"})), note="demo identity"))
+    save_trust_store(store, run / "keys" / "trust.toml")
+    atomic_write_bytes(run / "keys" / "README.txt", b"Demo identities: the private keys are NOT passphrase-protected.\n"
+                                                    b"Never use them for real data; create real ones with `secure-oneshot keys new`.\n")
+    return ids, run / "keys" / "trust.toml"
+
+
+def _export_policy_text(ids: dict[str, Identity]) -> str:
+    now = utc_now()
+    effective, expires = format_time(now - timedelta(days=1)), format_time(now + timedelta(days=30))
+    return f'''# Site export policy written by `secure-oneshot demo` (same shape as policies/research-study.toml).
+schema = "secure-oneshot/site-export-policy/v1"
+id = "demo/site-export"
+version = 1
+owner = "Demo research data office"
+effective = {effective}
+expires = {expires}
+
+[study]
+title = "secure-oneshot demo (simulated hospitals)"
+irb = "none (public MedMNIST data)"
+dua = "none (CC BY 4.0 data)"
+
+[approval]
+required = 1
+approvers = ["{ids['dpo'].key_id}"]  # dpo
+
+[recipients]
+allowed = ["{ids['server'].key_id}"]  # server
+
+[artifacts]
+classifier = "allow"
+generator = "allow"
+bn_statistics = "allow"        # FedISCA's synthesis matches them
+dp_feature_statistics = "allow"
+
+[[tensors]]
+artifact = "classifier"
+names = ["classifier/*"]
+dtypes = ["F32"]
+max_bytes = 200_000_000
+
+[[tensors]]
+artifact = "bn_statistics"
+names = ["classifier/*.running_mean", "classifier/*.running_var", "classifier/*.num_batches_tracked"]
+dtypes = ["F32", "I64"]
+max_bytes = 1_000_000
+
+[bundle]
+max_bytes = 500_000_000
+valid_days = 2
+'''
+
+
+def _ingest_policy_text(ids: dict[str, Identity], site_names: list[str]) -> str:
+    senders = ", ".join(f'"{ids[n].key_id}"' for n in site_names)
+    return f'''# Server ingest policy written by `secure-oneshot demo`.
+schema = "secure-oneshot/server-ingest-policy/v1"
+id = "demo/server-ingest"
+version = 1
+owner = "Demo study server"
+
+[senders]
+allowed = [{senders}]
+
+[artifacts]
+required = ["classifier"]
+denied = []
+require_dp = []
+
+[models]
+architectures = ["resnet18-cifar", "resnet18", "small-cnn"]
+
+[limits]
+max_bundle_bytes = 500_000_000
+max_tensors = 2000
+max_tensor_bytes = 200_000_000
+'''
+
+
+def _policies(run: Path, ids: dict[str, Identity], site_names: list[str]) -> tuple[Path, Path]:
+    export_path, ingest_path = run / "policies" / "site-export.toml", run / "policies" / "server-ingest.toml"
+    export_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(export_path, _export_policy_text(ids).encode("ascii"))
+    atomic_write_bytes(ingest_path, _ingest_policy_text(ids, site_names).encode("ascii"))
+    sign_policy(load_export_policy(export_path), export_path, ids["dpo"])
+    return export_path, ingest_path
+
+
+# --- sites ---------------------------------------------------------------------------------------
+
+
+def _partition(cfg: DemoConfig, preset: DemoPreset, run: Path) -> Partition:
+    partition = Partition(n_sites=preset.sites, scheme="dirichlet", alpha=cfg.alpha, seed=cfg.seed)
+    splits = [load_medmnist(cfg.flag, s, root=cfg.data_root) for s in ("train", "val")]
+    labels = np.concatenate([s.labels for s in splits])
+    parts = partition_indices(labels, partition)
+    summary = {"flag": cfg.flag, "partition": partition.__dict__,
+               "sites": [{"site": i, "records": len(p), "label_counts": c} for i, (p, c) in
+                         enumerate(zip(parts, label_counts(labels, parts, splits[0].n_classes)))]}
+    atomic_write_bytes(run / "partition.json", (json.dumps(summary, indent=2) + "\n").encode("ascii"))
+    return partition
+
+
+def _data_config(cfg: DemoConfig, partition: Partition, site: int) -> DataConfig:
+    return DataConfig(flag=cfg.flag, root=cfg.data_root, site=site, partition=partition)
+
+
+def _train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names: list[str], run: Path, say: Say) -> list[Path]:
+    dirs = []
+    for i, name in enumerate(names):
+        site_cfg = SiteConfig(_data_config(cfg, partition, i), ClassifierConfig(preset.architecture),
+                              replace(preset.train, seed=cfg.seed + i), None, None, run / "sites" / name / "model")
+        started = time.perf_counter()
+        result = run_site(site_cfg).classifier
+        test = result.metrics.get("test", {})
+        say(f"  {name}: {len(result.data.train)} records, labels {_counts(result.data.train.labels)}, "
+            f"test ACC {test.get('acc', float('nan')):.3f} AUC {test.get('auc', float('nan')):.3f} ({time.perf_counter() - started:.0f} s)")
+        dirs.append(site_cfg.out)
+    return dirs
+
+
+def _counts(labels: Any) -> list[int]:
+    return torch.bincount(torch.as_tensor(labels)).tolist()
+
+
+def _export_all(names: list[str], model_dirs: list[Path], ids: dict[str, Identity], export_policy: Path, trust_file: Path,
+                inbox: Path, run: Path, say: Say) -> list[Path]:
+    from .keys import load_trust_store
+
+    trust = load_trust_store(trust_file)
+    inbox.mkdir(parents=True, exist_ok=True)
+    delivered = []
+    for name, model_dir in zip(names, model_dirs):
+        site = run / "sites" / name
+        (site / "outbox").mkdir(parents=True, exist_ok=True)
+        request = ExportRequest(model_dir=model_dir, policy_path=export_policy, sender=ids[name], recipients=[ids["server"].public],
+                                out=site / "outbox" / f"{name}.sob", audit_log=site / "audit.jsonl", trust=trust)
+        report = export_model(request)
+        assert report.bundle is not None  # not a dry run
+        target = inbox / report.bundle.path.name
+        shutil.copyfile(report.bundle.path, target)  # the "transfer": any channel will do, the bundle protects itself
+        say(f"  {name}: {len(report.tensors)} tensors sealed to server, policy {report.policy.id} v{report.policy.version}")
+        delivered.append(target)
+    return delivered
+
+
+def _tampered_copy(bundle: Path, inbox: Path) -> Path:
+    """A copy of ``bundle`` with one ciphertext byte flipped, named to be ingested first (before its original,
+    which would otherwise make it a replay instead of a forgery)."""
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target = inbox / f"0-tampered-{bundle.name}"
+    atomic_write_bytes(target, bytes(data))
+    return target
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+def _centralised(cfg: DemoConfig, preset: DemoPreset, partition: Partition) -> dict[str, float]:
+    """Research-only reference: the same training on every site's records pooled."""
+    pooled = replace(partition, n_sites=1, scheme="iid")
+    data = site_data(_data_config(cfg, pooled, 0), preset.train.val_fraction, cfg.seed)
+    model_cfg = ClassifierConfig(preset.architecture, data.train.n_channels, data.train.n_classes)
+    result = train_classifier(model_cfg, replace(preset.train, seed=cfg.seed), data)
+    return evaluate_model(result.model, to_dataset(data.test)) if data.test is not None else {}
+
+
+def metrics_table(metrics: dict[str, dict[str, float]]) -> list[str]:
+    lines = [f"  {'model':28s} {'ACC':>6s} {'AUC':>6s} {'bal.ACC':>8s}"]
+    lines += [f"  {name:28s} {m['acc']:6.3f} {m['auc']:6.3f} {m['balanced_acc']:8.3f}" for name, m in metrics.items()]
+    return lines
+
+
+def run_demo(cfg: DemoConfig, say: Say = print) -> DemoResult:
+    """Run the whole study (module docstring); ``say`` receives one progress line at a time."""
+    preset = cfg.resolved_preset()
+    run = cfg.out
+    if run.exists() and any(run.iterdir()):
+        raise ConfigError(f"{run} already exists and is not empty", hint="choose another --out (each demo run gets its own folder)")
+    run.mkdir(parents=True, exist_ok=True)
+    names = [f"hospital-{i + 1}" for i in range(preset.sites)]
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        seconds[step] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
+    say(f"[1/6] identities for {len(names)} hospitals, the server and the dpo; signed policies")
+    ids, trust_file = _identities(run, names)
+    export_policy, ingest_policy = _policies(run, ids, names)
+    lap("setup")
+    say(f"[2/6] partition {cfg.flag} train+val among {len(names)} hospitals (Dirichlet alpha {cfg.alpha}); train each "
+        f"({preset.architecture}, {preset.train.epochs} epochs)")
+    partition = _partition(cfg, preset, run)
+    model_dirs = _train_sites(cfg, preset, partition, names, run, say)
+    lap("train")
+    say("[3/6] export: policy check, sign, encrypt to the server, audit; deliver to the server inbox")
+    server = IngestFolders.under(run / "server")
+    delivered = _export_all(names, model_dirs, ids, export_policy, trust_file, server.inbox, run, say)
+    if cfg.tamper:
+        tampered = _tampered_copy(delivered[0], server.inbox)
+        say(f"  + a tampered copy of {delivered[0].name} ({tampered.name}): ingest must quarantine it")
+    lap("export")
+    say("[4/6] ingest: verify, decrypt, check the ingest policy; accept or quarantine")
+    from .keys import load_trust_store
+
+    trust = load_trust_store(trust_file)
+    outcomes = ingest_inbox(server, ids["server"], trust, load_ingest_policy(ingest_policy))
+    for o in outcomes:
+        say(f"  {o.outcome:11s} {o.file}{'  (' + o.error + ': ' + o.reason + ')' if o.error else ''}")
+    lap("ingest")
+    say(f"[5/6] distil a global model from the accepted bundles (preset {preset.server}, "
+        f"{cfg.execution.describe()['device']}, {cfg.execution.describe()['precision']})")
+    sites = load_accepted(server.accepted, ids["server"], trust)
+    test = to_dataset(load_medmnist(cfg.flag, "test", root=cfg.data_root))
+    job = DistillJob(preset=preset.server, execution=cfg.execution, seed=cfg.seed)
+    run_result = run_distillation(sites, run / "server" / "global", job, test_set=test, progress=True,
+                                  audit_to=(server.audit_log, ids["server"]))
+    lap("distill")
+    metrics = dict(run_result.metrics)
+    if cfg.centralised:
+        say("[6/6] centralised reference: the same training on all records pooled (research only)")
+        metrics["centralised (pooled data)"] = _centralised(cfg, preset, partition)
+        lap("centralised")
+    paths = {"run": str(run), "report": run_result.outputs["report.md"], "synthetic_images": run_result.outputs["synthetic.png"],
+             "global_model": run_result.outputs["global.safetensors"], "server_audit_log": str(server.audit_log),
+             "site_audit_logs": str(run / "sites" / "*" / "audit.jsonl"), "quarantine": str(server.quarantine)}
+    _write_results(run, metrics, outcomes, seconds, paths, cfg, preset)
+    return DemoResult(run, metrics, outcomes, run_result, seconds, paths)
+
+
+def _write_results(run: Path, metrics: dict[str, dict[str, float]], outcomes: list[BundleOutcome], seconds: dict[str, float],
+                   paths: dict[str, str], cfg: DemoConfig, preset: DemoPreset) -> None:
+    summary = {"flag": cfg.flag, "preset": cfg.preset_name, "sites": preset.sites, "alpha": cfg.alpha, "seed": cfg.seed,
+               "metrics": metrics, "outcomes": [o.__dict__ for o in outcomes], "seconds": seconds, "paths": paths,
+               "selection": "last epoch; the test split is only evaluated"}
+    atomic_write_bytes(run / "results.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    rows = ["| model | ACC | AUC | balanced ACC |", "| --- | --- | --- | --- |"]
+    rows += [f"| {n} | {m['acc']:.3f} | {m['auc']:.3f} | {m['balanced_acc']:.3f} |" for n, m in metrics.items()]
+    text = (f"# secure-oneshot demo: {cfg.flag}, {preset.sites} hospitals, Dirichlet alpha {cfg.alpha}, preset {cfg.preset_name}\n\n"
+            + "\n".join(rows) + "\n\nThe global model is the last epoch's; the test split is only evaluated.\n")
+    atomic_write_bytes(run / "results.md", text.encode("utf-8"))
+
+
+def summary_lines(result: DemoResult) -> list[str]:
+    """The closing table and paths, for the CLI."""
+    total = sum(result.seconds.values())
+    return ["results (test split; the global model is the last epoch's, nothing selected on test):", *metrics_table(result.metrics),
+            f"time: {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in result.seconds.items())})",
+            *(f"  {k:18s} {v}" for k, v in result.paths.items())]
