@@ -86,6 +86,8 @@ class DemoConfig:
     seed: int = 0
     tamper: bool = True              # also deliver a tampered copy of one bundle (must be quarantined)
     centralised: bool = True         # train on the pooled records too (a research-only reference)
+    dp_epsilon: float | None = None  # train every hospital's classifier with DP-SGD to this epsilon
+    stats_epsilon: float = 1.0       # with DP: the DP feature statistics' own budget (the BN-free synthesis prior)
     execution: Execution = field(default_factory=Execution)
 
     def resolved_preset(self) -> DemoPreset:
@@ -174,6 +176,12 @@ names = ["classifier/*.running_mean", "classifier/*.running_var", "classifier/*.
 dtypes = ["F32", "I64"]
 max_bytes = 1_000_000
 
+[[tensors]]
+artifact = "dp_feature_statistics"
+names = ["feature_stats/*"]
+dtypes = ["F32"]
+max_bytes = 10_000_000
+
 [bundle]
 max_bytes = 500_000_000
 valid_days = 2
@@ -237,8 +245,10 @@ def _data_config(cfg: DemoConfig, partition: Partition, site: int) -> DataConfig
 def _train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names: list[str], run: Path, say: Say) -> list[Path]:
     dirs = []
     for i, name in enumerate(names):
-        site_cfg = SiteConfig(_data_config(cfg, partition, i), ClassifierConfig(preset.architecture),
-                              replace(preset.train, seed=cfg.seed + i), None, None, run / "sites" / name / "model")
+        train = replace(preset.train, seed=cfg.seed + i, dp_epsilon=cfg.dp_epsilon)
+        stats = {"epsilon": cfg.stats_epsilon} if cfg.dp_epsilon is not None else None
+        site_cfg = SiteConfig(_data_config(cfg, partition, i), ClassifierConfig(preset.architecture), train, None, stats,
+                              run / "sites" / name / "model")
         started = time.perf_counter()
         result = run_site(site_cfg).classifier
         test = result.metrics.get("test", {})
@@ -303,6 +313,12 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> list[str]:
 
 def run_demo(cfg: DemoConfig, say: Say = print) -> DemoResult:
     """Run the whole study (module docstring); ``say`` receives one progress line at a time."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")  # Opacus and torch repeat the same warning for every site and step
+        return _run_demo(cfg, say)
+
+
+def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     preset = cfg.resolved_preset()
     run = cfg.out
     if run.exists() and any(run.iterdir()):
@@ -321,8 +337,9 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> DemoResult:
     ids, trust_file = _identities(run, names)
     export_policy, ingest_policy = _policies(run, ids, names)
     lap("setup")
+    dp = f", DP-SGD epsilon {cfg.dp_epsilon} + DP feature statistics epsilon {cfg.stats_epsilon}" if cfg.dp_epsilon else ""
     say(f"[2/6] partition {cfg.flag} train+val among {len(names)} hospitals (Dirichlet alpha {cfg.alpha}); train each "
-        f"({preset.architecture}, {preset.train.epochs} epochs)")
+        f"({preset.architecture}, {preset.train.epochs} epochs{dp})")
     partition = _partition(cfg, preset, run)
     model_dirs = _train_sites(cfg, preset, partition, names, run, say)
     lap("train")
@@ -364,6 +381,7 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> DemoResult:
 def _write_results(run: Path, metrics: dict[str, dict[str, float]], outcomes: list[BundleOutcome], seconds: dict[str, float],
                    paths: dict[str, str], cfg: DemoConfig, preset: DemoPreset) -> None:
     summary = {"flag": cfg.flag, "preset": cfg.preset_name, "sites": preset.sites, "alpha": cfg.alpha, "seed": cfg.seed,
+               "dp_epsilon": cfg.dp_epsilon, "stats_epsilon": cfg.stats_epsilon if cfg.dp_epsilon else None,
                "metrics": metrics, "outcomes": [o.__dict__ for o in outcomes], "seconds": seconds, "paths": paths,
                "selection": "last epoch; the test split is only evaluated"}
     atomic_write_bytes(run / "results.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))

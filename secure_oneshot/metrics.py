@@ -31,15 +31,18 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, 
     """``acc`` and ``auc`` exactly as MedMNIST computes them, and ``balanced_acc``.
 
     Every metric is NaN when a score is not finite (a diverged model: reported, not a crash); AUC is
-    NaN without a warning when the labels hold a single class (a tiny site's validation slice).
+    NaN without a warning when the labels hold a single class (a tiny site's validation slice, which
+    may hold a single record).
     """
     if not np.isfinite(scores).all():
         return {"acc": float("nan"), "auc": float("nan"), "balanced_acc": float("nan")}
     task = "binary-class" if scores.shape[1] == 2 else "multi-class"
     y_true = labels.reshape(-1, 1)  # (N,) -> (N, 1): medmnist's layout
     single_class = len(np.unique(labels)) < 2
+    # medmnist squeezes a one-record split to a scalar and sklearn then refuses it: count directly there.
+    acc = float((scores.argmax(1) == labels).mean()) if len(labels) < 2 else float(getACC(y_true, scores, task))
     return {
-        "acc": float(getACC(y_true, scores, task)),
+        "acc": acc,
         "auc": float("nan") if single_class else float(getAUC(y_true, scores, task)),
         "balanced_acc": _balanced_accuracy(labels, scores.argmax(1), scores.shape[1]),
     }

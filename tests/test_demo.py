@@ -17,6 +17,7 @@ from secure_oneshot import audit
 from secure_oneshot.cli import main
 from secure_oneshot.keys import load_public
 
+from .test_data import write_fake_medmnist
 from .test_data_root import data_root  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -106,3 +107,16 @@ def test_distill_command_from_the_server_folder_and_from_model_dirs(demo_run, da
 def test_distill_without_site_models_is_a_config_error(capsys) -> None:
     assert main(["distill", "--preset", "smoke"]) == 3
     assert "--server-dir" in capsys.readouterr().err
+
+
+def test_the_same_pipeline_runs_on_an_rgb_eight_class_set(tmp_path: Path) -> None:
+    """A generated BloodMNIST-format file (RGB, 8 classes): nothing in the pipeline assumes grey or binary."""
+    write_fake_medmnist(tmp_path / "data", "bloodmnist", n_classes=8, channels=3, n=240)
+    run = tmp_path / "run"
+    code = main(["--json", "demo", "--preset", "smoke", "--flag", "bloodmnist", "--data-root", str(tmp_path / "data"),
+                 "--out", str(run), "--alpha", "5", "--no-tamper", "--device", "cpu"])
+    assert code == 0
+    results = json.loads((run / "results.json").read_text())
+    assert "global (distilled)" in results["metrics"] and "fedavg (one-shot)" in results["metrics"]
+    weights = load_file(str(run / "server" / "global" / "global.safetensors"))
+    assert weights["features.0.weight"].shape[1] == 3 and weights["head.weight"].shape[0] == 8

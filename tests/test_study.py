@@ -56,3 +56,21 @@ def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path: Path) ->
     make_model_dir(tmp_path / "b", bn=True)  # toy tensor names, not a small-cnn
     with pytest.raises(ConfigError, match="do not fit small-cnn"):
         load_model_dirs([tmp_path / "b"])
+
+
+def test_metrics_of_degenerate_splits_are_reported_not_raised() -> None:
+    import warnings
+
+    import numpy as np
+
+    from secure_oneshot.metrics import classification_metrics
+
+    scores = np.array([[0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no sklearn warning either
+        one_class = classification_metrics(np.array([1, 1, 1]), scores)
+        one_record = classification_metrics(np.array([1]), scores[:1])
+    assert one_class["acc"] == pytest.approx(2 / 3) and np.isnan(one_class["auc"])
+    assert one_record["acc"] == 1.0 and np.isnan(one_record["auc"])
+    diverged = classification_metrics(np.array([0, 1]), np.array([[np.nan, np.nan], [0.5, 0.5]]))
+    assert all(np.isnan(v) for v in diverged.values())

@@ -48,7 +48,6 @@ What this module does not do: load bundles, save checkpoints, or choose data.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
