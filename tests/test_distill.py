@@ -360,3 +360,13 @@ def test_per_image_weights_mix_the_two_teachers():
     torch.testing.assert_close(mixed[0], per_image_kd(s, n, 20.0)[0])
     torch.testing.assert_close(mixed[3], per_image_kd(s, t, 20.0)[3])
     torch.testing.assert_close(per_image_kd(s, t, 4.0).mean(), kd_loss(s, t, 4.0))
+
+
+def test_compiled_student_trains_the_same_parameters(toy_sites):
+    """torch.compile wraps the training step only; the returned student is the caller's module, trained."""
+    student = tiny(13)
+    before = copy.deepcopy(student.state_dict())
+    fast = Execution(device="cpu", precision="fp32", channels_last=False, compile=True)
+    result = distill(student, toy_sites, inversion(steps=3), DistillConfig(epochs=1, lr=0.01), execution=fast)
+    assert result.student is student and result.history[0]["loss"] > 0
+    assert not torch.equal(before["0.weight"], student.state_dict()["0.weight"])

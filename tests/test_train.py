@@ -111,3 +111,12 @@ def test_train_then_export_gives_a_bundle_whose_dp_record_verifies(tmp_path: Pat
     assert record.epsilon <= 6.0 + 1e-6 and abs(verify_claim(record) - record.epsilon) < 1e-6
     assert all(name.startswith("classifier/") for name in opened.tensors)
     assert opened.manifest.meta["artifacts"]["classifier"]["architecture"] == "small-cnn"
+
+
+def test_min_steps_raises_epochs_for_tiny_sites_only() -> None:
+    from secure_oneshot.client.train import with_min_steps
+
+    cfg = replace(PRESETS["cpu"], min_steps=150)  # 15 epochs, batch 64
+    assert with_min_steps(cfg, 100).epochs == 75           # 2 steps per epoch
+    assert with_min_steps(cfg, 850).epochs == 15           # 14 steps per epoch: 210 >= 150 already
+    assert with_min_steps(PRESETS["cpu"], 10).epochs == 15  # off by default

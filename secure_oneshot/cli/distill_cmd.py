@@ -17,7 +17,8 @@ __all__ = ["register"]
 
 
 def _execution(args: argparse.Namespace) -> Execution:
-    return Execution(device=args.device, precision=args.precision, channels_last=not args.no_channels_last, batched=args.batched)
+    return Execution(device=args.device, precision=args.precision, channels_last=not args.no_channels_last, batched=args.batched,
+                     compile=args.compile)
 
 
 def _say(line: str) -> None:
@@ -87,6 +88,7 @@ def _add_execution_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory layout")
     group.add_argument("--batched", choices=("auto", "on", "off"), default="auto",
                        help="run same-architecture site models as one vmap computation (auto: on CUDA only)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the student's training step (slow to start)")
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]

@@ -9,6 +9,7 @@ pickle; Opacus's own checkpoint helper pickles, so it is not used).
 from __future__ import annotations
 
 import json
+import math
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -52,11 +53,15 @@ class TrainConfig:
     accountant: str = "prv"
     grad_sample_mode: str = "hooks"                # Opacus: "hooks" | "functorch" | "ew" | "ghost" (fast clipping)
     max_physical_batch_size: int = 128
+    min_steps: int = 0                             # raise epochs until at least this many optimizer steps (tiny sites)
 
 
 PRESETS: dict[str, TrainConfig] = {
     "fedisca": TrainConfig(),
-    # About a minute per site on 2 CPU cores with small-cnn at 28 px.
+    # About a minute per site on 2 CPU cores with small-cnn at 28 px.  min_steps stays off here: raising the
+    # 14-record one-class PneumoniaMNIST demo site from 15 to 150 steps made it a confident class-0 voter and
+    # the distilled model's ACC fell from 0.888 to 0.739 (AUC 0.965 -> 0.960); see benchmarks/RESULTS.md.
+    # Tiny sites (BreastMNIST) should set it ([train] min_steps = 300).
     "cpu": TrainConfig(epochs=15, lr=0.02, batch_size=64),
 }
 
@@ -82,6 +87,7 @@ class TrainResult:
     metrics: dict[str, dict[str, float]]
     dp: DpRecord | None
     data: SiteData
+    config: TrainConfig | None = None   # as run (epochs raised by min_steps)
 
 
 def _merged_train_val(cfg: DataConfig) -> MedMNISTSplit:
@@ -105,6 +111,12 @@ def site_data(cfg: DataConfig, val_fraction: float = 0.1, seed: int = 0) -> Site
     n_val = max(1, int(round(val_fraction * len(pool))))
     test = load_npz(cfg.file, cfg.flag, "test") if cfg.file else load_medmnist(cfg.flag, "test", size=cfg.size, root=cfg.root, download=cfg.download)
     return SiteData(pool.subset(np.sort(order[n_val:])), pool.subset(np.sort(order[:n_val])), test)
+
+
+def with_min_steps(cfg: TrainConfig, records: int) -> TrainConfig:
+    """``cfg`` with epochs raised so that training takes at least ``cfg.min_steps`` optimizer steps."""
+    steps_per_epoch = max(1, math.ceil(records / cfg.batch_size))
+    return replace(cfg, epochs=max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch)))
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -190,6 +202,7 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
         PrivacyError: Opacus cannot reach the requested budget with these settings.
     """
     torch.manual_seed(cfg.seed)
+    cfg = with_min_steps(cfg, len(data.train))
     dp = cfg.dp_epsilon is not None
     model = build_classifier(model_cfg)
     if dp:
@@ -222,7 +235,7 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     if engine is not None:
         record = dp_record_from_opacus(engine.accountant, delta=cfg.dp_delta, max_grad_norm=cfg.max_grad_norm,
                                        sampling="poisson", dataset_fingerprint=data.train.fingerprint())
-    return TrainResult(plain, replace(model_cfg, norm="group" if dp else model_cfg.norm), history, metrics, record, data)
+    return TrainResult(plain, replace(model_cfg, norm="group" if dp else model_cfg.norm), history, metrics, record, data, cfg)
 
 
 def classifier_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -247,7 +260,7 @@ def training_record(result: TrainResult, data_cfg: DataConfig, cfg: TrainConfig,
         "artifacts": artifacts,
         "dp": dp,
         "training": {
-            "config": asdict(cfg), "data": {"flag": data_cfg.flag, "size": data_cfg.size, "site": data_cfg.site,
+            "config": asdict(result.config or cfg), "data": {"flag": data_cfg.flag, "size": data_cfg.size, "site": data_cfg.site,
                                             "partition": asdict(data_cfg.partition), "fingerprint": result.data.train.fingerprint(),
                                             "train_records": len(result.data.train), "val_records": len(result.data.val),
                                             "label_counts": counts},

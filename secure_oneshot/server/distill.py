@@ -237,6 +237,8 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
     teacher = execution.prepare(Ensemble(site_models, batched=execution.use_batched))
     adapted = _adapted_teacher(site_models, cfg, execution)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # The compiled module shares the student's parameters: only the training step runs through it.
+    train_forward = torch.compile(student) if execution.compile else student
     source = SnapshotSource(site_models, teacher, synth, method or SynthesisMethod(), execution, generators,
                             feature_stats=feature_stats, student=student if adversarial else None, allow_ce_only=allow_ce_only)
     history: list[dict[str, float]] = []
@@ -247,7 +249,7 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
         snapshots = source.epoch(epoch)
         if adapted is not None and cfg.noise_adapted == "eval":
             _refresh_running_stats(adapted, snapshots, execution)
-        loss = float(_distill_epoch(student, teacher, adapted, snapshots, optimizer, cfg.temperature, execution))  # one sync per epoch
+        loss = float(_distill_epoch(train_forward, teacher, adapted, snapshots, optimizer, cfg.temperature, execution))  # one sync per epoch
         if cfg.recalibrate_bn > 0:
             recalibrate_bn(student, snapshots[-max(1, round(cfg.recalibrate_bn * len(snapshots))):], execution)
         del snapshots  # free the device memory before evaluation

@@ -82,7 +82,7 @@ class Execution:
     precision: str = "auto"         # "auto" | "bf16" | "fp32": autocast for the forward passes
     channels_last: bool = True
     batched: str = "auto"           # vmap over stacked site models: "auto" (CUDA only) | "on" | "off"
-    compile: bool = False           # torch.compile the student (GPU; slow to start)
+    compile: bool = False           # torch.compile the student's training step (slow to start; pays off on long GPU runs)
 
     def __post_init__(self) -> None:
         problems = []

@@ -1,0 +1,1 @@
+"""Research tools: privacy audits (membership inference, memorisation) of released artifacts."""
