@@ -102,3 +102,46 @@ def test_memorisation_flags_planted_copies_and_not_noise(pool, tmp_path) -> None
     assert memorisation_report(held_out[:50], train, held_out[50:]).near_copies == 0
     closest_pairs_png(report, planted, train, tmp_path / "pairs.png")
     assert (tmp_path / "pairs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def site_model_dir(data_root, tmp_path_factory):  # noqa: F811
+    from secure_oneshot.client.site import run_site
+    from secure_oneshot.client.site_config import SiteConfig
+    from secure_oneshot.client.train import DataConfig
+    from secure_oneshot.data import Partition
+
+    out = tmp_path_factory.mktemp("site") / "model"
+    cfg = SiteConfig(DataConfig(root=str(data_root), site=0, partition=Partition(10, "iid")), CNN,
+                     replace(PRESETS["cpu"], epochs=3), None, None, out)
+    return run_site(cfg).out
+
+
+def test_audit_privacy_command_reports_both_attacks(site_model_dir, data_root, tmp_path, capsys) -> None:  # noqa: F811
+    import json
+
+    from secure_oneshot.cli import main
+
+    code = main(["--json", "audit-privacy", "--model", str(site_model_dir), "--data-root", str(data_root), "--shadows", "2",
+                 "--out", str(tmp_path / "audit.json")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [a["name"] for a in report["attacks"]] == ["loss threshold", "LiRA offline (2 shadows)"]
+    assert report["members"] == report["non_members"] and report["accountant_epsilon"] is None
+    assert all(0 <= a["auc"] <= 1 and a["epsilon_lower_bound"] >= 0 for a in report["attacks"])
+    assert json.loads((tmp_path / "audit.json").read_text())["attacks"] == report["attacks"]
+
+
+def test_audit_privacy_refuses_records_that_are_not_the_models(site_model_dir, data_root, tmp_path, capsys) -> None:  # noqa: F811
+    import json
+    import shutil
+
+    from secure_oneshot.cli import main
+
+    copy = tmp_path / "model"
+    shutil.copytree(site_model_dir, copy)
+    record = json.loads((copy / "record.json").read_text())
+    record["training"]["data"]["site"] = 1  # another site's records
+    (copy / "record.json").write_text(json.dumps(record))
+    assert main(["audit-privacy", "--model", str(copy), "--data-root", str(data_root)]) == 15
+    assert "fingerprint" in capsys.readouterr().err

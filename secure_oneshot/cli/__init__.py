@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import EXIT_CODES, SecureOneshotError
-from . import audit_cmd, bundle_cmd, distill_cmd, export_cmd, keys_cmd, policy_cmd, train_cmd
+from . import audit_cmd, bundle_cmd, distill_cmd, export_cmd, keys_cmd, policy_cmd, research_cmd, train_cmd
 from .output import Result
 
 __all__ = ["main", "build_parser"]
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.register(commands, common)
     train_cmd.register(commands, common)
     distill_cmd.register(commands, common)
+    research_cmd.register(commands, common)
     return parser
 
 

@@ -1,0 +1,41 @@
+"""``secure-oneshot audit-privacy``: membership-inference evidence for a site's released classifier."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .._internal.atomic import atomic_write_bytes
+from .output import Result
+
+__all__ = ["register"]
+
+
+def _audit_privacy(args: argparse.Namespace) -> Result:
+    from ..research.privacy_audit import audit_model_dir
+
+    report = audit_model_dir(args.model, data_root=args.data_root, shadows=args.shadows, seed=args.seed)
+    if args.out:
+        atomic_write_bytes(Path(args.out), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    eps = report["accountant_epsilon"]
+    lines = [f"membership inference against {report['model']} ({report['members']} members, {report['non_members']} non-members)",
+             f"  {'attack':28s} {'AUC':>6s} {'TPR@1%':>7s} {'TPR@0.1%':>9s} {'eps >=':>7s}"]
+    lines += [f"  {a['name']:28s} {a['auc']:6.3f} {a['tpr_at_1pct_fpr']:7.3f} {a['tpr_at_01pct_fpr']:9.3f} {a['epsilon_lower_bound']:7.2f}"
+              for a in report["attacks"]]
+    lines.append(f"  accountant epsilon: {eps:.3g} (an upper bound; the attacks give lower bounds)" if eps is not None
+                 else "  accountant epsilon: none (not trained with DP)")
+    if args.out:
+        lines.append(f"  report: {args.out}")
+    return Result(report, lines)
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+    audit = commands.add_parser("audit-privacy", help="membership-inference audit of a trained model directory (runs at the site)",
+                                parents=[common])
+    audit.add_argument("--model", required=True, metavar="DIR", help="model directory written by `train`")
+    audit.add_argument("--data-root", metavar="DIR", help="the MedMNIST folder the site trained from")
+    audit.add_argument("--shadows", type=int, default=0, metavar="K", help="also run offline LiRA with K shadow models (>= 2)")
+    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--out", metavar="FILE.json", help="write the report as JSON")
+    audit.set_defaults(handler=_audit_privacy)

@@ -1,0 +1,101 @@
+"""``secure-oneshot audit-privacy``: membership inference against a site's released classifier, at the site.
+
+The site re-derives its own records from the model directory's training
+record (flag, partition, site, validation fraction, seed; the data fingerprint
+must match, so the audit runs on exactly the records the model saw):
+
+* **members**: a random sample of the training records (half of them at most
+  when shadow models are asked for);
+* **non-members**: as many records drawn from the site's validation slice
+  (never trained on) and the public test split (same distribution in MedMNIST);
+* **loss-threshold attack** on the released classifier; with ``shadows = K``
+  also **offline LiRA**, its K shadow models trained exactly like the site's
+  model (the recorded recipe, DP included) on random halves of the site's
+  training records that are not candidates.
+
+The report holds attack AUC, TPR at 1% and 0.1% FPR, the empirical epsilon
+lower bound (:mod:`secure_oneshot.research.membership`) next to the
+accountant's epsilon from the training record.  Nothing leaves the site: the
+report is a set of numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from ..client.train import DataConfig, TrainConfig, site_data, train_classifier
+from ..data import Partition, to_dataset
+from ..errors import ConfigError, DataError
+from ..models.classifier import ClassifierConfig
+from ..server.study import load_model_dirs
+from .membership import lira_offline, loss_attack
+
+__all__ = ["audit_model_dir"]
+
+
+def _record(model_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((model_dir / "record.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {model_dir / 'record.json'} ({e})", hint="pass a model directory written by `train`") from e
+
+
+def _site_records(record: dict[str, Any], data_root: str | None):  # type: ignore[no-untyped-def]
+    """The exact records the model trained on, checked against the record's fingerprint."""
+    data, config = record["training"]["data"], record["training"]["config"]
+    cfg = DataConfig(flag=data["flag"], size=data["size"], root=data_root, site=data["site"], partition=Partition(**data["partition"]))
+    site = site_data(cfg, config["val_fraction"], config["seed"])
+    if site.train.fingerprint() != data["fingerprint"]:
+        raise DataError("the re-derived training records do not match the model's fingerprint",
+                        hint="point --data-root at the same MedMNIST files the site trained on")
+    return site
+
+
+def audit_model_dir(model_dir: str | Path, *, data_root: str | None = None, shadows: int = 0, seed: int = 0,
+                    delta: float = 1e-5) -> dict[str, Any]:
+    """Run the membership audit of the module docstring and return its report (JSON-able)."""
+    model_dir = Path(model_dir)
+    record = _record(model_dir)
+    (site_model,) = load_model_dirs([model_dir])
+    site = _site_records(record, data_root)
+    rng = np.random.default_rng(seed)
+    pool: Dataset = ConcatDataset([to_dataset(site.val), to_dataset(site.test)])
+    # Equal numbers of members and non-members; with shadows, half the training records stay out of the
+    # candidates so the shadow models have data that excludes every candidate.
+    n = min(len(pool), len(site.train) // 2 if shadows else len(site.train))
+    non_members = Subset(pool, np.sort(rng.choice(len(pool), size=n, replace=False)).tolist())
+    chosen = rng.choice(len(site.train), size=n, replace=False)
+    members = to_dataset(site.train.subset(np.sort(chosen)))
+    attacks = [loss_attack(site_model.model, members, non_members, delta)]
+    if shadows:
+        rest = np.setdiff1d(np.arange(len(site.train)), chosen)
+        if len(rest) < 20:
+            raise ConfigError(f"only {len(rest)} non-candidate training records left for shadow models",
+                              hint="use --shadows 0 (loss attack only) for so small a site")
+        recipe = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["training"]["config"].items()})
+        models = [_shadow(site_model.config, replace(recipe, seed=seed + 1 + k), _half(site, rest, rng)) for k in range(shadows)]
+        attacks.append(lira_offline(site_model.model, models, members, non_members, delta))
+    dp = record.get("dp", {}).get("classifier")
+    return {"model": str(model_dir), "site": record.get("site", ""), "members": n, "non_members": len(non_members),
+            "accountant_epsilon": float(dp["epsilon"]) if dp else None, "delta": delta,
+            "attacks": [a.to_json() for a in attacks],
+            "protocol": "members: a random sample of the training records; non-members: the validation slice + test split"}
+
+
+def _half(site, rest: np.ndarray, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """A shadow's data: a random half of the non-candidate training records (validation: one record)."""
+    from ..data.medmnist_data import SiteData
+
+    part = site.train.subset(np.sort(rng.choice(rest, size=len(rest) // 2, replace=False)))
+    return SiteData(part, part.subset(np.arange(1)), None)
+
+
+def _shadow(model_cfg: ClassifierConfig, cfg: TrainConfig, data):  # type: ignore[no-untyped-def]
+    # Built as the site built it: BatchNorm, which DP training (when the recipe has it) turns into GroupNorm.
+    return train_classifier(replace(model_cfg, norm="batch"), cfg, data).model.eval()
