@@ -370,3 +370,10 @@ def test_compiled_student_trains_the_same_parameters(toy_sites):
     result = distill(student, toy_sites, inversion(steps=3), DistillConfig(epochs=1, lr=0.01), execution=fast)
     assert result.student is student and result.history[0]["loss"] > 0
     assert not torch.equal(before["0.weight"], student.state_dict()["0.weight"])
+
+
+def test_groupnorm_sites_on_cpu_run_without_channels_last():
+    """CPU GroupNorm is 4.6x slower in channels_last + bf16 (measured 294 ms vs 64 ms per ensemble step)."""
+    fast = Execution(device="cpu", channels_last=True)
+    assert not fast.for_models([tiny(0, norm="group")]).channels_last
+    assert fast.for_models([tiny(0)]).channels_last

@@ -231,7 +231,7 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
     >>> result = distill(student, sites, InversionConfig(), DistillConfig(), execution=Execution("cuda"))  # doctest: +SKIP
     >>> result.history[-1]["loss"]                                                                       # doctest: +SKIP
     """
-    execution = execution or Execution()
+    execution = (execution or Execution()).for_models(site_models)
     torch.manual_seed(cfg.seed)
     execution.prepare(student)
     teacher = execution.prepare(Ensemble(site_models, batched=execution.use_batched))

@@ -28,6 +28,8 @@ beyond :meth:`Execution.prepare`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +129,18 @@ class Execution:
         if self.channels_last and not getattr(module, "batched", False):
             module.to(memory_format=torch.channels_last)
         return module
+
+    def for_models(self, models: Sequence[nn.Module]) -> Execution:
+        """These settings, with channels_last dropped for GroupNorm models on CPU.
+
+        Measured (5 GroupNorm small-cnn sites, 64 images, forward + input gradient): NCHW fp32 90 ms,
+        NCHW bf16 64 ms, channels_last fp32 81 ms, channels_last bf16 294 ms -- PyTorch's CPU GroupNorm
+        has no fast channels_last bf16 path.  (BatchNorm models are fastest with channels_last + bf16.)
+        """
+        group_norm = any(isinstance(m, nn.GroupNorm) for model in models for m in model.modules())
+        if self.channels_last and group_norm and self.torch_device.type == "cpu":
+            return dataclasses.replace(self, channels_last=False)
+        return self
 
     def describe(self) -> dict[str, Any]:
         """The resolved choices, for reports."""

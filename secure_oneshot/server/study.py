@@ -240,7 +240,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     report = {"student": asdict(student_cfg), "sites": [{"name": s.name, "bundle_id": s.bundle_id, "architecture": s.config.architecture,
                                                           "generator": s.generator is not None, "feature_stats": s.feature_stats is not None}
                                                          for s in sites],
-              "preset": job.preset, "method": asdict(job.method), "execution": job.execution.describe(),
+              "preset": job.preset, "method": asdict(job.method), "execution": job.execution.for_models([s.model for s in sites]).describe(),
               "inversion": asdict(synth), "distill": asdict(dcfg), "seconds": round(seconds, 1), "history": result.history,
               "metrics": metrics, "global_sha256": hashlib.sha256(global_bytes).hexdigest(), "selection": SELECTION}
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode("utf-8"))

@@ -362,7 +362,7 @@ def synthesize_batch(models: Sequence[nn.Module], ensemble: Ensemble | None, cfg
     Raises:
         ValueError: BN-free sites with neither statistics nor a student (unless ``allow_ce_only``).
     """
-    execution = execution or Execution()
+    execution = (execution or Execution()).for_models(models)
     ensemble = execution.prepare(ensemble if ensemble is not None else Ensemble(models, batched=execution.use_batched))
     if ensemble.num_sites != len(models):
         raise ValueError(f"the ensemble has {ensemble.num_sites} sites but {len(models)} models were given")
