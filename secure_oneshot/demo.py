@@ -56,7 +56,8 @@ from .server.execution import Execution
 from .server.ingest import BundleOutcome, IngestFolders, ingest_inbox
 from .server.study import DistillJob, DistillRun, load_accepted, run_distillation
 
-__all__ = ["DemoConfig", "DemoResult", "DEMO_PRESETS", "run_demo", "metrics_table", "summary_lines"]
+__all__ = ["DemoConfig", "DemoResult", "DEMO_PRESETS", "run_demo", "metrics_table", "summary_lines", "create_identities",
+           "write_policies", "train_sites", "export_all"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ Say = Callable[[str], None]
 # --- identities, trust, policies -----------------------------------------------------------------
 
 
-def _identities(run: Path, site_names: list[str]) -> tuple[dict[str, Identity], Path]:
+def create_identities(run: Path, site_names: list[str]) -> tuple[dict[str, Identity], Path]:
     ids = {name: Identity.generate(name) for name in [*site_names, "server", "dpo"]}
     with warnings.catch_warnings():  # demo keys are unprotected on purpose (keys/README in the run says so)
         warnings.simplefilter("ignore", UnsafePlaintextKeyWarning)
@@ -214,7 +215,7 @@ max_tensor_bytes = 200_000_000
 '''
 
 
-def _policies(run: Path, ids: dict[str, Identity], site_names: list[str]) -> tuple[Path, Path]:
+def write_policies(run: Path, ids: dict[str, Identity], site_names: list[str]) -> tuple[Path, Path]:
     export_path, ingest_path = run / "policies" / "site-export.toml", run / "policies" / "server-ingest.toml"
     export_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(export_path, _export_policy_text(ids).encode("ascii"))
@@ -226,7 +227,7 @@ def _policies(run: Path, ids: dict[str, Identity], site_names: list[str]) -> tup
 # --- sites ---------------------------------------------------------------------------------------
 
 
-def _partition(cfg: DemoConfig, preset: DemoPreset, run: Path) -> Partition:
+def demo_partition(cfg: DemoConfig, preset: DemoPreset, run: Path) -> Partition:
     partition = Partition(n_sites=preset.sites, scheme="dirichlet", alpha=cfg.alpha, seed=cfg.seed)
     splits = [load_medmnist(cfg.flag, s, root=cfg.data_root) for s in ("train", "val")]
     labels = np.concatenate([s.labels for s in splits])
@@ -242,7 +243,7 @@ def _data_config(cfg: DemoConfig, partition: Partition, site: int) -> DataConfig
     return DataConfig(flag=cfg.flag, root=cfg.data_root, site=site, partition=partition)
 
 
-def _train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names: list[str], run: Path, say: Say) -> list[Path]:
+def train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names: list[str], run: Path, say: Say) -> list[Path]:
     dirs = []
     for i, name in enumerate(names):
         train = replace(preset.train, seed=cfg.seed + i, dp_epsilon=cfg.dp_epsilon)
@@ -262,7 +263,7 @@ def _counts(labels: Any) -> list[int]:
     return torch.bincount(torch.as_tensor(labels)).tolist()
 
 
-def _export_all(names: list[str], model_dirs: list[Path], ids: dict[str, Identity], export_policy: Path, trust_file: Path,
+def export_all(names: list[str], model_dirs: list[Path], ids: dict[str, Identity], export_policy: Path, trust_file: Path,
                 inbox: Path, run: Path, say: Say) -> list[Path]:
     from .keys import load_trust_store
 
@@ -334,18 +335,18 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
         clock = time.perf_counter()
 
     say(f"[1/6] identities for {len(names)} hospitals, the server and the dpo; signed policies")
-    ids, trust_file = _identities(run, names)
-    export_policy, ingest_policy = _policies(run, ids, names)
+    ids, trust_file = create_identities(run, names)
+    export_policy, ingest_policy = write_policies(run, ids, names)
     lap("setup")
     dp = f", DP-SGD epsilon {cfg.dp_epsilon} + DP feature statistics epsilon {cfg.stats_epsilon}" if cfg.dp_epsilon else ""
     say(f"[2/6] partition {cfg.flag} train+val among {len(names)} hospitals (Dirichlet alpha {cfg.alpha}); train each "
         f"({preset.architecture}, {preset.train.epochs} epochs{dp})")
-    partition = _partition(cfg, preset, run)
-    model_dirs = _train_sites(cfg, preset, partition, names, run, say)
+    partition = demo_partition(cfg, preset, run)
+    model_dirs = train_sites(cfg, preset, partition, names, run, say)
     lap("train")
     say("[3/6] export: policy check, sign, encrypt to the server, audit; deliver to the server inbox")
     server = IngestFolders.under(run / "server")
-    delivered = _export_all(names, model_dirs, ids, export_policy, trust_file, server.inbox, run, say)
+    delivered = export_all(names, model_dirs, ids, export_policy, trust_file, server.inbox, run, say)
     if cfg.tamper:
         tampered = _tampered_copy(delivered[0], server.inbox)
         say(f"  + a tampered copy of {delivered[0].name} ({tampered.name}): ingest must quarantine it")

@@ -30,6 +30,26 @@ def _audit_privacy(args: argparse.Namespace) -> Result:
     return Result(report, lines)
 
 
+def _experiment(args: argparse.Namespace) -> Result:
+    import sys
+
+    from ..research.experiment import load_study, run_study
+    from ..research.plots import study_plots
+
+    study = load_study(args.config)
+    out = Path(args.out) if args.out else Path("studies") / study.name
+    rows = run_study(study, out, data_root=args.data_root, max_cells=args.max_cells,
+                     say=lambda line: print(line, file=sys.stderr, flush=True))
+    plots = study_plots(rows, out / "plots") if rows else []
+    total = len(study.cells())
+    lines = [f"study {study.name}: {len(rows)} of {total} (cell, seed) runs finished -> {out}",
+             *(f"  {name:12s} {out / name}" for name in ("results.csv", "results.json", "report.md")),
+             *(f"  plot         {p}" for p in plots if p.suffix == ".png")]
+    if len(rows) < total:
+        lines.append("  not finished: run the same command again to resume")
+    return Result({"out": str(out), "finished": len(rows), "total": total, "plots": [str(p) for p in plots]}, lines)
+
+
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     audit = commands.add_parser("audit-privacy", help="membership-inference audit of a trained model directory (runs at the site)",
                                 parents=[common])
@@ -39,3 +59,11 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--out", metavar="FILE.json", help="write the report as JSON")
     audit.set_defaults(handler=_audit_privacy)
+
+    experiment = commands.add_parser("experiment", help="run a privacy-utility study grid through the real pipeline (resumable)",
+                                     parents=[common])
+    experiment.add_argument("config", metavar="STUDY.toml", help="study config (examples/study-quick-cpu.toml)")
+    experiment.add_argument("--out", metavar="DIR", help="study folder (default studies/NAME); rerun to resume")
+    experiment.add_argument("--data-root", metavar="DIR", help="MedMNIST folder (overrides the config)")
+    experiment.add_argument("--max-cells", type=int, metavar="N", help="stop after N newly computed runs (resume later)")
+    experiment.set_defaults(handler=_experiment)

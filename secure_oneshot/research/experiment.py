@@ -1,0 +1,327 @@
+"""``secure-oneshot experiment STUDY.toml``: a privacy-utility grid through the real pipeline, resumable.
+
+A study config (see ``examples/study-quick-cpu.toml``)::
+
+    [study]
+    name = "quick-cpu"
+    flags = ["pneumoniamnist"]
+    sites = 3
+    alphas = [0.5]                 # Dirichlet concentrations over labels
+    seeds = [0, 1, 2]
+    data_root = "../shared/data/medmnist"   # optional (else --data-root / $SECURE_ONESHOT_DATA)
+
+    [site]
+    architecture = "small-cnn"
+    preset = "cpu"                 # a client.train preset
+    epochs = 15                    # optional override
+    epsilons = ["inf", 8.0, 4.0]   # classifier DP-SGD grid; "inf" = no DP
+    stats_epsilon = 1.0            # DP cells also release DP feature statistics at this budget
+
+    [server]
+    preset = "cpu"                 # a server.study preset
+    methods = ["inversion"]        # inversion | generator | mixed
+    epochs = 16                    # optional override
+
+Every cell (flag x alpha x epsilon x method) and seed runs identities ->
+partition -> train each site -> policy-checked signed encrypted export ->
+ingest -> distil -> baselines on the test split (the last epoch's model; the
+test split is only evaluated).  Site models are cached under
+``OUT/cache/<key>`` and shared by cells that differ only in the server side;
+each finished (cell, seed) writes ``OUT/cells/<id>/result.json`` atomically
+and is skipped when the study runs again, so an interrupted study resumes
+where it stopped.  ``results.csv`` / ``results.json`` (one row per cell and
+seed) and ``report.md`` (mean +- std over seeds) are rewritten from the
+finished cells at the end; :mod:`~secure_oneshot.research.plots` draws them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._internal.atomic import atomic_write_bytes
+from .._internal.compat import tomllib
+from ..client.train import PRESETS as TRAIN_PRESETS
+from ..data import load_medmnist, to_dataset
+from ..demo import DemoConfig, DemoPreset, create_identities, demo_partition, export_all, train_sites, write_policies
+from ..errors import ConfigError
+from ..keys import load_identity, load_trust_store
+from ..keys.keyfile import UnsafePlaintextKeyWarning
+from ..policy.load import load_ingest_policy
+from ..server.execution import Execution
+from ..server.ingest import IngestFolders, ingest_inbox
+from ..server.sources import METHODS, SynthesisMethod
+from ..server.study import PRESETS as SERVER_PRESETS
+from ..server.study import DistillJob, load_accepted, run_distillation
+
+__all__ = ["Study", "Cell", "load_study", "run_study", "ROW_FIELDS"]
+
+Say = Callable[[str], None]
+MODELS = {"sites": "sites (mean)", "ensemble": "ensemble (teacher)", "fedavg": "fedavg (one-shot)", "global": "global (distilled)"}
+METRICS = ("acc", "auc", "balanced_acc")
+ROW_FIELDS = ["flag", "alpha", "epsilon", "method", "seed",
+              *[f"{m}_{k}" for m in MODELS for k in METRICS],
+              "epsilon_classifier_max", "epsilon_composed_max", "bytes_transferred", "seconds"]
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    flags: tuple[str, ...]
+    sites: int
+    alphas: tuple[float, ...]
+    seeds: tuple[int, ...]
+    architecture: str
+    site_preset: str
+    site_epochs: int | None
+    epsilons: tuple[float, ...]            # math.inf = no DP
+    stats_epsilon: float
+    server_preset: str
+    methods: tuple[str, ...]
+    server_epochs: int | None
+    data_root: str | None = None
+
+    def cells(self) -> list[Cell]:
+        return [Cell(f, a, e, m, s) for f, a, e, m, s in
+                itertools.product(self.flags, self.alphas, self.epsilons, self.methods, self.seeds)]
+
+
+@dataclass(frozen=True)
+class Cell:
+    flag: str
+    alpha: float
+    epsilon: float
+    method: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
+        return f"{self.flag}-a{self.alpha:g}-eps{eps}-{self.method}-s{self.seed}"
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def _epsilon(value: Any) -> float:
+    if value == "inf":
+        return math.inf
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise ConfigError(f"site.epsilons: {value!r} is neither a positive number nor \"inf\"")
+
+
+def _choice(value: str, allowed: Any, where: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {value!r} is not one of {sorted(allowed)}")
+    return value
+
+
+def study_from_text(text: str, source: str = "<study>") -> Study:
+    """Parse a study config.  Raises ``ConfigError`` naming the field."""
+    try:
+        doc = tomllib.loads(text)
+        study, site, server = doc["study"], doc.get("site", {}), doc.get("server", {})
+        return Study(
+            name=str(study["name"]), flags=tuple(study.get("flags", ["pneumoniamnist"])), sites=int(study.get("sites", 5)),
+            alphas=tuple(float(a) for a in study.get("alphas", [0.5])), seeds=tuple(int(s) for s in study.get("seeds", [0, 1, 2])),
+            architecture=str(site.get("architecture", "small-cnn")),
+            site_preset=_choice(site.get("preset", "cpu"), TRAIN_PRESETS, "site.preset"), site_epochs=site.get("epochs"),
+            epsilons=tuple(_epsilon(e) for e in site.get("epsilons", ["inf"])), stats_epsilon=float(site.get("stats_epsilon", 1.0)),
+            server_preset=_choice(server.get("preset", "cpu"), SERVER_PRESETS, "server.preset"),
+            methods=tuple(_choice(m, METHODS, "server.methods") for m in server.get("methods", ["inversion"])),
+            server_epochs=server.get("epochs"), data_root=study.get("data_root"),
+        )
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML ({e})") from e
+    except KeyError as e:
+        raise ConfigError(f"{source}: missing {e}", hint="see examples/study-quick-cpu.toml") from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}", hint="see examples/study-quick-cpu.toml") from e
+
+
+def load_study(path: str | Path) -> Study:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read study config {path}: {e.strerror}") from e
+    return study_from_text(text, str(path))
+
+
+# --- one cell ------------------------------------------------------------------------------------
+
+
+def _site_setup(study: Study, cell: Cell, data_root: str | None) -> tuple[DemoConfig, DemoPreset]:
+    train = TRAIN_PRESETS[study.site_preset]
+    if study.site_epochs is not None:
+        train = replace(train, epochs=int(study.site_epochs))
+    cfg = DemoConfig(out=Path("."), flag=cell.flag, data_root=data_root, sites=study.sites, alpha=cell.alpha, seed=cell.seed,
+                     dp_epsilon=None if math.isinf(cell.epsilon) else cell.epsilon, stats_epsilon=study.stats_epsilon,
+                     execution=Execution())
+    return cfg, DemoPreset(study.sites, study.architecture, train, study.server_preset)
+
+
+def _cache_key(cfg: DemoConfig, preset: DemoPreset) -> str:
+    """What determines the site models (not the server side)."""
+    key = {"flag": cfg.flag, "alpha": cfg.alpha, "seed": cfg.seed, "dp": cfg.dp_epsilon, "stats": cfg.stats_epsilon,
+           "sites": preset.sites, "architecture": preset.architecture, "train": asdict(preset.train)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached_sites(out: Path, cfg: DemoConfig, preset: DemoPreset, names: list[str], say: Say) -> list[Path]:
+    folder = out / "cache" / _cache_key(cfg, preset)
+    done = folder / "done.json"
+    if done.is_file():
+        return [Path(p) for p in json.loads(done.read_text())["models"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    partition = demo_partition(cfg, preset, folder)
+    dirs = train_sites(cfg, preset, partition, names, folder, say)
+    atomic_write_bytes(done, json.dumps({"models": [str(d) for d in dirs]}).encode())
+    return dirs
+
+
+def _epsilons(model_dirs: list[Path]) -> tuple[float | None, float | None]:
+    """Largest classifier epsilon and largest per-site composed epsilon (classifier + feature statistics)."""
+    from ..policy.artifacts import load_model_dir
+    from ..policy.dp import composed_epsilon
+
+    classifier, composed = [], []
+    for directory in model_dirs:
+        records = load_model_dir(directory).dp
+        if "classifier" in records:
+            classifier.append(records["classifier"].epsilon)
+            composed.append(composed_epsilon(list(records.values()), records["classifier"].delta))
+    return (max(classifier) if classifier else None), (max(composed) if composed else None)
+
+
+def _row(cell: Cell, metrics: dict[str, dict[str, float]], site_names: list[str], model_dirs: list[Path],
+         bytes_sent: int, seconds: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"flag": cell.flag, "alpha": cell.alpha, "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
+                           "method": cell.method, "seed": cell.seed}
+    sites = [metrics[n] for n in site_names if n in metrics]
+    for k in METRICS:
+        row[f"sites_{k}"] = float(np.mean([m[k] for m in sites]))
+        for short, name in list(MODELS.items())[1:]:
+            row[f"{short}_{k}"] = metrics.get(name, {}).get(k, float("nan"))
+    row["epsilon_classifier_max"], row["epsilon_composed_max"] = _epsilons(model_dirs)
+    row["bytes_transferred"], row["seconds"] = bytes_sent, round(seconds, 1)
+    return row
+
+
+def _keys(out: Path, names: list[str]) -> tuple[dict[str, Any], Path, Path, Path]:
+    """The study's identities and policies: created once, loaded again on resume."""
+    keys = out / "keys"
+    if not (keys / "trust.toml").is_file():
+        ids, trust = create_identities(out, names)
+        export_policy, ingest_policy = write_policies(out, ids, names)
+        return ids, trust, export_policy, ingest_policy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsafePlaintextKeyWarning)
+        ids = {n: load_identity(keys / f"{n}.key", None) for n in [*names, "server", "dpo"]}
+    return ids, keys / "trust.toml", out / "policies" / "site-export.toml", out / "policies" / "server-ingest.toml"
+
+
+def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Say) -> dict[str, Any]:
+    """The whole pipeline for one cell; returns its row."""
+    started = time.perf_counter()
+    names = [f"hospital-{i + 1}" for i in range(study.sites)]
+    ids, trust_file, export_policy, ingest_policy = _keys(out, names)
+    cfg, preset = _site_setup(study, cell, data_root)
+    model_dirs = _cached_sites(out, cfg, preset, names, say)
+    run = out / "cells" / cell.id
+    server = IngestFolders.under(run / "server")
+    delivered = export_all(names, model_dirs, ids, export_policy, trust_file, server.inbox, run, say)
+    bytes_sent = sum(p.stat().st_size for p in delivered)
+    trust = load_trust_store(trust_file)
+    outcomes = ingest_inbox(server, ids["server"], trust, load_ingest_policy(ingest_policy))
+    refused = [o for o in outcomes if o.outcome != "accepted"]
+    if refused:
+        raise ConfigError(f"cell {cell.id}: ingest refused {[o.file for o in refused]}: {refused[0].reason}")
+    test = to_dataset(load_medmnist(cell.flag, "test", root=data_root))
+    job = DistillJob(preset=study.server_preset, seed=cell.seed, method=SynthesisMethod(cell.method),
+                     epochs=int(study.server_epochs) if study.server_epochs is not None else None)
+    result = run_distillation(load_accepted(server.accepted, ids["server"], trust), run / "server" / "global", job, test_set=test,
+                              audit_to=(server.audit_log, ids["server"]))
+    return _row(cell, result.metrics, names, model_dirs, bytes_sent, time.perf_counter() - started)
+
+
+# --- the grid ------------------------------------------------------------------------------------
+
+
+def run_study(study: Study, out: Path, *, data_root: str | None = None, say: Say = print,
+              max_cells: int | None = None) -> list[dict[str, Any]]:
+    """Run every unfinished (cell, seed), then rewrite results.csv / results.json / report.md.
+
+    ``max_cells`` stops after that many newly computed cells (an interruption, for tests and for
+    splitting a long study over several runs).
+    """
+    data_root = data_root or study.data_root
+    out.mkdir(parents=True, exist_ok=True)
+    cells = study.cells()
+    computed = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        for i, cell in enumerate(cells, 1):
+            result_file = out / "cells" / cell.id / "result.json"
+            if result_file.is_file():
+                say(f"[{i}/{len(cells)}] {cell.id}: done earlier, skipped")
+                continue
+            if max_cells is not None and computed >= max_cells:
+                say(f"stopping after {computed} new cell(s) (max_cells); run again to resume")
+                break
+            say(f"[{i}/{len(cells)}] {cell.id}")
+            row = run_cell(study, cell, out, data_root, say)
+            atomic_write_bytes(result_file, (json.dumps(row, indent=2) + "\n").encode())
+            computed += 1
+    rows = [json.loads(p.read_text()) for c in cells if (p := out / "cells" / c.id / "result.json").is_file()]
+    write_results(out, study, rows)
+    return rows
+
+
+def write_results(out: Path, study: Study, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=ROW_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
+    atomic_write_bytes(out / "results.json", (json.dumps({"study": asdict(study), "rows": rows}, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(out / "report.md", markdown_summary(study, rows).encode())
+
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    return (float(np.mean(values)), float(np.std(values)), len(values)) if values else (math.nan, math.nan, 0)
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, tuple[float, float, int]]]:
+    """(flag, alpha, epsilon, method) -> column -> (mean, std, n) over seeds (missing values left out)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["flag"], row["alpha"], row["epsilon"], row["method"]), []).append(row)
+    return {key: {f: _stats([float(r[f]) for r in grp if r.get(f) is not None]) for f in ROW_FIELDS[5:]}
+            for key, grp in groups.items()}
+
+
+def markdown_summary(study: Study, rows: list[dict[str, Any]]) -> str:
+    lines = [f"# Study {study.name}", "", f"{len(rows)} finished (cell, seed) runs; mean +- std over seeds. "
+             "The global model is the last epoch's; the test split is only evaluated.", "",
+             "| flag | alpha | epsilon | method | seeds | sites AUC | ensemble AUC | FedAvg AUC | global AUC | global ACC | composed epsilon |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (flag, alpha, eps, method), s in summarise(rows).items():
+        cell = lambda f: f"{s[f][0]:.3f} +- {s[f][1]:.3f}"  # noqa: E731
+        composed = s["epsilon_composed_max"]
+        lines.append(f"| {flag} | {alpha:g} | {eps} | {method} | {s['global_auc'][2]} | {cell('sites_auc')} | {cell('ensemble_auc')} | "
+                     f"{cell('fedavg_auc')} | {cell('global_auc')} | {cell('global_acc')} | "
+                     f"{'-' if math.isnan(composed[0]) else f'{composed[0]:.2f}'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,117 @@
+"""Plots of a study's results (matplotlib, PNG + SVG, readable in black and white).
+
+* :func:`privacy_utility`: epsilon (log axis; "no DP" drawn at the right end)
+  against the global model's AUC and ACC, mean with error bars (std over
+  seeds), the ensemble and one-shot FedAvg as reference lines;
+* :func:`utility_vs_alpha`: the same models against the Dirichlet alpha
+  (log axis; smaller = more skewed label splits).
+
+Each model has its own marker and line style, so nothing depends on colour.
+Files are written atomically (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .experiment import summarise  # noqa: E402
+
+__all__ = ["privacy_utility", "utility_vs_alpha", "study_plots", "save_figure"]
+
+STYLES = {"global": ("o", "-", "global (distilled)"), "ensemble": ("s", "--", "ensemble (teacher)"),
+          "fedavg": ("^", ":", "one-shot FedAvg"), "sites": ("v", "-.", "sites (mean)")}
+
+
+def save_figure(fig: Any, stem: Path) -> list[Path]:
+    """``stem.png`` and ``stem.svg``, each via a temp file and rename."""
+    paths = []
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".png", ".svg"):
+        target = stem.with_suffix(suffix)
+        tmp = target.with_name(f".{target.name}.tmp")
+        fig.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight")
+        os.replace(tmp, target)
+        paths.append(target)
+    plt.close(fig)
+    return paths
+
+
+def _series(rows: list[dict[str, Any]], x_of: Any, keep: Any) -> dict[str, dict[str, list[float]]]:
+    """model -> {"x", "mean", "std"} per metric, over the summary groups that ``keep`` accepts."""
+    summary = {k: v for k, v in summarise(rows).items() if keep(k)}
+    points = sorted((x_of(key), stats) for key, stats in summary.items())
+    out: dict[str, dict[str, list[float]]] = {}
+    for model in STYLES:
+        for metric in ("auc", "acc"):
+            col = f"{model}_{metric}"
+            out[f"{model}_{metric}"] = {"x": [x for x, _ in points], "mean": [s[col][0] for _, s in points],
+                                        "std": [s[col][1] for _, s in points]}
+    return out
+
+
+def _draw(ax: Any, series: dict[str, dict[str, list[float]]], metric: str, models: tuple[str, ...]) -> None:
+    for model in models:
+        marker, style, label = STYLES[model]
+        data = series[f"{model}_{metric}"]
+        ax.errorbar(data["x"], data["mean"], yerr=data["std"], marker=marker, linestyle=style, color="black",
+                    capsize=3, markerfacecolor="white" if model != "global" else "black", label=label)
+    ax.set_ylabel(f"test {metric.upper()} (mean +- std over seeds)")
+    ax.grid(True, linestyle=":", linewidth=0.5)
+
+
+def privacy_utility(rows: list[dict[str, Any]], stem: Path, *, flag: str, method: str, alpha: float) -> list[Path]:
+    """Global model's AUC and ACC against the classifier epsilon (one flag, method and alpha)."""
+    finite = [float(r["epsilon"]) for r in rows if r["epsilon"] != "inf"]
+    no_dp_x = (max(finite) * 4) if finite else 1.0
+
+    def x_of(key: tuple[Any, ...]) -> float:
+        return no_dp_x if key[2] == "inf" else float(key[2])
+
+    series = _series(rows, x_of, lambda k: (k[0], k[1], k[3]) == (flag, alpha, method))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ticks = series["global_auc"]["x"]
+    for ax, metric in zip(axes, ("auc", "acc")):
+        _draw(ax, series, metric, ("global", "ensemble", "fedavg"))
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(ticks, ["no DP" if x == no_dp_x else f"{x:g}" for x in ticks])
+        ax.set_xlabel("classifier epsilon (DP-SGD, delta 1e-5)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{flag}: privacy-utility trade-off ({method}, Dirichlet alpha {alpha:g})")
+    return save_figure(fig, stem)
+
+
+def utility_vs_alpha(rows: list[dict[str, Any]], stem: Path, *, flag: str, method: str, epsilon: Any = "inf") -> list[Path]:
+    """Every model's AUC and ACC against the Dirichlet alpha (one flag, method and epsilon)."""
+    series = _series(rows, lambda k: float(k[1]), lambda k: (k[0], k[2], k[3]) == (flag, epsilon, method))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("auc", "acc")):
+        _draw(ax, series, metric, tuple(STYLES))
+        ax.set_xscale("log")
+        ax.set_xlabel("Dirichlet alpha of the label split (smaller = more skewed)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    eps = "no DP" if epsilon == "inf" else f"epsilon {epsilon}"
+    fig.suptitle(f"{flag}: utility against data heterogeneity ({method}, {eps})")
+    return save_figure(fig, stem)
+
+
+def study_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Every plot the rows support: a privacy-utility curve per (flag, alpha, method), an alpha curve per
+    (flag, epsilon, method) when more than one alpha was run."""
+    keys = {(r["flag"], r["alpha"], r["epsilon"], r["method"]) for r in rows}
+    paths: list[Path] = []
+    for flag, alpha, method in sorted({(f, a, m) for f, a, _, m in keys}):
+        paths += privacy_utility(rows, out / f"privacy-utility-{flag}-a{alpha:g}-{method}", flag=flag, method=method, alpha=alpha)
+    for flag, eps, method in sorted({(f, str(e), m) for f, _, e, m in keys}):
+        alphas = {a for f, a, e, m in keys if (f, str(e), m) == (flag, eps, method)}
+        if len(alphas) > 1:
+            epsilon = "inf" if eps == "inf" else float(eps)
+            paths += utility_vs_alpha(rows, out / f"alpha-{flag}-eps{eps}-{method}", flag=flag, method=method, epsilon=epsilon)
+    return paths

@@ -1,0 +1,109 @@
+"""A tiny privacy-utility study through the real pipeline (2 sites, 1 seed, epsilon inf and 8), interrupted
+after one run and resumed; its CSV, report and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from secure_oneshot import audit
+from secure_oneshot.cli import main
+from secure_oneshot.errors import ConfigError
+from secure_oneshot.keys import load_public
+from secure_oneshot.research.experiment import study_from_text
+
+from .test_data_root import data_root  # noqa: F401
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+TINY = """
+[study]
+name = "tiny"
+flags = ["pneumoniamnist"]
+sites = 2
+alphas = [1.0]
+seeds = [0]
+
+[site]
+architecture = "small-cnn"
+preset = "cpu"
+epochs = 2
+epsilons = ["inf", 8.0]
+stats_epsilon = 1.0
+
+[server]
+preset = "smoke"
+methods = ["inversion"]
+epochs = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def study_run(data_root, tmp_path_factory):  # noqa: F811
+    folder = tmp_path_factory.mktemp("study")
+    config = folder / "study.toml"
+    config.write_text(TINY)
+    out = folder / "out"
+    args = ["--json", "experiment", str(config), "--out", str(out), "--data-root", str(data_root)]
+    assert main([*args, "--max-cells", "1"]) == 0  # "interrupted" after one run
+    first = json.loads((out / "results.json").read_text())["rows"]
+    finished = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/result.json")}
+    assert main(args) == 0
+    return out, first, finished
+
+
+def test_resume_does_not_recompute_a_finished_cell(study_run) -> None:
+    out, first, finished = study_run
+    assert len(first) == 1 and len(finished) == 1
+    (path, mtime), = finished.items()
+    assert path.stat().st_mtime_ns == mtime  # not rewritten
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 2 and rows[0] == first[0]
+
+
+def test_every_cell_really_sealed_and_opened_its_bundles(study_run) -> None:
+    out, _, _ = study_run
+    server_key = load_public(out / "keys" / "server.pub")
+    for cell in ("pneumoniamnist-a1-epsinf-inversion-s0", "pneumoniamnist-a1-eps8-inversion-s0"):
+        log = audit.verify_log(out / "cells" / cell / "server" / "audit.jsonl", server_key)
+        assert [r.event.action for r in log] == ["ingest", "ingest", "distill"] and all(r.event.outcome == "ok" for r in log)
+        for site in ("hospital-1", "hospital-2"):
+            (export,) = audit.verify_log(out / "cells" / cell / "sites" / site / "audit.jsonl", load_public(out / "keys" / f"{site}.pub"))
+            assert export.event.action == "export" and export.event.bundle_id in {r.event.bundle_id for r in log}
+
+
+def test_csv_report_and_plots_agree(study_run) -> None:
+    out, _, _ = study_run
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epsilon"] for r in rows] == ["inf", "8.0"]
+    dp = rows[1]
+    assert float(dp["epsilon_classifier_max"]) <= 8.0 + 1e-6 < float(dp["epsilon_composed_max"])  # stats add to the budget
+    assert rows[0]["epsilon_classifier_max"] == "" and int(rows[0]["bytes_transferred"]) > 0
+    report = (out / "report.md").read_text()
+    for row in rows:  # the report's single-seed means are the CSV's numbers
+        assert f"{float(row['global_auc']):.3f} +- 0.000" in report
+    png = out / "plots" / "privacy-utility-pneumoniamnist-a1-inversion.png"
+    svg = png.with_suffix(".svg")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert b"<svg" in svg.read_bytes()[:2000]
+
+
+def test_bad_study_configs_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="epsilons"):
+        study_from_text(TINY.replace('["inf", 8.0]', '["none"]'))
+    with pytest.raises(ConfigError, match="server.methods"):
+        study_from_text(TINY.replace('["inversion"]', '["magic"]'))
+    assert math.isinf(study_from_text(TINY).epsilons[0])
+
+
+@pytest.mark.parametrize("name", ["study-quick-cpu.toml", "study-paper-gpu.toml"])
+def test_example_studies_parse(name: str) -> None:
+    from secure_oneshot.research.experiment import load_study
+
+    study = load_study(Path(__file__).resolve().parents[1] / "examples" / name)
+    assert study.cells() and len(study.seeds) >= 2
