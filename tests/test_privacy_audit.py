@@ -123,13 +123,27 @@ def test_audit_privacy_command_reports_both_attacks(site_model_dir, data_root, t
     from secure_oneshot.cli import main
 
     code = main(["--json", "audit-privacy", "--model", str(site_model_dir), "--data-root", str(data_root), "--shadows", "2",
-                 "--out", str(tmp_path / "audit.json")])
+                 "--inversion-steps", "20", "--out", str(tmp_path / "audit.json")])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert [a["name"] for a in report["attacks"]] == ["loss threshold", "LiRA offline (2 shadows)"]
     assert report["members"] == report["non_members"] and report["accountant_epsilon"] is None
     assert all(0 <= a["auc"] <= 1 and a["epsilon_lower_bound"] >= 0 for a in report["attacks"])
     assert json.loads((tmp_path / "audit.json").read_text())["attacks"] == report["attacks"]
+    assert [r["prior"] for r in report["inversion"]] == ["bn", "none"]
+    assert all(r["images"] == 32 and r["median_train_distance"] > 0 for r in report["inversion"])
+
+
+def test_inversion_attack_needs_statistics_for_the_bn_prior() -> None:
+    from secure_oneshot.models.classifier import build_classifier
+    from secure_oneshot.research.inversion_attack import invert_site
+    from secure_oneshot.server.synthesis import InversionConfig
+
+    cfg = InversionConfig(batch_size=4, steps=2)
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        invert_site(build_classifier(ClassifierConfig("small-cnn", 1, 2, "group")), cfg, "bn")
+    x = invert_site(build_classifier(ClassifierConfig("small-cnn", 1, 2, "group")).eval(), cfg, "none")
+    assert x.shape == (4, 1, 28, 28) and float(x.abs().max()) <= 1.0
 
 
 def test_audit_privacy_refuses_records_that_are_not_the_models(site_model_dir, data_root, tmp_path, capsys) -> None:  # noqa: F811

@@ -15,7 +15,8 @@ __all__ = ["register"]
 def _audit_privacy(args: argparse.Namespace) -> Result:
     from ..research.privacy_audit import audit_model_dir
 
-    report = audit_model_dir(args.model, data_root=args.data_root, shadows=args.shadows, seed=args.seed)
+    report = audit_model_dir(args.model, data_root=args.data_root, shadows=args.shadows, seed=args.seed,
+                             inversion_steps=args.inversion_steps)
     if args.out:
         atomic_write_bytes(Path(args.out), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     eps = report["accountant_epsilon"]
@@ -25,6 +26,9 @@ def _audit_privacy(args: argparse.Namespace) -> Result:
               for a in report["attacks"]]
     lines.append(f"  accountant epsilon: {eps:.3g} (an upper bound; the attacks give lower bounds)" if eps is not None
                  else "  accountant epsilon: none (not trained with DP)")
+    lines += [f"  inversion ({r['prior']} prior): median distance to the nearest training image {r['median_train_distance']:.3f}, "
+              f"ratio to the nearest unseen image {r['median_ratio_train_to_unseen']:.2f}, near-copies {r['near_copies']}/{r['images']}"
+              for r in report["inversion"]]
     if args.out:
         lines.append(f"  report: {args.out}")
     return Result(report, lines)
@@ -56,6 +60,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     audit.add_argument("--model", required=True, metavar="DIR", help="model directory written by `train`")
     audit.add_argument("--data-root", metavar="DIR", help="the MedMNIST folder the site trained from")
     audit.add_argument("--shadows", type=int, default=0, metavar="K", help="also run offline LiRA with K shadow models (>= 2)")
+    audit.add_argument("--inversion-steps", type=int, default=0, metavar="N",
+                       help="also invert the model (N steps, with and without the BN prior) and compare with the training images")
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--out", metavar="FILE.json", help="write the report as JSON")
     audit.set_defaults(handler=_audit_privacy)
