@@ -25,7 +25,7 @@ TINY = """
 name = "tiny"
 flags = ["pneumoniamnist"]
 sites = 2
-alphas = [1.0]
+alphas = [0.5]
 seeds = [0]
 
 [site]
@@ -68,7 +68,7 @@ def test_resume_does_not_recompute_a_finished_cell(study_run) -> None:
 def test_every_cell_really_sealed_and_opened_its_bundles(study_run) -> None:
     out, _, _ = study_run
     server_key = load_public(out / "keys" / "server.pub")
-    for cell in ("pneumoniamnist-a1-epsinf-inversion-s0", "pneumoniamnist-a1-eps8-inversion-s0"):
+    for cell in ("pneumoniamnist-a0.5-epsinf-inversion-s0", "pneumoniamnist-a0.5-eps8-inversion-s0"):
         log = audit.verify_log(out / "cells" / cell / "server" / "audit.jsonl", server_key)
         assert [r.event.action for r in log] == ["ingest", "ingest", "distill"] and all(r.event.outcome == "ok" for r in log)
         for site in ("hospital-1", "hospital-2"):
@@ -87,8 +87,8 @@ def test_csv_report_and_plots_agree(study_run) -> None:
     report = (out / "report.md").read_text()
     for row in rows:  # the report's single-seed means are the CSV's numbers
         assert f"{float(row['global_auc']):.3f} +- 0.000" in report
-    png = out / "plots" / "privacy-utility-pneumoniamnist-a1-inversion.png"
-    svg = png.with_suffix(".svg")
+    png = out / "plots" / "privacy-utility-pneumoniamnist-a0.5-inversion.png"  # a dotted alpha stays in the name
+    svg = out / "plots" / "privacy-utility-pneumoniamnist-a0.5-inversion.svg"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert b"<svg" in svg.read_bytes()[:2000]
 

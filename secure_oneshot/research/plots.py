@@ -34,7 +34,7 @@ def save_figure(fig: Any, stem: Path) -> list[Path]:
     paths = []
     stem.parent.mkdir(parents=True, exist_ok=True)
     for suffix in (".png", ".svg"):
-        target = stem.with_suffix(suffix)
+        target = stem.parent / (stem.name + suffix)  # not with_suffix: "a0.5" in a stem is not a suffix
         tmp = target.with_name(f".{target.name}.tmp")
         fig.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight")
         os.replace(tmp, target)
