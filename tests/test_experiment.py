@@ -39,6 +39,9 @@ stats_epsilon = 1.0
 preset = "smoke"
 methods = ["inversion"]
 epochs = 1
+
+[privacy_audit]
+enabled = true
 """
 
 
@@ -84,6 +87,7 @@ def test_csv_report_and_plots_agree(study_run) -> None:
     dp = rows[1]
     assert float(dp["epsilon_classifier_max"]) <= 8.0 + 1e-6 < float(dp["epsilon_composed_max"])  # stats add to the budget
     assert rows[0]["epsilon_classifier_max"] == "" and int(rows[0]["bytes_transferred"]) > 0
+    assert all(0 <= float(r["mia_sites_auc_max"]) <= 1 and 0 <= float(r["mia_global_auc"]) <= 1 for r in rows)
     report = (out / "report.md").read_text()
     for row in rows:  # the report's single-seed means are the CSV's numbers
         assert f"{float(row['global_auc']):.3f} +- 0.000" in report
@@ -91,6 +95,8 @@ def test_csv_report_and_plots_agree(study_run) -> None:
     svg = out / "plots" / "privacy-utility-pneumoniamnist-a0.5-inversion.svg"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert b"<svg" in svg.read_bytes()[:2000]
+    labels = sorted((out / "plots").glob("labels-*.png"))
+    assert len(labels) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in labels)  # one per cached site set
 
 
 def test_bad_study_configs_are_config_errors() -> None:

@@ -38,13 +38,15 @@ def _experiment(args: argparse.Namespace) -> Result:
     import sys
 
     from ..research.experiment import load_study, run_study
-    from ..research.plots import study_plots
+    from ..research.plots import label_distribution, study_plots
 
     study = load_study(args.config)
     out = Path(args.out) if args.out else Path("studies") / study.name
     rows = run_study(study, out, data_root=args.data_root, max_cells=args.max_cells,
                      say=lambda line: print(line, file=sys.stderr, flush=True))
     plots = study_plots(rows, out / "plots") if rows else []
+    for i, partition in enumerate(sorted((out / "cache").glob("*/partition.json"))):
+        plots += label_distribution(partition, out / "plots" / f"labels-{i}")
     total = len(study.cells())
     lines = [f"study {study.name}: {len(rows)} of {total} (cell, seed) runs finished -> {out}",
              *(f"  {name:12s} {out / name}" for name in ("results.csv", "results.json", "report.md")),

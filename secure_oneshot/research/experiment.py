@@ -22,6 +22,9 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     methods = ["inversion"]        # inversion | generator | mixed
     epochs = 16                    # optional override
 
+    [privacy_audit]
+    enabled = true                 # loss-attack membership inference on every site model and the global model
+
 Every cell (flag x alpha x epsilon x method) and seed runs identities ->
 partition -> train each site -> policy-checked signed encrypted export ->
 ingest -> distil -> baselines on the test split (the last epoch's model; the
@@ -50,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Subset
 
 from .._internal.atomic import atomic_write_bytes
 from .._internal.compat import tomllib
@@ -73,7 +77,8 @@ MODELS = {"sites": "sites (mean)", "ensemble": "ensemble (teacher)", "fedavg": "
 METRICS = ("acc", "auc", "balanced_acc")
 ROW_FIELDS = ["flag", "alpha", "epsilon", "method", "seed",
               *[f"{m}_{k}" for m in MODELS for k in METRICS],
-              "epsilon_classifier_max", "epsilon_composed_max", "bytes_transferred", "seconds"]
+              "epsilon_classifier_max", "epsilon_composed_max", "bytes_transferred", "seconds",
+              "mia_sites_auc_max", "mia_sites_epsilon_max", "mia_global_auc"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class Study:
     methods: tuple[str, ...]
     server_epochs: int | None
     data_root: str | None = None
+    privacy_audit: bool = False            # membership inference against every site model and the global model
 
     def cells(self) -> list[Cell]:
         return [Cell(f, a, e, m, s) for f, a, e, m, s in
@@ -143,6 +149,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             server_preset=_choice(server.get("preset", "cpu"), SERVER_PRESETS, "server.preset"),
             methods=tuple(_choice(m, METHODS, "server.methods") for m in server.get("methods", ["inversion"])),
             server_epochs=server.get("epochs"), data_root=study.get("data_root"),
+            privacy_audit=bool(doc.get("privacy_audit", {}).get("enabled", False)),
         )
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML ({e})") from e
@@ -254,7 +261,27 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
                      epochs=int(study.server_epochs) if study.server_epochs is not None else None)
     result = run_distillation(load_accepted(server.accepted, ids["server"], trust), run / "server" / "global", job, test_set=test,
                               audit_to=(server.audit_log, ids["server"]))
-    return _row(cell, result.metrics, names, model_dirs, bytes_sent, time.perf_counter() - started)
+    row = _row(cell, result.metrics, names, model_dirs, bytes_sent, time.perf_counter() - started)
+    if study.privacy_audit:
+        row.update(_membership(model_dirs, result.student, cell, data_root))
+    return row
+
+
+def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str | None) -> dict[str, float]:
+    """Loss-attack membership inference: each site model on its own records, and the global model on the pooled
+    train+val records (every site's, validation slices included) against the test split."""
+    from .membership import loss_attack
+    from .privacy_audit import audit_model_dir
+
+    sites = [audit_model_dir(d, data_root=data_root, seed=cell.seed)["attacks"][0] for d in model_dirs]
+    pooled = to_dataset(load_medmnist(cell.flag, "train", root=data_root))
+    test = to_dataset(load_medmnist(cell.flag, "test", root=data_root))
+    rng = np.random.default_rng(cell.seed)
+    n = min(len(pooled), len(test))
+    members = Subset(pooled, rng.choice(len(pooled), size=n, replace=False).tolist())
+    attack = loss_attack(student, members, test)
+    return {"mia_sites_auc_max": max(a["auc"] for a in sites), "mia_sites_epsilon_max": max(a["epsilon_lower_bound"] for a in sites),
+            "mia_global_auc": attack.auc}
 
 
 # --- the grid ------------------------------------------------------------------------------------
@@ -313,15 +340,21 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, tup
             for key, grp in groups.items()}
 
 
+def _optional(stats: tuple[float, float, int]) -> str:
+    return "-" if not stats[2] else f"{stats[0]:.3f} +- {stats[1]:.3f}"
+
+
 def markdown_summary(study: Study, rows: list[dict[str, Any]]) -> str:
     lines = [f"# Study {study.name}", "", f"{len(rows)} finished (cell, seed) runs; mean +- std over seeds. "
              "The global model is the last epoch's; the test split is only evaluated.", "",
-             "| flag | alpha | epsilon | method | seeds | sites AUC | ensemble AUC | FedAvg AUC | global AUC | global ACC | composed epsilon |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| flag | alpha | epsilon | method | seeds | sites AUC | ensemble AUC | FedAvg AUC | global AUC | global ACC | composed epsilon "
+             "| MIA AUC (worst site) | MIA AUC (global) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (flag, alpha, eps, method), s in summarise(rows).items():
         cell = lambda f: f"{s[f][0]:.3f} +- {s[f][1]:.3f}"  # noqa: E731
         composed = s["epsilon_composed_max"]
         lines.append(f"| {flag} | {alpha:g} | {eps} | {method} | {s['global_auc'][2]} | {cell('sites_auc')} | {cell('ensemble_auc')} | "
                      f"{cell('fedavg_auc')} | {cell('global_auc')} | {cell('global_acc')} | "
-                     f"{'-' if math.isnan(composed[0]) else f'{composed[0]:.2f}'} |")
+                     f"{'-' if math.isnan(composed[0]) else f'{composed[0]:.2f}'} | {_optional(s['mia_sites_auc_max'])} | "
+                     f"{_optional(s['mia_global_auc'])} |")
     return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .experiment import summarise  # noqa: E402
 
-__all__ = ["privacy_utility", "utility_vs_alpha", "study_plots", "save_figure"]
+__all__ = ["privacy_utility", "utility_vs_alpha", "label_distribution", "study_plots", "save_figure"]
 
 STYLES = {"global": ("o", "-", "global (distilled)"), "ensemble": ("s", "--", "ensemble (teacher)"),
           "fedavg": ("^", ":", "one-shot FedAvg"), "sites": ("v", "-.", "sites (mean)")}
@@ -99,6 +99,28 @@ def utility_vs_alpha(rows: list[dict[str, Any]], stem: Path, *, flag: str, metho
     axes[0].legend(loc="lower right", fontsize=8)
     eps = "no DP" if epsilon == "inf" else f"epsilon {epsilon}"
     fig.suptitle(f"{flag}: utility against data heterogeneity ({method}, {eps})")
+    return save_figure(fig, stem)
+
+
+def label_distribution(partition_file: Path, stem: Path) -> list[Path]:
+    """Per-site label counts (stacked bars, one hatch pattern per class) from a ``partition.json``."""
+    import json
+
+    summary = json.loads(partition_file.read_text())
+    sites = summary["sites"]
+    counts = [site["label_counts"] for site in sites]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(sites)), 4))
+    bottoms = [0] * len(sites)
+    hatches = ["", "//", "..", "xx", "\\\\", "oo", "--", "++"]
+    for label in range(len(counts[0])):
+        heights = [c[label] for c in counts]
+        ax.bar([f"site {s['site'] + 1}" for s in sites], heights, bottom=bottoms, color="white", edgecolor="black",
+               hatch=hatches[label % len(hatches)], label=f"class {label}")
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    part = summary["partition"]
+    ax.set_ylabel("records held by the site (count)")
+    ax.set_title(f"{summary['flag']}: labels per site ({part['scheme']}, alpha {part['alpha']:g}, seed {part['seed']})")
+    ax.legend(fontsize=8)
     return save_figure(fig, stem)
 
 
