@@ -113,7 +113,7 @@ def site_model_dir(data_root, tmp_path_factory):  # noqa: F811
 
     out = tmp_path_factory.mktemp("site") / "model"
     cfg = SiteConfig(DataConfig(root=str(data_root), site=0, partition=Partition(10, "iid")), CNN,
-                     replace(PRESETS["cpu"], epochs=3), None, None, out)
+                     replace(PRESETS["cpu"], epochs=3), {"preset": "cpu-small", "epochs": 1}, None, out)
     return run_site(cfg).out
 
 
@@ -131,6 +131,9 @@ def test_audit_privacy_command_reports_both_attacks(site_model_dir, data_root, t
     assert all(0 <= a["auc"] <= 1 and a["epsilon_lower_bound"] >= 0 for a in report["attacks"])
     assert json.loads((tmp_path / "audit.json").read_text())["attacks"] == report["attacks"]
     assert [r["prior"] for r in report["inversion"]] == ["bn", "none"]
+    generator = report["generator"]
+    assert generator["membership"]["name"] == "generator denoising loss" and 0 <= generator["membership"]["auc"] <= 1
+    assert generator["memorisation"]["images"] == 64 and generator["memorisation"]["near_copies"] == 0
     assert all(r["images"] == 32 and r["median_train_distance"] > 0 for r in report["inversion"])
 
 

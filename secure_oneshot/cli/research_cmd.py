@@ -29,6 +29,13 @@ def _audit_privacy(args: argparse.Namespace) -> Result:
     lines += [f"  inversion ({r['prior']} prior): median distance to the nearest training image {r['median_train_distance']:.3f}, "
               f"ratio to the nearest unseen image {r['median_ratio_train_to_unseen']:.2f}, near-copies {r['near_copies']}/{r['images']}"
               for r in report["inversion"]]
+    if report["generator"]:
+        g = report["generator"]
+        m, copies = g["membership"], g["memorisation"]
+        lines += [f"  {'generator denoising loss':28s} {m['auc']:6.3f} {m['tpr_at_1pct_fpr']:7.3f} {m['tpr_at_01pct_fpr']:9.3f} "
+                  f"{m['epsilon_lower_bound']:7.2f}",
+                  f"  generator samples: {copies['near_copies']}/{copies['images']} near-copies of training images "
+                  f"(median distance {copies['median_train_distance']:.3f}, ratio to unseen {copies['median_ratio']:.2f})"]
     if args.out:
         lines.append(f"  report: {args.out}")
     return Result(report, lines)

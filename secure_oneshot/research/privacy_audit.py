@@ -13,6 +13,10 @@ must match, so the audit runs on exactly the records the model saw):
   model (the recorded recipe, DP included) on random halves of the site's
   training records that are not candidates.
 
+When the model directory holds a generator, the same candidates attack it too
+(:mod:`~secure_oneshot.research.generator_audit`: denoising-loss membership)
+and its samples are checked for near-copies of the site's records.
+
 With ``inversion_steps`` it also runs the server's model inversion against
 the model (:mod:`~secure_oneshot.research.inversion_attack`), with and without
 the BatchNorm prior, and reports how close the reconstructions come to the
@@ -89,7 +93,8 @@ def audit_model_dir(model_dir: str | Path, *, data_root: str | None = None, shad
         attacks.append(lira_offline(site_model.model, models, members, non_members, delta))
     dp = record.get("dp", {}).get("classifier")
     inversion = _inversion(site_model.model, site, inversion_steps, seed) if inversion_steps else []
-    return {"inversion": inversion, "model": str(model_dir), "site": record.get("site", ""), "members": n, "non_members": len(non_members),
+    generator = _generator(site_model.generator, site, members, non_members, seed, delta) if site_model.generator else None
+    return {"inversion": inversion, "generator": generator, "model": str(model_dir), "site": record.get("site", ""), "members": n, "non_members": len(non_members),
             "accountant_epsilon": float(dp["epsilon"]) if dp else None, "delta": delta,
             "attacks": [a.to_json() for a in attacks],
             "protocol": "members: a random sample of the training records; non-members: the validation slice + test split"}
@@ -118,3 +123,12 @@ def _inversion(model, site, steps: int, seed: int) -> list[dict[str, Any]]:  # t
                           image_size=int(site.train.images.shape[1]))
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return [inversion_attack(model, train, unseen, cfg, prior) for prior in (("bn", "none") if has_bn else ("none",))]
+
+
+def _generator(generator, site, members: Dataset, non_members: Dataset, seed: int, delta: float) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Membership against the released generator (same candidates) and memorisation of its samples."""
+    from .generator_audit import generator_membership, generator_memorisation
+
+    train, unseen = to_dataset(site.train).tensors[0], to_dataset(site.test).tensors[0]
+    return {"membership": generator_membership(generator, members, non_members, delta).to_json(),
+            "memorisation": generator_memorisation(generator, train, unseen, num_classes=site.train.n_classes, seed=seed)}

@@ -85,6 +85,7 @@ class SiteGenerator:
 
     model: nn.Module
     scheduler: dict[str, Any]
+    config: Any = None          # its GeneratorConfig (padding, sizes), when known
 
 
 def generator_labels(count: int, num_classes: int, num_generators: int) -> tuple[Tensor, Tensor]:

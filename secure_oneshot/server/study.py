@@ -89,7 +89,7 @@ def _site_generator(name: str, tensors: dict[str, torch.Tensor], meta: dict[str,
         cfg = GeneratorConfig(**fields)
     except (TypeError, ValueError, ConfigError) as e:
         raise ConfigError(f"{name}: the generator's metadata does not say how to build it ({e})") from e
-    return SiteGenerator(load_generator(cfg, weights), scheduler_config(cfg))
+    return SiteGenerator(load_generator(cfg, weights), scheduler_config(cfg), cfg)
 
 
 def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], generator_meta: dict[str, Any] | None = None,
