@@ -134,6 +134,14 @@ def test_audit_privacy_command_reports_both_attacks(site_model_dir, data_root, t
     generator = report["generator"]
     assert generator["membership"]["name"] == "generator denoising loss" and 0 <= generator["membership"]["auc"] <= 1
     assert generator["memorisation"]["images"] == 64 and generator["memorisation"]["near_copies"] == 0
+    assert main(["audit-privacy", "--model", str(site_model_dir), "--data-root", str(data_root), "--out", str(tmp_path / "a.md")]) == 0
+    page = (tmp_path / "a.md").read_text()
+    assert "| classifier | loss threshold |" in page and "| generator | generator denoising loss |" in page
+    from secure_oneshot.research.privacy_audit import markdown_report
+
+    rendered = markdown_report(report)  # the page shows the JSON report's numbers
+    assert all(f"| {a['auc']:.3f} | {a['tpr_at_1pct_fpr']:.3f} |" in rendered for a in report["attacks"])
+    assert "## Model inversion by the server" in rendered
     assert all(r["images"] == 32 and r["median_train_distance"] > 0 for r in report["inversion"])
 
 

@@ -13,12 +13,13 @@ __all__ = ["register"]
 
 
 def _audit_privacy(args: argparse.Namespace) -> Result:
-    from ..research.privacy_audit import audit_model_dir
+    from ..research.privacy_audit import audit_model_dir, markdown_report
 
     report = audit_model_dir(args.model, data_root=args.data_root, shadows=args.shadows, seed=args.seed,
                              inversion_steps=args.inversion_steps)
     if args.out:
-        atomic_write_bytes(Path(args.out), (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+        text = markdown_report(report) if args.out.endswith(".md") else json.dumps(report, indent=2) + "\n"
+        atomic_write_bytes(Path(args.out), text.encode("utf-8"))
     eps = report["accountant_epsilon"]
     lines = [f"membership inference against {report['model']} ({report['members']} members, {report['non_members']} non-members)",
              f"  {'attack':28s} {'AUC':>6s} {'TPR@1%':>7s} {'TPR@0.1%':>9s} {'eps >=':>7s}"]
@@ -72,7 +73,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     audit.add_argument("--inversion-steps", type=int, default=0, metavar="N",
                        help="also invert the model (N steps, with and without the BN prior) and compare with the training images")
     audit.add_argument("--seed", type=int, default=0)
-    audit.add_argument("--out", metavar="FILE.json", help="write the report as JSON")
+    audit.add_argument("--out", metavar="FILE", help="write the report: FILE.md as a page for a DPIA, anything else as JSON")
     audit.set_defaults(handler=_audit_privacy)
 
     experiment = commands.add_parser("experiment", help="run a privacy-utility study grid through the real pipeline (resumable)",

@@ -132,3 +132,34 @@ def _generator(generator, site, members: Dataset, non_members: Dataset, seed: in
     train, unseen = to_dataset(site.train).tensors[0], to_dataset(site.test).tensors[0]
     return {"membership": generator_membership(generator, members, non_members, delta).to_json(),
             "memorisation": generator_memorisation(generator, train, unseen, num_classes=site.train.n_classes, seed=seed)}
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The audit as a page a privacy officer can attach to a data-protection impact assessment."""
+    eps = report["accountant_epsilon"]
+    lines = [f"# Privacy audit: {report['site'] or report['model']}", "",
+             f"Model directory: `{report['model']}`. Accountant epsilon of the classifier: "
+             f"{'%.3g (delta %.0e), an upper bound' % (eps, report['delta']) if eps is not None else 'none (not trained with DP)'}.", "",
+             "## Membership inference", "",
+             f"Candidates: {report['members']} members and {report['non_members']} non-members ({report['protocol']}).", "",
+             "| target | attack | AUC | TPR at 1% FPR | TPR at 0.1% FPR | empirical epsilon >= |", "| --- | --- | --- | --- | --- | --- |"]
+    attacks = [("classifier", a) for a in report["attacks"]]
+    if report.get("generator"):
+        attacks.append(("generator", report["generator"]["membership"]))
+    lines += [f"| {target} | {a['name']} | {a['auc']:.3f} | {a['tpr_at_1pct_fpr']:.3f} | {a['tpr_at_01pct_fpr']:.3f} | "
+              f"{a['epsilon_lower_bound']:.2f} |" for target, a in attacks]
+    lines += ["", "AUC 0.5 is chance. The empirical epsilon is what this attack proves with 95% confidence "
+              "(Clopper-Pearson, Bonferroni over thresholds): a lower bound, to be read next to the accountant's upper bound."]
+    if report.get("inversion"):
+        lines += ["", "## Model inversion by the server", "", "| prior | images | median distance to nearest training image | "
+                  "ratio to nearest unseen image | near-copies |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['prior']} | {r['images']} | {r['median_train_distance']:.3f} | {r['median_ratio_train_to_unseen']:.2f} | "
+                  f"{r['near_copies']} |" for r in report["inversion"]]
+        lines += ["", "Distances are RMS pixel differences on the [-1, 1] scale; a ratio below 1 means reconstructions are "
+                  "closer to the site's records than to unseen images."]
+    if report.get("generator"):
+        m = report["generator"]["memorisation"]
+        lines += ["", "## Generator samples", "", f"{m['near_copies']} of {m['images']} samples are near-copies of a training image "
+                  f"(distance < {m['copy_distance']} and ratio < {m['ratio']}); median distance {m['median_train_distance']:.3f}, "
+                  f"median ratio to unseen images {m['median_ratio']:.2f}."]
+    return "\n".join(lines) + "\n"
