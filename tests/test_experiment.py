@@ -97,6 +97,8 @@ def test_csv_report_and_plots_agree(study_run) -> None:
     assert b"<svg" in svg.read_bytes()[:2000]
     labels = sorted((out / "plots").glob("labels-*.png"))
     assert len(labels) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in labels)  # one per cached site set
+    trajectories = sorted(p.name for p in (out / "plots").glob("trajectory-*.png"))
+    assert trajectories == ["trajectory-pneumoniamnist-a0.5-eps8-inversion.png", "trajectory-pneumoniamnist-a0.5-epsinf-inversion.png"]
 
 
 def test_bad_study_configs_are_config_errors() -> None:

@@ -130,6 +130,7 @@ def test_audit_privacy_command_reports_both_attacks(site_model_dir, data_root, t
     assert report["members"] == report["non_members"] and report["accountant_epsilon"] is None
     assert all(0 <= a["auc"] <= 1 and a["epsilon_lower_bound"] >= 0 for a in report["attacks"])
     assert json.loads((tmp_path / "audit.json").read_text())["attacks"] == report["attacks"]
+    assert (tmp_path / "audit-closest-pairs.png").read_bytes()[:4] == b"\x89PNG"
     assert [r["prior"] for r in report["inversion"]] == ["bn", "none"]
     generator = report["generator"]
     assert generator["membership"]["name"] == "generator denoising loss" and 0 <= generator["membership"]["auc"] <= 1

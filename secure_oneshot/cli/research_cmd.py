@@ -15,8 +15,9 @@ __all__ = ["register"]
 def _audit_privacy(args: argparse.Namespace) -> Result:
     from ..research.privacy_audit import audit_model_dir, markdown_report
 
+    pairs = str(Path(args.out).with_name(Path(args.out).stem + "-closest-pairs.png")) if args.out else None
     report = audit_model_dir(args.model, data_root=args.data_root, shadows=args.shadows, seed=args.seed,
-                             inversion_steps=args.inversion_steps)
+                             inversion_steps=args.inversion_steps, pairs_png=pairs)
     if args.out:
         text = markdown_report(report) if args.out.endswith(".md") else json.dumps(report, indent=2) + "\n"
         atomic_write_bytes(Path(args.out), text.encode("utf-8"))
@@ -39,6 +40,8 @@ def _audit_privacy(args: argparse.Namespace) -> Result:
                   f"(median distance {copies['median_train_distance']:.3f}, ratio to unseen {copies['median_ratio']:.2f})"]
     if args.out:
         lines.append(f"  report: {args.out}")
+        if report["generator"]:
+            lines.append(f"  generator samples beside their nearest training images: {pairs}")
     return Result(report, lines)
 
 
@@ -55,6 +58,7 @@ def _experiment(args: argparse.Namespace) -> Result:
     plots = study_plots(rows, out / "plots") if rows else []
     for i, partition in enumerate(sorted((out / "cache").glob("*/partition.json"))):
         plots += label_distribution(partition, out / "plots" / f"labels-{i}")
+    plots += _trajectories(out)
     total = len(study.cells())
     lines = [f"study {study.name}: {len(rows)} of {total} (cell, seed) runs finished -> {out}",
              *(f"  {name:12s} {out / name}" for name in ("results.csv", "results.json", "report.md")),
@@ -62,6 +66,21 @@ def _experiment(args: argparse.Namespace) -> Result:
     if len(rows) < total:
         lines.append("  not finished: run the same command again to resume")
     return Result({"out": str(out), "finished": len(rows), "total": total, "plots": [str(p) for p in plots]}, lines)
+
+
+def _trajectories(out: Path) -> list[Path]:
+    """Each run's noise -> realistic synthesis grid, gathered under plots/ (one per cell and method, first seed)."""
+    import shutil
+
+    copied = []
+    for grid in sorted((out / "cells").glob("*-s*/server/global/synthetic.png")):
+        cell = grid.parents[2].name
+        if cell.rsplit("-s", 1)[0] in {p.stem.removeprefix("trajectory-") for p in copied}:
+            continue  # one seed per cell is enough to look at
+        target = out / "plots" / f"trajectory-{cell.rsplit('-s', 1)[0]}.png"
+        shutil.copyfile(grid, target)
+        copied.append(target)
+    return copied
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..server.sources import SiteGenerator
 from ..server.synthesis import balanced_labels
 from .membership import AttackResult, attack_metrics
-from .memorisation import memorisation_report
+from .memorisation import closest_pairs_png, memorisation_report
 
 __all__ = ["denoising_errors", "generator_membership", "generator_memorisation"]
 
@@ -60,8 +60,12 @@ def generator_membership(generator: SiteGenerator, members: Dataset, non_members
 
 
 def generator_memorisation(generator: SiteGenerator, train_images: torch.Tensor, unseen_images: torch.Tensor, *, samples: int = 64,
-                           num_classes: int = 2, steps: int = 25, seed: int = 0) -> dict[str, Any]:
+                           num_classes: int = 2, steps: int = 25, seed: int = 0, pairs_png: str | None = None) -> dict[str, Any]:
+    """Near-copy statistics of ``samples`` class-balanced samples; with ``pairs_png``, their closest pairs as a PNG."""
     from ..client.generator import sample_images
 
     images = sample_images(generator.model, generator.scheduler, balanced_labels(samples, num_classes), steps=steps, seed=seed)
-    return memorisation_report(images, train_images, unseen_images).to_json()
+    report = memorisation_report(images, train_images, unseen_images)
+    if pairs_png:
+        closest_pairs_png(report, images, train_images, pairs_png)
+    return report.to_json()

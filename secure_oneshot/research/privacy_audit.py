@@ -68,7 +68,7 @@ def _site_records(record: dict[str, Any], data_root: str | None):  # type: ignor
 
 
 def audit_model_dir(model_dir: str | Path, *, data_root: str | None = None, shadows: int = 0, seed: int = 0,
-                    delta: float = 1e-5, inversion_steps: int = 0) -> dict[str, Any]:
+                    delta: float = 1e-5, inversion_steps: int = 0, pairs_png: str | None = None) -> dict[str, Any]:
     """Run the membership audit of the module docstring and return its report (JSON-able)."""
     model_dir = Path(model_dir)
     record = _record(model_dir)
@@ -93,7 +93,7 @@ def audit_model_dir(model_dir: str | Path, *, data_root: str | None = None, shad
         attacks.append(lira_offline(site_model.model, models, members, non_members, delta))
     dp = record.get("dp", {}).get("classifier")
     inversion = _inversion(site_model.model, site, inversion_steps, seed) if inversion_steps else []
-    generator = _generator(site_model.generator, site, members, non_members, seed, delta) if site_model.generator else None
+    generator = _generator(site_model.generator, site, members, non_members, seed, delta, pairs_png) if site_model.generator else None
     return {"inversion": inversion, "generator": generator, "model": str(model_dir), "site": record.get("site", ""), "members": n, "non_members": len(non_members),
             "accountant_epsilon": float(dp["epsilon"]) if dp else None, "delta": delta,
             "attacks": [a.to_json() for a in attacks],
@@ -125,13 +125,15 @@ def _inversion(model, site, steps: int, seed: int) -> list[dict[str, Any]]:  # t
     return [inversion_attack(model, train, unseen, cfg, prior) for prior in (("bn", "none") if has_bn else ("none",))]
 
 
-def _generator(generator, site, members: Dataset, non_members: Dataset, seed: int, delta: float) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def _generator(generator, site, members: Dataset, non_members: Dataset, seed: int, delta: float,  # type: ignore[no-untyped-def]
+               pairs_png: str | None) -> dict[str, Any]:
     """Membership against the released generator (same candidates) and memorisation of its samples."""
     from .generator_audit import generator_membership, generator_memorisation
 
     train, unseen = to_dataset(site.train).tensors[0], to_dataset(site.test).tensors[0]
     return {"membership": generator_membership(generator, members, non_members, delta).to_json(),
-            "memorisation": generator_memorisation(generator, train, unseen, num_classes=site.train.n_classes, seed=seed)}
+            "memorisation": generator_memorisation(generator, train, unseen, num_classes=site.train.n_classes, seed=seed,
+                                                   pairs_png=pairs_png)}
 
 
 def markdown_report(report: dict[str, Any]) -> str:
