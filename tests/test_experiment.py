@@ -88,6 +88,8 @@ def test_csv_report_and_plots_agree(study_run) -> None:
     assert float(dp["epsilon_classifier_max"]) <= 8.0 + 1e-6 < float(dp["epsilon_composed_max"])  # stats add to the budget
     assert rows[0]["epsilon_classifier_max"] == "" and int(rows[0]["bytes_transferred"]) > 0
     assert all(0 <= float(r["mia_sites_auc_max"]) <= 1 and 0 <= float(r["mia_global_auc"]) <= 1 for r in rows)
+    assert all(int(r["synthetic_near_copies"]) == 0 and float(r["synthetic_median_ratio"]) > 0 for r in rows)
+    assert all(r["lira_sites_auc_max"] == "" for r in rows)  # shadows = 0 in this study
     report = (out / "report.md").read_text()
     for row in rows:  # the report's single-seed means are the CSV's numbers
         assert f"{float(row['global_auc']):.3f} +- 0.000" in report
@@ -107,6 +109,8 @@ def test_bad_study_configs_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="server.methods"):
         study_from_text(TINY.replace('["inversion"]', '["magic"]'))
     assert math.isinf(study_from_text(TINY).epsilons[0])
+    audited = study_from_text(TINY.replace("enabled = true", "enabled = true\nshadows = 2"))
+    assert audited.privacy_audit and audited.audit_shadows == 2
 
 
 @pytest.mark.parametrize("name", ["study-quick-cpu.toml", "study-paper-gpu.toml"])

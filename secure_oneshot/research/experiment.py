@@ -23,7 +23,8 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     epochs = 16                    # optional override
 
     [privacy_audit]
-    enabled = true                 # loss-attack membership inference on every site model and the global model
+    enabled = true                 # loss-attack membership inference on every site model and the global model,
+    shadows = 0                    # + offline LiRA with this many shadows per site; near-copies among synthetic images
 
 Every cell (flag x alpha x epsilon x method) and seed runs identities ->
 partition -> train each site -> policy-checked signed encrypted export ->
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Subset
 
 from .._internal.atomic import atomic_write_bytes
@@ -78,7 +80,8 @@ METRICS = ("acc", "auc", "balanced_acc")
 ROW_FIELDS = ["flag", "alpha", "epsilon", "method", "seed",
               *[f"{m}_{k}" for m in MODELS for k in METRICS],
               "epsilon_classifier_max", "epsilon_composed_max", "bytes_transferred", "seconds",
-              "mia_sites_auc_max", "mia_sites_epsilon_max", "mia_global_auc"]
+              "mia_sites_auc_max", "mia_sites_epsilon_max", "mia_global_auc", "lira_sites_auc_max",
+              "synthetic_near_copies", "synthetic_median_ratio"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Study:
     server_epochs: int | None
     data_root: str | None = None
     privacy_audit: bool = False            # membership inference against every site model and the global model
+    audit_shadows: int = 0                 # > 0: also offline LiRA with this many shadow models per site
 
     def cells(self) -> list[Cell]:
         return [Cell(f, a, e, m, s) for f, a, e, m, s in
@@ -150,6 +154,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             methods=tuple(_choice(m, METHODS, "server.methods") for m in server.get("methods", ["inversion"])),
             server_epochs=server.get("epochs"), data_root=study.get("data_root"),
             privacy_audit=bool(doc.get("privacy_audit", {}).get("enabled", False)),
+            audit_shadows=int(doc.get("privacy_audit", {}).get("shadows", 0)),
         )
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML ({e})") from e
@@ -263,17 +268,37 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
                               audit_to=(server.audit_log, ids["server"]))
     row = _row(cell, result.metrics, names, model_dirs, bytes_sent, time.perf_counter() - started)
     if study.privacy_audit:
-        row.update(_membership(model_dirs, result.student, cell, data_root))
+        row.update(_membership(model_dirs, result.student, cell, data_root, study.audit_shadows))
+        row.update(_synthetic_memorisation(model_dirs, cell, data_root, result.synth))
     return row
 
 
-def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str | None) -> dict[str, float]:
+def _synthetic_memorisation(model_dirs: list[Path], cell: Cell, data_root: str | None, synth: Any) -> dict[str, float]:
+    """Are the images the server synthesises near-copies of any site's records?  One fresh inversion batch
+    (the run's settings, 64 images) against the train split (which holds every site's records) and the test split."""
+    from ..server.study import load_model_dirs
+    from ..server.synthesis import synthesize_batch
+    from .memorisation import memorisation_report
+
+    models = [s.model for s in load_model_dirs(model_dirs)]
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for model in models for m in model.modules())
+    x, _ = synthesize_batch(models, None, replace(synth, batch_size=64, seed=synth.seed + 10_000), allow_ce_only=not has_bn)
+    train = to_dataset(load_medmnist(cell.flag, "train", root=data_root)).tensors[0]
+    test = to_dataset(load_medmnist(cell.flag, "test", root=data_root)).tensors[0]
+    report = memorisation_report(x.detach().cpu().clamp(-1, 1), train, test)
+    return {"synthetic_near_copies": report.near_copies, "synthetic_median_ratio": report.median_ratio}
+
+
+def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str | None, shadows: int) -> dict[str, float]:
     """Loss-attack membership inference: each site model on its own records, and the global model on the pooled
-    train+val records (every site's, validation slices included) against the test split."""
+    train+val records (every site's, validation slices included) against the test split; with ``shadows``,
+    offline LiRA against each site model too."""
     from .membership import loss_attack
     from .privacy_audit import audit_model_dir
 
-    sites = [audit_model_dir(d, data_root=data_root, seed=cell.seed)["attacks"][0] for d in model_dirs]
+    audits = [audit_model_dir(d, data_root=data_root, seed=cell.seed, shadows=shadows)["attacks"] for d in model_dirs]
+    sites = [a[0] for a in audits]
+    lira = [a[1]["auc"] for a in audits if len(a) > 1]
     pooled = to_dataset(load_medmnist(cell.flag, "train", root=data_root))
     test = to_dataset(load_medmnist(cell.flag, "test", root=data_root))
     rng = np.random.default_rng(cell.seed)
@@ -281,7 +306,7 @@ def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str
     members = Subset(pooled, rng.choice(len(pooled), size=n, replace=False).tolist())
     attack = loss_attack(student, members, test)
     return {"mia_sites_auc_max": max(a["auc"] for a in sites), "mia_sites_epsilon_max": max(a["epsilon_lower_bound"] for a in sites),
-            "mia_global_auc": attack.auc}
+            "mia_global_auc": attack.auc, "lira_sites_auc_max": max(lira) if lira else None}
 
 
 # --- the grid ------------------------------------------------------------------------------------
