@@ -171,3 +171,14 @@ def test_audit_privacy_refuses_records_that_are_not_the_models(site_model_dir, d
     (copy / "record.json").write_text(json.dumps(record))
     assert main(["audit-privacy", "--model", str(copy), "--data-root", str(data_root)]) == 15
     assert "fingerprint" in capsys.readouterr().err
+
+
+def test_candidates_have_the_same_labels_so_label_shift_cannot_win() -> None:
+    from secure_oneshot.research.privacy_audit import matched_candidates
+
+    train = np.array([1] * 90 + [0] * 10)          # a skewed site
+    pool = np.array([0] * 40 + [1] * 60)           # the test split's mix
+    members, non_members = matched_candidates(train, pool, np.random.default_rng(0))
+    assert np.bincount(train[members]).tolist() == np.bincount(pool[non_members]).tolist() == [10, 60]
+    halved, _ = matched_candidates(train, pool, np.random.default_rng(0), half=True)
+    assert np.bincount(train[halved]).tolist() == [5, 45] and len(set(halved.tolist())) == len(halved)
