@@ -46,7 +46,7 @@ from .client.train import DataConfig, TrainConfig, site_data, train_classifier
 from .data import Partition, load_medmnist, partition_indices, to_dataset
 from .data.partition import label_counts
 from .errors import ConfigError
-from .keys import Identity, TrustEntry, TrustStore, save_identity, save_trust_store
+from .keys import Identity, TrustEntry, TrustStore, load_trust_store, save_identity, save_trust_store
 from .keys.keyfile import UnsafePlaintextKeyWarning
 from .metrics import evaluate_model
 from .models.classifier import ClassifierConfig
@@ -54,7 +54,7 @@ from .policy.load import load_export_policy, load_ingest_policy
 from .policy.signatures import sign_policy
 from .server.execution import Execution
 from .server.ingest import BundleOutcome, IngestFolders, ingest_inbox
-from .server.study import DistillJob, DistillRun, load_accepted, run_distillation
+from .server.study import DistillJob, DistillRun, load_accepted, metrics_markdown, run_distillation
 
 __all__ = ["DemoConfig", "DemoResult", "DEMO_PRESETS", "run_demo", "metrics_table", "summary_lines", "create_identities",
            "write_policies", "train_sites", "export_all"]
@@ -265,8 +265,6 @@ def _counts(labels: Any) -> list[int]:
 
 def export_all(names: list[str], model_dirs: list[Path], ids: dict[str, Identity], export_policy: Path, trust_file: Path,
                 inbox: Path, run: Path, say: Say) -> list[Path]:
-    from .keys import load_trust_store
-
     trust = load_trust_store(trust_file)
     inbox.mkdir(parents=True, exist_ok=True)
     delivered = []
@@ -352,8 +350,6 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
         say(f"  + a tampered copy of {delivered[0].name} ({tampered.name}): ingest must quarantine it")
     lap("export")
     say("[4/6] ingest: verify, decrypt, check the ingest policy; accept or quarantine")
-    from .keys import load_trust_store
-
     trust = load_trust_store(trust_file)
     outcomes = ingest_inbox(server, ids["server"], trust, load_ingest_policy(ingest_policy))
     for o in outcomes:
@@ -386,8 +382,7 @@ def _write_results(run: Path, metrics: dict[str, dict[str, float]], outcomes: li
                "metrics": metrics, "outcomes": [o.__dict__ for o in outcomes], "seconds": seconds, "paths": paths,
                "selection": "last epoch; the test split is only evaluated"}
     atomic_write_bytes(run / "results.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
-    rows = ["| model | ACC | AUC | balanced ACC |", "| --- | --- | --- | --- |"]
-    rows += [f"| {n} | {m['acc']:.3f} | {m['auc']:.3f} | {m['balanced_acc']:.3f} |" for n, m in metrics.items()]
+    rows = metrics_markdown(metrics)
     text = (f"# secure-oneshot demo: {cfg.flag}, {preset.sites} hospitals, Dirichlet alpha {cfg.alpha}, preset {cfg.preset_name}\n\n"
             + "\n".join(rows) + "\n\nThe global model is the last epoch's; the test split is only evaluated.\n")
     atomic_write_bytes(run / "results.md", text.encode("utf-8"))

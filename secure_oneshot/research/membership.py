@@ -29,7 +29,7 @@ distribution) or train the target.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,7 +95,10 @@ def empirical_epsilon(member_scores: np.ndarray, non_member_scores: np.ndarray, 
     """
     labels = np.r_[np.ones(len(member_scores)), np.zeros(len(non_member_scores))]
     fpr, tpr, _ = roc_curve(labels, np.r_[member_scores, non_member_scores])
-    n_in, n_out = len(member_scores), len(non_member_scores)
+    return _epsilon_from_roc(fpr, tpr, len(member_scores), len(non_member_scores), delta, confidence)
+
+
+def _epsilon_from_roc(fpr: np.ndarray, tpr: np.ndarray, n_in: int, n_out: int, delta: float, confidence: float = 0.95) -> float:
     alpha = (1 - confidence) / (2 * len(fpr))  # two one-sided bounds per threshold, m thresholds
     tp, fp = np.round(tpr * n_in), np.round(fpr * n_out)
     tpr_low = np.where(tp > 0, beta.ppf(alpha, np.maximum(tp, 1), n_in - tp + 1), 0.0)
@@ -116,8 +119,9 @@ def attack_metrics(name: str, member_scores: np.ndarray, non_member_scores: np.n
     labels = np.r_[np.ones(len(member_scores)), np.zeros(len(non_member_scores))]
     scores = np.r_[member_scores, non_member_scores]
     fpr, tpr, _ = roc_curve(labels, scores)
+    n_in, n_out = len(member_scores), len(non_member_scores)
     return AttackResult(name, float(roc_auc_score(labels, scores)), _tpr_at(fpr, tpr, 0.01), _tpr_at(fpr, tpr, 0.001),
-                        empirical_epsilon(member_scores, non_member_scores, delta), len(member_scores), len(non_member_scores))
+                        _epsilon_from_roc(fpr, tpr, n_in, n_out, delta), n_in, n_out)
 
 
 def loss_attack(model: nn.Module, members: Dataset, non_members: Dataset, delta: float = 1e-5) -> AttackResult:
@@ -142,6 +146,3 @@ def lira_offline(model: nn.Module, shadows: Sequence[nn.Module], members: Datase
 
     return attack_metrics(f"LiRA offline ({len(shadows)} shadows)", scores(members), scores(non_members), delta)
 
-
-ShadowTrainer = Callable[[Dataset, int], nn.Module]
-"""Trains one shadow model on a dataset with a seed, exactly as the target was trained."""

@@ -189,9 +189,10 @@ def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | No
         with execution.autocast():
             with torch.no_grad():
                 t_logits = teacher(x).float()
-                n_logits = adapted(x).float() if adapted is not None else t_logits
+                n_logits = adapted(x).float() if adapted is not None else None
             s_logits = student(x).float()
-        loss = (a * per_image_kd(s_logits, t_logits, T) + (1 - a) * per_image_kd(s_logits, n_logits, T)).mean()
+        kd = per_image_kd(s_logits, t_logits, T)
+        loss = (kd if n_logits is None else a * kd + (1 - a) * per_image_kd(s_logits, n_logits, T)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

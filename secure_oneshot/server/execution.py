@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,11 +96,12 @@ class Execution:
         if problems:
             raise ConfigError("invalid execution settings: " + "; ".join(problems))
 
-    @property
+    # Resolved once per instance: autocast() runs every inner-loop step, and resolving asks CUDA each time.
+    @functools.cached_property
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
 
-    @property
+    @functools.cached_property
     def use_bf16(self) -> bool:
         if self.precision == "auto":
             return _device_has_bf16(self.torch_device)

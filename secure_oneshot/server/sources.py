@@ -140,7 +140,7 @@ class SnapshotSource:
         cfg = dataclasses.replace(self.inversion, seed=self.inversion.seed + epoch,  # a fresh batch every epoch
                                   batch_size=self.inversion.batch_size - self.n_generated)
         synthesize_batch(self.site_models, self.teacher, cfg, execution=self.execution,
-                         on_snapshot=lambda step, x: images.append(x), **self.inversion_options)
+                         on_snapshot=lambda step, x: images.append(self.execution.layout(x)), **self.inversion_options)
         n = len(images)
         return [(x, torch.full((len(x),), i / n, device=x.device)) for i, x in enumerate(images)]
 

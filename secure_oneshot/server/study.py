@@ -268,9 +268,14 @@ def _audit_distill(audit_to: tuple[Path, Identity], run: DistillRun, sites: list
     audit.append_event(log, identity, event)
 
 
+def metrics_markdown(metrics: dict[str, dict[str, float]]) -> list[str]:
+    """The baseline table as Markdown rows (model, ACC, AUC, balanced ACC)."""
+    return ["| model | ACC | AUC | balanced ACC |", "| --- | --- | --- | --- |",
+            *(f"| {name} | {m['acc']:.3f} | {m['auc']:.3f} | {m['balanced_acc']:.3f} |" for name, m in metrics.items())]
+
+
 def markdown_report(metrics: dict[str, dict[str, float]], report: dict[str, Any] | None = None) -> str:
-    lines = ["| model | ACC | AUC | balanced ACC |", "| --- | --- | --- | --- |"]
-    lines += [f"| {name} | {m['acc']:.3f} | {m['auc']:.3f} | {m['balanced_acc']:.3f} |" for name, m in metrics.items()]
+    lines = metrics_markdown(metrics)
     if report:
         lines += ["", f"Preset `{report['preset']}`, synthesis `{report['method']['method']}`, "
                       f"{report['distill']['epochs']} epochs in {report['seconds']} s on {report['execution']['device']} "
