@@ -74,3 +74,33 @@ def test_metrics_of_degenerate_splits_are_reported_not_raised() -> None:
     assert one_record["acc"] == 1.0 and np.isnan(one_record["auc"])
     diverged = classification_metrics(np.array([0, 1]), np.array([[np.nan, np.nan], [0.5, 0.5]]))
     assert all(np.isnan(v) for v in diverged.values())
+
+
+def test_withheld_bn_statistics_make_the_site_model_normalise_with_batch_statistics(tmp_path: Path) -> None:
+    import copy
+
+    from secure_oneshot.server.study import _prior_options, bn_statistics_released
+
+    (original,) = _sites(1)
+    for m in original.model.modules():  # non-default statistics, so using them or not makes a difference
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    state = {k: v for k, v in classifier_state(original.model).items() if not k.endswith(("running_mean", "running_var"))}
+    record = {"format": "secure-oneshot-model/v1", "site": "a", "dp": {},
+              "artifacts": {"classifier": {"architecture": "small-cnn", "in_channels": 1, "num_classes": 2, "norm": "batch"}}}
+    write_model_dir(tmp_path / "a", {"classifier": state}, record)
+    (site,) = load_model_dirs([tmp_path / "a"])
+
+    assert bn_statistics_released(original.model) is True and bn_statistics_released(site.model) is False
+    x = torch.randn(16, 1, 28, 28)
+    batch_mode = copy.deepcopy(original.model).eval()
+    for m in batch_mode.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.train()
+    with torch.no_grad():
+        assert torch.allclose(site.model.eval()(x), batch_mode(x), atol=1e-5)
+        assert not torch.allclose(site.model(x), original.model.eval()(x), atol=1e-3)
+    student = build_classifier(site.config)
+    assert _prior_options([site], student)["student"] is student  # no BN prior left: the adversarial term, not CE alone
+    assert "student" not in _prior_options([original], student)

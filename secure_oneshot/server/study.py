@@ -34,7 +34,7 @@ from .distill import DistillConfig, distill
 from .ensemble import Ensemble, same_architecture
 from .execution import Execution
 from .sources import SiteGenerator, SynthesisMethod
-from .synthesis import InversionConfig, synthesize_batch
+from .synthesis import InversionConfig, synthesize_batch, tracks_running_stats
 
 __all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines", "DistillJob", "DistillRun", "run_distillation", "PRESETS", "SELECTION"]
 
@@ -92,6 +92,33 @@ def _site_generator(name: str, tensors: dict[str, torch.Tensor], meta: dict[str,
     return SiteGenerator(load_generator(cfg, weights), scheduler_config(cfg), cfg)
 
 
+BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def use_batch_statistics(model: nn.Module, missing: list[str]) -> list[str]:
+    """BatchNorm layers whose running statistics a policy kept at the site normalise with each batch's own statistics.
+
+    Left alone they would normalise with the defaults (mean 0, variance 1) and the model would be wrong without a
+    word.  Batch statistics are what such a model can honestly do: the synthesis gets no BatchNorm prior from them
+    (:func:`~secure_oneshot.server.synthesis.tracks_running_stats` is false), and evaluation is transductive over
+    each evaluation batch (stated in the report).  Returns the names of the layers changed.
+    """
+    withheld = {k.rsplit(".", 1)[0] for k in missing if k.endswith(("running_mean", "running_var"))}
+    changed = []
+    for layer_name, module in model.named_modules():
+        if layer_name in withheld and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats = False
+            module.running_mean = module.running_var = module.num_batches_tracked = None
+            changed.append(layer_name)
+    return changed
+
+
+def bn_statistics_released(model: nn.Module) -> bool | None:
+    """True / False: the model's BatchNorm running statistics came with it / were withheld; None: no BatchNorm."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return all(tracks_running_stats(m) for m in layers) if layers else None
+
+
 def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], generator_meta: dict[str, Any] | None = None,
                 bundle_id: str = "") -> SiteModel:
     cfg = _classifier_config(meta)
@@ -99,8 +126,9 @@ def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     weights = {k.removeprefix("classifier/"): v for k, v in tensors.items() if k.startswith("classifier/")}
     # strict=False only for BatchNorm running statistics a policy kept at the site; everything else must match.
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any(not k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in missing):
+    if unexpected or any(not k.endswith(BN_STATISTICS) for k in missing):
         raise ConfigError(f"{name}: classifier weights do not fit {cfg.architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    use_batch_statistics(model, missing)
     stats = {k.removeprefix("feature_stats/"): v for k, v in tensors.items() if k.startswith("feature_stats/")} or None
     return SiteModel(name, model.eval(), cfg, stats, _site_generator(name, tensors, generator_meta or {}), bundle_id)
 
@@ -204,7 +232,7 @@ def _prior_options(sites: list[SiteModel], student: nn.Module | None) -> dict[st
     """The inversion prior: BN statistics and/or released feature statistics; BN-free sites without statistics get
     the adversarial student term (never CE alone; the trajectory grid, which has no student, is the one exception)."""
     stats = [s.feature_stats for s in sites]
-    bn_free = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for s in sites for m in s.model.modules())
+    bn_free = not any(tracks_running_stats(m) for s in sites for m in s.model.modules())
     options: dict[str, Any] = {"feature_stats": stats if any(stats) else None}
     if bn_free and not any(stats):
         options.update(student=student, allow_ce_only=student is None)
@@ -238,7 +266,8 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     atomic_write_bytes(out / "global.safetensors", global_bytes)
     _trajectory_grid(sites, synth, job.execution, out / "synthetic.png")
     report = {"student": asdict(student_cfg), "sites": [{"name": s.name, "bundle_id": s.bundle_id, "architecture": s.config.architecture,
-                                                          "generator": s.generator is not None, "feature_stats": s.feature_stats is not None}
+                                                          "generator": s.generator is not None, "feature_stats": s.feature_stats is not None,
+                                                          "bn_statistics": bn_statistics_released(s.model)}
                                                          for s in sites],
               "preset": job.preset, "method": asdict(job.method), "execution": job.execution.for_models([s.model for s in sites]).describe(),
               "inversion": asdict(synth), "distill": asdict(dcfg), "seconds": round(seconds, 1), "history": result.history,

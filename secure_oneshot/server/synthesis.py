@@ -192,7 +192,7 @@ class BNStatHooks:
         unknown = sorted(set(stats) - set(named))
         if unknown:
             raise ValueError(f"feature statistics name layers the model lacks: {unknown[:5]}")
-        layers = [name for name, m in named.items() if name in stats or _tracks_running_stats(m)]
+        layers = [name for name, m in named.items() if name in stats or tracks_running_stats(m)]
         for name in layers:
             self._handles.append(named[name].register_forward_pre_hook(self._recorder(name)))
         return len(layers)
@@ -200,7 +200,7 @@ class BNStatHooks:
     def _recorder(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
             mean, var = _batch_moments(args[0])
-            running = (module.running_mean, module.running_var) if _tracks_running_stats(module) else (None, None)
+            running = (module.running_mean, module.running_var) if tracks_running_stats(module) else (None, None)
             self._records.append((mean, var, *running, name))
         return record
 
@@ -257,7 +257,8 @@ class BNStatHooks:
         self.remove()
 
 
-def _tracks_running_stats(module: nn.Module) -> bool:
+def tracks_running_stats(module: nn.Module) -> bool:
+    """A BatchNorm layer with running statistics to match (not one whose statistics were withheld)."""
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
 
 
