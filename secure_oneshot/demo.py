@@ -89,6 +89,7 @@ class DemoConfig:
     centralised: bool = True         # train on the pooled records too (a research-only reference)
     dp_epsilon: float | None = None  # train every hospital's classifier with DP-SGD to this epsilon
     stats_epsilon: float = 1.0       # with DP: the DP feature statistics' own budget (the BN-free synthesis prior)
+    generator: dict[str, Any] | None = None  # sites also train a diffusion generator: SiteConfig [generator] options
     execution: Execution = field(default_factory=Execution)
 
     def resolved_preset(self) -> DemoPreset:
@@ -178,6 +179,12 @@ dtypes = ["F32", "I64"]
 max_bytes = 1_000_000
 
 [[tensors]]
+artifact = "generator"
+names = ["generator/*"]
+dtypes = ["F32"]
+max_bytes = 200_000_000
+
+[[tensors]]
 artifact = "dp_feature_statistics"
 names = ["feature_stats/*"]
 dtypes = ["F32"]
@@ -206,7 +213,7 @@ denied = []
 require_dp = []
 
 [models]
-architectures = ["resnet18-cifar", "resnet18", "small-cnn"]
+architectures = ["resnet18-cifar", "resnet18", "small-cnn", "unet2d-small"]
 
 [limits]
 max_bundle_bytes = 500_000_000
@@ -248,7 +255,7 @@ def train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names
     for i, name in enumerate(names):
         train = replace(preset.train, seed=cfg.seed + i, dp_epsilon=cfg.dp_epsilon)
         stats = {"epsilon": cfg.stats_epsilon} if cfg.dp_epsilon is not None else None
-        site_cfg = SiteConfig(_data_config(cfg, partition, i), ClassifierConfig(preset.architecture), train, None, stats,
+        site_cfg = SiteConfig(_data_config(cfg, partition, i), ClassifierConfig(preset.architecture), train, cfg.generator, stats,
                               run / "sites" / name / "model")
         started = time.perf_counter()
         result = run_site(site_cfg).classifier
@@ -264,7 +271,8 @@ def _counts(labels: Any) -> list[int]:
 
 
 def export_all(names: list[str], model_dirs: list[Path], ids: dict[str, Identity], export_policy: Path, trust_file: Path,
-                inbox: Path, run: Path, say: Say) -> list[Path]:
+               inbox: Path, run: Path, say: Say, without: frozenset[str] = frozenset()) -> list[Path]:
+    """Each site's policy-checked export to the server; ``without``: artifacts every site leaves out (``export --without``)."""
     trust = load_trust_store(trust_file)
     inbox.mkdir(parents=True, exist_ok=True)
     delivered = []
@@ -272,7 +280,7 @@ def export_all(names: list[str], model_dirs: list[Path], ids: dict[str, Identity
         site = run / "sites" / name
         (site / "outbox").mkdir(parents=True, exist_ok=True)
         request = ExportRequest(model_dir=model_dir, policy_path=export_policy, sender=ids[name], recipients=[ids["server"].public],
-                                out=site / "outbox" / f"{name}.sob", audit_log=site / "audit.jsonl", trust=trust)
+                                out=site / "outbox" / f"{name}.sob", audit_log=site / "audit.jsonl", trust=trust, without=without)
         report = export_model(request)
         assert report.bundle is not None  # not a dry run
         target = inbox / report.bundle.path.name

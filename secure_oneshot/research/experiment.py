@@ -17,20 +17,30 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     epsilons = ["inf", 8.0, 4.0]   # classifier DP-SGD grid; "inf" = no DP
     stats_epsilon = 1.0            # DP cells also release DP feature statistics at this budget
 
+    [generator]                    # optional: every site also trains a class-conditional diffusion generator
+    preset = "cpu-small"           # a models.generator preset
+    epochs = 3
+    epsilons = ["inf", 8.0]        # the generator's own DP grid (separate from the classifier's)
+
+    [policy]                       # what leaves the sites: the export policy allows every artifact, and
+    withhold = [[], ["bn_statistics"]]   # each entry is one variant of what the sites leave out (export --without):
+                                   # bn_statistics | dp_feature_statistics | generator
+
     [server]
     preset = "cpu"                 # a server.study preset
-    methods = ["inversion"]        # inversion | generator | mixed
+    methods = ["inversion"]        # inversion | generator | mixed (these two need [generator], not withheld)
     epochs = 16                    # optional override
 
     [privacy_audit]
     enabled = true                 # loss-attack membership inference on every site model and the global model,
     shadows = 0                    # + offline LiRA with this many shadows per site; near-copies among synthetic images
 
-Every cell (flag x alpha x epsilon x method) and seed runs identities ->
+Every cell (flag x alpha x classifier epsilon x generator epsilon x withheld artifacts x method) and seed
+runs identities ->
 partition -> train each site -> policy-checked signed encrypted export ->
 ingest -> distil -> baselines on the test split (the last epoch's model; the
 test split is only evaluated).  Site models are cached under
-``OUT/cache/<key>`` and shared by cells that differ only in the server side;
+``OUT/cache/<key>`` and shared by cells that differ only in what is released or in the server side;
 each finished (cell, seed) writes ``OUT/cells/<id>/result.json`` atomically
 and is skipped when the study runs again, so an interrupted study resumes
 where it stopped.  ``results.csv`` / ``results.json`` (one row per cell and
@@ -51,10 +61,9 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 from torch.utils.data import Subset
 
 from .._internal.atomic import atomic_write_bytes
@@ -72,16 +81,19 @@ from ..server.sources import METHODS, SynthesisMethod
 from ..server.study import PRESETS as SERVER_PRESETS
 from ..server.study import DistillJob, load_accepted, run_distillation
 
-__all__ = ["Study", "Cell", "load_study", "run_study", "ROW_FIELDS"]
+__all__ = ["Study", "Cell", "Group", "load_study", "run_study", "summarise", "ROW_FIELDS", "GROUP_FIELDS"]
 
 Say = Callable[[str], None]
 MODELS = {"sites": "sites (mean)", "ensemble": "ensemble (teacher)", "fedavg": "fedavg (one-shot)", "global": "global (distilled)"}
 METRICS = ("acc", "auc", "balanced_acc")
-ROW_FIELDS = ["flag", "alpha", "epsilon", "method", "seed",
+GROUP_FIELDS = ("flag", "alpha", "epsilon", "generator_epsilon", "withheld", "method")  # a cell; + seed = a run
+ROW_FIELDS = [*GROUP_FIELDS, "seed",
               *[f"{m}_{k}" for m in MODELS for k in METRICS],
-              "epsilon_classifier_max", "epsilon_composed_max", "bytes_transferred", "seconds",
+              "epsilon_classifier_max", "epsilon_generator_max", "epsilon_composed_max", "bytes_transferred", "seconds",
               "mia_sites_auc_max", "mia_sites_epsilon_max", "mia_global_auc", "lira_sites_auc_max",
-              "synthetic_near_copies", "synthetic_median_ratio"]
+              "mia_generators_auc_max", "generator_near_copies_max", "synthetic_near_copies", "synthetic_median_ratio"]
+WITHHOLDABLE = ("bn_statistics", "dp_feature_statistics", "generator")
+NEEDS_GENERATOR = ("generator", "mixed")
 
 
 @dataclass(frozen=True)
@@ -102,10 +114,24 @@ class Study:
     data_root: str | None = None
     privacy_audit: bool = False            # membership inference against every site model and the global model
     audit_shadows: int = 0                 # > 0: also offline LiRA with this many shadow models per site
+    generator: tuple[tuple[str, Any], ...] | None = None   # [generator] training options (preset, epochs); None: no generator
+    generator_epsilons: tuple[float, ...] = (math.inf,)
+    withhold: tuple[tuple[str, ...], ...] = ((),)          # variants of what the sites leave out
 
     def cells(self) -> list[Cell]:
-        return [Cell(f, a, e, m, s) for f, a, e, m, s in
-                itertools.product(self.flags, self.alphas, self.epsilons, self.methods, self.seeds)]
+        generator_epsilons: tuple[float | None, ...] = self.generator_epsilons if self.generator is not None else (None,)
+        return [Cell(f, a, e, m, s, g, w) for f, a, e, g, w, m, s in
+                itertools.product(self.flags, self.alphas, self.epsilons, generator_epsilons, self.withhold, self.methods, self.seeds)]
+
+    def check(self) -> Study:
+        """Raise ``ConfigError`` for a grid that cannot run (a generator method without a released generator)."""
+        for method in set(self.methods) & set(NEEDS_GENERATOR):
+            if self.generator is None:
+                raise ConfigError(f"server.methods: {method!r} samples the sites' generators, but the study has no [generator]",
+                                  hint="add a [generator] table (preset, epochs, epsilons)")
+            if any("generator" in w for w in self.withhold):
+                raise ConfigError(f"server.methods: {method!r} needs the generator, which policy.withhold leaves at the sites")
+        return self
 
 
 @dataclass(frozen=True)
@@ -115,22 +141,50 @@ class Cell:
     epsilon: float
     method: str
     seed: int
+    generator_epsilon: float | None = None   # None: the sites train no generator
+    withheld: tuple[str, ...] = ()           # artifacts the sites leave out of the export
 
     @property
     def id(self) -> str:
-        eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
-        return f"{self.flag}-a{self.alpha:g}-eps{eps}-{self.method}-s{self.seed}"
+        generator = "" if self.generator_epsilon is None else f"-gen{_label(self.generator_epsilon)}"
+        withheld = "".join(f"-no_{a}" for a in self.withheld)
+        return f"{self.flag}-a{self.alpha:g}-eps{_label(self.epsilon)}{generator}{withheld}-{self.method}-s{self.seed}"
+
+
+def _label(epsilon: float) -> str:
+    return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
 # --- config --------------------------------------------------------------------------------------
 
 
-def _epsilon(value: Any) -> float:
+def _epsilon(value: Any, where: str = "site.epsilons") -> float:
     if value == "inf":
         return math.inf
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         return float(value)
-    raise ConfigError(f"site.epsilons: {value!r} is neither a positive number nor \"inf\"")
+    raise ConfigError(f"{where}: {value!r} is neither a positive number nor \"inf\"")
+
+
+def _generator(table: dict[str, Any] | None) -> tuple[tuple[tuple[str, Any], ...] | None, tuple[float, ...]]:
+    """[generator] -> (training options, epsilon grid); (None, (inf,)) when the table is absent."""
+    if table is None:
+        return None, (math.inf,)
+    from ..models.generator import PRESETS as GENERATOR_PRESETS
+
+    options = {"preset": _choice(table.get("preset", "cpu-small"), GENERATOR_PRESETS, "generator.preset"),
+               **{k: table[k] for k in ("epochs", "batch_size", "lr") if k in table}}
+    unknown = set(table) - {"epsilons", *options}
+    if unknown:
+        raise ConfigError(f"generator: unknown keys {sorted(unknown)}", hint="preset, epochs, batch_size, lr, epsilons")
+    return tuple(sorted(options.items())), tuple(_epsilon(e, "generator.epsilons") for e in table.get("epsilons", ["inf"]))
+
+
+def _withhold(policy: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
+    variants = policy.get("withhold", [[]])
+    if not isinstance(variants, list) or not all(isinstance(v, list) for v in variants):
+        raise ConfigError("policy.withhold: a list of lists of artifacts, e.g. [[], [\"bn_statistics\"]]")
+    return tuple(tuple(sorted(_choice(a, WITHHOLDABLE, "policy.withhold") for a in set(v))) for v in variants)
 
 
 def _choice(value: str, allowed: Any, where: str) -> str:
@@ -144,6 +198,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
     try:
         doc = tomllib.loads(text)
         study, site, server = doc["study"], doc.get("site", {}), doc.get("server", {})
+        generator, generator_epsilons = _generator(doc.get("generator"))
         return Study(
             name=str(study["name"]), flags=tuple(study.get("flags", ["pneumoniamnist"])), sites=int(study.get("sites", 5)),
             alphas=tuple(float(a) for a in study.get("alphas", [0.5])), seeds=tuple(int(s) for s in study.get("seeds", [0, 1, 2])),
@@ -155,7 +210,8 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             server_epochs=server.get("epochs"), data_root=study.get("data_root"),
             privacy_audit=bool(doc.get("privacy_audit", {}).get("enabled", False)),
             audit_shadows=int(doc.get("privacy_audit", {}).get("shadows", 0)),
-        )
+            generator=generator, generator_epsilons=generator_epsilons, withhold=_withhold(doc.get("policy", {})),
+        ).check()
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML ({e})") from e
     except KeyError as e:
@@ -179,16 +235,21 @@ def _site_setup(study: Study, cell: Cell, data_root: str | None) -> tuple[DemoCo
     train = TRAIN_PRESETS[study.site_preset]
     if study.site_epochs is not None:
         train = replace(train, epochs=int(study.site_epochs))
+    generator = None
+    if cell.generator_epsilon is not None:
+        generator = dict(study.generator or ())
+        if not math.isinf(cell.generator_epsilon):
+            generator["dp_epsilon"] = cell.generator_epsilon
     cfg = DemoConfig(out=Path("."), flag=cell.flag, data_root=data_root, sites=study.sites, alpha=cell.alpha, seed=cell.seed,
                      dp_epsilon=None if math.isinf(cell.epsilon) else cell.epsilon, stats_epsilon=study.stats_epsilon,
-                     execution=Execution())
+                     generator=generator, execution=Execution())
     return cfg, DemoPreset(study.sites, study.architecture, train, study.server_preset)
 
 
 def _cache_key(cfg: DemoConfig, preset: DemoPreset) -> str:
     """What determines the site models (not the server side)."""
     key = {"flag": cfg.flag, "alpha": cfg.alpha, "seed": cfg.seed, "dp": cfg.dp_epsilon, "stats": cfg.stats_epsilon,
-           "sites": preset.sites, "architecture": preset.architecture, "train": asdict(preset.train)}
+           "sites": preset.sites, "architecture": preset.architecture, "train": asdict(preset.train), "generator": cfg.generator}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -204,32 +265,47 @@ def _cached_sites(out: Path, cfg: DemoConfig, preset: DemoPreset, names: list[st
     return dirs
 
 
-def _epsilons(model_dirs: list[Path]) -> tuple[float | None, float | None]:
-    """Largest classifier epsilon and largest per-site composed epsilon (classifier + feature statistics)."""
-    from ..policy.artifacts import load_model_dir
+def _epsilons(model_dirs: list[Path], withheld: tuple[str, ...]) -> dict[str, float | None]:
+    """Largest classifier and generator epsilon, and the largest per-site epsilon composed over every DP artifact
+    the site released (what it withheld does not count).  A site that released a model without DP has no
+    composed guarantee: the composed column is then empty, not the epsilon of its other artifacts."""
+    from ..policy.artifacts import artifact_of, load_model_dir
     from ..policy.dp import composed_epsilon
 
-    classifier, composed = [], []
+    per_artifact: dict[str, list[float]] = {"classifier": [], "generator": []}
+    composed: list[float] = []
     for directory in model_dirs:
-        records = load_model_dir(directory).dp
-        if "classifier" in records:
-            classifier.append(records["classifier"].epsilon)
-            composed.append(composed_epsilon(list(records.values()), records["classifier"].delta))
-    return (max(classifier) if classifier else None), (max(composed) if composed else None)
+        released = load_model_dir(directory).without(set(withheld))
+        records = released.dp
+        for artifact, values in per_artifact.items():
+            if artifact in records:
+                values.append(records[artifact].epsilon)
+        models = {artifact_of(name) for name in released.tensors} & set(per_artifact)
+        private = bool(records) and models <= set(records)
+        composed.append(composed_epsilon(list(records.values()), max(r.delta for r in records.values())) if private else math.inf)
+    largest = lambda values: max(values) if values and math.isfinite(max(values)) else None  # noqa: E731
+    return {"epsilon_classifier_max": largest(per_artifact["classifier"]), "epsilon_generator_max": largest(per_artifact["generator"]),
+            "epsilon_composed_max": largest(composed)}
 
 
 def _row(cell: Cell, metrics: dict[str, dict[str, float]], site_names: list[str], model_dirs: list[Path],
          bytes_sent: int, seconds: float) -> dict[str, Any]:
     row: dict[str, Any] = {"flag": cell.flag, "alpha": cell.alpha, "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
+                           "generator_epsilon": _csv_epsilon(cell.generator_epsilon), "withheld": "+".join(cell.withheld) or "none",
                            "method": cell.method, "seed": cell.seed}
     sites = [metrics[n] for n in site_names if n in metrics]
     for k in METRICS:
         row[f"sites_{k}"] = float(np.mean([m[k] for m in sites]))
         for short, name in list(MODELS.items())[1:]:
             row[f"{short}_{k}"] = metrics.get(name, {}).get(k, float("nan"))
-    row["epsilon_classifier_max"], row["epsilon_composed_max"] = _epsilons(model_dirs)
+    row.update(_epsilons(model_dirs, cell.withheld))
     row["bytes_transferred"], row["seconds"] = bytes_sent, round(seconds, 1)
     return row
+
+
+def _csv_epsilon(epsilon: float | None) -> float | str:
+    """How an epsilon grid value appears in rows: "inf" (no DP), "none" (no such artifact) or the number."""
+    return "none" if epsilon is None else "inf" if math.isinf(epsilon) else epsilon
 
 
 def _keys(out: Path, names: list[str]) -> tuple[dict[str, Any], Path, Path, Path]:
@@ -254,7 +330,7 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     model_dirs = _cached_sites(out, cfg, preset, names, say)
     run = out / "cells" / cell.id
     server = IngestFolders.under(run / "server")
-    delivered = export_all(names, model_dirs, ids, export_policy, trust_file, server.inbox, run, say)
+    delivered = export_all(names, model_dirs, ids, export_policy, trust_file, server.inbox, run, say, without=frozenset(cell.withheld))
     bytes_sent = sum(p.stat().st_size for p in delivered)
     trust = load_trust_store(trust_file)
     outcomes = ingest_inbox(server, ids["server"], trust, load_ingest_policy(ingest_policy))
@@ -264,25 +340,25 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     test = to_dataset(load_medmnist(cell.flag, "test", root=data_root))
     job = DistillJob(preset=study.server_preset, seed=cell.seed, method=SynthesisMethod(cell.method),
                      epochs=int(study.server_epochs) if study.server_epochs is not None else None)
-    result = run_distillation(load_accepted(server.accepted, ids["server"], trust), run / "server" / "global", job, test_set=test,
-                              audit_to=(server.audit_log, ids["server"]))
+    sites = load_accepted(server.accepted, ids["server"], trust)  # what the server holds: withheld artifacts are absent
+    result = run_distillation(sites, run / "server" / "global", job, test_set=test, audit_to=(server.audit_log, ids["server"]))
     row = _row(cell, result.metrics, names, model_dirs, bytes_sent, time.perf_counter() - started)
     if study.privacy_audit:
         row.update(_membership(model_dirs, result.student, cell, data_root, study.audit_shadows))
-        row.update(_synthetic_memorisation(model_dirs, cell, data_root, result.synth))
+        row.update(_synthetic_memorisation(sites, cell, data_root, result.synth))
     return row
 
 
-def _synthetic_memorisation(model_dirs: list[Path], cell: Cell, data_root: str | None, synth: Any) -> dict[str, float]:
+def _synthetic_memorisation(sites: list[Any], cell: Cell, data_root: str | None, synth: Any) -> dict[str, float]:
     """Are the images the server synthesises near-copies of any site's records?  One fresh inversion batch
-    (the run's settings, 64 images) against the train split (which holds every site's records) and the test split."""
-    from ..server.study import load_model_dirs
+    (the run's settings and prior, 64 images) against the train split (which holds every site's records) and the
+    test split.  (Generator samples are checked per site by the generator audit: ``generator_near_copies_max``.)"""
+    from ..server.study import _prior_options
     from ..server.synthesis import synthesize_batch
     from .memorisation import memorisation_report
 
-    models = [s.model for s in load_model_dirs(model_dirs)]
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for model in models for m in model.modules())
-    x, _ = synthesize_batch(models, None, replace(synth, batch_size=64, seed=synth.seed + 10_000), allow_ce_only=not has_bn)
+    x, _ = synthesize_batch([s.model for s in sites], None, replace(synth, batch_size=64, seed=synth.seed + 10_000),
+                            **_prior_options(sites, student=None))
     train = to_dataset(load_medmnist(cell.flag, "train", root=data_root)).tensors[0]
     test = to_dataset(load_medmnist(cell.flag, "test", root=data_root)).tensors[0]
     report = memorisation_report(x.detach().cpu().clamp(-1, 1), train, test)
@@ -296,9 +372,12 @@ def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str
     from .membership import loss_attack
     from .privacy_audit import audit_model_dir
 
-    audits = [audit_model_dir(d, data_root=data_root, seed=cell.seed, shadows=shadows)["attacks"] for d in model_dirs]
+    released_generator = cell.generator_epsilon is not None and "generator" not in cell.withheld
+    reports = [audit_model_dir(d, data_root=data_root, seed=cell.seed, shadows=shadows, generator=released_generator) for d in model_dirs]
+    audits = [r["attacks"] for r in reports]
     sites = [a[0] for a in audits]
     lira = [a[1]["auc"] for a in audits if len(a) > 1]
+    generators = [r["generator"] for r in reports if r["generator"]]
     pooled = to_dataset(load_medmnist(cell.flag, "train", root=data_root))
     test = to_dataset(load_medmnist(cell.flag, "test", root=data_root))
     rng = np.random.default_rng(cell.seed)
@@ -306,7 +385,9 @@ def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str
     members = Subset(pooled, rng.choice(len(pooled), size=n, replace=False).tolist())
     attack = loss_attack(student, members, test)
     return {"mia_sites_auc_max": max(a["auc"] for a in sites), "mia_sites_epsilon_max": max(a["epsilon_lower_bound"] for a in sites),
-            "mia_global_auc": attack.auc, "lira_sites_auc_max": max(lira) if lira else None}
+            "mia_global_auc": attack.auc, "lira_sites_auc_max": max(lira) if lira else None,
+            "mia_generators_auc_max": max(g["membership"]["auc"] for g in generators) if generators else None,
+            "generator_near_copies_max": max(g["memorisation"]["near_copies"] for g in generators) if generators else None}
 
 
 # --- the grid ------------------------------------------------------------------------------------
@@ -356,30 +437,46 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
     return (float(np.mean(values)), float(np.std(values)), len(values)) if values else (math.nan, math.nan, 0)
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, tuple[float, float, int]]]:
-    """(flag, alpha, epsilon, method) -> column -> (mean, std, n) over seeds (missing values left out)."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+class Group(NamedTuple):
+    """A cell: every grid dimension but the seed."""
+
+    flag: str
+    alpha: float
+    epsilon: Any                # "inf" or a number
+    generator_epsilon: Any      # "none" (no generator), "inf" or a number
+    withheld: str               # "none" or artifacts joined by "+"
+    method: str
+
+
+METRIC_FIELDS = ROW_FIELDS[len(GROUP_FIELDS) + 1:]
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[Group, dict[str, tuple[float, float, int]]]:
+    """Cell -> column -> (mean, std, n) over seeds (missing values left out)."""
+    groups: dict[Group, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["flag"], row["alpha"], row["epsilon"], row["method"]), []).append(row)
-    return {key: {f: _stats([float(r[f]) for r in grp if r.get(f) is not None]) for f in ROW_FIELDS[5:]}
+        groups.setdefault(Group(*(row.get(f, "none") for f in GROUP_FIELDS)), []).append(row)
+    return {key: {f: _stats([float(r[f]) for r in grp if r.get(f) is not None]) for f in METRIC_FIELDS}
             for key, grp in groups.items()}
 
 
-def _optional(stats: tuple[float, float, int]) -> str:
+def _mean_std(stats: tuple[float, float, int]) -> str:
     return "-" if not stats[2] else f"{stats[0]:.3f} +- {stats[1]:.3f}"
 
 
 def markdown_summary(study: Study, rows: list[dict[str, Any]]) -> str:
+    columns = {"sites AUC": "sites_auc", "ensemble AUC": "ensemble_auc", "FedAvg AUC": "fedavg_auc", "global AUC": "global_auc",
+               "global ACC": "global_acc", "MIA AUC (worst site)": "mia_sites_auc_max", "MIA AUC (global)": "mia_global_auc",
+               "MIA AUC (worst generator)": "mia_generators_auc_max"}
+    header = ["flag", "alpha", "epsilon", "generator epsilon", "withheld", "method", "seeds", *list(columns)[:5],
+              "composed epsilon", *list(columns)[5:]]
     lines = [f"# Study {study.name}", "", f"{len(rows)} finished (cell, seed) runs; mean +- std over seeds. "
-             "The global model is the last epoch's; the test split is only evaluated.", "",
-             "| flag | alpha | epsilon | method | seeds | sites AUC | ensemble AUC | FedAvg AUC | global AUC | global ACC | composed epsilon "
-             "| MIA AUC (worst site) | MIA AUC (global) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (flag, alpha, eps, method), s in summarise(rows).items():
-        cell = lambda f: f"{s[f][0]:.3f} +- {s[f][1]:.3f}"  # noqa: E731
+             "The global model is the last epoch's; the test split is only evaluated. \"withheld\": artifacts the sites "
+             "left out of their bundles.", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for key, s in summarise(rows).items():
         composed = s["epsilon_composed_max"]
-        lines.append(f"| {flag} | {alpha:g} | {eps} | {method} | {s['global_auc'][2]} | {cell('sites_auc')} | {cell('ensemble_auc')} | "
-                     f"{cell('fedavg_auc')} | {cell('global_auc')} | {cell('global_acc')} | "
-                     f"{'-' if math.isnan(composed[0]) else f'{composed[0]:.2f}'} | {_optional(s['mia_sites_auc_max'])} | "
-                     f"{_optional(s['mia_global_auc'])} |")
+        values = [key.flag, f"{key.alpha:g}", key.epsilon, key.generator_epsilon, key.withheld, key.method, s["global_auc"][2],
+                  *(_mean_std(s[f]) for f in list(columns.values())[:5]),
+                  "-" if math.isnan(composed[0]) else f"{composed[0]:.2f}", *(_mean_std(s[f]) for f in list(columns.values())[5:])]
+        lines.append("| " + " | ".join(str(v) for v in values) + " |")
     return "\n".join(lines) + "\n"

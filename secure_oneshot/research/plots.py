@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .experiment import summarise  # noqa: E402
+from .experiment import Group, summarise  # noqa: E402
 
 __all__ = ["privacy_utility", "utility_vs_alpha", "label_distribution", "study_plots", "save_figure"]
 
@@ -44,9 +44,9 @@ def save_figure(fig: Any, stem: Path) -> list[Path]:
 
 
 def _series(rows: list[dict[str, Any]], x_of: Any, keep: Any) -> dict[str, dict[str, list[float]]]:
-    """model -> {"x", "mean", "std"} per metric, over the summary groups that ``keep`` accepts."""
+    """model -> {"x", "mean", "std"} per metric, over the cells that ``keep`` accepts."""
     summary = {k: v for k, v in summarise(rows).items() if keep(k)}
-    points = sorted((x_of(key), stats) for key, stats in summary.items())
+    points = sorted(((x_of(key), stats) for key, stats in summary.items()), key=lambda point: point[0])
     out: dict[str, dict[str, list[float]]] = {}
     for model in STYLES:
         for metric in ("auc", "acc"):
@@ -66,15 +66,33 @@ def _draw(ax: Any, series: dict[str, dict[str, list[float]]], metric: str, model
     ax.grid(True, linestyle=":", linewidth=0.5)
 
 
-def privacy_utility(rows: list[dict[str, Any]], stem: Path, *, flag: str, method: str, alpha: float) -> list[Path]:
-    """Global model's AUC and ACC against the classifier epsilon (one flag, method and alpha)."""
+def _same_but(field: str, cell: Group) -> Any:
+    """Accepts the cells that differ from ``cell`` in ``field`` at most."""
+    return lambda key: key._replace(**{field: None}) == cell._replace(**{field: None})
+
+
+def _variant(cell: Group) -> str:
+    """The cell's release and generator settings, for titles ("" for a plain classifier study)."""
+    parts = [f"generator epsilon {cell.generator_epsilon}"] if cell.generator_epsilon != "none" else []
+    parts += [f"withheld: {cell.withheld}"] if cell.withheld != "none" else []
+    return "".join(f", {p}" for p in parts)
+
+
+def _stem_suffix(cell: Group) -> str:
+    generator = f"-gen{cell.generator_epsilon}" if cell.generator_epsilon != "none" else ""
+    withheld = "".join(f"-no_{a}" for a in cell.withheld.split("+")) if cell.withheld != "none" else ""
+    return f"{generator}{withheld}-{cell.method}"
+
+
+def privacy_utility(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> list[Path]:
+    """Global model's AUC and ACC against the classifier epsilon, over the cells that differ from ``cell`` only in it."""
     finite = [float(r["epsilon"]) for r in rows if r["epsilon"] != "inf"]
     no_dp_x = (max(finite) * 4) if finite else 1.0
 
-    def x_of(key: tuple[Any, ...]) -> float:
-        return no_dp_x if key[2] == "inf" else float(key[2])
+    def x_of(key: Group) -> float:
+        return no_dp_x if key.epsilon == "inf" else float(key.epsilon)
 
-    series = _series(rows, x_of, lambda k: (k[0], k[1], k[3]) == (flag, alpha, method))
+    series = _series(rows, x_of, _same_but("epsilon", cell))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     ticks = series["global_auc"]["x"]
     for ax, metric in zip(axes, ("auc", "acc")):
@@ -84,21 +102,21 @@ def privacy_utility(rows: list[dict[str, Any]], stem: Path, *, flag: str, method
         ax.set_xticks(ticks, ["no DP" if x == no_dp_x else f"{x:g}" for x in ticks])
         ax.set_xlabel("classifier epsilon (DP-SGD, delta 1e-5)")
     axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{flag}: privacy-utility trade-off ({method}, Dirichlet alpha {alpha:g})")
+    fig.suptitle(f"{cell.flag}: privacy-utility trade-off ({cell.method}, Dirichlet alpha {cell.alpha:g}{_variant(cell)})")
     return save_figure(fig, stem)
 
 
-def utility_vs_alpha(rows: list[dict[str, Any]], stem: Path, *, flag: str, method: str, epsilon: Any = "inf") -> list[Path]:
-    """Every model's AUC and ACC against the Dirichlet alpha (one flag, method and epsilon)."""
-    series = _series(rows, lambda k: float(k[1]), lambda k: (k[0], k[2], k[3]) == (flag, epsilon, method))
+def utility_vs_alpha(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> list[Path]:
+    """Every model's AUC and ACC against the Dirichlet alpha, over the cells that differ from ``cell`` only in it."""
+    series = _series(rows, lambda k: float(k.alpha), _same_but("alpha", cell))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("auc", "acc")):
         _draw(ax, series, metric, tuple(STYLES))
         ax.set_xscale("log")
         ax.set_xlabel("Dirichlet alpha of the label split (smaller = more skewed)")
     axes[0].legend(loc="lower right", fontsize=8)
-    eps = "no DP" if epsilon == "inf" else f"epsilon {epsilon}"
-    fig.suptitle(f"{flag}: utility against data heterogeneity ({method}, {eps})")
+    eps = "no DP" if cell.epsilon == "inf" else f"epsilon {cell.epsilon}"
+    fig.suptitle(f"{cell.flag}: utility against data heterogeneity ({cell.method}, {eps}{_variant(cell)})")
     return save_figure(fig, stem)
 
 
@@ -125,15 +143,13 @@ def label_distribution(partition_file: Path, stem: Path) -> list[Path]:
 
 
 def study_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Every plot the rows support: a privacy-utility curve per (flag, alpha, method), an alpha curve per
-    (flag, epsilon, method) when more than one alpha was run."""
-    keys = {(r["flag"], r["alpha"], r["epsilon"], r["method"]) for r in rows}
+    """Every plot the rows support: a privacy-utility curve per cell but the epsilon, an alpha curve per cell
+    but the alpha when more than one alpha was run."""
+    cells = list(summarise(rows))
     paths: list[Path] = []
-    for flag, alpha, method in sorted({(f, a, m) for f, a, _, m in keys}):
-        paths += privacy_utility(rows, out / f"privacy-utility-{flag}-a{alpha:g}-{method}", flag=flag, method=method, alpha=alpha)
-    for flag, eps, method in sorted({(f, str(e), m) for f, _, e, m in keys}):
-        alphas = {a for f, a, e, m in keys if (f, str(e), m) == (flag, eps, method)}
-        if len(alphas) > 1:
-            epsilon = "inf" if eps == "inf" else float(eps)
-            paths += utility_vs_alpha(rows, out / f"alpha-{flag}-eps{eps}-{method}", flag=flag, method=method, epsilon=epsilon)
+    for cell in sorted({c._replace(epsilon="") for c in cells}):
+        paths += privacy_utility(rows, out / f"privacy-utility-{cell.flag}-a{cell.alpha:g}{_stem_suffix(cell)}", cell=cell)
+    for cell in sorted({c._replace(alpha=0.0) for c in cells}, key=str):
+        if len({c.alpha for c in cells if _same_but("alpha", cell)(c)}) > 1:
+            paths += utility_vs_alpha(rows, out / f"alpha-{cell.flag}-eps{cell.epsilon}{_stem_suffix(cell)}", cell=cell)
     return paths

@@ -70,8 +70,9 @@ def _site_records(record: dict[str, Any], data_root: str | None):  # type: ignor
 
 
 def audit_model_dir(model_dir: str | Path, *, data_root: str | None = None, shadows: int = 0, seed: int = 0,
-                    delta: float = 1e-5, inversion_steps: int = 0, pairs_png: str | None = None) -> dict[str, Any]:
-    """Run the membership audit of the module docstring and return its report (JSON-able)."""
+                    delta: float = 1e-5, inversion_steps: int = 0, pairs_png: str | None = None, generator: bool = True) -> dict[str, Any]:
+    """Run the membership audit of the module docstring and return its report (JSON-able); ``generator=False``
+    leaves a generator in the directory unaudited (it was not released)."""
     model_dir = Path(model_dir)
     record = _record(model_dir)
     (site_model,) = load_model_dirs([model_dir])
@@ -92,7 +93,7 @@ def audit_model_dir(model_dir: str | Path, *, data_root: str | None = None, shad
         attacks.append(lira_offline(site_model.model, models, members, non_members, delta))
     dp = record.get("dp", {}).get("classifier")
     inversion = _inversion(site_model.model, site, inversion_steps, seed) if inversion_steps else []
-    generator = _generator(site_model.generator, site, members, non_members, seed, delta, pairs_png) if site_model.generator else None
+    generator = _generator(site_model.generator, site, members, non_members, seed, delta, pairs_png) if generator and site_model.generator else None
     return {"model": str(model_dir), "site": record.get("site", ""), "members": len(member_idx), "non_members": len(non_member_idx),
             "accountant_epsilon": float(dp["epsilon"]) if dp else None, "delta": delta,
             "attacks": [a.to_json() for a in attacks], "inversion": inversion, "generator": generator,
