@@ -74,3 +74,37 @@ def test_distillation_runs_on_mixed_images(sites) -> None:
     result = distill(tiny(3), sites, inversion(batch_size=8, steps=4), DistillConfig(epochs=1), execution=PLAIN_LOOP,
                      method=SynthesisMethod("mixed", generator_steps=2), generators=[tiny_generator(0)])
     assert len(result.history) == 1 and result.history[0]["loss"] > 0 and result.history[0]["images_per_s"] > 0
+
+
+def test_ddim_trajectory_ends_at_the_sample() -> None:
+    from secure_oneshot.client.generator import sample_images
+
+    g = tiny_generator(0)
+    steps: list[torch.Tensor] = []
+    final = sample_images(g.model, g.scheduler, torch.tensor([0, 1]), steps=3, seed=5, on_step=steps.append)
+    assert len(steps) == 3 and all(x.shape == (2, 1, SIZE, SIZE) for x in steps)
+    assert torch.allclose(steps[-1].clamp(-1, 1), final) and not torch.allclose(steps[0], steps[-1])
+
+
+@pytest.mark.parametrize("method, inverted, generated", [("inversion", 8, 0), ("generator", 0, 8), ("mixed", 4, 4)])
+def test_trajectory_grid_shows_each_method(sites, tmp_path, monkeypatch, method: str, inverted: int, generated: int) -> None:
+    from PIL import Image
+
+    from secure_oneshot.server import study
+    from secure_oneshot.server.study import SiteModel
+
+    site_models = [SiteModel(f"s{i}", m, None, generator=tiny_generator(i)) for i, m in enumerate(sites)]
+    columns: dict[str, int] = {}
+    for name in ("_inversion_trajectory", "_generator_trajectory"):
+        def spy(*args, _original=getattr(study, name), _name=name):
+            result = _original(*args)
+            assert result.shape[0] == study.TRAJECTORY_ROWS
+            columns[_name] = result.shape[1]
+            return result
+
+        monkeypatch.setattr(study, name, spy)
+    study._trajectory_grid(site_models, inversion(batch_size=8, steps=16), PLAIN_LOOP, tmp_path / "grid.png",
+                           SynthesisMethod(method, generator_steps=8))
+    assert columns == {k: v for k, v in (("_inversion_trajectory", inverted), ("_generator_trajectory", generated)) if v}
+    width, height = Image.open(tmp_path / "grid.png").size
+    assert width == height == 2 + 8 * (SIZE + 2)  # 8 columns x 8 rows, torchvision's 2-pixel padding

@@ -313,17 +313,21 @@ def _check_labels(model: UNet2DModel, labels: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _ddim_batch(model: UNet2DModel, ddim: DDIMScheduler, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def _ddim_batch(model: UNet2DModel, ddim: DDIMScheduler, labels: torch.Tensor, noise: torch.Tensor,
+                on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Denoise ``noise`` (N, C, P, P) along ``ddim.timesteps``; returns x0 (N, C, P, P)."""
     x = noise
     for t in ddim.timesteps:
         eps = model(x, t, class_labels=labels).sample
         x = ddim.step(eps, t, x, eta=0.0).prev_sample
+        if on_step is not None:
+            on_step(x)
     return x
 
 
 def sample_images(model: UNet2DModel, scheduler: dict[str, Any], labels: torch.Tensor, *, steps: int = 50, seed: int = 0,
-                  device: str | torch.device = "cpu", batch_size: int = 256) -> torch.Tensor:
+                  device: str | torch.device = "cpu", batch_size: int = 256,
+                  on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Draw one image per label with deterministic DDIM from the DDPM training schedule.
 
     The starting noise is drawn on the CPU from ``seed``, so the same seed gives
@@ -337,6 +341,8 @@ def sample_images(model: UNet2DModel, scheduler: dict[str, Any], labels: torch.T
         seed: seed of the starting noise.
         device: where to run the UNet.
         batch_size: images per UNet call (memory bound only).
+        on_step: called after every DDIM step with the batch's current images (N, C, image_size, image_size) on
+            the CPU, noise first: the noise -> image trajectory (per UNet batch).
 
     Returns:
         (N, C, image_size, image_size) float32 on the CPU, in [-1, 1].
@@ -354,7 +360,9 @@ def sample_images(model: UNet2DModel, scheduler: dict[str, Any], labels: torch.T
     was_training = model.training
     model.to(device).eval()
     try:
-        chunks = [_ddim_batch(model, ddim, labels[i:i + batch_size].to(device), noise[i:i + batch_size].to(device)).cpu()
+        crop = model.config.get("image_size", size)
+        step_hook = (lambda x: on_step(_crop(x, crop).detach().cpu())) if on_step is not None else None
+        chunks = [_ddim_batch(model, ddim, labels[i:i + batch_size].to(device), noise[i:i + batch_size].to(device), step_hook).cpu()
                   for i in range(0, len(labels), batch_size)]
     finally:
         model.train(was_training)

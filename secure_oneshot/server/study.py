@@ -214,18 +214,50 @@ class DistillRun:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _trajectory_grid(sites: list[SiteModel], synth: InversionConfig, execution: Execution, path: Path) -> None:
-    """A PNG of one class-balanced synthetic batch at 8 points from noise (top) to realistic (bottom)."""
+TRAJECTORY_ROWS = 8
+
+
+def _trajectory_grid(sites: list[SiteModel], synth: InversionConfig, execution: Execution, path: Path, method: SynthesisMethod) -> None:
+    """A PNG of 8 synthetic images at 8 points from noise (top) to realistic (bottom): inversion steps, DDIM steps of
+    the sites' generators, or (mixed) 4 columns of each."""
     from torchvision.utils import save_image
 
-    snapshots: list[torch.Tensor] = []
-    small = InversionConfig(**{**asdict(synth), "batch_size": 8, "snapshot_every": max(1, synth.steps // 8)})
-    synthesize_batch([s.model for s in sites], None, small, execution=execution, on_snapshot=lambda step, x: snapshots.append(x[:8].cpu()),
-                     **_prior_options(sites, student=None))
-    grid = torch.cat(snapshots[-8:]).clamp(-1, 1).add(1).div(2)  # (rows*8, C, H, W) in [0, 1]
+    generators = [s.generator for s in sites if s.generator is not None]
+    n_generated = {"inversion": 0, "generator": 8, "mixed": 4}[method.method] if generators else 0
+    columns = []
+    if n_generated < 8:
+        columns.append(_inversion_trajectory(sites, synth, execution, 8 - n_generated))
+    if n_generated:
+        columns.append(_generator_trajectory(generators, synth, method, n_generated))
+    grid = torch.cat(columns, dim=1).flatten(0, 1).clamp(-1, 1).add(1).div(2)  # (rows*8, C, H, W) in [0, 1]
     tmp = path.with_suffix(".tmp.png")  # torchvision writes by path: write aside, then rename
     save_image(grid, tmp, nrow=8)
     tmp.replace(path)
+
+
+def _inversion_trajectory(sites: list[SiteModel], synth: InversionConfig, execution: Execution, count: int) -> torch.Tensor:
+    """(rows, count, C, H, W): one class-balanced inversion batch at evenly spaced steps."""
+    snapshots: list[torch.Tensor] = []
+    small = InversionConfig(**{**asdict(synth), "batch_size": 8, "snapshot_every": max(1, synth.steps // TRAJECTORY_ROWS)})
+    synthesize_batch([s.model for s in sites], None, small, execution=execution, on_snapshot=lambda step, x: snapshots.append(x[:count].cpu()),
+                     **_prior_options(sites, student=None))
+    return torch.stack(snapshots[-TRAJECTORY_ROWS:]).float()
+
+
+def _generator_trajectory(generators: list[SiteGenerator], synth: InversionConfig, method: SynthesisMethod, count: int) -> torch.Tensor:
+    """(rows, count, C, H, W): class-balanced DDIM samples (generators taking turns, as in training) at evenly spaced steps."""
+    from ..client.generator import sample_images
+    from .sources import generator_labels
+
+    labels, owner = generator_labels(count, synth.num_classes, len(generators))
+    columns = []
+    for i in range(count):
+        steps: list[torch.Tensor] = []
+        site = generators[int(owner[i])]
+        sample_images(site.model, site.scheduler, labels[i:i + 1], steps=method.generator_steps, seed=synth.seed + i, on_step=steps.append)
+        chosen = torch.linspace(0, len(steps) - 1, TRAJECTORY_ROWS).round().long().tolist()
+        columns.append(torch.cat([steps[k] for k in chosen]))  # (rows, C, H, W)
+    return torch.stack(columns, dim=1)
 
 
 def _prior_options(sites: list[SiteModel], student: nn.Module | None) -> dict[str, Any]:
@@ -264,7 +296,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     global_bytes = safetensors_save(state, metadata={"format": "secure-oneshot-global/v1", "architecture": student_cfg.architecture})
     atomic_write_bytes(out / "global.safetensors", global_bytes)
-    _trajectory_grid(sites, synth, job.execution, out / "synthetic.png")
+    _trajectory_grid(sites, synth, job.execution, out / "synthetic.png", job.method)
     report = {"student": asdict(student_cfg), "sites": [{"name": s.name, "bundle_id": s.bundle_id, "architecture": s.config.architecture,
                                                           "generator": s.generator is not None, "feature_stats": s.feature_stats is not None,
                                                           "bn_statistics": bn_statistics_released(s.model)}
