@@ -113,7 +113,7 @@ def test_bad_study_configs_are_config_errors() -> None:
     assert audited.privacy_audit and audited.audit_shadows == 2
 
 
-@pytest.mark.parametrize("name", ["study-quick-cpu.toml", "study-paper-gpu.toml"])
+@pytest.mark.parametrize("name", ["study-quick-cpu.toml", "study-release-cpu.toml", "study-paper-gpu.toml"])
 def test_example_studies_parse(name: str) -> None:
     from secure_oneshot.research.experiment import load_study
 
