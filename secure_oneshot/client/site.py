@@ -3,7 +3,7 @@ feature statistics -> a model directory that ``export`` checks against the site'
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,9 @@ def _generator(cfg: SiteConfig, result: TrainResult, progress: bool) -> tuple[di
         labels = torch.arange(samples) % train.n_classes
         save_sample_grid(sample_images(g.model, g.scheduler, labels), cfg.out / "generator_samples.png", nrow=train.n_classes * 4)
     meta = {"architecture": "unet2d-small", "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in gcfg.__dict__.items()},
-            "scheduler": g.scheduler, "final_loss": g.losses[-1] if g.losses else None}
+            "scheduler": g.scheduler, "final_loss": g.losses[-1] if g.losses else None,
+            # the recipe, so an audit can train shadow generators the same way (the fingerprint is in the DP record)
+            "training": {k: v for k, v in asdict(training).items() if k != "dataset_fingerprint"}}
     return generator_state(g.model), meta, g.dp
 
 

@@ -91,7 +91,7 @@ ROW_FIELDS = [*GROUP_FIELDS, "seed",
               *[f"{m}_{k}" for m in MODELS for k in METRICS],
               "epsilon_classifier_max", "epsilon_generator_max", "epsilon_composed_max", "bytes_transferred", "seconds",
               "mia_sites_auc_max", "mia_sites_epsilon_max", "mia_global_auc", "lira_sites_auc_max",
-              "mia_generators_auc_max", "generator_near_copies_max", "synthetic_near_copies", "synthetic_median_ratio"]
+              "mia_generators_auc_max", "lira_generators_auc_max", "generator_near_copies_max", "synthetic_near_copies", "synthetic_median_ratio"]
 WITHHOLDABLE = ("bn_statistics", "dp_feature_statistics", "generator")
 NEEDS_GENERATOR = ("generator", "mixed")
 
@@ -283,9 +283,13 @@ def _epsilons(model_dirs: list[Path], withheld: tuple[str, ...]) -> dict[str, fl
         models = {artifact_of(name) for name in released.tensors} & set(per_artifact)
         private = bool(records) and models <= set(records)
         composed.append(composed_epsilon(list(records.values()), max(r.delta for r in records.values())) if private else math.inf)
-    largest = lambda values: max(values) if values and math.isfinite(max(values)) else None  # noqa: E731
-    return {"epsilon_classifier_max": largest(per_artifact["classifier"]), "epsilon_generator_max": largest(per_artifact["generator"]),
-            "epsilon_composed_max": largest(composed)}
+    return {"epsilon_classifier_max": _largest(per_artifact["classifier"]), "epsilon_generator_max": _largest(per_artifact["generator"]),
+            "epsilon_composed_max": _largest(composed)}
+
+
+def _largest(values: list[float]) -> float | None:
+    """The largest value; None when there is none or it is infinite (no such artifact / no DP guarantee)."""
+    return max(values) if values and math.isfinite(max(values)) else None
 
 
 def _row(cell: Cell, metrics: dict[str, dict[str, float]], site_names: list[str], model_dirs: list[Path],
@@ -366,11 +370,11 @@ def _synthetic_memorisation(sites: list[Any], cell: Cell, data_root: str | None,
 
 
 def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str | None, shadows: int) -> dict[str, float]:
-    """Loss-attack membership inference: each site model on its own records, and the global model on the pooled
-    train+val records (every site's, validation slices included) against the test split; with ``shadows``,
-    offline LiRA against each site model too."""
+    """Loss-attack membership inference: each site model (and released generator) on its own records, and the
+    global model on records of the train split (each held by some site) against the test split, with as many
+    records of every class on both sides; with ``shadows``, offline LiRA against each site model too."""
     from .membership import loss_attack
-    from .privacy_audit import audit_model_dir
+    from .privacy_audit import audit_model_dir, matched_candidates
 
     released_generator = cell.generator_epsilon is not None and "generator" not in cell.withheld
     reports = [audit_model_dir(d, data_root=data_root, seed=cell.seed, shadows=shadows, generator=released_generator) for d in model_dirs]
@@ -378,16 +382,14 @@ def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str
     sites = [a[0] for a in audits]
     lira = [a[1]["auc"] for a in audits if len(a) > 1]
     generators = [r["generator"] for r in reports if r["generator"]]
-    pooled = to_dataset(load_medmnist(cell.flag, "train", root=data_root))
-    test = to_dataset(load_medmnist(cell.flag, "test", root=data_root))
-    rng = np.random.default_rng(cell.seed)
-    n = min(len(pooled), len(test))
-    members = Subset(pooled, rng.choice(len(pooled), size=n, replace=False).tolist())
-    attack = loss_attack(student, members, test)
+    pooled, test = (load_medmnist(cell.flag, split, root=data_root) for split in ("train", "test"))
+    member_idx, non_member_idx = matched_candidates(pooled.labels, test.labels, np.random.default_rng(cell.seed))
+    attack = loss_attack(student, Subset(to_dataset(pooled), member_idx.tolist()), Subset(to_dataset(test), non_member_idx.tolist()))
     return {"mia_sites_auc_max": max(a["auc"] for a in sites), "mia_sites_epsilon_max": max(a["epsilon_lower_bound"] for a in sites),
-            "mia_global_auc": attack.auc, "lira_sites_auc_max": max(lira) if lira else None,
-            "mia_generators_auc_max": max(g["membership"]["auc"] for g in generators) if generators else None,
-            "generator_near_copies_max": max(g["memorisation"]["near_copies"] for g in generators) if generators else None}
+            "mia_global_auc": attack.auc, "lira_sites_auc_max": _largest(lira),
+            "mia_generators_auc_max": _largest([g["membership"]["auc"] for g in generators]),
+            "lira_generators_auc_max": _largest([g["attacks"][1]["auc"] for g in generators if len(g["attacks"]) > 1]),
+            "generator_near_copies_max": _largest([g["memorisation"]["near_copies"] for g in generators])}
 
 
 # --- the grid ------------------------------------------------------------------------------------

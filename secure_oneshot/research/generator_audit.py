@@ -7,6 +7,9 @@
   better.  Score = minus that error; :func:`~secure_oneshot.research.membership.attack_metrics`
   turns members' and non-members' scores into AUC, TPR at low FPR and an
   empirical epsilon lower bound.
+* **LiRA, offline** (:func:`generator_lira`): the same statistic (its log,
+  which is closer to Gaussian) under shadow generators trained the site's way
+  on records that are not candidates, as for classifiers.
 * **Memorisation**: class-balanced DDIM samples compared with the site's
   training images and unseen images (:mod:`~secure_oneshot.research.memorisation`).
 """
@@ -23,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..server.sources import SiteGenerator
 from ..server.synthesis import balanced_labels
-from .membership import AttackResult, attack_metrics
+from .membership import AttackResult, attack_metrics, lira_offline
 from .memorisation import closest_pairs_png, memorisation_report
 
-__all__ = ["denoising_errors", "generator_membership", "generator_memorisation"]
+__all__ = ["denoising_errors", "generator_membership", "generator_lira", "generator_memorisation"]
 
 TIMESTEPS = (50, 200, 400)
 
@@ -57,6 +60,16 @@ def denoising_errors(generator: SiteGenerator, dataset: Dataset, *, timesteps: t
 
 def generator_membership(generator: SiteGenerator, members: Dataset, non_members: Dataset, delta: float = 1e-5) -> AttackResult:
     return attack_metrics("generator denoising loss", -denoising_errors(generator, members), -denoising_errors(generator, non_members), delta)
+
+
+def _log_denoising_score(generator: SiteGenerator, dataset: Dataset) -> np.ndarray:
+    return -np.log(np.maximum(denoising_errors(generator, dataset), 1e-12))
+
+
+def generator_lira(generator: SiteGenerator, shadows: list[SiteGenerator], members: Dataset, non_members: Dataset,
+                   delta: float = 1e-5) -> AttackResult:
+    """Offline LiRA on minus the log denoising error (module docstring)."""
+    return lira_offline(generator, shadows, members, non_members, delta, statistic=_log_denoising_score, name="generator LiRA offline")
 
 
 def generator_memorisation(generator: SiteGenerator, train_images: torch.Tensor, unseen_images: torch.Tensor, *, samples: int = 64,

@@ -29,8 +29,9 @@ distribution) or train the target.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,9 +130,13 @@ def loss_attack(model: nn.Module, members: Dataset, non_members: Dataset, delta:
     return attack_metrics("loss threshold", -_losses(model, members), -_losses(model, non_members), delta)
 
 
-def lira_offline(model: nn.Module, shadows: Sequence[nn.Module], members: Dataset, non_members: Dataset,
-                 delta: float = 1e-5) -> AttackResult:
+def lira_offline(model: Any, shadows: Sequence[Any], members: Dataset, non_members: Dataset, delta: float = 1e-5, *,
+                 statistic: Callable[[Any, Dataset], np.ndarray] = true_class_logits, name: str = "LiRA offline") -> AttackResult:
     """Offline LiRA with shadow models trained without any candidate (module docstring).
+
+    ``statistic(model, dataset)`` is the per-record quantity the test compares (higher = more member-like):
+    the logit-scaled confidence for classifiers; a generator's audit passes its own
+    (:func:`~secure_oneshot.research.generator_audit.generator_lira`).
 
     Raises:
         ValueError: fewer than 2 shadow models.
@@ -140,9 +145,8 @@ def lira_offline(model: nn.Module, shadows: Sequence[nn.Module], members: Datase
         raise ValueError("offline LiRA needs at least 2 shadow models")
 
     def scores(candidates: Dataset) -> np.ndarray:
-        shadow_phi = np.stack([true_class_logits(s, candidates) for s in shadows])  # (K, N)
+        shadow_phi = np.stack([statistic(s, candidates) for s in shadows])  # (K, N)
         sigma = max(float(shadow_phi.std(axis=0).mean()), 1e-6)  # one global width: stable with few shadows
-        return norm.cdf((true_class_logits(model, candidates) - shadow_phi.mean(axis=0)) / sigma)
+        return norm.cdf((statistic(model, candidates) - shadow_phi.mean(axis=0)) / sigma)
 
-    return attack_metrics(f"LiRA offline ({len(shadows)} shadows)", scores(members), scores(non_members), delta)
-
+    return attack_metrics(f"{name} ({len(shadows)} shadows)", scores(members), scores(non_members), delta)

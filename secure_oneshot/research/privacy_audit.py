@@ -83,20 +83,25 @@ def audit_model_dir(model_dir: str | Path, *, data_root: str | None = None, shad
     members = to_dataset(site.train.subset(np.sort(member_idx)))
     non_members: Dataset = to_dataset(pool_split.subset(np.sort(non_member_idx)))
     attacks = [loss_attack(site_model.model, members, non_members, delta)]
+    halves = []  # each shadow's records: the classifier's and the generator's shadows train on the same ones
     if shadows:
         rest = np.setdiff1d(np.arange(len(site.train)), member_idx)
         if len(rest) < 20:
             raise ConfigError(f"only {len(rest)} non-candidate training records left for shadow models",
                               hint="use --shadows 0 (loss attack only) for so small a site")
+        halves = [_half(site, rest, rng) for _ in range(shadows)]
         recipe = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["training"]["config"].items()})
-        models = [_shadow(site_model.config, replace(recipe, seed=seed + 1 + k), _half(site, rest, rng)) for k in range(shadows)]
+        models = [_shadow(site_model.config, replace(recipe, seed=seed + 1 + k), half) for k, half in enumerate(halves)]
         attacks.append(lira_offline(site_model.model, models, members, non_members, delta))
     dp = record.get("dp", {}).get("classifier")
     inversion = _inversion(site_model.model, site, inversion_steps, seed) if inversion_steps else []
-    generator = _generator(site_model.generator, site, members, non_members, seed, delta, pairs_png) if generator and site_model.generator else None
+    generator_report = None
+    if generator and site_model.generator:
+        recipe = record.get("artifacts", {}).get("generator", {}).get("training")
+        generator_report = _generator(site_model.generator, site, members, non_members, seed, delta, pairs_png, halves, recipe)
     return {"model": str(model_dir), "site": record.get("site", ""), "members": len(member_idx), "non_members": len(non_member_idx),
             "accountant_epsilon": float(dp["epsilon"]) if dp else None, "delta": delta,
-            "attacks": [a.to_json() for a in attacks], "inversion": inversion, "generator": generator,
+            "attacks": [a.to_json() for a in attacks], "inversion": inversion, "generator": generator_report,
             "protocol": "members: training records; non-members: validation slice + test split; same count per class"}
 
 
@@ -151,14 +156,32 @@ def _inversion(model, site, steps: int, seed: int) -> list[dict[str, Any]]:  # t
 
 
 def _generator(generator, site, members: Dataset, non_members: Dataset, seed: int, delta: float,  # type: ignore[no-untyped-def]
-               pairs_png: str | None) -> dict[str, Any]:
-    """Membership against the released generator (same candidates) and memorisation of its samples."""
-    from .generator_audit import generator_membership, generator_memorisation
+               pairs_png: str | None, halves: list[Any], recipe: dict[str, Any] | None) -> dict[str, Any]:
+    """Membership against the released generator (same candidates; with shadow records, offline LiRA too, its
+    shadow generators trained with the recorded recipe) and memorisation of its samples."""
+    from .generator_audit import generator_lira, generator_membership, generator_memorisation
 
     train, unseen = to_dataset(site.train).tensors[0], to_dataset(site.test).tensors[0]
-    return {"membership": generator_membership(generator, members, non_members, delta).to_json(),
+    attacks = [generator_membership(generator, members, non_members, delta).to_json()]
+    skipped = None
+    if halves and recipe is None:
+        skipped = "no generator training recipe in the model directory (trained before it was recorded): retrain to run it"
+    elif halves:
+        shadows = [_shadow_generator(generator, recipe, half, seed + 1 + k) for k, half in enumerate(halves)]
+        attacks.append(generator_lira(generator, shadows, members, non_members, delta).to_json())
+    return {"membership": attacks[0], "attacks": attacks, "lira_skipped": skipped,
             "memorisation": generator_memorisation(generator, train, unseen, num_classes=site.train.n_classes, seed=seed,
                                                    pairs_png=pairs_png)}
+
+
+def _shadow_generator(generator, recipe: dict[str, Any], half, seed: int):  # type: ignore[no-untyped-def]
+    """A generator trained exactly like the site's (architecture, recipe, DP) on a shadow's records."""
+    from ..client.generator import GeneratorTraining, train_generator
+    from ..server.sources import SiteGenerator
+
+    training = GeneratorTraining(**{**recipe, "seed": seed, "dataset_fingerprint": half.train.fingerprint()})
+    trained = train_generator(generator.config, training, to_dataset(half.train))
+    return SiteGenerator(trained.model.eval(), trained.scheduler, generator.config)
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -172,9 +195,11 @@ def markdown_report(report: dict[str, Any]) -> str:
              "| target | attack | AUC | TPR at 1% FPR | TPR at 0.1% FPR | empirical epsilon >= |", "| --- | --- | --- | --- | --- | --- |"]
     attacks = [("classifier", a) for a in report["attacks"]]
     if report.get("generator"):
-        attacks.append(("generator", report["generator"]["membership"]))
+        attacks += [("generator", a) for a in report["generator"].get("attacks", [report["generator"]["membership"]])]
     lines += [f"| {target} | {a['name']} | {a['auc']:.3f} | {a['tpr_at_1pct_fpr']:.3f} | {a['tpr_at_01pct_fpr']:.3f} | "
               f"{a['epsilon_lower_bound']:.2f} |" for target, a in attacks]
+    if report.get("generator", {}) and report["generator"].get("lira_skipped"):
+        lines += ["", f"Generator LiRA not run: {report['generator']['lira_skipped']}."]
     lines += ["", "AUC 0.5 is chance. The empirical epsilon is what this attack proves with 95% confidence "
               "(Clopper-Pearson, Bonferroni over thresholds): a lower bound, to be read next to the accountant's upper bound."]
     if report.get("inversion"):
