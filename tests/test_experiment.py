@@ -90,6 +90,11 @@ def test_csv_report_and_plots_agree(study_run) -> None:
     assert all(0 <= float(r["mia_sites_auc_max"]) <= 1 and 0 <= float(r["mia_global_auc"]) <= 1 for r in rows)
     assert all(int(r["synthetic_near_copies"]) == 0 and float(r["synthetic_median_ratio"]) > 0 for r in rows)
     assert all(r["lira_sites_auc_max"] == "" for r in rows)  # shadows = 0 in this study
+    for row in rows:  # each site's full audit is kept as JSON and as a DPIA page; the row holds the worst site's AUC
+        audit_dir = out / "cells" / f"pneumoniamnist-a0.5-eps{'inf' if row['epsilon'] == 'inf' else '8'}-inversion-s0" / "audit"
+        reports = [json.loads((audit_dir / f"hospital-{i}.json").read_text()) for i in (1, 2)]
+        assert max(r["attacks"][0]["auc"] for r in reports) == pytest.approx(float(row["mia_sites_auc_max"]))
+        assert (audit_dir / "hospital-1.md").read_text().startswith("# Privacy audit")
     report = (out / "report.md").read_text()
     for row in rows:  # the report's single-seed means are the CSV's numbers
         assert f"{float(row['global_auc']):.3f} +- 0.000" in report
@@ -189,6 +194,8 @@ def test_withheld_bn_statistics_never_reach_the_server(generator_study) -> None:
     assert [s["bn_statistics"] for s in sites("breastmnist-a1-epsinf-gen8-no_bn_statistics-mixed-s0")] == [False, False]
     assert [s["bn_statistics"] for s in sites("breastmnist-a1-eps8-gen8-no_bn_statistics-mixed-s0")] == [None, None]  # DP: GroupNorm
     assert len(list((out / "cache").iterdir())) == 2  # release variants share the site models
+    pairs = out / "cells" / "breastmnist-a1-epsinf-gen8-mixed-s0" / "audit" / "hospital-2-closest-pairs.png"
+    assert pairs.read_bytes()[:4] == b"\x89PNG"  # generator samples beside their nearest training images
     report = (out / "report.md").read_text()
     assert "| bn_statistics |" in report and "MIA AUC (worst generator)" in report
 

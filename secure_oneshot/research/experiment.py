@@ -348,7 +348,7 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     result = run_distillation(sites, run / "server" / "global", job, test_set=test, audit_to=(server.audit_log, ids["server"]))
     row = _row(cell, result.metrics, names, model_dirs, bytes_sent, time.perf_counter() - started)
     if study.privacy_audit:
-        row.update(_membership(model_dirs, result.student, cell, data_root, study.audit_shadows))
+        row.update(_membership(model_dirs, result.student, cell, data_root, study.audit_shadows, run / "audit"))
         row.update(_synthetic_memorisation(sites, cell, data_root, result.synth))
     return row
 
@@ -369,15 +369,25 @@ def _synthetic_memorisation(sites: list[Any], cell: Cell, data_root: str | None,
     return {"synthetic_near_copies": report.near_copies, "synthetic_median_ratio": report.median_ratio}
 
 
-def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str | None, shadows: int) -> dict[str, float]:
+def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str | None, shadows: int, pages: Path) -> dict[str, float]:
     """Loss-attack membership inference: each site model (and released generator) on its own records, and the
     global model on records of the train split (each held by some site) against the test split, with as many
-    records of every class on both sides; with ``shadows``, offline LiRA against each site model too."""
+    records of every class on both sides; with ``shadows``, offline LiRA against each site model too.  Each
+    site's full audit is kept as ``pages/<site>.json`` and a DPIA page ``pages/<site>.md`` (+ the generator
+    samples' closest pairs as ``<site>-closest-pairs.png``)."""
     from .membership import loss_attack
-    from .privacy_audit import audit_model_dir, matched_candidates
+    from .privacy_audit import audit_model_dir, markdown_report, matched_candidates
 
     released_generator = cell.generator_epsilon is not None and "generator" not in cell.withheld
-    reports = [audit_model_dir(d, data_root=data_root, seed=cell.seed, shadows=shadows, generator=released_generator) for d in model_dirs]
+    pages.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for directory in model_dirs:
+        site = directory.parent.name  # cache/<key>/sites/<site>/model
+        report = audit_model_dir(directory, data_root=data_root, seed=cell.seed, shadows=shadows, generator=released_generator,
+                                 pairs_png=str(pages / f"{site}-closest-pairs.png") if released_generator else None)
+        atomic_write_bytes(pages / f"{site}.json", (json.dumps(report, indent=2) + "\n").encode())
+        atomic_write_bytes(pages / f"{site}.md", markdown_report(report).encode())
+        reports.append(report)
     audits = [r["attacks"] for r in reports]
     sites = [a[0] for a in audits]
     lira = [a[1]["auc"] for a in audits if len(a) > 1]
@@ -474,7 +484,9 @@ def markdown_summary(study: Study, rows: list[dict[str, Any]]) -> str:
               "composed epsilon", *list(columns)[5:]]
     lines = [f"# Study {study.name}", "", f"{len(rows)} finished (cell, seed) runs; mean +- std over seeds. "
              "The global model is the last epoch's; the test split is only evaluated. \"withheld\": artifacts the sites "
-             "left out of their bundles.", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+             "left out of their bundles." + (" Each run's privacy audit of every site, as a page for a data-protection impact assessment: "
+             "`cells/<run>/audit/<site>.md`." if study.privacy_audit else ""), "", "| " + " | ".join(header) + " |",
+             "|" + " --- |" * len(header)]
     for key, s in summarise(rows).items():
         composed = s["epsilon_composed_max"]
         values = [key.flag, f"{key.alpha:g}", key.epsilon, key.generator_epsilon, key.withheld, key.method, s["global_auc"][2],
