@@ -198,6 +198,11 @@ def test_withheld_bn_statistics_never_reach_the_server(generator_study) -> None:
     assert pairs.read_bytes()[:4] == b"\x89PNG"  # generator samples beside their nearest training images
     report = (out / "report.md").read_text()
     assert "| bn_statistics |" in report and "MIA AUC (worst generator)" in report
+    from secure_oneshot.research.plots import study_plots
+
+    plots = sorted(p.name for p in study_plots(list(rows.values()), out / "plots") if p.suffix == ".png")
+    assert plots == ["privacy-utility-breastmnist-a1-gen8-mixed.png", "privacy-utility-breastmnist-a1-gen8-no_bn_statistics-mixed.png",
+                     "release-method-breastmnist-a1-eps8-gen8.png", "release-method-breastmnist-a1-epsinf-gen8.png"]
 
 
 def test_generator_methods_need_a_released_generator() -> None:

@@ -4,7 +4,9 @@
   against the global model's AUC and ACC, mean with error bars (std over
   seeds), the ensemble and one-shot FedAvg as reference lines;
 * :func:`utility_vs_alpha`: the same models against the Dirichlet alpha
-  (log axis; smaller = more skewed label splits).
+  (log axis; smaller = more skewed label splits);
+* :func:`method_comparison`: the global model per synthesis method and per
+  variant of what the sites release (``[policy] withhold``).
 
 Each model has its own marker and line style, so nothing depends on colour.
 Files are written atomically (temp file, then rename).
@@ -23,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .experiment import Group, summarise  # noqa: E402
 
-__all__ = ["privacy_utility", "utility_vs_alpha", "label_distribution", "study_plots", "save_figure"]
+__all__ = ["privacy_utility", "utility_vs_alpha", "method_comparison", "label_distribution", "study_plots", "save_figure"]
 
 STYLES = {"global": ("o", "-", "global (distilled)"), "ensemble": ("s", "--", "ensemble (teacher)"),
           "fedavg": ("^", ":", "one-shot FedAvg"), "sites": ("v", "-.", "sites (mean)")}
@@ -78,8 +80,13 @@ def _variant(cell: Group) -> str:
     return "".join(f", {p}" for p in parts)
 
 
+def _eps(value: Any) -> str:
+    """An epsilon as the run ids write it: "inf", or 8 rather than 8.0."""
+    return value if isinstance(value, str) else f"{float(value):g}"
+
+
 def _stem_suffix(cell: Group) -> str:
-    generator = f"-gen{cell.generator_epsilon}" if cell.generator_epsilon != "none" else ""
+    generator = f"-gen{_eps(cell.generator_epsilon)}" if cell.generator_epsilon != "none" else ""
     withheld = "".join(f"-no_{a}" for a in cell.withheld.split("+")) if cell.withheld != "none" else ""
     return f"{generator}{withheld}-{cell.method}"
 
@@ -120,6 +127,39 @@ def utility_vs_alpha(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> 
     return save_figure(fig, stem)
 
 
+RELEASE_STYLES = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
+
+
+def method_comparison(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> list[Path]:
+    """The global model's AUC and ACC per synthesis method (x) and release variant (one marker and line style
+    each), over the cells that differ from ``cell`` only in method and withheld artifacts; the ensemble of each
+    variant as a horizontal line in the same style."""
+    summary = {k: v for k, v in summarise(rows).items() if k._replace(method="", withheld="") == cell._replace(method="", withheld="")}
+    methods = list(dict.fromkeys(k.method for k in summary))
+    variants = list(dict.fromkeys(k.withheld for k in summary))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("auc", "acc")):
+        for v, withheld in enumerate(variants):
+            marker, style = RELEASE_STYLES[v % len(RELEASE_STYLES)]
+            label = "all released" if withheld == "none" else f"withheld: {withheld}"
+            points = [(i + 0.08 * (v - (len(variants) - 1) / 2), summary[k]) for i, m in enumerate(methods)
+                      if (k := cell._replace(method=m, withheld=withheld)) in summary]
+            ax.errorbar([x for x, _ in points], [s[f"global_{metric}"][0] for _, s in points], yerr=[s[f"global_{metric}"][1] for _, s in points],
+                        marker=marker, linestyle=style, color="black", capsize=3, label=f"global, {label}")
+            ensemble = [s[f"ensemble_{metric}"][0] for _, s in points]
+            if ensemble:
+                ax.axhline(sum(ensemble) / len(ensemble), color="grey", linestyle=style, linewidth=1, label=f"ensemble, {label}")
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set_xlabel("server synthesis method")
+        ax.set_ylabel(f"test {metric.upper()} (mean +- std over seeds)")
+        ax.grid(True, linestyle=":", linewidth=0.5)
+    axes[0].legend(loc="lower left", fontsize=7)
+    eps = "no DP" if cell.epsilon == "inf" else f"classifier epsilon {cell.epsilon}"
+    fig.suptitle(f"{cell.flag}: what is released x how the server synthesises (alpha {cell.alpha:g}, {eps}"
+                 f"{_variant(cell._replace(withheld='none'))})")
+    return save_figure(fig, stem)
+
+
 def label_distribution(partition_file: Path, stem: Path) -> list[Path]:
     """Per-site label counts (stacked bars, one hatch pattern per class) from a ``partition.json``."""
     import json
@@ -148,8 +188,14 @@ def study_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     cells = list(summarise(rows))
     paths: list[Path] = []
     for cell in sorted({c._replace(epsilon="") for c in cells}):
-        paths += privacy_utility(rows, out / f"privacy-utility-{cell.flag}-a{cell.alpha:g}{_stem_suffix(cell)}", cell=cell)
+        if len({c.epsilon for c in cells if _same_but("epsilon", cell)(c)}) > 1:
+            paths += privacy_utility(rows, out / f"privacy-utility-{cell.flag}-a{cell.alpha:g}{_stem_suffix(cell)}", cell=cell)
+    for cell in sorted({c._replace(method="", withheld="none") for c in cells}, key=str):
+        same = [c for c in cells if c._replace(method="", withheld="none") == cell]
+        if len({c.method for c in same}) > 1 or len({c.withheld for c in same}) > 1:
+            eps = f"eps{_eps(cell.epsilon)}" + (f"-gen{_eps(cell.generator_epsilon)}" if cell.generator_epsilon != "none" else "")
+            paths += method_comparison(rows, out / f"release-method-{cell.flag}-a{cell.alpha:g}-{eps}", cell=cell)
     for cell in sorted({c._replace(alpha=0.0) for c in cells}, key=str):
         if len({c.alpha for c in cells if _same_but("alpha", cell)(c)}) > 1:
-            paths += utility_vs_alpha(rows, out / f"alpha-{cell.flag}-eps{cell.epsilon}{_stem_suffix(cell)}", cell=cell)
+            paths += utility_vs_alpha(rows, out / f"alpha-{cell.flag}-eps{_eps(cell.epsilon)}{_stem_suffix(cell)}", cell=cell)
     return paths
