@@ -211,3 +211,16 @@ def test_generator_lira_sees_a_memorising_generator(data_root) -> None:  # noqa:
     loss = generator_membership(target, members, non_members)
     lira = generator_lira(target, [train((2 + k) * n, k + 1) for k in range(2)], members, non_members)
     assert lira.auc >= 0.8 and lira.auc > loss.auc, (loss, lira)
+
+
+def test_median_ratio_compares_reference_sets_of_equal_size(pool) -> None:
+    """Images from the same distribution as both sets: against a 10x larger training set their nearest training
+    image is closer by count alone; the reported ratio subsamples it, so it stays near 1.  Measured (100 queries,
+    1,200 training vs 120 held-out images): 0.85 over the full sets, 1.006 over equal-size sets."""
+    images = to_dataset(pool.subset(np.arange(1420))).tensors[0]
+    queries, train, held_out = images[:100], images[100:1300], images[1300:]
+    from secure_oneshot.research.memorisation import nearest_distances
+
+    biased = float((nearest_distances(queries, train)[0] / nearest_distances(queries, held_out)[0]).median())
+    report = memorisation_report(queries, train, held_out)
+    assert biased < report.median_ratio and abs(report.median_ratio - 1) < 0.05, (biased, report.median_ratio)

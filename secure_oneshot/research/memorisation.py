@@ -14,6 +14,13 @@ the second condition so that a merely typical image (equally close to train
 and test) is not flagged.  The closest pairs are written as a PNG so a person
 can judge (:func:`closest_pairs_png`).
 
+The reported **median ratio** compares reference sets of the same size: the
+larger of the two is subsampled (fixed seed) to the smaller's size, because
+the nearest of 4,708 images is closer than the nearest of 624 by count alone
+(measured: realistic synthetic images gave 0.90 against the full PneumoniaMNIST
+train split and the test split, about 1 against equal-size sets).  Flagging
+uses the full training set, so no planted copy can be missed.
+
 What this module does not do: generate the images or decide what is acceptable.
 """
 
@@ -66,12 +73,18 @@ def memorisation_report(synthetic: Tensor, train: Tensor, held_out: Tensor, *, c
     """Near-copy statistics of ``synthetic`` against ``train`` (module docstring for the rule)."""
     d_train, nearest = nearest_distances(synthetic, train)
     d_test, _ = nearest_distances(synthetic, held_out)
-    ratios = d_train / d_test.clamp_min(1e-12)
-    flagged = (d_train < copy_distance) & (ratios < ratio)
+    flagged = (d_train < copy_distance) & (d_train / d_test.clamp_min(1e-12) < ratio)
+    size = min(len(train), len(held_out))
+    d_train_equal = d_train if len(train) == size else nearest_distances(synthetic, _subsample(train, size))[0]
+    d_test_equal = d_test if len(held_out) == size else nearest_distances(synthetic, _subsample(held_out, size))[0]
     order = torch.argsort(d_train)[:top]
     closest = [(int(i), int(nearest[i]), float(d_train[i])) for i in order]
     return MemorisationReport(len(synthetic), int(flagged.sum()), float(flagged.float().mean()), float(d_train.median()),
-                              float(ratios.median()), copy_distance, ratio, closest)
+                              float((d_train_equal / d_test_equal.clamp_min(1e-12)).median()), copy_distance, ratio, closest)
+
+
+def _subsample(images: Tensor, size: int) -> Tensor:
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:size]]
 
 
 def closest_pairs_png(report: MemorisationReport, synthetic: Tensor, train: Tensor, path: str | os.PathLike[str]) -> None:
