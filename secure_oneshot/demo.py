@@ -24,6 +24,7 @@ split, which is only evaluated: the global model is the last epoch's.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import warnings
@@ -235,7 +236,9 @@ def write_policies(run: Path, ids: dict[str, Identity], site_names: list[str]) -
 
 
 def demo_partition(cfg: DemoConfig, preset: DemoPreset, run: Path) -> Partition:
-    partition = Partition(n_sites=preset.sites, scheme="dirichlet", alpha=cfg.alpha, seed=cfg.seed)
+    iid = math.isinf(cfg.alpha)  # alpha -> infinity is the even split: studies write it "iid"
+    partition = Partition(n_sites=preset.sites, scheme="iid", seed=cfg.seed) if iid else \
+        Partition(n_sites=preset.sites, scheme="dirichlet", alpha=cfg.alpha, seed=cfg.seed)
     splits = [load_medmnist(cfg.flag, s, root=cfg.data_root) for s in ("train", "val")]
     labels = np.concatenate([s.labels for s in splits])
     parts = partition_indices(labels, partition)

@@ -118,7 +118,7 @@ def test_bad_study_configs_are_config_errors() -> None:
     assert audited.privacy_audit and audited.audit_shadows == 2
 
 
-@pytest.mark.parametrize("name", ["study-quick-cpu.toml", "study-release-cpu.toml", "study-paper-gpu.toml"])
+@pytest.mark.parametrize("name", ["study-quick-cpu.toml", "study-release-cpu.toml", "study-skew-cpu.toml", "study-paper-gpu.toml"])
 def test_example_studies_parse(name: str) -> None:
     from secure_oneshot.research.experiment import load_study
 
@@ -214,3 +214,32 @@ def test_generator_methods_need_a_released_generator() -> None:
         study_from_text(GENERATORS.replace('[[], ["bn_statistics"]]', '[["classifier"]]'))
     with pytest.raises(ConfigError, match="generator.epsilons"):
         study_from_text(GENERATORS.replace("epsilons = [8.0]", "epsilons = [0]"))
+
+
+def test_iid_is_a_point_of_the_alpha_grid(tmp_path: Path) -> None:
+    from secure_oneshot.research.experiment import GROUP_FIELDS, ROW_FIELDS, markdown_summary
+    from secure_oneshot.research.plots import study_plots
+
+    study = study_from_text(TINY.replace("alphas = [0.5]", 'alphas = ["iid", 0.5, 0.1]'))
+    assert math.isinf(study.alphas[0]) and study.cells()[0].id == "pneumoniamnist-iid-epsinf-inversion-s0"
+    with pytest.raises(ConfigError, match="study.alphas"):
+        study_from_text(TINY.replace("alphas = [0.5]", 'alphas = ["skewed"]'))
+    rows = []  # rows as run_study writes them, with made-up metrics: only the plotting and the report are tested here
+    for i, (alpha, epsilon, seed) in enumerate((a, e, s) for a in ("iid", 0.5, 0.1) for e in ("inf", 8.0) for s in (0, 1)):
+        row = {f: 0.5 + 0.01 * i for f in ROW_FIELDS[len(GROUP_FIELDS) + 1:]}
+        rows.append({**row, "flag": "pneumoniamnist", "alpha": alpha, "epsilon": epsilon, "generator_epsilon": "none",
+                     "withheld": "none", "method": "inversion", "seed": seed})
+    names = sorted(p.name for p in study_plots(rows, tmp_path) if p.suffix == ".png")
+    assert names == ["alpha-pneumoniamnist-eps8-inversion.png", "alpha-pneumoniamnist-epsinf-inversion.png",
+                     "privacy-utility-pneumoniamnist-a0.1-inversion.png", "privacy-utility-pneumoniamnist-a0.5-inversion.png",
+                     "privacy-utility-pneumoniamnist-iid-inversion.png"]
+    assert "| pneumoniamnist | iid | inf |" in markdown_summary(study, rows)
+
+
+def test_an_infinite_alpha_partitions_iid(tmp_path: Path, data_root) -> None:  # noqa: F811
+    from secure_oneshot.demo import DEMO_PRESETS, DemoConfig, demo_partition
+
+    partition = demo_partition(DemoConfig(out=tmp_path, data_root=str(data_root), alpha=math.inf), DEMO_PRESETS["smoke"], tmp_path)
+    assert partition.scheme == "iid"
+    counts = [s["records"] for s in json.loads((tmp_path / "partition.json").read_text())["sites"]]
+    assert max(counts) - min(counts) <= 1

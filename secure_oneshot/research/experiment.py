@@ -6,7 +6,7 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     name = "quick-cpu"
     flags = ["pneumoniamnist"]
     sites = 3
-    alphas = [0.5]                 # Dirichlet concentrations over labels
+    alphas = ["iid", 1.0, 0.1]     # Dirichlet concentrations over labels; "iid" = an even random split
     seeds = [0, 1, 2]
     data_root = "../shared/data/medmnist"   # optional (else --data-root / $SECURE_ONESHOT_DATA)
 
@@ -81,7 +81,7 @@ from ..server.sources import METHODS, SynthesisMethod
 from ..server.study import PRESETS as SERVER_PRESETS
 from ..server.study import DistillJob, load_accepted, run_distillation
 
-__all__ = ["Study", "Cell", "Group", "load_study", "run_study", "summarise", "ROW_FIELDS", "GROUP_FIELDS"]
+__all__ = ["Study", "Cell", "Group", "alpha_label", "load_study", "run_study", "summarise", "ROW_FIELDS", "GROUP_FIELDS"]
 
 Say = Callable[[str], None]
 MODELS = {"sites": "sites (mean)", "ensemble": "ensemble (teacher)", "fedavg": "fedavg (one-shot)", "global": "global (distilled)"}
@@ -148,11 +148,24 @@ class Cell:
     def id(self) -> str:
         generator = "" if self.generator_epsilon is None else f"-gen{_label(self.generator_epsilon)}"
         withheld = "".join(f"-no_{a}" for a in self.withheld)
-        return f"{self.flag}-a{self.alpha:g}-eps{_label(self.epsilon)}{generator}{withheld}-{self.method}-s{self.seed}"
+        return f"{self.flag}-{alpha_label(self.alpha, 'a')}-eps{_label(self.epsilon)}{generator}{withheld}-{self.method}-s{self.seed}"
 
 
 def _label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
+def alpha_label(alpha: Any, prefix: str = "") -> str:
+    """A label split as rows and names write it: "iid" (math.inf in a Cell) or the Dirichlet alpha, e.g. "a0.5"."""
+    return "iid" if alpha == "iid" or (isinstance(alpha, float) and math.isinf(alpha)) else f"{prefix}{float(alpha):g}"
+
+
+def _alpha(value: Any) -> float:
+    if value == "iid":
+        return math.inf
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise ConfigError(f"study.alphas: {value!r} is neither a positive Dirichlet alpha nor \"iid\"")
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -201,7 +214,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
         generator, generator_epsilons = _generator(doc.get("generator"))
         return Study(
             name=str(study["name"]), flags=tuple(study.get("flags", ["pneumoniamnist"])), sites=int(study.get("sites", 5)),
-            alphas=tuple(float(a) for a in study.get("alphas", [0.5])), seeds=tuple(int(s) for s in study.get("seeds", [0, 1, 2])),
+            alphas=tuple(_alpha(a) for a in study.get("alphas", [0.5])), seeds=tuple(int(s) for s in study.get("seeds", [0, 1, 2])),
             architecture=str(site.get("architecture", "small-cnn")),
             site_preset=_choice(site.get("preset", "cpu"), TRAIN_PRESETS, "site.preset"), site_epochs=site.get("epochs"),
             epsilons=tuple(_epsilon(e) for e in site.get("epsilons", ["inf"])), stats_epsilon=float(site.get("stats_epsilon", 1.0)),
@@ -294,7 +307,7 @@ def _largest(values: list[float]) -> float | None:
 
 def _row(cell: Cell, metrics: dict[str, dict[str, float]], site_names: list[str], model_dirs: list[Path],
          bytes_sent: int, seconds: float) -> dict[str, Any]:
-    row: dict[str, Any] = {"flag": cell.flag, "alpha": cell.alpha, "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
+    row: dict[str, Any] = {"flag": cell.flag, "alpha": "iid" if math.isinf(cell.alpha) else cell.alpha, "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
                            "generator_epsilon": _csv_epsilon(cell.generator_epsilon), "withheld": "+".join(cell.withheld) or "none",
                            "method": cell.method, "seed": cell.seed}
     sites = [metrics[n] for n in site_names if n in metrics]
@@ -453,7 +466,7 @@ class Group(NamedTuple):
     """A cell: every grid dimension but the seed."""
 
     flag: str
-    alpha: float
+    alpha: Any                  # "iid" or a Dirichlet alpha
     epsilon: Any                # "inf" or a number
     generator_epsilon: Any      # "none" (no generator), "inf" or a number
     withheld: str               # "none" or artifacts joined by "+"
@@ -489,7 +502,7 @@ def markdown_summary(study: Study, rows: list[dict[str, Any]]) -> str:
              "|" + " --- |" * len(header)]
     for key, s in summarise(rows).items():
         composed = s["epsilon_composed_max"]
-        values = [key.flag, f"{key.alpha:g}", key.epsilon, key.generator_epsilon, key.withheld, key.method, s["global_auc"][2],
+        values = [key.flag, alpha_label(key.alpha), key.epsilon, key.generator_epsilon, key.withheld, key.method, s["global_auc"][2],
                   *(_mean_std(s[f]) for f in list(columns.values())[:5]),
                   "-" if math.isnan(composed[0]) else f"{composed[0]:.2f}", *(_mean_std(s[f]) for f in list(columns.values())[5:])]
         lines.append("| " + " | ".join(str(v) for v in values) + " |")

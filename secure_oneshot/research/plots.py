@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .experiment import Group, summarise  # noqa: E402
+from .experiment import Group, alpha_label, summarise  # noqa: E402
 
 __all__ = ["privacy_utility", "utility_vs_alpha", "method_comparison", "label_distribution", "study_plots", "save_figure"]
 
@@ -80,6 +80,10 @@ def _variant(cell: Group) -> str:
     return "".join(f", {p}" for p in parts)
 
 
+def _split(alpha: Any) -> str:
+    return "IID split" if alpha == "iid" else f"Dirichlet alpha {float(alpha):g}"
+
+
 def _eps(value: Any) -> str:
     """An epsilon as the run ids write it: "inf", or 8 rather than 8.0."""
     return value if isinstance(value, str) else f"{float(value):g}"
@@ -109,17 +113,26 @@ def privacy_utility(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> l
         ax.set_xticks(ticks, ["no DP" if x == no_dp_x else f"{x:g}" for x in ticks])
         ax.set_xlabel("classifier epsilon (DP-SGD, delta 1e-5)")
     axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{cell.flag}: privacy-utility trade-off ({cell.method}, Dirichlet alpha {cell.alpha:g}{_variant(cell)})")
+    fig.suptitle(f"{cell.flag}: privacy-utility trade-off ({cell.method}, {_split(cell.alpha)}{_variant(cell)})")
     return save_figure(fig, stem)
 
 
 def utility_vs_alpha(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> list[Path]:
     """Every model's AUC and ACC against the Dirichlet alpha, over the cells that differ from ``cell`` only in it."""
-    series = _series(rows, lambda k: float(k.alpha), _same_but("alpha", cell))
+    finite = [float(r["alpha"]) for r in rows if r["alpha"] != "iid"]
+    iid_x = (max(finite) * 4) if finite else 1.0  # "iid" (alpha -> infinity) drawn at the right end
+
+    def x_of(key: Group) -> float:
+        return iid_x if key.alpha == "iid" else float(key.alpha)
+
+    series = _series(rows, x_of, _same_but("alpha", cell))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ticks = series["global_auc"]["x"]
     for ax, metric in zip(axes, ("auc", "acc")):
         _draw(ax, series, metric, tuple(STYLES))
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(ticks, ["IID" if x == iid_x else f"{x:g}" for x in ticks])
         ax.set_xlabel("Dirichlet alpha of the label split (smaller = more skewed)")
     axes[0].legend(loc="lower right", fontsize=8)
     eps = "no DP" if cell.epsilon == "inf" else f"epsilon {cell.epsilon}"
@@ -155,7 +168,7 @@ def method_comparison(rows: list[dict[str, Any]], stem: Path, *, cell: Group) ->
         ax.grid(True, linestyle=":", linewidth=0.5)
     axes[0].legend(loc="lower left", fontsize=7)
     eps = "no DP" if cell.epsilon == "inf" else f"classifier epsilon {cell.epsilon}"
-    fig.suptitle(f"{cell.flag}: what is released x how the server synthesises (alpha {cell.alpha:g}, {eps}"
+    fig.suptitle(f"{cell.flag}: what is released x how the server synthesises ({_split(cell.alpha)}, {eps}"
                  f"{_variant(cell._replace(withheld='none'))})")
     return save_figure(fig, stem)
 
@@ -177,7 +190,8 @@ def label_distribution(partition_file: Path, stem: Path) -> list[Path]:
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     part = summary["partition"]
     ax.set_ylabel("records held by the site (count)")
-    ax.set_title(f"{summary['flag']}: labels per site ({part['scheme']}, alpha {part['alpha']:g}, seed {part['seed']})")
+    split = "IID" if part["scheme"] == "iid" else f"Dirichlet alpha {part['alpha']:g}"
+    ax.set_title(f"{summary['flag']}: labels per site ({split}, seed {part['seed']})")
     ax.legend(fontsize=8)
     return save_figure(fig, stem)
 
@@ -187,14 +201,14 @@ def study_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     but the alpha when more than one alpha was run."""
     cells = list(summarise(rows))
     paths: list[Path] = []
-    for cell in sorted({c._replace(epsilon="") for c in cells}):
+    for cell in sorted({c._replace(epsilon="") for c in cells}, key=str):
         if len({c.epsilon for c in cells if _same_but("epsilon", cell)(c)}) > 1:
-            paths += privacy_utility(rows, out / f"privacy-utility-{cell.flag}-a{cell.alpha:g}{_stem_suffix(cell)}", cell=cell)
+            paths += privacy_utility(rows, out / f"privacy-utility-{cell.flag}-{alpha_label(cell.alpha, 'a')}{_stem_suffix(cell)}", cell=cell)
     for cell in sorted({c._replace(method="", withheld="none") for c in cells}, key=str):
         same = [c for c in cells if c._replace(method="", withheld="none") == cell]
         if len({c.method for c in same}) > 1 or len({c.withheld for c in same}) > 1:
             eps = f"eps{_eps(cell.epsilon)}" + (f"-gen{_eps(cell.generator_epsilon)}" if cell.generator_epsilon != "none" else "")
-            paths += method_comparison(rows, out / f"release-method-{cell.flag}-a{cell.alpha:g}-{eps}", cell=cell)
+            paths += method_comparison(rows, out / f"release-method-{cell.flag}-{alpha_label(cell.alpha, 'a')}-{eps}", cell=cell)
     for cell in sorted({c._replace(alpha=0.0) for c in cells}, key=str):
         if len({c.alpha for c in cells if _same_but("alpha", cell)(c)}) > 1:
             paths += utility_vs_alpha(rows, out / f"alpha-{cell.flag}-eps{_eps(cell.epsilon)}{_stem_suffix(cell)}", cell=cell)
