@@ -160,23 +160,20 @@ def alpha_label(alpha: Any, prefix: str = "") -> str:
     return "iid" if alpha == "iid" or (isinstance(alpha, float) and math.isinf(alpha)) else f"{prefix}{float(alpha):g}"
 
 
-def _alpha(value: Any) -> float:
-    if value == "iid":
-        return math.inf
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    raise ConfigError(f"study.alphas: {value!r} is neither a positive Dirichlet alpha nor \"iid\"")
-
-
 # --- config --------------------------------------------------------------------------------------
 
 
-def _epsilon(value: Any, where: str = "site.epsilons") -> float:
-    if value == "inf":
+def _positive_or(word: str, value: Any, where: str) -> float:
+    """A grid value: a positive number, or ``word`` ("inf": no DP; "iid": an even split) read as math.inf."""
+    if value == word:
         return math.inf
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         return float(value)
-    raise ConfigError(f"{where}: {value!r} is neither a positive number nor \"inf\"")
+    raise ConfigError(f"{where}: {value!r} is neither a positive number nor \"{word}\"")
+
+
+def _epsilon(value: Any, where: str = "site.epsilons") -> float:
+    return _positive_or("inf", value, where)
 
 
 def _generator(table: dict[str, Any] | None) -> tuple[tuple[tuple[str, Any], ...] | None, tuple[float, ...]]:
@@ -214,7 +211,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
         generator, generator_epsilons = _generator(doc.get("generator"))
         return Study(
             name=str(study["name"]), flags=tuple(study.get("flags", ["pneumoniamnist"])), sites=int(study.get("sites", 5)),
-            alphas=tuple(_alpha(a) for a in study.get("alphas", [0.5])), seeds=tuple(int(s) for s in study.get("seeds", [0, 1, 2])),
+            alphas=tuple(_positive_or("iid", a, "study.alphas") for a in study.get("alphas", [0.5])), seeds=tuple(int(s) for s in study.get("seeds", [0, 1, 2])),
             architecture=str(site.get("architecture", "small-cnn")),
             site_preset=_choice(site.get("preset", "cpu"), TRAIN_PRESETS, "site.preset"), site_epochs=site.get("epochs"),
             epsilons=tuple(_epsilon(e) for e in site.get("epsilons", ["inf"])), stats_epsilon=float(site.get("stats_epsilon", 1.0)),
