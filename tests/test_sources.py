@@ -103,7 +103,7 @@ def test_trajectory_grid_shows_each_method(sites, tmp_path, monkeypatch, method:
             return result
 
         monkeypatch.setattr(study, name, spy)
-    study._trajectory_grid(site_models, inversion(batch_size=8, steps=16), PLAIN_LOOP, tmp_path / "grid.png",
+    study._trajectory_grid(site_models, inversion(batch_size=8, steps=5), PLAIN_LOOP, tmp_path / "grid.png",
                            SynthesisMethod(method, generator_steps=8))
     assert columns == {k: v for k, v in (("_inversion_trajectory", inverted), ("_generator_trajectory", generated)) if v}
     width, height = Image.open(tmp_path / "grid.png").size

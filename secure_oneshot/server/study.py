@@ -241,7 +241,12 @@ def _inversion_trajectory(sites: list[SiteModel], synth: InversionConfig, execut
     small = InversionConfig(**{**asdict(synth), "batch_size": 8, "snapshot_every": max(1, synth.steps // TRAJECTORY_ROWS)})
     synthesize_batch([s.model for s in sites], None, small, execution=execution, on_snapshot=lambda step, x: snapshots.append(x[:count].cpu()),
                      **_prior_options(sites, student=None))
-    return torch.stack(snapshots[-TRAJECTORY_ROWS:]).float()
+    return torch.stack(_evenly_spaced(snapshots)).float()
+
+
+def _evenly_spaced(steps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """TRAJECTORY_ROWS of ``steps`` from first to last (repeating some when there are fewer)."""
+    return [steps[k] for k in torch.linspace(0, len(steps) - 1, TRAJECTORY_ROWS).round().long().tolist()]
 
 
 def _generator_trajectory(generators: list[SiteGenerator], synth: InversionConfig, method: SynthesisMethod, count: int) -> torch.Tensor:
@@ -255,8 +260,7 @@ def _generator_trajectory(generators: list[SiteGenerator], synth: InversionConfi
         steps: list[torch.Tensor] = []
         site = generators[int(owner[i])]
         sample_images(site.model, site.scheduler, labels[i:i + 1], steps=method.generator_steps, seed=synth.seed + i, on_step=steps.append)
-        chosen = torch.linspace(0, len(steps) - 1, TRAJECTORY_ROWS).round().long().tolist()
-        columns.append(torch.cat([steps[k] for k in chosen]))  # (rows, C, H, W)
+        columns.append(torch.cat(_evenly_spaced(steps)))  # (rows, C, H, W)
     return torch.stack(columns, dim=1)
 
 
