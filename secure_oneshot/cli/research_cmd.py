@@ -49,15 +49,15 @@ def _experiment(args: argparse.Namespace) -> Result:
     import sys
 
     from ..research.experiment import load_study, run_study
-    from ..research.plots import label_distribution, study_plots
+    from ..research.plots import label_distribution, label_distribution_name, study_plots
 
     study = load_study(args.config)
     out = Path(args.out) if args.out else Path("studies") / study.name
     rows = run_study(study, out, data_root=args.data_root, max_cells=args.max_cells,
                      say=lambda line: print(line, file=sys.stderr, flush=True))
     plots = study_plots(rows, out / "plots") if rows else []
-    for i, partition in enumerate(sorted((out / "cache").glob("*/partition.json"))):
-        plots += label_distribution(partition, out / "plots" / f"labels-{i}")
+    for partition in sorted((out / "cache").glob("*/partition.json")):  # site sets differing only in DP share a name: one plot
+        plots += label_distribution(partition, out / "plots" / label_distribution_name(partition))
     plots += _trajectories(out)
     total = len(study.cells())
     lines = [f"study {study.name}: {len(rows)} of {total} (cell, seed) runs finished -> {out}",

@@ -25,7 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .experiment import Group, alpha_label, summarise  # noqa: E402
 
-__all__ = ["privacy_utility", "utility_vs_alpha", "method_comparison", "label_distribution", "study_plots", "save_figure"]
+__all__ = ["privacy_utility", "utility_vs_alpha", "method_comparison", "label_distribution", "label_distribution_name", "study_plots",
+           "save_figure"]
 
 STYLES = {"global": ("o", "-", "global (distilled)"), "ensemble": ("s", "--", "ensemble (teacher)"),
           "fedavg": ("^", ":", "one-shot FedAvg"), "sites": ("v", "-.", "sites (mean)")}
@@ -66,6 +67,12 @@ def _draw(ax: Any, series: dict[str, dict[str, list[float]]], metric: str, model
                     capsize=3, markerfacecolor="white" if model != "global" else "black", label=label)
     ax.set_ylabel(f"test {metric.upper()} (mean +- std over seeds)")
     ax.grid(True, linestyle=":", linewidth=0.5)
+
+
+def _legend_below(fig: Any, ax: Any) -> None:
+    """One legend under both panels, where it hides no point."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels)), fontsize=8, frameon=False)
 
 
 def _same_but(field: str, cell: Group) -> Any:
@@ -112,7 +119,7 @@ def privacy_utility(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> l
         ax.minorticks_off()
         ax.set_xticks(ticks, ["no DP" if x == no_dp_x else f"{x:g}" for x in ticks])
         ax.set_xlabel("classifier epsilon (DP-SGD, delta 1e-5)")
-    axes[0].legend(loc="lower right", fontsize=8)
+    _legend_below(fig, axes[0])
     fig.suptitle(f"{cell.flag}: privacy-utility trade-off ({cell.method}, {_split(cell.alpha)}{_variant(cell)})")
     return save_figure(fig, stem)
 
@@ -134,7 +141,7 @@ def utility_vs_alpha(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> 
         ax.minorticks_off()
         ax.set_xticks(ticks, ["IID" if x == iid_x else f"{x:g}" for x in ticks])
         ax.set_xlabel("Dirichlet alpha of the label split (smaller = more skewed)")
-    axes[0].legend(loc="lower right", fontsize=8)
+    _legend_below(fig, axes[0])
     eps = "no DP" if cell.epsilon == "inf" else f"epsilon {cell.epsilon}"
     fig.suptitle(f"{cell.flag}: utility against data heterogeneity ({cell.method}, {eps}{_variant(cell)})")
     return save_figure(fig, stem)
@@ -166,11 +173,21 @@ def method_comparison(rows: list[dict[str, Any]], stem: Path, *, cell: Group) ->
         ax.set_xlabel("server synthesis method")
         ax.set_ylabel(f"test {metric.upper()} (mean +- std over seeds)")
         ax.grid(True, linestyle=":", linewidth=0.5)
-    axes[0].legend(loc="lower left", fontsize=7)
+    _legend_below(fig, axes[0])
     eps = "no DP" if cell.epsilon == "inf" else f"classifier epsilon {cell.epsilon}"
     fig.suptitle(f"{cell.flag}: what is released x how the server synthesises ({_split(cell.alpha)}, {eps}"
                  f"{_variant(cell._replace(withheld='none'))})")
     return save_figure(fig, stem)
+
+
+def label_distribution_name(partition_file: Path) -> str:
+    """``labels-<flag>-<split>-s<seed>`` for a ``partition.json``: which study cells' sites it shows."""
+    import json
+
+    summary = json.loads(partition_file.read_text())
+    part = summary["partition"]
+    split = "iid" if part["scheme"] == "iid" else f"a{part['alpha']:g}"
+    return f"labels-{summary['flag']}-{split}-s{part['seed']}"
 
 
 def label_distribution(partition_file: Path, stem: Path) -> list[Path]:
