@@ -88,7 +88,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                                 parents=[common])
     audit.add_argument("--model", required=True, metavar="DIR", help="model directory written by `train`")
     audit.add_argument("--data-root", metavar="DIR", help="the MedMNIST folder the site trained from")
-    audit.add_argument("--shadows", type=int, default=0, metavar="K", help="also run offline LiRA with K shadow models (>= 2)")
+    audit.add_argument("--shadows", type=int, default=0, metavar="K",
+                       help="also run offline LiRA with K shadow models (>= 2; a released generator gets K shadow generators too)")
     audit.add_argument("--inversion-steps", type=int, default=0, metavar="N",
                        help="also invert the model (N steps, with and without the BN prior) and compare with the training images")
     audit.add_argument("--seed", type=int, default=0)

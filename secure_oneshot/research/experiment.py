@@ -91,7 +91,8 @@ ROW_FIELDS = [*GROUP_FIELDS, "seed",
               *[f"{m}_{k}" for m in MODELS for k in METRICS],
               "epsilon_classifier_max", "epsilon_generator_max", "epsilon_composed_max", "bytes_transferred", "seconds",
               "mia_sites_auc_max", "mia_sites_epsilon_max", "mia_global_auc", "lira_sites_auc_max",
-              "mia_generators_auc_max", "lira_generators_auc_max", "generator_near_copies_max", "synthetic_near_copies", "synthetic_median_ratio"]
+              "mia_generators_auc_max", "lira_generators_auc_max", "generator_near_copies_max",
+              "synthetic_near_copies", "synthetic_median_ratio"]
 WITHHOLDABLE = ("bn_statistics", "dp_feature_statistics", "generator")
 NEEDS_GENERATOR = ("generator", "mixed")
 
@@ -211,7 +212,8 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
         generator, generator_epsilons = _generator(doc.get("generator"))
         return Study(
             name=str(study["name"]), flags=tuple(study.get("flags", ["pneumoniamnist"])), sites=int(study.get("sites", 5)),
-            alphas=tuple(_positive_or("iid", a, "study.alphas") for a in study.get("alphas", [0.5])), seeds=tuple(int(s) for s in study.get("seeds", [0, 1, 2])),
+            alphas=tuple(_positive_or("iid", a, "study.alphas") for a in study.get("alphas", [0.5])),
+            seeds=tuple(int(s) for s in study.get("seeds", [0, 1, 2])),
             architecture=str(site.get("architecture", "small-cnn")),
             site_preset=_choice(site.get("preset", "cpu"), TRAIN_PRESETS, "site.preset"), site_epochs=site.get("epochs"),
             epsilons=tuple(_epsilon(e) for e in site.get("epsilons", ["inf"])), stats_epsilon=float(site.get("stats_epsilon", 1.0)),
@@ -304,7 +306,8 @@ def _largest(values: list[float]) -> float | None:
 
 def _row(cell: Cell, metrics: dict[str, dict[str, float]], site_names: list[str], model_dirs: list[Path],
          bytes_sent: int, seconds: float) -> dict[str, Any]:
-    row: dict[str, Any] = {"flag": cell.flag, "alpha": "iid" if math.isinf(cell.alpha) else cell.alpha, "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
+    row: dict[str, Any] = {"flag": cell.flag, "alpha": "iid" if math.isinf(cell.alpha) else cell.alpha,
+                           "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
                            "generator_epsilon": _csv_epsilon(cell.generator_epsilon), "withheld": "+".join(cell.withheld) or "none",
                            "method": cell.method, "seed": cell.seed}
     sites = [metrics[n] for n in site_names if n in metrics]

@@ -164,7 +164,8 @@ def method_comparison(rows: list[dict[str, Any]], stem: Path, *, cell: Group) ->
             label = "all released" if withheld == "none" else f"withheld: {withheld}"
             points = [(i + 0.08 * (v - (len(variants) - 1) / 2), summary[k]) for i, m in enumerate(methods)
                       if (k := cell._replace(method=m, withheld=withheld)) in summary]
-            ax.errorbar([x for x, _ in points], [s[f"global_{metric}"][0] for _, s in points], yerr=[s[f"global_{metric}"][1] for _, s in points],
+            means, stds = [s[f"global_{metric}"][0] for _, s in points], [s[f"global_{metric}"][1] for _, s in points]
+            ax.errorbar([x for x, _ in points], means, yerr=stds,
                         marker=marker, linestyle=style, color="black", capsize=3, label=f"global, {label}")
             ensemble = [s[f"ensemble_{metric}"][0] for _, s in points]
             if ensemble:
