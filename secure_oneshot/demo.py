@@ -236,9 +236,9 @@ def write_policies(run: Path, ids: dict[str, Identity], site_names: list[str]) -
 
 
 def demo_partition(cfg: DemoConfig, preset: DemoPreset, run: Path) -> Partition:
-    iid = math.isinf(cfg.alpha)  # alpha -> infinity is the even split: studies write it "iid"
-    partition = Partition(n_sites=preset.sites, scheme="iid", seed=cfg.seed) if iid else \
-        Partition(n_sites=preset.sites, scheme="dirichlet", alpha=cfg.alpha, seed=cfg.seed)
+    # alpha -> infinity is the even split (studies write it "iid"); Partition ignores alpha there.
+    scheme = "iid" if math.isinf(cfg.alpha) else "dirichlet"
+    partition = Partition(n_sites=preset.sites, scheme=scheme, alpha=cfg.alpha if scheme == "dirichlet" else Partition.alpha, seed=cfg.seed)
     splits = [load_medmnist(cfg.flag, s, root=cfg.data_root) for s in ("train", "val")]
     labels = np.concatenate([s.labels for s in splits])
     parts = partition_indices(labels, partition)

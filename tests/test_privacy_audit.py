@@ -138,6 +138,8 @@ def test_audit_privacy_command_reports_both_attacks(site_model_dir, data_root, t
     assert 0 <= generator["attacks"][1]["auc"] <= 1 and generator["lira_skipped"] is None
     assert generator["memorisation"]["images"] == 64 and generator["memorisation"]["near_copies"] == 0
     assert main(["audit-privacy", "--model", str(site_model_dir), "--data-root", str(data_root), "--out", str(tmp_path / "a.md")]) == 0
+    printed = capsys.readouterr().out  # the human summary lists every attack, the generator's too
+    assert "loss threshold" in printed and "generator denoising loss" in printed and "near-copies" in printed
     page = (tmp_path / "a.md").read_text()
     assert "| classifier | loss threshold |" in page and "| generator | generator denoising loss |" in page
     from secure_oneshot.research.privacy_audit import markdown_report

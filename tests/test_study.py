@@ -79,7 +79,7 @@ def test_metrics_of_degenerate_splits_are_reported_not_raised() -> None:
 def test_withheld_bn_statistics_make_the_site_model_normalise_with_batch_statistics(tmp_path: Path) -> None:
     import copy
 
-    from secure_oneshot.server.study import _prior_options, bn_statistics_released
+    from secure_oneshot.server.study import prior_options, bn_statistics_released
 
     (original,) = _sites(1)
     for m in original.model.modules():  # non-default statistics, so using them or not makes a difference
@@ -102,5 +102,5 @@ def test_withheld_bn_statistics_make_the_site_model_normalise_with_batch_statist
         assert torch.allclose(site.model.eval()(x), batch_mode(x), atol=1e-5)
         assert not torch.allclose(site.model(x), original.model.eval()(x), atol=1e-3)
     student = build_classifier(site.config)
-    assert _prior_options([site], student)["student"] is student  # no BN prior left: the adversarial term, not CE alone
-    assert "student" not in _prior_options([original], student)
+    assert prior_options([site], student)["student"] is student  # no BN prior left: the adversarial term, not CE alone
+    assert "student" not in prior_options([original], student)

@@ -1,4 +1,5 @@
-"""``secure-oneshot audit-privacy``: membership-inference evidence for a site's released classifier."""
+"""``secure-oneshot audit-privacy`` (privacy evidence for a site's released classifier and generator) and
+``secure-oneshot experiment`` (a privacy-utility study grid)."""
 
 from __future__ import annotations
 
@@ -23,21 +24,19 @@ def _audit_privacy(args: argparse.Namespace) -> Result:
         atomic_write_bytes(Path(args.out), text.encode("utf-8"))
     eps = report["accountant_epsilon"]
     lines = [f"membership inference against {report['model']} ({report['members']} members, {report['non_members']} non-members)",
-             f"  {'attack':28s} {'AUC':>6s} {'TPR@1%':>7s} {'TPR@0.1%':>9s} {'eps >=':>7s}"]
-    lines += [f"  {a['name']:28s} {a['auc']:6.3f} {a['tpr_at_1pct_fpr']:7.3f} {a['tpr_at_01pct_fpr']:9.3f} {a['epsilon_lower_bound']:7.2f}"
-              for a in report["attacks"]]
+             f"  {'attack':32s} {'AUC':>6s} {'TPR@1%':>7s} {'TPR@0.1%':>9s} {'eps >=':>7s}"]
+    attacks = [*report["attacks"], *(report["generator"]["attacks"] if report["generator"] else [])]
+    lines += [f"  {a['name']:32s} {a['auc']:6.3f} {a['tpr_at_1pct_fpr']:7.3f} {a['tpr_at_01pct_fpr']:9.3f} {a['epsilon_lower_bound']:7.2f}"
+              for a in attacks]
     lines.append(f"  accountant epsilon: {eps:.3g} (an upper bound; the attacks give lower bounds)" if eps is not None
                  else "  accountant epsilon: none (not trained with DP)")
     lines += [f"  inversion ({r['prior']} prior): median distance to the nearest training image {r['median_train_distance']:.3f}, "
               f"ratio to the nearest unseen image {r['median_ratio_train_to_unseen']:.2f}, near-copies {r['near_copies']}/{r['images']}"
               for r in report["inversion"]]
     if report["generator"]:
-        g = report["generator"]
-        m, copies = g["membership"], g["memorisation"]
-        lines += [f"  {'generator denoising loss':28s} {m['auc']:6.3f} {m['tpr_at_1pct_fpr']:7.3f} {m['tpr_at_01pct_fpr']:9.3f} "
-                  f"{m['epsilon_lower_bound']:7.2f}",
-                  f"  generator samples: {copies['near_copies']}/{copies['images']} near-copies of training images "
-                  f"(median distance {copies['median_train_distance']:.3f}, ratio to unseen {copies['median_ratio']:.2f})"]
+        copies = report["generator"]["memorisation"]
+        lines.append(f"  generator samples: {copies['near_copies']}/{copies['images']} near-copies of training images "
+                     f"(median distance {copies['median_train_distance']:.3f}, ratio to unseen {copies['median_ratio']:.2f})")
     if args.out:
         lines.append(f"  report: {args.out}")
         if report["generator"]:

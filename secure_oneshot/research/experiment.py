@@ -370,12 +370,12 @@ def _synthetic_memorisation(sites: list[Any], cell: Cell, data_root: str | None,
     """Are the images the server synthesises near-copies of any site's records?  One fresh inversion batch
     (the run's settings and prior, 64 images) against the train split (which holds every site's records) and the
     test split.  (Generator samples are checked per site by the generator audit: ``generator_near_copies_max``.)"""
-    from ..server.study import _prior_options
+    from ..server.study import prior_options
     from ..server.synthesis import synthesize_batch
     from .memorisation import memorisation_report
 
     x, _ = synthesize_batch([s.model for s in sites], None, replace(synth, batch_size=64, seed=synth.seed + 10_000),
-                            **_prior_options(sites, student=None))
+                            **prior_options(sites, student=None))
     train = to_dataset(load_medmnist(cell.flag, "train", root=data_root)).tensors[0]
     test = to_dataset(load_medmnist(cell.flag, "test", root=data_root)).tensors[0]
     report = memorisation_report(x.detach().cpu().clamp(-1, 1), train, test)

@@ -102,49 +102,46 @@ def _stem_suffix(cell: Group) -> str:
     return f"{generator}{withheld}-{cell.method}"
 
 
-def privacy_utility(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> list[Path]:
-    """Global model's AUC and ACC against the classifier epsilon, over the cells that differ from ``cell`` only in it."""
-    finite = [float(r["epsilon"]) for r in rows if r["epsilon"] != "inf"]
-    no_dp_x = (max(finite) * 4) if finite else 1.0
+def _curve(rows: list[dict[str, Any]], stem: Path, cell: Group, field: str, unbounded: tuple[str, str], models: tuple[str, ...],
+           xlabel: str, title: str) -> list[Path]:
+    """AUC and ACC panels against ``field`` (log axis) over the cells that differ from ``cell`` only in it; the
+    grid word ``unbounded[0]`` ("inf": no DP, "iid": alpha -> infinity) is drawn at the right end, labelled
+    ``unbounded[1]``."""
+    word, label = unbounded
+    finite = [float(r[field]) for r in rows if r[field] != word]
+    end_x = (max(finite) * 4) if finite else 1.0
 
     def x_of(key: Group) -> float:
-        return no_dp_x if key.epsilon == "inf" else float(key.epsilon)
+        value = getattr(key, field)
+        return end_x if value == word else float(value)
 
-    series = _series(rows, x_of, _same_but("epsilon", cell))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    series = _series(rows, x_of, _same_but(field, cell))
     ticks = series["global_auc"]["x"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("auc", "acc")):
-        _draw(ax, series, metric, ("global", "ensemble", "fedavg"))
+        _draw(ax, series, metric, models)
         ax.set_xscale("log")
         ax.minorticks_off()
-        ax.set_xticks(ticks, ["no DP" if x == no_dp_x else f"{x:g}" for x in ticks])
-        ax.set_xlabel("classifier epsilon (DP-SGD, delta 1e-5)")
+        ax.set_xticks(ticks, [label if x == end_x else f"{x:g}" for x in ticks])
+        ax.set_xlabel(xlabel)
     _legend_below(fig, axes[0])
-    fig.suptitle(f"{cell.flag}: privacy-utility trade-off ({cell.method}, {_split(cell.alpha)}{_variant(cell)})")
+    fig.suptitle(title)
     return save_figure(fig, stem)
+
+
+def privacy_utility(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> list[Path]:
+    """Global model's AUC and ACC against the classifier epsilon (the ensemble and FedAvg as references), over the
+    cells that differ from ``cell`` only in it."""
+    return _curve(rows, stem, cell, "epsilon", ("inf", "no DP"), ("global", "ensemble", "fedavg"),
+                  "classifier epsilon (DP-SGD, delta 1e-5)",
+                  f"{cell.flag}: privacy-utility trade-off ({cell.method}, {_split(cell.alpha)}{_variant(cell)})")
 
 
 def utility_vs_alpha(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> list[Path]:
     """Every model's AUC and ACC against the Dirichlet alpha, over the cells that differ from ``cell`` only in it."""
-    finite = [float(r["alpha"]) for r in rows if r["alpha"] != "iid"]
-    iid_x = (max(finite) * 4) if finite else 1.0  # "iid" (alpha -> infinity) drawn at the right end
-
-    def x_of(key: Group) -> float:
-        return iid_x if key.alpha == "iid" else float(key.alpha)
-
-    series = _series(rows, x_of, _same_but("alpha", cell))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    ticks = series["global_auc"]["x"]
-    for ax, metric in zip(axes, ("auc", "acc")):
-        _draw(ax, series, metric, tuple(STYLES))
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(ticks, ["IID" if x == iid_x else f"{x:g}" for x in ticks])
-        ax.set_xlabel("Dirichlet alpha of the label split (smaller = more skewed)")
-    _legend_below(fig, axes[0])
     eps = "no DP" if cell.epsilon == "inf" else f"epsilon {cell.epsilon}"
-    fig.suptitle(f"{cell.flag}: utility against data heterogeneity ({cell.method}, {eps}{_variant(cell)})")
-    return save_figure(fig, stem)
+    return _curve(rows, stem, cell, "alpha", ("iid", "IID"), tuple(STYLES), "Dirichlet alpha of the label split (smaller = more skewed)",
+                  f"{cell.flag}: utility against data heterogeneity ({cell.method}, {eps}{_variant(cell)})")
 
 
 RELEASE_STYLES = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]

@@ -195,10 +195,10 @@ def markdown_report(report: dict[str, Any]) -> str:
              "| target | attack | AUC | TPR at 1% FPR | TPR at 0.1% FPR | empirical epsilon >= |", "| --- | --- | --- | --- | --- | --- |"]
     attacks = [("classifier", a) for a in report["attacks"]]
     if report.get("generator"):
-        attacks += [("generator", a) for a in report["generator"].get("attacks", [report["generator"]["membership"]])]
+        attacks += [("generator", a) for a in report["generator"]["attacks"]]
     lines += [f"| {target} | {a['name']} | {a['auc']:.3f} | {a['tpr_at_1pct_fpr']:.3f} | {a['tpr_at_01pct_fpr']:.3f} | "
               f"{a['epsilon_lower_bound']:.2f} |" for target, a in attacks]
-    if report.get("generator", {}) and report["generator"].get("lira_skipped"):
+    if report.get("generator") and report["generator"]["lira_skipped"]:
         lines += ["", f"Generator LiRA not run: {report['generator']['lira_skipped']}."]
     lines += ["", "AUC 0.5 is chance. The empirical epsilon is what this attack proves with 95% confidence "
               "(Clopper-Pearson, Bonferroni over thresholds): a lower bound, to be read next to the accountant's upper bound."]

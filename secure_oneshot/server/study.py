@@ -36,7 +36,8 @@ from .execution import Execution
 from .sources import SiteGenerator, SynthesisMethod
 from .synthesis import InversionConfig, synthesize_batch, tracks_running_stats
 
-__all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines", "DistillJob", "DistillRun", "run_distillation", "PRESETS", "SELECTION"]
+__all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines", "DistillJob", "DistillRun", "run_distillation", "prior_options", "PRESETS",
+           "SELECTION"]
 
 # (inversion, distillation) settings per preset; every other field keeps the method's default.
 # "paper" is the method's own setting (GPU).  "cpu" lowers the BN-loss weight from 10 to 0.1: with
@@ -95,22 +96,19 @@ def _site_generator(name: str, tensors: dict[str, torch.Tensor], meta: dict[str,
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def use_batch_statistics(model: nn.Module, missing: list[str]) -> list[str]:
+def use_batch_statistics(model: nn.Module, missing: list[str]) -> None:
     """BatchNorm layers whose running statistics a policy kept at the site normalise with each batch's own statistics.
 
     Left alone they would normalise with the defaults (mean 0, variance 1) and the model would be wrong without a
     word.  Batch statistics are what such a model can honestly do: the synthesis gets no BatchNorm prior from them
     (:func:`~secure_oneshot.server.synthesis.tracks_running_stats` is false), and evaluation is transductive over
-    each evaluation batch (stated in the report).  Returns the names of the layers changed.
+    each evaluation batch (stated in the report).
     """
     withheld = {k.rsplit(".", 1)[0] for k in missing if k.endswith(("running_mean", "running_var"))}
-    changed = []
     for layer_name, module in model.named_modules():
         if layer_name in withheld and isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.track_running_stats = False
             module.running_mean = module.running_var = module.num_batches_tracked = None
-            changed.append(layer_name)
-    return changed
 
 
 def bn_statistics_released(model: nn.Module) -> bool | None:
@@ -240,7 +238,7 @@ def _inversion_trajectory(sites: list[SiteModel], synth: InversionConfig, execut
     snapshots: list[torch.Tensor] = []
     small = InversionConfig(**{**asdict(synth), "batch_size": 8, "snapshot_every": max(1, synth.steps // TRAJECTORY_ROWS)})
     synthesize_batch([s.model for s in sites], None, small, execution=execution, on_snapshot=lambda step, x: snapshots.append(x[:count].cpu()),
-                     **_prior_options(sites, student=None))
+                     **prior_options(sites, student=None))
     return torch.stack(_evenly_spaced(snapshots)).float()
 
 
@@ -264,7 +262,7 @@ def _generator_trajectory(generators: list[SiteGenerator], synth: InversionConfi
     return torch.stack(columns, dim=1)
 
 
-def _prior_options(sites: list[SiteModel], student: nn.Module | None) -> dict[str, Any]:
+def prior_options(sites: list[SiteModel], student: nn.Module | None) -> dict[str, Any]:
     """The inversion prior: BN statistics and/or released feature statistics; BN-free sites without statistics get
     the adversarial student term (never CE alone; the trajectory grid, which has no student, is the one exception)."""
     stats = [s.feature_stats for s in sites]
@@ -288,7 +286,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     torch.manual_seed(job.seed)
     student_cfg = ClassifierConfig(job.student_arch or sites[0].config.architecture, synth.channels, synth.num_classes, "batch")
     student = build_classifier(student_cfg)
-    prior = _prior_options(sites, student)
+    prior = prior_options(sites, student)
     started = time.perf_counter()
     result = distill(student, [s.model for s in sites], synth, dcfg, execution=job.execution, eval_set=test_set, progress=progress,
                      on_epoch=on_epoch, feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
