@@ -16,14 +16,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .._internal.encoding import (
-    MAX_SAFE_INT,
     b64decode,
     b64encode,
     canonical_json,
     parse_strict_json,
     parse_time,
 )
-from ..errors import BundleFormatError
+from ..errors import BundleAuthError, BundleFormatError
 
 __all__ = [
     "MAGIC",
@@ -33,6 +32,9 @@ __all__ = [
     "MAC_SIZE",
     "SIGNATURE_SIZE",
     "DEFAULT_CHUNK_SIZE",
+    "MAX_PAYLOAD_SIZE",
+    "MAX_TRAILER_LEN",
+    "MAX_JSON_DEPTH",
     "Stanza",
     "Header",
     "Manifest",
@@ -41,6 +43,8 @@ __all__ = [
     "header_mac",
     "stream_key",
     "signed_message",
+    "ciphertext_length",
+    "check_stream_length",
 ]
 
 MAGIC = b"secure-oneshot/v1\n"
@@ -48,6 +52,8 @@ FORMAT = "secure-oneshot/v1"
 MANIFEST_FORMAT = "secure-oneshot/v1 manifest"
 MAX_HEADER_LEN = 65536
 MAX_MANIFEST_LEN = 1 << 20
+MAX_PAYLOAD_SIZE = 1 << 36  # 64 GiB: the format's own maximum, whatever a reader's limit
+MAX_JSON_DEPTH = 32  # nesting of arrays/objects in the header, manifest and safetensors header
 MAX_RECIPIENTS = 16
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 1 << 16, 1 << 24
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -55,6 +61,8 @@ TAG_SIZE = 16
 MAC_SIZE = 32
 SIGNATURE_SIZE = 64
 WRAPPED_KEY_SIZE = 32 + TAG_SIZE
+MIN_TRAILER_LEN = 4 + 1 + SIGNATURE_SIZE  # u32be(manifest_len) || manifest || signature
+MAX_TRAILER_LEN = 4 + MAX_MANIFEST_LEN + SIGNATURE_SIZE
 
 WRAP_INFO = b"secure-oneshot/v1 x25519 wrap"
 MAC_INFO = b"secure-oneshot/v1 header mac"
@@ -105,8 +113,8 @@ def _check_common(fields: dict[str, Any], where: str) -> None:
         raise _fail(where, "expires must be after created")
     if not _POLICY_ID.match(_take(fields, "policy_id", str, where)):
         raise _fail(where, "policy_id has characters outside [A-Za-z0-9._:/@+-] or is over 128 long")
-    if not 0 <= _take(fields, "payload_size", int, where) <= MAX_SAFE_INT:
-        raise _fail(where, "payload_size out of range")
+    if not 0 <= _take(fields, "payload_size", int, where) <= MAX_PAYLOAD_SIZE:
+        raise _fail(where, f"payload_size out of range 0..{MAX_PAYLOAD_SIZE} (64 GiB)")
 
 
 @dataclass(frozen=True)
@@ -174,7 +182,7 @@ class Header:
     def from_json_bytes(cls, body: bytes) -> Header:
         """Parse and validate header JSON (FORMAT.md 7 step 2)."""
         try:
-            obj = parse_strict_json(body, canonical=True)
+            obj = parse_strict_json(body, canonical=True, max_depth=MAX_JSON_DEPTH, max_bytes=MAX_HEADER_LEN)
         except ValueError as e:
             raise _fail("header", str(e)) from e
         obj = _exact_fields(obj, set(cls.FIELDS), "header")
@@ -240,7 +248,7 @@ class Manifest:
     def from_bytes(cls, body: bytes) -> Manifest:
         """Parse and validate the (already signature-checked) manifest."""
         try:
-            obj = parse_strict_json(body, canonical=True)
+            obj = parse_strict_json(body, canonical=True, max_depth=MAX_JSON_DEPTH, max_bytes=MAX_MANIFEST_LEN)
         except ValueError as e:
             raise _fail("manifest", str(e)) from e
         obj = _exact_fields(obj, set(cls.FIELDS), "manifest")
@@ -295,3 +303,31 @@ def stream_key(file_key: bytes, header_bytes: bytes) -> bytes:
 def signed_message(manifest_bytes: bytes) -> bytes:
     """The exact bytes the sender's Ed25519 key signs (FORMAT.md 4.1)."""
     return SIGNATURE_LABEL + manifest_bytes
+
+
+def ciphertext_length(plaintext_length: int, chunk_size: int) -> int:
+    """Bytes of the encrypted stream of a (non-empty) plaintext: one tag per chunk (FORMAT.md 6)."""
+    return plaintext_length + -(-plaintext_length // chunk_size) * TAG_SIZE
+
+
+def check_stream_length(header: Header, stream_length: int) -> None:
+    """FORMAT.md 7 step 2: the file's real stream length must fit ``payload_size`` plus a trailer.
+
+    Pure integer arithmetic on the header and the file's size (``fstat``), done
+    before anything is read or allocated, so a header claiming a huge payload in
+    a small file, or a sparse terabyte file, costs nothing.
+
+    Raises:
+        BundleAuthError: the stream is shorter than the header needs (truncated or modified).
+        BundleFormatError: the stream is longer than any trailer could explain.
+    """
+    shortest = ciphertext_length(header.payload_size + MIN_TRAILER_LEN, header.chunk_size)
+    longest = ciphertext_length(header.payload_size + MAX_TRAILER_LEN, header.chunk_size)
+    if stream_length < shortest:
+        raise BundleAuthError(
+            f"encrypted stream of {stream_length} bytes is too short for a {header.payload_size}-byte payload "
+            f"(at least {shortest}): the bundle was truncated or modified",
+        )
+    if stream_length > longest:
+        raise _fail("stream", f"{stream_length} bytes is longer than a {header.payload_size}-byte payload "
+                              f"and the largest manifest allow ({longest}); the header's sizes do not match the file")

@@ -23,7 +23,7 @@ import torch
 from .._internal.encoding import parse_strict_json
 from ..errors import TensorPayloadError
 
-__all__ = ["DTYPES", "DEFAULT_ALLOWED_DTYPES", "PayloadLimits", "TensorPayload", "serialize_tensors", "parse_payload"]
+__all__ = ["DTYPES", "DEFAULT_ALLOWED_DTYPES", "MAX_DIMS", "MAX_DIM", "PayloadLimits", "TensorPayload", "serialize_tensors", "parse_payload"]
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("secure_oneshot.bundle needs a little-endian host (safetensors is little-endian)")
@@ -37,6 +37,12 @@ _CODES = {dtype: code for code, dtype in DTYPES.items()}
 DEFAULT_ALLOWED_DTYPES = frozenset(DTYPES)
 _ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
 _MAX_NAME = 256
+MAX_DIMS = 8
+"""Most dimensions a tensor may have (FORMAT.md 8)."""
+MAX_DIM = 1 << 40
+"""Largest single dimension (FORMAT.md 8); a real dimension this large would not fit any payload anyway."""
+MAX_HEADER_DEPTH = 32
+"""Deepest JSON nesting in a safetensors header (a valid one nests 3 deep)."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,7 @@ def _read_header(buf: memoryview, limits: PayloadLimits) -> tuple[dict[str, obje
         raise _bad(f"header length {n} runs past the end of the payload")
     raw = bytes(buf[8 : 8 + n]).rstrip(b" ")
     try:
-        header = parse_strict_json(raw, canonical=False)
+        header = parse_strict_json(raw, canonical=False, max_depth=MAX_HEADER_DEPTH, max_bytes=limits.max_header_bytes)
     except ValueError as e:
         raise _bad(f"header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
@@ -136,6 +142,22 @@ class _Entry:
     end: int
 
 
+def _is_int(x: object) -> bool:
+    # bool is an int subclass in Python; JSON true must never pass as a size.
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _shape(name: str, shape: object) -> tuple[int, ...]:
+    """Dimensions checked with Python ints before torch sees them: no overflow, no negative sizes."""
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        raise _bad(f"tensor {name!r}: shape must be a list of integers")
+    if len(shape) > MAX_DIMS:
+        raise _bad(f"tensor {name!r}: {len(shape)} dimensions, more than {MAX_DIMS}")
+    if not all(0 <= d <= MAX_DIM for d in shape):
+        raise _bad(f"tensor {name!r}: shape {shape} must have non-negative dimensions of at most 2^40")
+    return tuple(shape)
+
+
 def _entry(name: str, value: object, limits: PayloadLimits) -> _Entry:
     try:
         _check_name(name)
@@ -143,16 +165,17 @@ def _entry(name: str, value: object, limits: PayloadLimits) -> _Entry:
         raise _bad(str(e)) from e
     if not isinstance(value, dict) or set(value) != _ENTRY_FIELDS:
         raise _bad(f"tensor {name!r} must have exactly the fields dtype, shape, data_offsets")
-    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    if dtype not in limits.allowed_dtypes or dtype not in DTYPES:
+    dtype, offsets = value["dtype"], value["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in limits.allowed_dtypes or dtype not in DTYPES:
         raise _bad(f"tensor {name!r} has dtype {dtype!r}, not in the allow-list {sorted(limits.allowed_dtypes)}")
-    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)  # noqa: E731
-    if not ints(shape) or not ints(offsets) or len(offsets) != 2:
-        raise _bad(f"tensor {name!r}: shape and data_offsets must be lists of non-negative integers")
+    shape = _shape(name, value["shape"])
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) and x >= 0 for x in offsets):
+        raise _bad(f"tensor {name!r}: data_offsets must be two non-negative integers")
     begin, end = offsets
+    # At most 8 dims of at most 2^40: the product is an exact Python int, compared before any allocation.
     if end < begin or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
-        raise _bad(f"tensor {name!r}: data_offsets {offsets} do not match shape {shape} x {dtype}")
-    return _Entry(name, dtype, tuple(shape), begin, end)
+        raise _bad(f"tensor {name!r}: data_offsets {offsets} do not match shape {list(shape)} x {dtype}")
+    return _Entry(name, dtype, shape, begin, end)
 
 
 def _check_layout(entries: list[_Entry], data_len: int) -> None:

@@ -22,8 +22,8 @@ from typing import BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from ..errors import BundleAuthError
-from .format import TAG_SIZE
+from ..errors import BundleAuthError, BundleFormatError
+from .format import MAX_TRAILER_LEN, TAG_SIZE
 
 __all__ = ["StreamWriter", "decrypt_stream", "BackgroundSha256", "chunk_nonce", "plaintext_length"]
 
@@ -148,12 +148,19 @@ def decrypt_stream(
     (used to feed the hash thread).  Nothing is trusted until the caller has also
     checked the signature and the digest.
 
+    Memory: one sealed chunk, one scratch chunk and the trailer (at most
+    ``MAX_TRAILER_LEN`` bytes, checked before it is allocated), beside ``payload``.
+
     Raises:
-        BundleAuthError: a chunk fails authentication, or the length is impossible.
+        BundleAuthError: a chunk fails authentication, or the stream is too short.
+        BundleFormatError: the stream is longer than the payload and the largest trailer.
     """
     total = plaintext_length(ciphertext_length, chunk_size)
     if total < len(payload) + 1:
         raise _truncated("is too short for its declared payload")
+    if total - len(payload) > MAX_TRAILER_LEN:
+        raise BundleFormatError(f"encrypted stream holds {total - len(payload)} bytes after the payload, "
+                                f"more than the largest manifest and signature ({MAX_TRAILER_LEN})")
     aead = ChaCha20Poly1305(key)
     trailer = bytearray(total - len(payload))
     sealed, scratch = bytearray(chunk_size + TAG_SIZE), bytearray(chunk_size)

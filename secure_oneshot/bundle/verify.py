@@ -1,8 +1,16 @@
 """Open and verify a bundle as a recipient: FORMAT.md section 7, steps numbered to match.
 
 Nothing is released before every step has passed.  The payload is decrypted
-into one buffer of ``payload_size`` bytes; the tensors returned are views of it,
-so peak memory is the tensors plus one chunk.
+into one buffer of ``payload_size`` bytes; the tensors returned are views of it.
+
+Memory bound: ``payload_size`` (the tensors) + 2 x ``chunk_size`` (one sealed
+chunk, one scratch chunk) + the trailer (at most 1 MiB + 68 bytes) + a constant
+for the header (at most 64 KiB) and the interpreter.  Nothing is allocated from
+a size the file states before that size has been checked against the format's
+maxima (``payload_size`` <= 64 GiB, ``chunk_size`` <= 16 MiB), against
+:attr:`VerifyOptions.max_payload_bytes` and against the file's real length, so
+a header claiming a huge payload, or a sparse terabyte file, is refused
+without reading or allocating it.
 """
 
 from __future__ import annotations
@@ -27,9 +35,13 @@ from .recipients import unwrap_file_key
 from .safetensors_strict import PayloadLimits, TensorPayload, parse_payload
 from .stream import BackgroundSha256, Progress, decrypt_stream
 
-__all__ = ["OpenedBundle", "VerifyOptions", "open_bundle", "check_freshness"]
+__all__ = ["OpenedBundle", "VerifyOptions", "open_bundle", "check_freshness", "DEFAULT_MAX_PAYLOAD_BYTES"]
 
 DEFAULT_SKEW = timedelta(seconds=300)
+DEFAULT_MAX_PAYLOAD_BYTES = 2 << 30
+"""Default reader limit on ``payload_size`` (2 GiB).  The ingest policy's ``max_bundle_bytes``
+has no built-in default, and the example policy's 500 MB would refuse bundles another
+policy allows.  Raise it with ``VerifyOptions(max_payload_bytes=...)`` or ``--max-bytes``."""
 
 
 @dataclass(frozen=True)
@@ -37,12 +49,13 @@ class VerifyOptions:
     """Reader-side limits and clocks.
 
     Attributes:
-        max_payload_bytes: refuse larger payloads before decrypting (None: no limit).
+        max_payload_bytes: refuse larger payloads before decrypting or allocating
+            (default :data:`DEFAULT_MAX_PAYLOAD_BYTES`; ``None``: only the format's 64 GiB maximum).
         skew: how far in the future ``created`` may be.
         limits: strict safetensors rules.
     """
 
-    max_payload_bytes: int | None = None
+    max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES
     skew: timedelta = DEFAULT_SKEW
     limits: PayloadLimits = PayloadLimits()
 
@@ -149,10 +162,13 @@ def open_bundle(
     """
     now = now or utc_now()
     with _open_file(path) as src:
-        raw = read_header(src)  # steps 1-2
+        raw = read_header(src)  # steps 1-2, sizes checked against the file's length
         header = raw.header
         if options.max_payload_bytes is not None and header.payload_size > options.max_payload_bytes:
-            raise BundleFormatError(f"payload of {header.payload_size} bytes exceeds the limit of {options.max_payload_bytes}")
+            raise BundleFormatError(
+                f"payload of {header.payload_size} bytes exceeds the limit of {options.max_payload_bytes}",
+                hint="raise the limit (--max-bytes, or the ingest policy's max_bundle_bytes) if this bundle is expected",
+            )
         check_freshness(header, now, options.skew)  # step 3
         sender = trust.require(header.sender, "sender", now)  # step 4
         if ledger is not None:
@@ -163,9 +179,8 @@ def open_bundle(
         payload = _payload_buffer(header.payload_size)
         hasher = BackgroundSha256()
         try:  # step 8
-            length = os.fstat(src.fileno()).st_size - raw.stream_offset
             trailer = decrypt_stream(
-                src, length, stream_key(file_key, raw.header_bytes), header.chunk_size,
+                src, raw.stream_length, stream_key(file_key, raw.header_bytes), header.chunk_size,
                 payload, hasher.feed, progress,
             )
         except BaseException:
