@@ -16,7 +16,8 @@ from secure_oneshot.policy.signatures import sign_policy
 from secure_oneshot.policy.load import load_export_policy
 
 from .conftest import NOW
-from .policy_helpers import POLICIES, dp_record, load_cast, make_model_dir
+from .model_helpers import make_real_model_dir as make_model_dir
+from .policy_helpers import POLICIES, dp_record, load_cast
 
 CAST = load_cast()
 
@@ -139,7 +140,7 @@ def test_composed_delta_at_the_limit_is_allowed(tmp_path: Path) -> None:
 def test_refused_unknown_tensor(tmp_path: Path) -> None:
     model = make_model_dir(tmp_path / "model", bn=False, dp={"classifier": dp_record()})
     policy = install_policy(tmp_path, "hospital-strict.toml", signers=(CAST.dpo, CAST.ciso),
-                            edit={'names = ["classifier/*"]': 'names = ["classifier/conv.*", "classifier/fc.*"]'})
+                            edit={'names = ["classifier/*"]': 'names = ["classifier/head.*"]'})
     assert_refused(tmp_path, request(tmp_path, model, policy), PolicyViolationError, "no [[tensors]] rule allows it")
 
 

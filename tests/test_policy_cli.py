@@ -15,7 +15,8 @@ from secure_oneshot.policy.evaluate import ExportContext, evaluate_export
 from secure_oneshot.policy.load import load_export_policy
 
 from .conftest import NOW
-from .policy_helpers import POLICIES, VECTOR_KEYS, dp_record, load_cast, make_model_dir
+from .model_helpers import make_real_model_dir as make_model_dir
+from .policy_helpers import POLICIES, VECTOR_KEYS, dp_record, load_cast
 
 CAST = load_cast()
 
@@ -42,7 +43,7 @@ def test_explain_mixed_case_lists_every_tensor_with_the_right_decision() -> None
 
     root = Path(tempfile.mkdtemp())
     model = make_model_dir(root / "m", bn=True, generator=True, dp={"classifier": dp_record()}, extra={"head.extra": __import__("torch").ones(2)})
-    text = (POLICIES / "hospital-strict.toml").read_text().replace('names = ["classifier/*"]', 'names = ["classifier/conv.*", "classifier/fc.*", "classifier/bn.weight", "classifier/bn.bias"]')
+    text = (POLICIES / "hospital-strict.toml").read_text().replace('names = ["classifier/*"]', 'names = ["classifier/features.*", "classifier/head.weight"]')
     (root / "p.toml").write_text(text)
     policy = load_export_policy(root / "p.toml")
     candidate = load_model_dir(model)
@@ -50,10 +51,12 @@ def test_explain_mixed_case_lists_every_tensor_with_the_right_decision() -> None
     tensors = {d.subject: d for d in ev.decisions if d.kind == "tensor"}
     assert sorted(tensors) == sorted(candidate.tensors), "every tensor appears exactly once"
     expect = {
-        "classifier/conv.weight": (True, "tensors[0]"), "classifier/fc.weight": (True, "tensors[0]"),
-        "classifier/bn.weight": (True, "tensors[0]"), "classifier/bn.running_mean": (False, "artifacts.bn_statistics"),
-        "classifier/bn.running_var": (False, "artifacts.bn_statistics"), "classifier/bn.num_batches_tracked": (False, "artifacts.bn_statistics"),
-        "classifier/head.extra": (False, "tensors"), "generator/unet.conv_in.weight": (False, "artifacts.generator"),
+        "classifier/features.0.weight": (True, "tensors[0]"), "classifier/head.weight": (True, "tensors[0]"),
+        "classifier/features.1.weight": (True, "tensors[0]"), "classifier/features.1.running_mean": (False, "artifacts.bn_statistics"),
+        "classifier/features.1.running_var": (False, "artifacts.bn_statistics"),
+        "classifier/features.1.num_batches_tracked": (False, "artifacts.bn_statistics"),
+        "classifier/head.bias": (False, "tensors"), "classifier/head.extra": (False, "structure"),
+        "generator/conv_in.weight": (False, "artifacts.generator"),
     }
     for name, (allowed, rule) in expect.items():
         assert (tensors[name].allowed, tensors[name].rule) == (allowed, rule), name
@@ -79,7 +82,9 @@ def test_policy_sign_and_verify_cli(site: Path, capsys) -> None:
 def test_policy_explain_cli_json_and_table(site: Path, capsys) -> None:
     make_model_dir(site / "model", bn=True, dp={"classifier": dp_record()})
     code, out, _ = run(capsys, "policy", "explain", "--policy", "strict.toml", "--model", "model")
-    assert code == 0 and "export would be refused" in out and "DENY" in out and "classifier/bn.running_mean" in out
+    assert code == 0 and "export would be refused" in out and "DENY" in out and "classifier/features.1.running_mean" in out
+    assert "metadata (what of the model record goes into the signed manifest)" in out
+    assert "SEND    artifacts.classifier.architecture" in out
     code, out, _ = run(capsys, "--json", "policy", "explain", "--policy", "strict.toml", "--model", "model", "--without", "bn_statistics")
     data = json.loads(out)
     assert not any(d["subject"].endswith("running_mean") for d in data["decisions"])

@@ -74,7 +74,13 @@ EXPORT_CASES = [
     ("[dp.composed]", "max_epsilon", "0", "dp.composed.max_epsilon", "must be positive"),
     ("[dp.composed]", "max_delta", "0", "dp.composed.max_delta", "between 0 and 1"),
     ("[bundle]", "max_bytes", "1.5e8", "bundle.max_bytes", "must be an integer"),
-    ("[bundle]", "valid_days", "400", "bundle.valid_days", "between 0 and 365"),
+    ("[bundle]", "valid_days", "400", "bundle.valid_days", "(one hour) and 365 days"),
+    # Under a second of validity passed `policy check` and then crashed `export`: refused at load time now.
+    ("[bundle]", "valid_days", "0.000001", "bundle.valid_days", "(one hour) and 365 days"),
+    ("[bundle]", "valid_days", "0.04", "bundle.valid_days", "(one hour) and 365 days"),
+    ("[bundle]", "valid_days", "nan", "bundle.valid_days", "must be a number"),
+    ("[bundle]", "valid_days", "inf", "bundle.valid_days", "must be a number"),
+    ("[bundle]", "valid_days", "-7", "bundle.valid_days", "(one hour) and 365 days"),
 ]
 
 
@@ -128,6 +134,9 @@ def test_invalid_toml_syntax() -> None:
 
 
 INGEST_CASES = [
+    ("", "require_site_policy", '"yes"', "require_site_policy", "must be a boolean"),
+    ("", "min_site_policy_approvals", "17", "min_site_policy_approvals", "between 0 and 16"),
+    ("", "min_site_policy_approvals", "-1", "min_site_policy_approvals", "between 0 and 16"),
     ("[senders]", "allowed", '"be7e9df39748eb156e1b78f2b0a6234b"', "senders.allowed", "list of strings"),
     ("[artifacts]", "required", '["weights"]', "artifacts.required", "unknown value"),
     ("[artifacts]", "denied", '"bn_statistics"', "artifacts.denied", "list of strings"),
@@ -152,6 +161,22 @@ def test_kind_is_checked_where_one_kind_is_expected(tmp_path: Path) -> None:
         load_ingest_policy(POLICIES / "hospital-strict.toml")
     assert isinstance(load_policy(POLICIES / "research-study.toml"), ExportPolicy)
     assert isinstance(load_policy(POLICIES / "server-ingest.toml"), IngestPolicy)
+
+
+def test_site_policy_keys_default_to_compatible_values() -> None:
+    ingest = load_ingest_policy(POLICIES / "server-ingest.toml")
+    assert (ingest.require_site_policy, ingest.min_site_policy_approvals) == (False, 1)
+    text, _ = mutate(INGEST, "", "require_site_policy", "true")
+    assert policy_from_text(text).require_site_policy is True
+    text, _ = mutate(INGEST, "", "min_site_policy_approvals", None)
+    assert policy_from_text(text).min_site_policy_approvals == 1
+
+
+def test_an_oversized_policy_file_is_refused_before_parsing(tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    big.write_text(STRICT + "#" + "x" * (64 * 1024) + "\n")
+    with pytest.raises(ConfigError, match="larger than 65536 bytes"):
+        load_policy(big)
 
 
 def test_empty_allow_lists_allow_nothing_but_are_valid() -> None:

@@ -10,7 +10,7 @@ from ..errors import PolicyViolationError
 from ..keys import load_trust_store
 from ..policy.artifacts import load_model_dir
 from ..policy.evaluate import ExportContext, evaluate_export
-from ..policy.explain import decision_table, evaluation_json
+from ..policy.explain import decision_table, evaluation_json, metadata_table
 from ..policy.load import load_export_policy, load_policy
 from ..policy.model import ExportPolicy
 from ..policy.signatures import count_approvals, sign_policy
@@ -43,7 +43,7 @@ def _explain(args: argparse.Namespace) -> Result:
     candidate = load_model_dir(args.model).without(set(args.without or []))
     ev = evaluate_export(policy, candidate, ExportContext(utc_now(), tuple(args.recipient or policy.recipients), approvals, None))
     verdict = "everything listed would be ALLOWED" if ev.allowed else f"{len(ev.denied)} decision(s) DENY: export would be refused"
-    lines = [f"policy {policy.id} v{policy.version} on {args.model}: {verdict}", *decision_table(ev.decisions)]
+    lines = [f"policy {policy.id} v{policy.version} on {args.model}: {verdict}", *decision_table(ev.decisions), *metadata_table(ev)]
     return Result({"policy_id": policy.id, "version": policy.version, **evaluation_json(ev)}, lines)
 
 

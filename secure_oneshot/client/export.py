@@ -1,15 +1,25 @@
 """``export``: the policy-checked, audited way weights leave a site.
 
-Steps: verify the site's audit log -> load the policy and count approver
-signatures -> look up the highest policy version used here (no rollback) ->
-load the model directory -> evaluate every decision -> refuse (audit record,
-no bundle) or seal exactly the allowed tensors with the policy bound into the
-signed manifest (audit record).  ``dry_run`` evaluates without writing a bundle
-or an audit record.
+Steps: verify the site's audit log -> read the policy's bytes once, load it
+and count approver signatures -> look up the highest policy version used here
+(no rollback) -> load the model directory -> evaluate every decision
+(structure, metadata allow-list, DP, tensors) -> refuse (audit record, no
+bundle) or seal exactly the allowed tensors and allow-listed metadata, with the
+policy's hash, its exact text and its approvals in the signed manifest
+(``meta.site_policy``), then record it.  ``dry_run`` evaluates without writing
+a bundle or an audit record.
+
+Bundle and audit record are one act: the bundle is sealed under a temporary
+name beside ``out`` (``.{name}.{pid}.{hex}.tmp``, the pattern of
+``_internal.atomic``), the audit record is appended (fsynced by the audit
+module), and only then is the bundle renamed to ``out`` and the directory
+fsynced.  Any failure removes the temporary: no bundle is ever left at ``out``
+without its audit record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,16 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from .. import audit
+from .._internal.atomic import fsync_dir
 from .._internal.encoding import utc_now
 from ..bundle import SealResult, seal_tensors
-from ..errors import PolicyViolationError, PrivacyError, SecureOneshotError
+from ..errors import ConfigError, PolicyViolationError, PrivacyError, ResourceError, SecureOneshotError
 from ..keys import Identity, PublicIdentity, TrustStore
-from ..policy.artifacts import ExportCandidate, artifact_of, load_model_dir
+from ..policy.artifacts import ExportCandidate, load_model_dir
 from ..policy.evaluate import Evaluation, ExportContext, evaluate_export
-from ..policy.explain import decision_table, denial_summary, evaluation_json
-from ..policy.load import load_export_policy
+from ..policy.explain import decision_table, denial_summary, evaluation_json, metadata_table
+from ..policy.load import policy_from_bytes, read_policy_bytes
 from ..policy.model import ExportPolicy
-from ..policy.signatures import count_approvals
+from ..policy.signatures import count_entry_approvals, read_signature_entries
+from ..policy.site_policy import site_policy_meta
 
 __all__ = ["ExportRequest", "ExportReport", "export_model", "highest_policy_version"]
 
@@ -65,17 +77,6 @@ def highest_policy_version(records: Sequence[audit.AuditRecord], policy_id: str)
     return max(versions, default=None)
 
 
-def _no_floats(value: Any) -> Any:
-    """Signed JSON carries reals as decimal strings (FORMAT.md 1)."""
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, dict):
-        return {str(k): _no_floats(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_no_floats(v) for v in value]
-    return value
-
-
 def _event(req: ExportRequest, policy: ExportPolicy, outcome: str, reason: str, **extra: Any) -> audit.AuditEvent:
     return audit.AuditEvent(
         action="export", outcome=outcome, reason=reason, policy_id=policy.id, policy_version=policy.version,
@@ -92,30 +93,78 @@ def _refuse(req: ExportRequest, policy: ExportPolicy, ev: Evaluation) -> SecureO
     return error_class(
         f"export refused by policy {policy.id} v{policy.version}: {summary}",
         hint="nothing was sent; fix the model or ask the privacy office about the policy (table below)",
-        details=["decisions:", *decision_table(ev.decisions)],
+        details=["decisions:", *decision_table(ev.decisions), *metadata_table(ev)],
         data={"evaluation": evaluation_json(ev)},
     )
 
 
 def _sent_dp(candidate: ExportCandidate, tensors: list[str]) -> dict[str, Any]:
-    sent = {artifact_of(n) for n in tensors}
+    sent = {candidate.artifact_of(n) for n in tensors}
     return {a: r.to_json() for a, r in candidate.dp.items() if a in sent}
 
 
-def _seal(req: ExportRequest, policy: ExportPolicy, candidate: ExportCandidate, ev: Evaluation) -> SealResult:
+@dataclass(frozen=True)
+class _PolicySource:
+    """The policy as read once: its exact bytes (which travel in the bundle) and its signature entries."""
+
+    policy: ExportPolicy
+    raw: bytes
+    signatures: list[dict[str, str]]
+
+
+def _read_policy(path: Path) -> _PolicySource:
+    raw = read_policy_bytes(path)
+    policy = policy_from_bytes(raw, str(path))
+    if not isinstance(policy, ExportPolicy):
+        raise ConfigError(f"{path} is a server ingest policy, not a site export policy")
+    return _PolicySource(policy, raw, read_signature_entries(path))
+
+
+def _temporary_beside(out: Path) -> Path:
+    """A fresh name in ``out``'s folder, in ``_internal.atomic``'s temporary pattern (its stale-file sweep covers it)."""
+    return out.parent / f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+
+
+def _seal(req: ExportRequest, source: _PolicySource, candidate: ExportCandidate, ev: Evaluation, path: Path) -> SealResult:
+    policy = source.policy
     names = ev.allowed_tensors()
-    sent = sorted({artifact_of(n) for n in names})
+    assert ev.metadata is not None  # evaluate_export always reviews the metadata
     meta = {
         "policy_version": policy.version,
-        "site": candidate.site,
-        "artifacts": {a: _no_floats(candidate.artifacts_meta.get(a, {})) for a in sent},
+        **ev.metadata.sent,
         "recomputed_epsilon": {k: repr(v) for k, v in ev.epsilons.items()},
+        "site_policy": site_policy_meta(policy, source.raw, source.signatures),
     }
     return seal_tensors(
-        {n: candidate.tensors[n] for n in names}, req.out, sender=req.sender, recipients=list(req.recipients),
+        {n: candidate.tensors[n] for n in names}, path, sender=req.sender, recipients=list(req.recipients),
         policy_id=policy.id, policy_sha256=policy.sha256, dp=_sent_dp(candidate, names), meta=meta,
         valid_for=timedelta(days=policy.valid_days), now=req.now,
     )
+
+
+def _seal_and_record(req: ExportRequest, source: _PolicySource, candidate: ExportCandidate, report: ExportReport) -> None:
+    """Seal to a temporary beside ``out``, append the audit record, then rename: one act (module docstring)."""
+    out = Path(req.out)
+    temporary = _temporary_beside(out)
+    try:
+        sealed = _seal(req, source, candidate, report.evaluation, temporary)
+        m = sealed.manifest
+        audit.append_event(req.audit_log, req.sender, _event(
+            req, source.policy, "ok", f"sent {len(report.tensors)} tensors ({m.payload_size} bytes)",
+            bundle_id=m.bundle_id, payload_sha256=m.payload_sha256, dp={a: r["epsilon"] for a, r in m.dp.items()},
+            details={"tensors": len(report.tensors), "expires": m.expires, "out": out.name},
+        ), req.now)
+        try:
+            os.replace(temporary, out)
+            fsync_dir(out.parent if str(out.parent) else Path("."))
+        except OSError as e:
+            raise ResourceError(f"cannot move the sealed bundle to {out}: {e.strerror}",
+                                hint="the audit log records a bundle id that was not delivered; check the folder and export again") from e
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    report.bundle = SealResult(out, sealed.header, sealed.manifest)
 
 
 def export_model(req: ExportRequest) -> ExportReport:
@@ -128,8 +177,9 @@ def export_model(req: ExportRequest) -> ExportReport:
     """
     now = req.now or utc_now()
     records = audit.verify_log(req.audit_log, req.sender.public) if os.path.exists(req.audit_log) else []
-    policy = load_export_policy(req.policy_path)
-    approvals, _ = count_approvals(policy, req.policy_path, req.trust, now)
+    source = _read_policy(Path(req.policy_path))
+    policy = source.policy
+    approvals, _ = count_entry_approvals(policy, source.signatures, req.trust, now)
     candidate = load_model_dir(req.model_dir).without(set(req.without))
     ctx = ExportContext(now, tuple(r.key_id for r in req.recipients), approvals, highest_policy_version(records, policy.id), req.min_approvals)
     ev = evaluate_export(policy, candidate, ctx)
@@ -138,11 +188,5 @@ def export_model(req: ExportRequest) -> ExportReport:
     report = ExportReport(policy, ev, ev.allowed_tensors(), epsilons=dict(ev.epsilons))
     if req.dry_run:
         return report
-    report.bundle = _seal(req, policy, candidate, ev)
-    m = report.bundle.manifest
-    audit.append_event(req.audit_log, req.sender, _event(
-        req, policy, "ok", f"sent {len(report.tensors)} tensors ({m.payload_size} bytes)",
-        bundle_id=m.bundle_id, payload_sha256=m.payload_sha256, dp={a: r["epsilon"] for a, r in m.dp.items()},
-        details={"tensors": len(report.tensors), "expires": m.expires},
-    ), req.now)
+    _seal_and_record(req, source, candidate, report)
     return report

@@ -8,15 +8,16 @@ A model directory (written by ``secure-oneshot train``; tests build them by hand
       generator.safetensors       optional
       feature_stats.safetensors   optional (DP feature statistics)
 
-Payload tensor names are ``<file stem>/<tensor name>``.  BatchNorm running
-statistics (``running_mean``, ``running_var``, ``num_batches_tracked``) are the
-separate artifact ``bn_statistics`` wherever they appear, because they are
-computed from patient data and are what model-inversion attacks feed on.
+Payload tensor names are ``<file stem>/<tensor name>``.  Which artifact a
+tensor belongs to is decided by *structure* (:mod:`.structure`): the
+architecture declared in ``record.json`` says which tensors are classifier
+parameters, which are BatchNorm running statistics (the separate artifact
+``bn_statistics``: computed from patient data, what model-inversion attacks
+feed on), and so on; anything it does not define is ``unknown`` and refused.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,24 +26,18 @@ from typing import Any
 
 import torch
 
+from .._internal.encoding import parse_strict_json
 from ..bundle.safetensors_strict import PayloadLimits, parse_payload
 from ..errors import ConfigError, ResourceError
 from .dp import DpRecord
+from .structure import Classification, classify_tensors
 
-__all__ = ["ARTIFACT_FILES", "BN_SUFFIXES", "MODEL_RECORD_FORMAT", "ExportCandidate", "artifact_of", "load_model_dir"]
+__all__ = ["ARTIFACT_FILES", "MAX_RECORD_BYTES", "MODEL_RECORD_FORMAT", "ExportCandidate", "load_model_dir"]
 
 MODEL_RECORD_FORMAT = "secure-oneshot-model/v1"
-ARTIFACT_FILES = {"classifier": "classifier", "generator": "generator", "feature_stats": "dp_feature_statistics"}
-BN_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+ARTIFACT_FILES = ("classifier", "generator", "feature_stats")   # file stems read from a model directory
+MAX_RECORD_BYTES = 1 << 20   # record.json is a small training record; a bigger one is not read
 _RECORD_KEYS = {"format", "site", "artifacts", "dp", "training"}
-
-
-def artifact_of(payload_name: str) -> str:
-    """``"classifier/layer1.0.bn1.running_mean"`` -> ``"bn_statistics"``; ``"generator/conv.weight"`` -> ``"generator"``."""
-    stem = payload_name.split("/", 1)[0]
-    if payload_name.endswith(BN_SUFFIXES):
-        return "bn_statistics"
-    return ARTIFACT_FILES.get(stem, f"unknown:{stem}")
 
 
 @dataclass
@@ -51,28 +46,43 @@ class ExportCandidate:
 
     tensors: dict[str, torch.Tensor]
     dp: dict[str, DpRecord] = field(default_factory=dict)
-    artifacts_meta: dict[str, Any] = field(default_factory=dict)
-    site: str = ""
+    artifacts_meta: dict[str, Any] = field(default_factory=dict)   # record.json "artifacts", unreviewed (policy.metadata judges it)
+    site: Any = ""
+    _classification: Classification | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def classification(self) -> Classification:
+        """The structural classification of :attr:`tensors` against the declared architectures (computed once)."""
+        if self._classification is None:
+            self._classification = classify_tensors(self.tensors, self.artifacts_meta)
+        return self._classification
+
+    def artifact_of(self, payload_name: str) -> str:
+        return self.classification.artifacts.get(payload_name, "unknown")
 
     def artifacts(self) -> dict[str, list[str]]:
-        """artifact -> payload names present."""
-        grouped: dict[str, list[str]] = {}
-        for name in sorted(self.tensors):
-            grouped.setdefault(artifact_of(name), []).append(name)
-        return grouped
+        """artifact -> payload names present ("unknown" for tensors no declared architecture defines)."""
+        return self.classification.grouped()
 
     def without(self, artifacts: set[str]) -> ExportCandidate:
         """A copy with whole artifacts left out (``export --without``): nothing is dropped silently."""
-        kept = {n: t for n, t in self.tensors.items() if artifact_of(n) not in artifacts}
+        kept = {n: t for n, t in self.tensors.items() if self.artifact_of(n) not in artifacts}
         return ExportCandidate(kept, {a: r for a, r in self.dp.items() if a not in artifacts}, self.artifacts_meta, self.site)
 
 
 def _read_record(path: Path) -> dict[str, Any]:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECORD_BYTES + 1)
     except FileNotFoundError as e:
         raise ResourceError(f"{path} not found", hint="a model directory needs record.json (written by `secure-oneshot train`)") from e
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the training record ({e.strerror})") from e
+    if len(data) > MAX_RECORD_BYTES:
+        raise ConfigError(f"{path}: training record larger than {MAX_RECORD_BYTES} bytes", hint="record.json holds a small training record, not data")
+    try:
+        record = parse_strict_json(data, canonical=False)
+    except (ValueError, RecursionError) as e:
         raise ConfigError(f"{path}: not a valid JSON training record ({e})") from e
     if not isinstance(record, dict) or record.get("format") != MODEL_RECORD_FORMAT:
         raise ConfigError(f"{path}: format must be {MODEL_RECORD_FORMAT!r}")
@@ -113,5 +123,6 @@ def load_model_dir(directory: str | os.PathLike[str]) -> ExportCandidate:
         path = folder / f"{stem}.safetensors"
         if path.is_file():
             tensors.update(_read_tensors(path, stem))
-    meta = record.get("artifacts", {})
-    return ExportCandidate(tensors, _dp_records(record.get("dp", {}), folder / "record.json"), meta if isinstance(meta, dict) else {}, str(record.get("site", "")))
+    if not isinstance(record.get("artifacts", {}), dict):
+        raise ConfigError(f"{folder / 'record.json'}: 'artifacts' must be an object keyed by artifact")
+    return ExportCandidate(tensors, _dp_records(record.get("dp", {}), folder / "record.json"), record.get("artifacts", {}), record.get("site", ""))

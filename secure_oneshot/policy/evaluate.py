@@ -9,17 +9,20 @@ with a denial (``export`` refuses; ``policy explain`` prints the table).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import torch
 
 from ..bundle.safetensors_strict import serialize_tensors
 from ..errors import PrivacyError
-from .artifacts import ExportCandidate, artifact_of
+from .artifacts import ExportCandidate
 from .dp import DpRecord, composed_epsilon, group_by_dataset, verify_claim
+from .metadata import MetadataReview, review_metadata, review_received
 from .model import DpLimit, ExportPolicy, IngestPolicy
+from .structure import UNKNOWN, Classification, classify_tensors
 
 __all__ = ["Decision", "Evaluation", "ExportContext", "evaluate_export", "evaluate_ingest", "dtype_code"]
 
@@ -35,7 +38,7 @@ def dtype_code(tensor: torch.Tensor) -> str:
 class Decision:
     """One line of the explain table."""
 
-    kind: str       # "policy" | "recipient" | "artifact" | "dp" | "tensor" | "bundle"
+    kind: str       # "policy" | "recipient" | "artifact" | "structure" | "metadata" | "dp" | "tensor" | "bundle"
     subject: str    # what was judged: a tensor name, an artifact, a key id, ...
     rule: str       # the policy key that decided, e.g. "artifacts.bn_statistics" or "tensors[1]"
     allowed: bool
@@ -47,11 +50,13 @@ class Decision:
 
 @dataclass
 class Evaluation:
-    """All decisions plus the recomputed epsilons (artifact -> epsilon; "composed:<fingerprint>" for compositions)."""
+    """All decisions plus the recomputed epsilons (artifact -> epsilon; "composed:<fingerprint>" for compositions)
+    and the metadata review (what of the model record would go into the manifest)."""
 
     decisions: list[Decision] = field(default_factory=list)
     epsilons: dict[str, float] = field(default_factory=dict)
     payload_bytes: int = 0
+    metadata: MetadataReview | None = None
 
     @property
     def allowed(self) -> bool:
@@ -164,7 +169,10 @@ def _check_artifacts(ev: Evaluation, policy: ExportPolicy, candidate: ExportCand
     """Artifact-level decisions; returns the artifacts that may leave."""
     permitted = set()
     for artifact in sorted(candidate.artifacts()):
-        mode = policy.artifacts.get(artifact, "deny")  # unknown artifacts (unknown file stems) fail closed
+        if artifact == UNKNOWN:
+            ev.add("artifact", artifact, "structure", False, "tensors no declared architecture defines never leave")
+            continue
+        mode = policy.artifacts.get(artifact, "deny")
         has_dp = artifact in candidate.dp
         ok = mode == "allow" or (mode == "allow-with-dp" and has_dp)
         reason = {"allow": "allowed", "deny": "denied by policy", "allow-with-dp": "allowed only with DP: " + ("DP record present" if has_dp else "no DP record")}[mode]
@@ -187,9 +195,26 @@ def _tensor_decision(policy: ExportPolicy, name: str, tensor: torch.Tensor, arti
     return "tensors", False, "no [[tensors]] rule allows it (allow-list)"
 
 
+def _check_structure(ev: Evaluation, classification: Classification) -> None:
+    """Missing tensors, shape/dtype mismatches and undescribable metadata: each a denial."""
+    for section, note in sorted(classification.notes.items()):
+        ev.add("structure", section, "structure", False, note)
+    for subject, reason in classification.problems:
+        ev.add("structure", subject, "structure", False, reason)
+
+
+def _check_metadata(ev: Evaluation, review: MetadataReview) -> None:
+    ev.metadata = review
+    for f in review.fields:
+        ev.add("metadata", f.path, "metadata", f.allowed, f"{f.value}: {f.outcome} ({f.reason})")
+
+
 def _check_tensors(ev: Evaluation, policy: ExportPolicy, candidate: ExportCandidate, permitted: set[str]) -> None:
     for name, tensor in sorted(candidate.tensors.items()):
-        artifact = artifact_of(name)
+        artifact = candidate.artifact_of(name)
+        if artifact == UNKNOWN:
+            ev.add("tensor", name, "structure", False, "the declared architecture defines no such tensor")
+            continue
         if artifact not in permitted:
             ev.add("tensor", name, f"artifacts.{artifact}", False, f"artifact {artifact} may not leave")
             continue
@@ -207,11 +232,14 @@ def evaluate_export(policy: ExportPolicy, candidate: ExportCandidate, ctx: Expor
     _check_policy_state(ev, policy, ctx)
     _check_recipients(ev, policy, ctx.recipients)
     permitted = _check_artifacts(ev, policy, candidate)
-    present = candidate.artifacts()
-    records = {a: r for a, r in candidate.dp.items() if a in present}  # DP records of artifacts actually offered
+    _check_structure(ev, candidate.classification)
+    # DP records of artifacts that may leave: no accountant work for what is refused anyway.
+    records = {a: r for a, r in candidate.dp.items() if a in permitted}
     _check_dp(ev, records, policy.dp)
     _check_composition(ev, records, policy.composed_dp)
     _check_tensors(ev, policy, candidate, permitted)
+    sending = {candidate.artifact_of(n) for n in ev.allowed_tensors()}
+    _check_metadata(ev, review_metadata(candidate.artifacts_meta, candidate.site, sending))
     allowed = {n: candidate.tensors[n] for n in ev.allowed_tensors()}
     ev.payload_bytes = payload_size(allowed)
     ev.add("bundle", "payload", "bundle.max_bytes", ev.payload_bytes <= policy.max_bundle_bytes,
@@ -222,29 +250,49 @@ def evaluate_export(policy: ExportPolicy, candidate: ExportCandidate, ctx: Expor
 # --- ingest ------------------------------------------------------------------------------------
 
 
-def _architecture(meta: dict[str, object], artifact: str) -> str:
-    entry = meta.get("artifacts", {}) if isinstance(meta, dict) else {}
+MANIFEST_META_KEYS = ("policy_version", "site", "artifacts", "recomputed_epsilon", "site_policy")
+"""The keys ``export`` writes into a manifest's ``meta``; a received bundle with any other key is refused."""
+
+
+def _architecture(meta: Mapping[str, Any], artifact: str) -> str:
+    entry = meta.get("artifacts", {})
     info = entry.get(artifact, {}) if isinstance(entry, dict) else {}
     return str(info.get("architecture", "")) if isinstance(info, dict) else ""
 
 
-def evaluate_ingest(policy: IngestPolicy, sender: str, tensors: dict[str, torch.Tensor], dp: dict[str, DpRecord],
-                    meta: dict[str, object], payload_bytes: int) -> Evaluation:
-    """Decisions for accepting an already verified bundle at the server."""
+def evaluate_ingest(policy: IngestPolicy, sender: str, tensors: Mapping[str, torch.Tensor], dp: dict[str, DpRecord],
+                    meta: Mapping[str, Any], payload_bytes: int) -> Evaluation:
+    """Decisions for accepting an already verified bundle at the server.
+
+    The received tensors are classified by structure against the architectures the manifest declares, with the
+    same rules as at the site: an unknown tensor, a missing one or a shape/dtype mismatch is a denial.
+    """
     ev = Evaluation(payload_bytes=payload_bytes)
+    meta = meta if isinstance(meta, dict) else {}
     ev.add("policy", sender, "senders.allowed", sender in policy.senders, "listed" if sender in policy.senders else "sender not in senders.allowed")
-    present = sorted({artifact_of(n) for n in tensors})
+    for key in sorted(set(meta) - set(MANIFEST_META_KEYS)):
+        ev.add("metadata", f"meta.{key}", "metadata", False, "not a field export writes")
+    classification = classify_tensors(tensors, meta.get("artifacts", {}))
+    _check_structure(ev, classification)
+    present = sorted(set(classification.artifacts.values()))
+    _check_metadata(ev, review_received(meta, set(present) - {UNKNOWN}))
     for artifact in policy.required_artifacts:
         ev.add("artifact", artifact, "artifacts.required", artifact in present, "present" if artifact in present else "required but missing")
+    refused = set()
     for artifact in present:
-        denied = artifact in policy.denied_artifacts or artifact.startswith("unknown:")
-        ev.add("artifact", artifact, "artifacts.denied", not denied, "denied at this server" if denied else "accepted")
+        denied = artifact in policy.denied_artifacts or artifact == UNKNOWN
+        reason = "tensors no declared architecture defines" if artifact == UNKNOWN else "denied at this server" if denied else "accepted"
+        ev.add("artifact", artifact, "structure" if artifact == UNKNOWN else "artifacts.denied", not denied, reason)
+        if denied:
+            refused.add(artifact)
         if artifact in policy.require_dp and artifact not in dp:
             ev.add("dp", artifact, "artifacts.require_dp", False, "DP required but the bundle has no DP record for it")
         if artifact in ("classifier", "generator"):
             arch = _architecture(meta, artifact)
             ev.add("artifact", artifact, "models.architectures", arch in policy.architectures, f"architecture {arch or '(none)'!r}")
-    _check_dp(ev, {a: r for a, r in dp.items() if a in present}, policy.dp)
+    for name in sorted(n for n, a in classification.artifacts.items() if a == UNKNOWN):
+        ev.add("tensor", name, "structure", False, "the declared architecture defines no such tensor")
+    _check_dp(ev, {a: r for a, r in dp.items() if a in present and a not in refused}, policy.dp)
     ev.add("bundle", "payload", "limits.max_bundle_bytes", payload_bytes <= policy.max_bundle_bytes, f"{payload_bytes} bytes")
     ev.add("bundle", "payload", "limits.max_tensors", len(tensors) <= policy.max_tensors, f"{len(tensors)} tensors")
     biggest = max((t.numel() * t.element_size() for t in tensors.values()), default=0)

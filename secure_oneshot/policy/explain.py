@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 from .evaluate import Decision, Evaluation
 
-__all__ = ["decision_table", "evaluation_json", "denial_summary"]
+__all__ = ["decision_table", "metadata_table", "evaluation_json", "denial_summary"]
 
-_ORDER = {"policy": 0, "recipient": 1, "artifact": 2, "dp": 3, "tensor": 4, "bundle": 5}
+_ORDER = {"policy": 0, "recipient": 1, "artifact": 2, "structure": 3, "metadata": 4, "dp": 5, "tensor": 6, "bundle": 7}
 
 
 def decision_table(decisions: Sequence[Decision]) -> list[str]:
@@ -21,6 +21,19 @@ def decision_table(decisions: Sequence[Decision]) -> list[str]:
     for d in rows:
         mark = " " if d.allowed else "!"
         lines.append(f"  {mark} {'ALLOW' if d.allowed else 'DENY':8} {d.kind:9} {d.subject:{width}} {d.rule:{rule_width}} {d.reason}")
+    return lines
+
+
+def metadata_table(evaluation: Evaluation) -> list[str]:
+    """The "metadata" section: every model-record field, its value, and whether it is sent, kept or refused."""
+    review = evaluation.metadata
+    if review is None:
+        return []
+    width = min(max((len(f.path) for f in review.fields), default=10), 60)
+    lines = ["metadata (what of the model record goes into the signed manifest):"]
+    for f in review.fields:
+        mark = " " if f.allowed else "!"
+        lines.append(f"  {mark} {f.outcome.upper():7} {f.path:{width}} {f.value}  ({f.reason})")
     return lines
 
 
@@ -37,4 +50,5 @@ def evaluation_json(evaluation: Evaluation) -> dict[str, object]:
         "decisions": [d.to_json() for d in evaluation.decisions],
         "epsilons": {k: repr(v) for k, v in evaluation.epsilons.items()},
         "payload_bytes": evaluation.payload_bytes,
+        "metadata": [f.__dict__ for f in evaluation.metadata.fields] if evaluation.metadata else [],
     }

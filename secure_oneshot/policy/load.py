@@ -8,10 +8,10 @@ collected and raised as one :class:`ConfigError`.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .._internal.compat import tomllib
@@ -23,13 +23,19 @@ from .model import (
     ARTIFACTS,
     EXPORT_SCHEMA,
     INGEST_SCHEMA,
+    MAX_VALID_DAYS,
+    MIN_VALID_DAYS,
     DpLimit,
     ExportPolicy,
     IngestPolicy,
     TensorRule,
 )
 
-__all__ = ["load_policy", "policy_from_text", "load_export_policy", "load_ingest_policy"]
+__all__ = ["MAX_POLICY_BYTES", "load_policy", "policy_from_text", "policy_from_bytes", "read_policy_bytes", "load_export_policy",
+           "load_ingest_policy"]
+
+MAX_POLICY_BYTES = 64 * 1024
+"""A reviewed policy is a few kilobytes; a bigger file is refused (it also travels in bundles: FORMAT.md)."""
 
 _ID = re.compile(r"^[A-Za-z0-9._:/@+-]{1,128}$")
 _KEY_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -92,6 +98,11 @@ def _read_tensor_rules(root: Table) -> tuple[TensorRule, ...]:
     return tuple(rules)
 
 
+def _valid_days(v: float) -> str | None:
+    ok = math.isfinite(v) and MIN_VALID_DAYS <= v <= MAX_VALID_DAYS
+    return None if ok else f"must be between {MIN_VALID_DAYS:.4g} (one hour) and {MAX_VALID_DAYS} days"
+
+
 def _export_policy(root: Table) -> ExportPolicy:
     policy_id, version, owner = _read_header(root, EXPORT_SCHEMA)
     effective, expires = root.get("effective", "date-time"), root.get("expires", "date-time")
@@ -116,7 +127,7 @@ def _export_policy(root: Table) -> ExportPolicy:
             root.problems.add(f"artifacts.{name}", f"is allow-with-dp but there is no [dp.{name}] table with its limits")
     bundle = root.table("bundle")
     max_bytes = bundle.get("max_bytes", "integer", check=positive)
-    valid_days = bundle.get("valid_days", "number", check=lambda v: None if 0 < v <= 365 else "must be between 0 and 365 days")
+    valid_days = bundle.get("valid_days", "number", check=_valid_days)
     bundle.finish()
     tensors = _read_tensor_rules(root)
     root.finish()
@@ -128,6 +139,9 @@ def _export_policy(root: Table) -> ExportPolicy:
 
 def _ingest_policy(root: Table) -> IngestPolicy:
     policy_id, version, owner = _read_header(root, INGEST_SCHEMA)
+    require_site_policy = root.get("require_site_policy", "boolean", False)
+    min_approvals = root.get("min_site_policy_approvals", "integer", 1,
+                             check=lambda v: None if 0 <= v <= 16 else "must be between 0 and 16")
     senders = root.table("senders")
     allowed = tuple(senders.get("allowed", "list of strings", check=_key_ids) or ())
     senders.finish()
@@ -147,7 +161,8 @@ def _ingest_policy(root: Table) -> IngestPolicy:
     sizes = [limits.get(k, "integer", check=positive) for k in ("max_bundle_bytes", "max_tensors", "max_tensor_bytes")]
     limits.finish()
     root.finish()
-    return IngestPolicy(policy_id, version, owner, allowed, required, denied, dp, require_dp, architectures, *sizes)
+    return IngestPolicy(policy_id, version, owner, allowed, required, denied, dp, require_dp, architectures, *sizes,
+                        require_site_policy=require_site_policy, min_site_policy_approvals=min_approvals)
 
 
 _KINDS: dict[str, Callable[[Table], Any]] = {EXPORT_SCHEMA: _export_policy, INGEST_SCHEMA: _ingest_policy}
@@ -174,17 +189,32 @@ def policy_from_text(text: str, source: str = "<policy>") -> ExportPolicy | Inge
     return type(policy)(**{**policy.__dict__, "sha256": digest, "source": source})
 
 
-def load_policy(path: str | os.PathLike[str]) -> ExportPolicy | IngestPolicy:
-    """Read a policy file.  Its ``sha256`` is over the exact bytes (what approvers sign)."""
+def read_policy_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The exact bytes of a policy file, at most :data:`MAX_POLICY_BYTES`."""
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_POLICY_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read policy {path}: {e.strerror}", hint="check the path") from e
+    if len(raw) > MAX_POLICY_BYTES:
+        raise ConfigError(f"{path}: policy file larger than {MAX_POLICY_BYTES} bytes", hint="a reviewed policy is a few kilobytes")
+    return raw
+
+
+def policy_from_bytes(raw: bytes, source: str = "<policy>") -> ExportPolicy | IngestPolicy:
+    """Parse a policy from its exact bytes (a file, or the copy a bundle carries); ``sha256`` is over these bytes."""
+    if len(raw) > MAX_POLICY_BYTES:
+        raise ConfigError(f"{source}: policy larger than {MAX_POLICY_BYTES} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text") from e
-    return policy_from_text(text, str(path))  # UTF-8 round-trips, so sha256 is over the file's bytes
+        raise ConfigError(f"{source}: not UTF-8 text") from e
+    return policy_from_text(text, source)  # UTF-8 round-trips, so sha256 is over the exact bytes
+
+
+def load_policy(path: str | os.PathLike[str]) -> ExportPolicy | IngestPolicy:
+    """Read a policy file.  Its ``sha256`` is over the exact bytes (what approvers sign)."""
+    return policy_from_bytes(read_policy_bytes(path), str(path))
 
 
 def load_export_policy(path: str | os.PathLike[str]) -> ExportPolicy:

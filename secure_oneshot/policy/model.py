@@ -15,6 +15,8 @@ __all__ = [
     "ARTIFACTS",
     "ARTIFACT_MODES",
     "EXPORT_SCHEMA",
+    "MIN_VALID_DAYS",
+    "MAX_VALID_DAYS",
     "INGEST_SCHEMA",
     "TensorRule",
     "DpLimit",
@@ -28,6 +30,8 @@ INGEST_SCHEMA = "secure-oneshot/server-ingest-policy/v1"
 # classifier because they are computed from patient data and feed model inversion.
 ARTIFACTS = ("classifier", "generator", "bn_statistics", "dp_feature_statistics")
 ARTIFACT_MODES = ("allow", "deny", "allow-with-dp")
+MIN_VALID_DAYS = 1 / 24   # a bundle valid for less than an hour cannot cross real transfer channels
+MAX_VALID_DAYS = 365
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class ExportPolicy:
     dp: dict[str, DpLimit]
     composed_dp: DpLimit | None
     max_bundle_bytes: int
-    valid_days: float
+    valid_days: float               # at least MIN_VALID_DAYS (one hour), at most 365
     sha256: str = field(default="", compare=False)
     source: str = field(default="", compare=False)
 
@@ -90,5 +94,7 @@ class IngestPolicy:
     max_bundle_bytes: int
     max_tensors: int
     max_tensor_bytes: int
+    require_site_policy: bool = False       # refuse bundles that do not carry their site's signed export policy
+    min_site_policy_approvals: int = 1      # valid approvals of that policy by approvers in the server's trust store
     sha256: str = field(default="", compare=False)
     source: str = field(default="", compare=False)

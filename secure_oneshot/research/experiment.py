@@ -281,7 +281,7 @@ def _epsilons(model_dirs: list[Path], withheld: tuple[str, ...]) -> dict[str, fl
     """Largest classifier and generator epsilon, and the largest per-site epsilon composed over every DP artifact
     the site released (what it withheld does not count).  A site that released a model without DP has no
     composed guarantee: the composed column is then empty, not the epsilon of its other artifacts."""
-    from ..policy.artifacts import artifact_of, load_model_dir
+    from ..policy.artifacts import load_model_dir
     from ..policy.dp import composed_epsilon
 
     per_artifact: dict[str, list[float]] = {"classifier": [], "generator": []}
@@ -292,7 +292,7 @@ def _epsilons(model_dirs: list[Path], withheld: tuple[str, ...]) -> dict[str, fl
         for artifact, values in per_artifact.items():
             if artifact in records:
                 values.append(records[artifact].epsilon)
-        models = {artifact_of(name) for name in released.tensors} & set(per_artifact)
+        models = set(released.artifacts()) & set(per_artifact)
         private = bool(records) and models <= set(records)
         composed.append(composed_epsilon(list(records.values()), max(r.delta for r in records.values())) if private else math.inf)
     return {"epsilon_classifier_max": _largest(per_artifact["classifier"]), "epsilon_generator_max": _largest(per_artifact["generator"]),
