@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..client.export import ExportRequest, export_model
 from ..keys import format_key_id, load_public, load_trust_store
-from ..policy.explain import decision_table, evaluation_json
+from ..policy.explain import decision_table, evaluation_json, metadata_table
 from ..policy.load import load_ingest_policy
 from ..policy.model import ARTIFACTS
 from ..server.ingest import IngestFolders, ingest_inbox
@@ -40,6 +40,8 @@ def _export(args: argparse.Namespace) -> Result:
         lines += [f"  bundle    {report.bundle.path} (id {m.bundle_id})", f"  sha256    {m.payload_sha256}", f"  expires   {m.expires}",
                   f"  audit     recorded in {args.audit}"]
         data.update({"bundle": str(report.bundle.path), "bundle_id": m.bundle_id, "payload_sha256": m.payload_sha256, "expires": m.expires})
+    if args.dry_run or args.explain:
+        lines += metadata_table(ev)  # exactly which model-record fields would leave
     if args.explain:
         lines += ["decisions:", *decision_table(ev.decisions)]
     return Result(data, lines)
