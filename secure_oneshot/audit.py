@@ -111,7 +111,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -145,6 +144,8 @@ SIGNATURE_LABEL = b"secure-oneshot/v1 audit record\x00"
 OUTCOMES = ("ok", "refused", "error")
 GENESIS_PREV = "0" * 64
 MAX_LINE_BYTES = 1 << 20
+MAX_JSON_DEPTH = 33
+"""Deepest nesting in a record line: the record object plus ``dp``/``details`` up to 32 deep."""
 LOG_MODE = 0o640
 
 _TAIL_BLOCK = 1 << 16
@@ -201,7 +202,9 @@ def _json_object(value: object, name: str) -> dict[str, Any]:
     tuples become lists, so an event read back compares equal to the one written."""
     if not isinstance(value, Mapping):
         raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
-    return json.loads(canonical_json(dict(value)))  # type: ignore[no-any-return]
+    # The depth check here keeps a writer from appending a record that no reader would parse.
+    # (the line's size limit is checked when the record is encoded, with its own message).
+    return parse_strict_json(canonical_json(dict(value)), canonical=True, max_depth=MAX_JSON_DEPTH - 1)  # type: ignore[no-any-return]
 
 
 def _check_recipients(value: object) -> tuple[str, ...]:
@@ -284,11 +287,11 @@ class AuditRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The record's JSON object as stored, plus its ``hash`` (for ``--json`` output)."""
-        return {**json.loads(self.line), "hash": self.hash}
+        return {**_parse_line(self.line), "hash": self.hash}
 
     def signed_message(self) -> bytes:
         """The exact bytes ``sig`` signs (the stored object without ``sig``)."""
-        unsigned = json.loads(self.line)
+        unsigned = _parse_line(self.line)
         del unsigned["sig"]
         return signing_message(unsigned)
 
@@ -349,9 +352,14 @@ def _check_shape(obj: object) -> dict[str, Any]:
     return obj
 
 
+def _parse_line(line: bytes, *, canonical: bool = True) -> Any:
+    """Every parse of log content goes through here: size and nesting bounded, never a RecursionError."""
+    return parse_strict_json(line, canonical=canonical, max_depth=MAX_JSON_DEPTH, max_bytes=MAX_LINE_BYTES)
+
+
 def _record_from_line(line: bytes) -> AuditRecord:
     """Parse one line strictly (steps 2-3 of the module docstring).  Raises ``ValueError``."""
-    obj = _check_shape(parse_strict_json(line, canonical=True))
+    obj = _check_shape(_parse_line(line))
     parse_time(obj["time"])
     return AuditRecord(
         seq=_check_int(obj["seq"], "seq"), time=obj["time"], actor=check_key_id(obj["actor"]),
@@ -364,7 +372,7 @@ def _record_from_line(line: bytes) -> AuditRecord:
 def _seq_hint(line: bytes) -> str:
     """Best-effort seq of a line that may not parse, for error messages only."""
     with contextlib.suppress(ValueError):
-        obj = json.loads(line)
+        obj = _parse_line(line, canonical=False)
         seq = obj.get("seq") if isinstance(obj, dict) else None
         if isinstance(seq, int) and not isinstance(seq, bool):
             return str(seq)

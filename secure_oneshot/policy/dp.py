@@ -57,6 +57,11 @@ __all__ = [
     "PRV_EPS_ERROR",
     "PRV_DELTA_ERROR_RATIO",
     "MAX_HISTORY_ENTRIES",
+    "MAX_BUNDLE_HISTORY_ENTRIES",
+    "MAX_DISTINCT_ENTRIES",
+    "SAMPLE_RATE_RANGE",
+    "MAX_STEPS",
+    "check_bundle_history",
     "NOISE_MULTIPLIER_RANGE",
     "MAX_PRV_CELLS",
     "DpRecord",
@@ -86,6 +91,30 @@ PRV_DELTA_ERROR_RATIO = 1e-3
 
 MAX_HISTORY_ENTRIES = 1024
 """Most history entries a record may carry (Opacus merges consecutive identical steps into one entry)."""
+
+MAX_BUNDLE_HISTORY_ENTRIES = 10_000
+"""Most history entries all DP records of one bundle may carry together (:func:`check_bundle_history`)."""
+
+MAX_DISTINCT_ENTRIES = 16
+"""Most distinct (noise multiplier, sample rate) pairs one recomputation accepts.
+
+Entries with the same pair compose by adding their steps (exactly, for both
+accountants), so only distinct pairs cost work.  Opacus's RDP series costs
+about 20 ms per pair for sample rates up to 0.1, but up to 2-5 s at sample
+rate 0.5 with a large noise multiplier (PRV up to ~10 s, measured on this
+project's 2-core VM), so this cap bounds one recomputation to about a minute
+(RDP) or a few minutes (PRV) whatever the record says.
+"""
+
+SAMPLE_RATE_RANGE = (1e-9, 1.0)
+"""Sample rates :func:`compute_epsilon` accepts (records outside still parse).
+
+Below 1e-9 (a batch from a billion records) Opacus's RDP series at a small noise
+multiplier takes seconds per entry (4.5 s at 1e-12, measured), for no real use.
+"""
+
+MAX_STEPS = 10**9
+"""Most steps per history entry :func:`compute_epsilon` accepts (records up to 2^53 - 1 still parse)."""
 
 NOISE_MULTIPLIER_RANGE = (1e-3, 1e4)
 """Noise multipliers :func:`compute_epsilon` accepts (records outside still parse).
@@ -385,13 +414,26 @@ def _check_delta(delta: Any, path: str = "delta") -> float:
     return _check_range(_as_real(delta, path), path, 0.0, 1.0, high_inclusive=False)
 
 
-def _check_recomputable(history: Sequence[tuple[float, float, int]]) -> None:
+def _check_recomputable(history: Sequence[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
+    """Refuse values that make the accountants hang or crawl; return the history with equal pairs merged."""
     low, high = NOISE_MULTIPLIER_RANGE
-    for i, (sigma, _, _) in enumerate(history):
+    hint = "a history this far out gives no meaningful DP claim; do not trust it"
+    for i, (sigma, rate, steps) in enumerate(history):
         if not low <= sigma <= high:
             raise PrivacyError(f"cannot recompute epsilon: history[{i}].noise_multiplier {sigma!r} is outside "
-                               f"[{low:g}, {high:g}], where Opacus's analysis is reliable",
-                               hint="a noise multiplier this far out gives no meaningful DP claim; do not trust it")
+                               f"[{low:g}, {high:g}], where Opacus's analysis is reliable", hint=hint)
+        if not SAMPLE_RATE_RANGE[0] <= rate <= SAMPLE_RATE_RANGE[1]:
+            raise PrivacyError(f"cannot recompute epsilon: history[{i}].sample_rate {rate!r} is below "
+                               f"{SAMPLE_RATE_RANGE[0]:g}", hint=hint)
+        if steps > MAX_STEPS:
+            raise PrivacyError(f"cannot recompute epsilon: history[{i}].steps {steps} is over {MAX_STEPS:g}", hint=hint)
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, rate, steps in history:  # composition is commutative: equal pairs add their steps
+        merged[(sigma, rate)] = merged.get((sigma, rate), 0) + steps
+    if len(merged) > MAX_DISTINCT_ENTRIES:
+        raise PrivacyError(f"cannot recompute epsilon: the history has {len(merged)} distinct (noise multiplier, "
+                           f"sample rate) pairs, more than {MAX_DISTINCT_ENTRIES}", hint=hint)
+    return tuple((sigma, rate, steps) for (sigma, rate), steps in merged.items())
 
 
 def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
@@ -444,13 +486,15 @@ def compute_epsilon(accountant: str, history: Iterable[Sequence[Any]], delta: fl
 
     Raises:
         PrivacyError: unknown accountant ("gdp" included), a malformed history or delta,
-            a noise multiplier outside :data:`NOISE_MULTIPLIER_RANGE`, a history too
-            expensive for PRV, or a numerical failure inside Opacus.
+            a noise multiplier outside :data:`NOISE_MULTIPLIER_RANGE`, a sample rate below
+            :data:`SAMPLE_RATE_RANGE`, steps over :data:`MAX_STEPS`, more than
+            :data:`MAX_DISTINCT_ENTRIES` distinct pairs, a history too expensive for PRV,
+            or a numerical failure inside Opacus.
     """
     name = _check_accountant(accountant)
     entries = _check_history(history, "history")
     target = _check_delta(delta)
-    _check_recomputable(entries)
+    entries = _check_recomputable(entries)
     try:
         with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = -inf when q == 1, on purpose
             epsilon = (_rdp_epsilon if name == "rdp" else _prv_epsilon)(entries, target)
@@ -500,6 +544,40 @@ def _mismatch_message(record: DpRecord, recomputed: float, rel_tol: float, abs_t
             f"({record.accountant}, delta {record.delta:g}, tolerance rel {rel_tol:g} / abs {abs_tol:g}): "
             f"the claim {direction} the privacy loss and may be forged "
             f"(or was computed with another accountant; site's opacus {opacus})")
+
+
+# --- per-bundle bound ---------------------------------------------------------------------------
+
+
+def check_bundle_history(dp: Mapping[str, Any]) -> int:
+    """Count the history entries of every DP record in a bundle; refuse more than the bundle cap.
+
+    Callers run this on the manifest's ``dp`` object *before* parsing or recomputing
+    any record, so a bundle cannot make the verifier parse or account for more than
+    :data:`MAX_BUNDLE_HISTORY_ENTRIES` entries in all.  Values may be raw JSON
+    objects (their ``history`` array is counted, anything else counts 0 and is left
+    to :meth:`DpRecord.from_json` to refuse) or :class:`DpRecord` instances.
+
+    Args:
+        dp: artifact name -> DP record (raw JSON or parsed).
+
+    Returns:
+        The total number of history entries.
+
+    Raises:
+        PrivacyError: the total exceeds :data:`MAX_BUNDLE_HISTORY_ENTRIES`.
+    """
+    if not isinstance(dp, Mapping):
+        raise _malformed("dp", f"must be a JSON object, got {type(dp).__name__}")
+    total = 0
+    for record in dp.values():
+        history = record.history if isinstance(record, DpRecord) else (
+            record.get("history") if isinstance(record, Mapping) else None)
+        total += len(history) if isinstance(history, (list, tuple)) else 0
+    if total > MAX_BUNDLE_HISTORY_ENTRIES:
+        raise PrivacyError(f"the bundle's DP records carry {total} history entries in all, more than "
+                           f"{MAX_BUNDLE_HISTORY_ENTRIES}", hint=_MALFORMED_HINT)
+    return total
 
 
 # --- composition ---------------------------------------------------------------------------------
