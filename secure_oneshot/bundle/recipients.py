@@ -6,6 +6,7 @@ The design follows age's X25519 recipient stanza; nothing here is new cryptograp
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -15,9 +16,9 @@ from nacl.public import PrivateKey
 
 from ..errors import BundleAuthError, KeyMaterialError, NotARecipientError
 from ..keys.identity import Identity, PublicIdentity
-from .format import WRAP_INFO, Header, Stanza, hkdf
+from .format import MAX_RECIPIENTS, WRAP_INFO, Header, Stanza, hkdf
 
-__all__ = ["wrap_file_key", "unwrap_file_key"]
+__all__ = ["check_recipients", "wrap_file_key", "unwrap_file_key"]
 
 _ZERO_NONCE = bytes(12)
 
@@ -27,6 +28,34 @@ def _wrap_key(shared: bytes, epk: bytes, recipient_pk: bytes) -> bytes:
         # An all-zero shared secret means a low-order public key: refuse (RFC 7748 section 6.1).
         raise BundleAuthError("X25519 produced an all-zero shared secret (low-order public key)")
     return hkdf(shared, epk + recipient_pk, WRAP_INFO)
+
+
+def check_recipients(recipients: Sequence[PublicIdentity]) -> list[PublicIdentity]:
+    """Return ``recipients`` as a list if a bundle can be sealed to them (FORMAT.md 4.2).
+
+    A key named twice (the same file given twice, or two files holding the same
+    keys under different names) would give two stanzas with one key id, which
+    every reader must refuse, so it is refused before anything is sealed.
+
+    Raises:
+        KeyMaterialError: no recipient, more than the format allows, or one key listed twice.
+    """
+    listed = list(recipients)
+    if not 1 <= len(listed) <= MAX_RECIPIENTS:
+        raise KeyMaterialError(
+            f"a bundle needs 1 to {MAX_RECIPIENTS} recipients, got {len(listed)}",
+            hint=f"give between 1 and {MAX_RECIPIENTS} recipients' public identities with --to",
+        )
+    seen: dict[str, PublicIdentity] = {}
+    for recipient in listed:
+        first = seen.setdefault(recipient.key_id, recipient)
+        if first is not recipient:
+            also = "" if first.name == recipient.name else f" (also as {first.name})"
+            raise KeyMaterialError(
+                f"recipient {recipient.name}{also} with key id {recipient.key_id} is listed twice",
+                hint="name each recipient once",
+            )
+    return listed
 
 
 def wrap_file_key(file_key: bytes, recipient: PublicIdentity, ephemeral_secret: bytes | None = None) -> Stanza:

@@ -22,8 +22,8 @@ from .._internal.atomic import atomic_writer
 from .._internal.encoding import format_time, utc_now
 from ..errors import ResourceError, TensorPayloadError
 from ..keys.identity import Identity, PublicIdentity
-from .format import DEFAULT_CHUNK_SIZE, MAGIC, MAX_RECIPIENTS, Header, Manifest, header_mac, signed_message, stream_key
-from .recipients import wrap_file_key
+from .format import DEFAULT_CHUNK_SIZE, MAGIC, Header, Manifest, header_mac, signed_message, stream_key
+from .recipients import check_recipients, wrap_file_key
 from .safetensors_strict import PayloadLimits, parse_payload, serialize_tensors
 from .stream import BackgroundSha256, Progress, StreamWriter
 
@@ -53,14 +53,6 @@ class _Statement:
     policy_sha256: str = ""
     dp: Mapping[str, Any] | None = None
     meta: Mapping[str, Any] | None = None
-
-
-def _check_recipients(recipients: Sequence[PublicIdentity]) -> None:
-    ids = [r.key_id for r in recipients]
-    if not 1 <= len(ids) <= MAX_RECIPIENTS:
-        raise ValueError(f"a bundle needs 1..{MAX_RECIPIENTS} recipients, got {len(ids)}")
-    if len(set(ids)) != len(ids):
-        raise ValueError("the same recipient is listed twice")
 
 
 def write_stream(
@@ -112,7 +104,7 @@ def _seal_segments(
     progress: Progress | None,
     unsafe_rng: Rng | None,
 ) -> SealResult:
-    _check_recipients(recipients)
+    recipients = check_recipients(recipients)
     if valid_for < timedelta(seconds=1):
         raise ValueError("valid_for must be at least one second")
     if unsafe_rng is not None:
@@ -182,6 +174,7 @@ def seal_tensors(
         SealResult with the header and manifest written.
 
     Raises:
+        KeyMaterialError: no recipient, too many, or the same key listed twice.
         ResourceError: the output cannot be written.
 
     >>> import torch, tempfile
@@ -189,7 +182,7 @@ def seal_tensors(
     >>> site, server = Identity.generate("site"), Identity.generate("server")
     >>> out = tempfile.mkdtemp() + "/w.sob"
     >>> seal_tensors({"w": torch.ones(2)}, out, sender=site, recipients=[server.public]).header.payload_size
-    80
+    72
     """
     segments = serialize_tensors(tensors, metadata)
     statement = _Statement(policy_id, policy_sha256, dp, meta)

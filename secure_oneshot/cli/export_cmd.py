@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..bundle.recipients import check_recipients
 from ..client.export import ExportRequest, export_model
 from ..keys import format_key_id, load_public, load_trust_store
 from ..policy.explain import decision_table, evaluation_json, metadata_table
@@ -20,7 +21,7 @@ __all__ = ["register"]
 
 def _export(args: argparse.Namespace) -> Result:
     sender = load_private_identity(args.key, args.passphrase_env)
-    recipients = [load_public(p) for p in args.to]
+    recipients = check_recipients([load_public(p) for p in args.to])  # refused before the model is read
     request = ExportRequest(
         model_dir=Path(args.model), policy_path=Path(args.policy), sender=sender, recipients=recipients,
         out=Path(args.out), audit_log=Path(args.audit), trust=load_trust_store(trust_path(args)),
