@@ -22,6 +22,17 @@ NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=timezone.utc)
 SMALL_CHUNK = 1 << 16
 
 
+def _make_vector_keys_private() -> None:
+    """Git records no read permissions, so a checkout leaves the test-only private keys 0644;
+    key loaders refuse that (as ssh does), so give them the mode every private key has.
+    Done when this conftest is imported, because some test modules load the keys at import."""
+    for key in (Path(__file__).parent / "vectors" / "keys").glob("*.key"):
+        key.chmod(0o600)
+
+
+_make_vector_keys_private()
+
+
 @dataclass
 class Parties:
     site: Identity

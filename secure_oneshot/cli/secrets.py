@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..errors import PassphraseError
-from ..keys import Identity, is_protected, load_identity
+from ..keys import Identity, load_identity
 
 __all__ = ["DEFAULT_PASSPHRASE_ENV", "add_passphrase_option", "read_passphrase", "load_private_identity"]
 
@@ -45,6 +45,9 @@ def read_passphrase(env_var: str, prompt: str, confirm: bool = False) -> bytes:
 
 
 def load_private_identity(path: str, env_var: str) -> Identity:
-    """Load a private key file, asking for its passphrase only if it has one."""
-    passphrase = read_passphrase(env_var, f"Passphrase for {path}: ") if is_protected(path) else None
-    return load_identity(path, passphrase)
+    """Load a private key file, asking for its passphrase only if it has one.
+
+    The file is read once: its mode and fields are checked before any prompt, and
+    the bytes that were checked are the bytes that are decrypted.
+    """
+    return load_identity(path, lambda: read_passphrase(env_var, f"Passphrase for {path}: "))

@@ -111,14 +111,17 @@ class PublicIdentity:
     @classmethod
     def from_fields(cls, fields: dict[str, object], source: str) -> PublicIdentity:
         """Build from parsed TOML fields, checking that the key id matches the keys."""
+        for field in ("name", "key_id", "sign_ed25519", "encrypt_x25519"):
+            if field not in fields:
+                raise KeyMaterialError(f"{source}: missing field {field!r}")
+            if not isinstance(fields[field], str):
+                raise KeyMaterialError(f"{source}: field {field!r} must be a string, not {type(fields[field]).__name__}")
         try:
             identity = cls(
                 name=str(fields["name"]),
                 sign_public=b64decode(str(fields["sign_ed25519"]), length=32),
                 encrypt_public=b64decode(str(fields["encrypt_x25519"]), length=32),
             )
-        except KeyError as e:
-            raise KeyMaterialError(f"{source}: missing field {e.args[0]!r}") from e
         except ValueError as e:
             raise KeyMaterialError(f"{source}: bad public key ({e})") from e
         if fields.get("key_id") != identity.key_id:

@@ -161,6 +161,7 @@ def main() -> None:
         for name, identity in ids.items():
             text = "# TEST-ONLY KEY from tests/vectors/generate.py: public, never use it for real data.\n" + private_key_text(identity, None)
             (HERE / "keys" / f"{name}.key").write_text(text)
+            (HERE / "keys" / f"{name}.key").chmod(0o600)  # loaders refuse private keys others can read
             (HERE / "keys" / f"{name}.pub").write_text(identity.public.to_text())
     (HERE / "keys" / "trust.toml").write_text(trust_store_to_text(trust_store(ids)))
     for name, (bundle, fields) in build_bundles().items():
