@@ -3,6 +3,11 @@
 SQLite from the standard library: the PRIMARY KEY makes check-and-record one
 atomic statement, so two processes opening the same bundle cannot both accept it,
 and SQLite's journal keeps the file consistent across crashes.
+
+The database is always opened through a ``file:`` URI built from the absolute
+path with every special character percent-encoded, so a path containing ``?``,
+``#`` or ``%`` names that file and can never smuggle in URI parameters such as
+``mode=memory`` (which would silently turn off the replay check).
 """
 
 from __future__ import annotations
@@ -10,11 +15,12 @@ from __future__ import annotations
 import os
 import sqlite3
 from datetime import datetime
+from pathlib import Path
 
 from .._internal.encoding import format_time, utc_now
 from ..errors import ReplayError, ResourceError
 
-__all__ = ["ReplayLedger"]
+__all__ = ["ReplayLedger", "ledger_uri"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accepted_bundles (
@@ -27,34 +33,49 @@ CREATE TABLE IF NOT EXISTS accepted_bundles (
 """
 
 
+def ledger_uri(path: str | os.PathLike[str], mode: str) -> str:
+    """The SQLite URI that opens exactly the file at ``path`` with ``mode`` (``ro`` or ``rwc``).
+
+    ``Path.as_uri`` percent-encodes everything but unreserved characters and
+    ``/``, so ``?``, ``#``, ``%`` and spaces stay part of the file name.
+
+    >>> ledger_uri("/srv/a?mode=memory#x", "ro")
+    'file:///srv/a%3Fmode%3Dmemory%23x?mode=ro'
+    """
+    return f"{Path(os.path.abspath(path)).as_uri()}?mode={mode}"
+
+
 class ReplayLedger:
     """A persistent set of accepted bundle ids.
 
-    >>> ledger = ReplayLedger(":memory:")
+    >>> import tempfile
+    >>> ledger = ReplayLedger(tempfile.mkdtemp() + "/ledger.db")
     >>> ledger.contains("00" * 16)
     False
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        try:
-            self._db = sqlite3.connect(os.fspath(path), isolation_level=None)
-            self._db.execute(_SCHEMA)
-        except sqlite3.Error as e:
-            raise ResourceError(f"cannot open replay ledger {path}: {e}", hint="check the path is writable") from e
         self.path = os.fspath(path)
+        try:
+            self._db = sqlite3.connect(ledger_uri(self.path, "rwc"), uri=True, isolation_level=None)
+            self._db.execute(_SCHEMA)
+        except (sqlite3.Error, ValueError) as e:
+            raise ResourceError(f"cannot open replay ledger {path}: {e}", hint="check the path is writable") from e
 
     @classmethod
     def read_only(cls, path: str | os.PathLike[str]) -> ReplayLedger:
         """Open an existing ledger without ever writing (a missing file is an empty ledger)."""
         ledger = cls.__new__(cls)
         ledger.path = os.fspath(path)
-        uri = f"file:{ledger.path}?mode=ro" if os.path.exists(ledger.path) else "file::memory:?mode=memory"
+        exists = os.path.exists(ledger.path)
         try:
-            ledger._db = sqlite3.connect(uri, uri=True)
-            if not os.path.exists(ledger.path):
+            # An empty private in-memory database stands in for a ledger file that does not exist yet.
+            ledger._db = sqlite3.connect(ledger_uri(ledger.path, "ro") if exists else ":memory:", uri=exists)
+            if not exists:
                 ledger._db.execute(_SCHEMA)
-        except sqlite3.Error as e:
-            raise ResourceError(f"cannot read replay ledger {path}: {e}") from e
+            ledger._db.execute("SELECT 1 FROM accepted_bundles LIMIT 1")  # not a ledger: fail here, not mid-verify
+        except (sqlite3.Error, ValueError) as e:
+            raise ResourceError(f"cannot read replay ledger {path}: {e}", hint="check --ledger names the server's ledger file") from e
         return ledger
 
     def contains(self, bundle_id: str) -> bool:
