@@ -3,19 +3,74 @@
 A crash or an exception at any point leaves either the old file or the new one,
 never a partial file (DESIGN.md invariant 4).  Temp files are created with the
 final mode from the start, so a private key is never briefly world-readable.
+
+A process killed mid-write (SIGKILL, power loss) cannot remove its temporary,
+which may hold plaintext (a decrypted payload).  The next write to the same
+target sweeps such leftovers: only files named exactly like this module's
+temporaries for that target, regular files (never a symlink), owned by the
+current user, whose writer process no longer exists.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import ResourceError, SecureOneshotError
 
-__all__ = ["atomic_writer", "atomic_write_bytes", "fsync_dir"]
+__all__ = ["atomic_writer", "atomic_write_bytes", "fsync_dir", "sweep_stale_temporaries"]
+
+
+def _temporary_name(final: Path) -> str:
+    return f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+
+
+def _process_is_gone(pid: int) -> bool:
+    if pid <= 0:
+        return False  # kill(0, ...) would address our own process group
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check, nothing is delivered
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False  # another user's live process, or not a pid we can reason about: keep
+    return False
+
+
+def sweep_stale_temporaries(final: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporaries of ``final`` left by writers that died (see the module docstring).
+
+    Returns:
+        The paths removed.  Anything that cannot be checked or removed is left alone.
+    """
+    if os.name != "posix":
+        return []  # os.kill(pid, 0) would terminate the process on Windows
+    target = Path(final)
+    directory = target.parent if str(target.parent) else Path(".")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.([0-9]{{1,10}})\.[0-9a-f]{{8}}\.tmp")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)  # lstat: a symlink is never followed or removed
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or not _process_is_gone(int(match[1])):
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -44,7 +99,8 @@ def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o644, overwrite:
     if not overwrite and final.exists():
         raise ResourceError(f"{final} already exists", hint="choose another path or pass --force to replace it")
     directory = final.parent if str(final.parent) else Path(".")
-    tmp = directory / f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    sweep_stale_temporaries(final)
+    tmp = directory / _temporary_name(final)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except OSError as e:
