@@ -52,15 +52,15 @@ def _file_length(src: BinaryIO) -> int:
         return end
 
 
-def read_header(src: BinaryIO) -> RawHeader:
+def read_header(src: BinaryIO, *, max_payload_bytes: int | None = None) -> RawHeader:
     """Parse magic, header and MAC from ``src`` positioned at the start of a bundle.
 
-    Also checks the header's sizes against the file's real length, so callers
-    may allocate from ``payload_size`` afterwards.
+    Also checks the header's sizes against ``max_payload_bytes`` (when given) and
+    the file's real length, so callers may allocate from ``payload_size`` afterwards.
 
     Raises:
-        BundleFormatError: not a v1 bundle, a malformed header, or a file longer
-            than its header allows.
+        BundleFormatError: not a v1 bundle, a malformed header, a payload over
+            ``max_payload_bytes``, or a file longer than its header allows.
         BundleAuthError: a file shorter than its header needs (truncated).
     """
     file_length = _file_length(src)
@@ -78,6 +78,11 @@ def read_header(src: BinaryIO) -> RawHeader:
     body = _read_exact(src, length, "header")
     header = Header.from_json_bytes(body)
     mac = _read_exact(src, MAC_SIZE, "header MAC")
+    if max_payload_bytes is not None and header.payload_size > max_payload_bytes:
+        raise BundleFormatError(
+            f"payload of {header.payload_size} bytes exceeds the limit of {max_payload_bytes}",
+            hint="raise the limit (--max-bytes, or the ingest policy's max_bundle_bytes) if this bundle is expected",
+        )
     stream_offset = len(MAGIC) + 4 + length + MAC_SIZE
     check_stream_length(header, file_length - stream_offset)
     return RawHeader(header, magic + length.to_bytes(4, "big") + body, mac, stream_offset, file_length - stream_offset)

@@ -162,13 +162,9 @@ def open_bundle(
     """
     now = now or utc_now()
     with _open_file(path) as src:
-        raw = read_header(src)  # steps 1-2, sizes checked against the file's length
+        # Steps 1-2; sizes checked against the limit and the file's length before anything is allocated.
+        raw = read_header(src, max_payload_bytes=options.max_payload_bytes)
         header = raw.header
-        if options.max_payload_bytes is not None and header.payload_size > options.max_payload_bytes:
-            raise BundleFormatError(
-                f"payload of {header.payload_size} bytes exceeds the limit of {options.max_payload_bytes}",
-                hint="raise the limit (--max-bytes, or the ingest policy's max_bundle_bytes) if this bundle is expected",
-            )
         check_freshness(header, now, options.skew)  # step 3
         sender = trust.require(header.sender, "sender", now)  # step 4
         if ledger is not None:

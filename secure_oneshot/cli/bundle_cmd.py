@@ -13,8 +13,9 @@ from datetime import timedelta
 from typing import Any
 
 from ..bundle import Header, OpenedBundle, ReplayLedger, VerifyOptions, inspect_bundle, open_bundle, seal_safetensors_file
-from ..bundle.recipients import check_recipients
+from ..bundle.format import MAX_PAYLOAD_SIZE
 from ..bundle.safetensors_strict import PayloadLimits
+from ..bundle.verify import DEFAULT_MAX_PAYLOAD_BYTES
 from ..errors import ReplayError, ResourceError
 from ..keys import format_key_id, load_public, load_trust_store
 from .keys_cmd import add_trust_option, trust_path
@@ -70,7 +71,7 @@ def _valid_days(text: str) -> float:
 
 def _seal(args: argparse.Namespace) -> Result:
     sender = load_private_identity(args.key, args.passphrase_env)
-    recipients = check_recipients([load_public(path) for path in args.to])
+    recipients = [load_public(path) for path in args.to]
     if args.trust or args.check_recipients:
         store = load_trust_store(trust_path(args))
         recipients = [store.require(r.key_id, "recipient") for r in recipients]
@@ -92,7 +93,7 @@ def _inspect(args: argparse.Namespace) -> Result:
 def _open_verified(args: argparse.Namespace) -> OpenedBundle:
     identity = load_private_identity(args.key, args.passphrase_env)
     store = load_trust_store(trust_path(args))
-    options = VerifyOptions(limits=PayloadLimits(reject_nonfinite=not args.allow_nonfinite))
+    options = VerifyOptions(max_payload_bytes=args.max_bytes, limits=PayloadLimits(reject_nonfinite=not args.allow_nonfinite))
     with progress_bar("verifying", inspect_bundle(args.bundle).payload_size) as progress:
         return open_bundle(args.bundle, identity, store, options=options, progress=progress)
 
@@ -148,8 +149,21 @@ def _open(args: argparse.Namespace) -> Result:
     return Result({**data, "out": str(path)}, [*lines, f"wrote {path} (mode 0600)"])
 
 
+def _byte_count(text: str) -> int:
+    """argparse type: a payload limit in bytes, 1 .. the format's 64 GiB maximum."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bytes") from e
+    if not 1 <= value <= MAX_PAYLOAD_SIZE:
+        raise argparse.ArgumentTypeError(f"{text} must be between 1 and {MAX_PAYLOAD_SIZE} (64 GiB)")
+    return value
+
+
 def _add_recipient_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle")
+    parser.add_argument("--max-bytes", type=_byte_count, default=DEFAULT_MAX_PAYLOAD_BYTES, metavar="N",
+                        help=f"refuse payloads over N bytes before reading them (default {DEFAULT_MAX_PAYLOAD_BYTES}, 2 GiB)")
     parser.add_argument("--key", required=True, metavar="FILE.key", help="your (recipient) private key file")
     parser.add_argument("--ledger", metavar="DB", help="replay ledger (SQLite) of accepted bundle ids")
     parser.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf tensor values")
