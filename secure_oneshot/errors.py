@@ -29,6 +29,7 @@ __all__ = [
     "TensorPayloadError",
     "AuditLogError",
     "DataError",
+    "QuarantinedBundlesError",
     "EXIT_CODES",
 ]
 
@@ -157,6 +158,18 @@ class DataError(SecureOneshotError):
     default_hint = "check --data-root (or SECURE_ONESHOT_DATA) and the dataset flag"
 
 
+class QuarantinedBundlesError(SecureOneshotError):
+    """Ingest finished, but quarantined some inbox entries (each with a reason file).
+
+    The code of a completed run rather than of a failure: ``secure-oneshot ingest``
+    prints its table and exits with it, so scripts can tell "all accepted" (0)
+    from "some set aside" without parsing the output.
+    """
+
+    exit_code = 16
+    default_hint = "read the reason files in quarantine/; the accepted bundles are usable"
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it with the `-v` traceback)",
@@ -164,5 +177,6 @@ EXIT_CODES: dict[int, str] = {
     **{cls.exit_code: cls.__doc__.splitlines()[0] for cls in (  # type: ignore[union-attr]
         ConfigError, KeyMaterialError, BundleFormatError, BundleAuthError, PolicyViolationError,
         PrivacyError, ResourceError, TrustError, ReplayError, FreshnessError, TensorPayloadError, AuditLogError, DataError,
+        QuarantinedBundlesError,
     )},
 }

@@ -56,7 +56,8 @@ def test_demo_quarantines_the_tampered_bundle_and_uses_the_others(demo_run) -> N
     assert outcomes["0-tampered-hospital-1.sob"]["outcome"] == "quarantined"
     assert outcomes["0-tampered-hospital-1.sob"]["error"] == "BundleAuthError"
     assert [outcomes[f"{s}.sob"]["outcome"] for s in SITES] == ["accepted"] * 3
-    assert (run / "server" / "quarantine" / "0-tampered-hospital-1.sob.reason.json").is_file()
+    reason = json.loads((run / "server" / outcomes["0-tampered-hospital-1.sob"]["reason_file"]).read_text())
+    assert reason["file"] == "0-tampered-hospital-1.sob" and reason["error"] == "BundleAuthError"  # quarantined under a generated name
     report = json.loads((run / "server" / "global" / "report.json").read_text())
     assert [s["name"] for s in report["sites"]] == SITES
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,14 +15,13 @@ from secure_oneshot.policy.load import load_ingest_policy
 from secure_oneshot.server.ingest import IngestFolders, ingest_inbox
 
 from .conftest import NOW
-from .policy_helpers import POLICIES, classifier_tensors, dp_record, load_cast
-
-CAST = load_cast()
-META = {"artifacts": {"classifier": {"architecture": "small-cnn"}}}
+from .ingest_helpers import CAST, CLASSIFIER_META, small_cnn_tensors
+from .policy_helpers import POLICIES, dp_record
+META = CLASSIFIER_META
 
 
 def seal(path: Path, *, sender=None, named=None, meta=META, dp=None) -> Path:
-    named = named or {f"classifier/{k}": v for k, v in classifier_tensors().items()}
+    named = named or small_cnn_tensors()
     seal_tensors(named, path, sender=sender or CAST.site, recipients=[CAST.server.public], meta=meta,
                  dp={a: r.to_json() for a, r in (dp or {}).items()}, now=NOW)
     return path
@@ -38,7 +38,7 @@ def build_inbox(root: Path) -> dict[str, str]:
     (inbox / "c-tampered.sob").write_bytes(bytes(tampered))
     shutil.copy(inbox / "a-good.sob", inbox / "d-replayed.sob")  # same bundle id, arrives again
     seal(inbox / "e-untrusted.sob", sender=CAST.outsider)
-    seal(inbox / "f-wrong-arch.sob", meta={"artifacts": {"classifier": {"architecture": "vit-huge"}}})
+    seal(inbox / "f-wrong-arch.sob", meta={"artifacts": {"classifier": {**CLASSIFIER_META["artifacts"]["classifier"], "architecture": "vit-huge"}}})
     seal(inbox / "g-forged-dp.sob", dp={"classifier": dp_record(claim=0.5)})
     seal(inbox / "h-no-classifier.sob", named={"generator/unet.w": torch.ones(1)}, meta={"artifacts": {"generator": {"architecture": "unet2d-small"}}})
     (inbox / "i-garbage.sob").write_bytes(b"not a bundle at all")
@@ -54,12 +54,21 @@ def run(root: Path):
     return folders, ingest_inbox(folders, CAST.server, CAST.server_trust(), load_ingest_policy(POLICIES / "server-ingest.toml"), NOW)
 
 
+def reasons(folders: IngestFolders) -> dict[str, dict]:
+    """Quarantine reason files by the original inbox name they record (quarantined files get generated names)."""
+    found = [json.loads(p.read_text()) for p in folders.quarantine.glob("*.reason.json")]
+    by_name = {r["file"]: r for r in found}
+    assert len(by_name) == len(found)
+    return by_name
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".lock"}
 
 
 def test_mixed_inbox(tmp_path: Path) -> None:
     expected = build_inbox(tmp_path)
+    delivered = {p.name: p.read_bytes() for p in (tmp_path / "inbox").iterdir()}
     folders, outcomes = run(tmp_path)
     got = {o.file: ("accepted" if o.outcome == "accepted" else o.error) for o in outcomes}
     assert got == expected
@@ -70,11 +79,17 @@ def test_mixed_inbox(tmp_path: Path) -> None:
         opened = open_bundle(folders.accepted / name, CAST.server, CAST.server_trust(), now=NOW)
         entry = json.loads((folders.accepted / name).with_suffix(".json").read_text())
         assert entry["bundle_id"] == opened.header.bundle_id and entry["tensors"] == sorted(opened.tensors)
-    for name, error in expected.items():
-        if error != "accepted":
-            assert (folders.quarantine / name).exists(), name
-            reason = json.loads((folders.quarantine / f"{name}.reason.json").read_text())
-            assert reason["error"] == error and reason["message"], name
+        assert entry["file_sha256"] == hashlib.sha256((folders.accepted / name).read_bytes()).hexdigest()
+        assert entry["ingest_policy"]["sha256"] == load_ingest_policy(POLICIES / "server-ingest.toml").sha256
+    by_name = reasons(folders)
+    assert sorted(by_name) == sorted(n for n, e in expected.items() if e != "accepted")
+    for name, reason in by_name.items():
+        assert reason["error"] == expected[name] and reason["message"], name
+        assert (tmp_path / reason["stored_as"]).read_bytes() == delivered[name], name  # the refused bytes, kept as evidence
+    for path in [*folders.accepted.iterdir(), *folders.quarantine.iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    for folder in (folders.accepted, folders.quarantine):
+        assert folder.stat().st_mode & 0o777 == 0o700
     records = audit.verify_log(folders.audit_log, CAST.server.public)
     assert [r.event.outcome for r in records].count("ok") == 2 and len(records) == len(expected)
 
@@ -82,10 +97,12 @@ def test_mixed_inbox(tmp_path: Path) -> None:
 def test_quarantine_reasons_name_the_rule(tmp_path: Path) -> None:
     build_inbox(tmp_path)
     folders, _ = run(tmp_path)
-    arch = json.loads((folders.quarantine / "f-wrong-arch.sob.reason.json").read_text())
-    assert any(d["rule"] == "models.architectures" and not d["allowed"] for d in arch["decisions"])
-    assert "forged" in json.loads((folders.quarantine / "g-forged-dp.sob.reason.json").read_text())["message"]
-    assert "already accepted" in json.loads((folders.quarantine / "d-replayed.sob.reason.json").read_text())["message"]
+    by_name = reasons(folders)
+    # an architecture the server cannot even build is refused by the structure rule, before the allow-list
+    assert any(d["rule"] == "structure" and not d["allowed"] and "unknown architecture 'vit-huge'" in d["reason"]
+               for d in by_name["f-wrong-arch.sob"]["decisions"])
+    assert "forged" in by_name["g-forged-dp.sob"]["message"]
+    assert "already accepted" in by_name["d-replayed.sob"]["message"]
 
 
 def test_running_twice_changes_nothing(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     result.print(as_json=args.json)
-    return 0
+    return result.exit_code
 
 
 def entry_point() -> None:

@@ -6,12 +6,14 @@ import argparse
 from pathlib import Path
 
 from ..bundle.recipients import check_recipients
+from .._internal.termsafe import printable, shorten
 from ..client.export import ExportRequest, export_model
+from ..errors import QuarantinedBundlesError
 from ..keys import format_key_id, load_public, load_trust_store
 from ..policy.explain import decision_table, evaluation_json, metadata_table
 from ..policy.load import load_ingest_policy
 from ..policy.model import ARTIFACTS
-from ..server.ingest import IngestFolders, ingest_inbox
+from ..server.ingest import BundleOutcome, IngestFolders, ingest_inbox
 from .keys_cmd import add_trust_option, trust_path
 from .output import Result, byte_size
 from .secrets import add_passphrase_option, load_private_identity
@@ -48,15 +50,32 @@ def _export(args: argparse.Namespace) -> Result:
     return Result(data, lines)
 
 
+SHOWN_NAME_CHARS, SHOWN_REASON_CHARS = 80, 300  # table columns; the full (escaped) text is in --json and the reason files
+
+
+def _ingest_line(o: BundleOutcome) -> str:
+    """One table row.  Outcome fields are already escaped (termsafe.printable); here they are only cut to length."""
+    line = f"  {o.outcome:12s} {shorten(o.file, SHOWN_NAME_CHARS)}"
+    if o.error:
+        line += f"  {o.error}: {shorten(o.reason, SHOWN_REASON_CHARS)}"
+    if o.reason_file:
+        line += f"  [{o.reason_file}]"
+    if o.left_in_inbox:
+        line += "  (left in the inbox)"
+    return line
+
+
 def _ingest(args: argparse.Namespace) -> Result:
     identity = load_private_identity(args.key, args.passphrase_env)
     policy = load_ingest_policy(args.policy)
     folders = IngestFolders.under(Path(args.server_dir), Path(args.inbox) if args.inbox else None)
-    outcomes = ingest_inbox(folders, identity, load_trust_store(trust_path(args)), policy)
-    lines = [f"{len(outcomes)} bundle(s) in {folders.inbox}: "
-             + ", ".join(f"{sum(o.outcome == k for o in outcomes)} {k}" for k in ("accepted", "quarantined"))]
-    lines += [f"  {o.outcome:16s} {o.file}  {o.error + ': ' if o.error else ''}{o.reason}" for o in outcomes]
-    return Result({"outcomes": [o.__dict__ for o in outcomes], "accepted_dir": str(folders.accepted), "quarantine_dir": str(folders.quarantine)}, lines)
+    outcomes = ingest_inbox(folders, identity, load_trust_store(trust_path(args)), policy, wait=args.wait)
+    quarantined = sum(o.outcome == "quarantined" for o in outcomes)
+    lines = [f"{len(outcomes)} bundle(s) in {printable(str(folders.inbox))}: {len(outcomes) - quarantined} accepted, {quarantined} quarantined"]
+    lines += [_ingest_line(o) for o in outcomes]
+    data = {"outcomes": [o.__dict__ for o in outcomes], "accepted_dir": str(folders.accepted), "quarantine_dir": str(folders.quarantine),
+            "quarantined": quarantined}
+    return Result(data, lines, exit_code=QuarantinedBundlesError.exit_code if quarantined else 0)
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
@@ -76,11 +95,19 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     add_passphrase_option(export)
     export.set_defaults(handler=_export)
 
-    ingest = commands.add_parser("ingest", help="verify an inbox of bundles; accept or quarantine each", parents=[common])
+    ingest = commands.add_parser(
+        "ingest", help="verify an inbox of bundles; accept or quarantine each", parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Verify every *.sob entry of the inbox once; store exactly the verified bytes in accepted/, or set the entry\n"
+                    "aside in quarantine/ under a generated name with a .reason.json (symlinks and special files are moved, never\n"
+                    "opened). One bad entry never stops the run.",
+        epilog="exit status: 0 all accepted (or nothing to do); 16 finished, some entries quarantined;\n"
+               "9 another ingest or a distill holds the server folder (see --wait); other codes: secure-oneshot --help")
     ingest.add_argument("--server-dir", required=True, metavar="DIR", help="holds inbox/, accepted/, quarantine/, ledger.db, audit.jsonl")
     ingest.add_argument("--inbox", metavar="DIR", help="inbox folder (default SERVER_DIR/inbox)")
     ingest.add_argument("--policy", required=True, metavar="POLICY.toml", help="the server ingest policy")
     ingest.add_argument("--key", required=True, metavar="FILE.key", help="the server's private key")
+    ingest.add_argument("--wait", action="store_true", help="wait for a running ingest or distill on SERVER_DIR instead of exiting with status 9")
     add_trust_option(ingest)
     add_passphrase_option(ingest)
     ingest.set_defaults(handler=_ingest)

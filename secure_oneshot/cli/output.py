@@ -18,6 +18,7 @@ class Result:
 
     data: dict[str, Any]
     lines: list[str] = field(default_factory=list)
+    exit_code: int = 0  # non-zero for a completed run that still has something to report (ingest: some quarantined)
 
     def print(self, as_json: bool) -> None:
         if as_json:
