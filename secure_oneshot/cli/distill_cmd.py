@@ -27,6 +27,8 @@ def _say(line: str) -> None:
 
 def _sites(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ..keys import load_trust_store
+    from ..policy.load import load_ingest_policy
+    from ..server.ingest import IngestFolders
     from ..server.study import load_accepted, load_model_dirs
     from .keys_cmd import trust_path
     from .secrets import load_private_identity
@@ -36,8 +38,9 @@ def _sites(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if not (args.server_dir and args.key):
         raise ConfigError("say where the site models are", hint="--server-dir DIR --key SERVER.key (accepted bundles), or --model DIR ... (research)")
     identity = load_private_identity(args.key, args.passphrase_env)
-    server = Path(args.server_dir)
-    return load_accepted(server / "accepted", identity, load_trust_store(trust_path(args))), (server / "audit.jsonl", identity)
+    folders = IngestFolders.under(Path(args.server_dir))
+    policy = load_ingest_policy(args.policy) if args.policy else None
+    return load_accepted(folders, identity, load_trust_store(trust_path(args)), policy), (folders.audit_log, identity)
 
 
 def _distill(args: argparse.Namespace) -> Result:
@@ -98,9 +101,13 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     distill = commands.add_parser("distill", help="distil one global model from the accepted site models (server)", parents=[common],
                                   description="FedISCA-style synthesis + distillation from the site models alone.")
     source = distill.add_argument_group("site models (one of)")
-    source.add_argument("--server-dir", metavar="DIR", help="server folder of `ingest` (uses DIR/accepted, audits to DIR/audit.jsonl)")
+    source.add_argument("--server-dir", metavar="DIR", help="server folder of `ingest`: uses only the bundles its registry in DIR/accepted lists and its ledger "
+                        "accepted, each re-verified (audits to DIR/audit.jsonl)")
     source.add_argument("--model", action="append", metavar="DIR", help="research: a model directory (repeatable)")
     distill.add_argument("--key", metavar="FILE.key", help="the server's private key (with --server-dir)")
+    distill.add_argument("--policy", metavar="POLICY.toml",
+                         help="with --server-dir: the ingest policy every accepted bundle must pass again (default: the policy file "
+                              "that accepted each bundle, as recorded in the registry; refused if that file changed since)")
     distill.add_argument("--out", metavar="DIR", help="output folder (default SERVER_DIR/global, or ./global)")
     distill.add_argument("--preset", choices=("auto", *PRESETS), default="auto", help="auto: gpu on CUDA, else cpu")
     distill.add_argument("--synthesis", choices=METHODS, default="inversion", help="where the images come from (default inversion)")

@@ -24,15 +24,17 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from .._internal.atomic import atomic_write_bytes
-from ..bundle import open_bundle
 from ..errors import ConfigError
 from ..keys import Identity, TrustStore
 from ..metrics import evaluate_model
 from ..models.classifier import ClassifierConfig, build_classifier
 from ..policy.artifacts import load_model_dir
+from ..policy.model import IngestPolicy
+from .accepted import open_accepted
 from .distill import DistillConfig, distill
 from .ensemble import Ensemble, same_architecture
 from .execution import Execution
+from .ingest import IngestFolders
 from .sources import SiteGenerator, SynthesisMethod
 from .synthesis import InversionConfig, synthesize_batch, tracks_running_stats
 
@@ -131,16 +133,26 @@ def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     return SiteModel(name, model.eval(), cfg, stats, _site_generator(name, tensors, generator_meta or {}), bundle_id)
 
 
-def load_accepted(accepted: Path, identity: Identity, trust: TrustStore) -> list[SiteModel]:
-    """Re-open every accepted bundle (verifying it again) and build its classifier."""
+def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: TrustStore, policy: IngestPolicy | None = None) -> list[SiteModel]:
+    """Build the classifier of every bundle the accepted registry lists, each re-verified and re-checked.
+
+    Args:
+        accepted: the server's folders, or the ``accepted/`` folder of the standard layout (ledger and lock in its parent).
+        policy: the ingest policy to re-check against (default: the policy file that accepted each bundle, unchanged).
+
+    Raises:
+        ConfigError, BundleAuthError: see :func:`~secure_oneshot.server.accepted.open_accepted`; nothing unlisted,
+            changed or unledgered is ever used.
+    """
+    folders = accepted if isinstance(accepted, IngestFolders) else IngestFolders.under(accepted.parent)
     models = []
-    for path in sorted(accepted.glob("*.sob")):
-        opened = open_bundle(path, identity, trust)
+    for bundle in open_accepted(folders, identity, trust, policy):
+        opened = bundle.opened
         artifacts = opened.manifest.meta.get("artifacts", {})
         models.append(_site_model(opened.sender.name, dict(opened.tensors), artifacts.get("classifier", {}),
                                   artifacts.get("generator"), opened.header.bundle_id))
     if not models:
-        raise ConfigError(f"no accepted bundles in {accepted}", hint="run `secure-oneshot ingest` first")
+        raise ConfigError(f"no accepted bundles in {folders.accepted}", hint="run `secure-oneshot ingest` first")
     return sorted(models, key=lambda s: (s.name, s.bundle_id))  # bundle ids are random: order by site
 
 
