@@ -10,7 +10,10 @@ a size the file states before that size has been checked against the format's
 maxima (``payload_size`` <= 64 GiB, ``chunk_size`` <= 16 MiB), against
 :attr:`VerifyOptions.max_payload_bytes` and against the file's real length, so
 a header claiming a huge payload, or a sparse terabyte file, is refused
-without reading or allocating it.
+without reading or allocating it.  Measured (``benchmarks/fuzz_bundles.py
+--memory``, 1 MiB chunks): 4.1-4.3 MiB over the payload for 10 MB and 200 MB
+payloads; nothing over the starting RSS for a 60 GiB claim in a 4 KiB file
+or a sparse 8 TiB file.
 """
 
 from __future__ import annotations
