@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from ..bundle import Header, OpenedBundle, ReplayLedger, VerifyOptions, inspect_bundle, open_bundle, seal_safetensors_file
+from ..bundle.recipients import check_recipients
 from ..bundle.format import MAX_PAYLOAD_SIZE
 from ..bundle.safetensors_strict import PayloadLimits
 from ..bundle.verify import DEFAULT_MAX_PAYLOAD_BYTES
@@ -71,7 +72,7 @@ def _valid_days(text: str) -> float:
 
 def _seal(args: argparse.Namespace) -> Result:
     sender = load_private_identity(args.key, args.passphrase_env)
-    recipients = [load_public(path) for path in args.to]
+    recipients = check_recipients([load_public(path) for path in args.to])
     if args.trust or args.check_recipients:
         store = load_trust_store(trust_path(args))
         recipients = [store.require(r.key_id, "recipient") for r in recipients]
