@@ -204,6 +204,9 @@ schema = "secure-oneshot/server-ingest-policy/v1"
 id = "demo/server-ingest"
 version = 1
 owner = "Demo study server"
+# Every bundle must carry the site's signed export policy, approved by the data protection officer.
+require_site_policy = true
+min_site_policy_approvals = 1
 
 [senders]
 allowed = [{senders}]

@@ -121,3 +121,22 @@ def test_a_bundle_arriving_again_later_is_a_replay(tmp_path: Path) -> None:
     folders, outcomes = run(tmp_path)
     assert [o.error for o in outcomes] == ["ReplayError"]
     assert len(list(folders.accepted.glob("*.sob"))) == 1
+
+
+def test_a_flood_of_dp_history_is_refused_before_any_accounting(tmp_path: Path, monkeypatch) -> None:
+    """A site key can sign any DP claim: 11 records x 1,000 accountant entries must cost no accountant work."""
+    from secure_oneshot.policy import dp as dp_module
+
+    entry = {"noise_multiplier": "1.0", "sample_rate": "0.01", "steps": 1}
+    flood = {f"artifact{i}": {**dp_record().to_json(), "history": [entry] * 1000} for i in range(11)}
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    seal_tensors(small_cnn_tensors(), inbox / "flood.sob", sender=CAST.site, recipients=[CAST.server.public], meta=META, dp=flood, now=NOW)
+
+    def no_accounting(*args, **kwargs):
+        raise AssertionError("the accountant ran on a bundle that exceeds the history cap")
+
+    monkeypatch.setattr(dp_module.DpRecord, "from_json", no_accounting)
+    folders, outcomes = run(tmp_path)
+    assert [(o.outcome, o.error) for o in outcomes] == [("quarantined", "PrivacyError")]
+    assert "history entries" in reasons(folders)["flood.sob"]["message"]

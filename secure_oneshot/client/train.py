@@ -277,5 +277,18 @@ def write_model_dir(directory: str | Path, tensors_by_file: dict[str, dict[str, 
     folder.mkdir(parents=True, exist_ok=True)
     for stem, tensors in tensors_by_file.items():
         atomic_write_bytes(folder / f"{stem}.safetensors", save(tensors))
-    atomic_write_bytes(folder / "record.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    text = json.dumps(_strict_json_values(record), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(folder / "record.json", (text + "\n").encode("utf-8"))
     return folder
+
+
+def _strict_json_values(value: Any) -> Any:
+    """NaN/Infinity become ``null``: records are read back with a strict JSON parser that refuses them
+    (an AUC is undefined on a validation slice holding one class)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json_values(v) for v in value]
+    return value

@@ -60,7 +60,7 @@ from .._internal.termsafe import printable, printable_name
 from ..bundle import OpenedBundle, ReplayLedger, VerifyOptions, inspect_bundle, open_bundle
 from ..errors import BundleFormatError, ConfigError, PolicyViolationError, PrivacyError, SecureOneshotError
 from ..keys import Identity, TrustStore
-from ..policy.dp import DpRecord
+from ..policy.dp import DpRecord, check_bundle_history
 from ..policy.evaluate import Evaluation, evaluate_ingest
 from ..policy.explain import denial_summary
 from ..policy.model import IngestPolicy
@@ -113,6 +113,7 @@ def _check_policy(policy: IngestPolicy, opened: OpenedBundle, trust: TrustStore 
     where = f"bundle {opened.header.bundle_id}: manifest"
     if not isinstance(opened.manifest.dp, dict):
         raise PrivacyError(f"{where}: dp must be an object")
+    check_bundle_history(opened.manifest.dp)  # bound the accountant's work before parsing any record
     dp = {a: DpRecord.from_json(r, f"{where} dp.{a}") for a, r in opened.manifest.dp.items()}
     ev = evaluate_ingest(policy, opened.header.sender, opened.tensors, dp, opened.manifest.meta, opened.header.payload_size)
     if not ev.allowed:
