@@ -92,6 +92,7 @@ class DemoConfig:
     stats_epsilon: float = 1.0       # with DP: the DP feature statistics' own budget (the BN-free synthesis prior)
     generator: dict[str, Any] | None = None  # sites also train a diffusion generator: SiteConfig [generator] options
     execution: Execution = field(default_factory=Execution)
+    teacher_weighting: str = "equal"  # the server's teacher: equal | label-counts | agreement (server.weighting)
 
     def resolved_preset(self) -> DemoPreset:
         name = self.preset_name
@@ -373,7 +374,7 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
         f"{cfg.execution.describe()['device']}, {cfg.execution.describe()['precision']})")
     sites = load_accepted(server.accepted, ids["server"], trust)
     test = to_dataset(load_medmnist(cfg.flag, "test", root=cfg.data_root))
-    job = DistillJob(preset=preset.server, execution=cfg.execution, seed=cfg.seed)
+    job = DistillJob(preset=preset.server, execution=cfg.execution, seed=cfg.seed, teacher_weighting=cfg.teacher_weighting)
     run_result = run_distillation(sites, run / "server" / "global", job, test_set=test, progress=True,
                                   audit_to=(server.audit_log, ids["server"]))
     lap("distill")

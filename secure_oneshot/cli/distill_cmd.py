@@ -11,6 +11,7 @@ from ..errors import ConfigError
 from ..server.execution import Execution
 from ..server.sources import METHODS, SynthesisMethod
 from ..server.study import PRESETS, DistillJob
+from ..server.weighting import WEIGHTINGS
 from .output import Result
 
 __all__ = ["register"]
@@ -51,7 +52,7 @@ def _distill(args: argparse.Namespace) -> Result:
     execution = _execution(args)
     preset = args.preset if args.preset != "auto" else ("gpu" if execution.torch_device.type == "cuda" else "cpu")
     job = DistillJob(preset=preset, student_arch=args.student, execution=execution, seed=args.seed, epochs=args.epochs,
-                     noise_adapted=args.noise_adapted, image_size=args.image_size,
+                     noise_adapted=args.noise_adapted, image_size=args.image_size, teacher_weighting=args.teacher_weighting,
                      method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps))
     test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval else None
     out = Path(args.out) if args.out else (Path(args.server_dir) / "global" if args.server_dir else Path("global"))
@@ -76,7 +77,7 @@ def _demo(args: argparse.Namespace) -> Result:
     out = Path(args.out) if args.out else Path(f"secure-oneshot-demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
     cfg = DemoConfig(out=out, flag=args.flag, data_root=args.data_root, preset=args.preset, sites=args.sites, alpha=args.alpha,
                      seed=args.seed, tamper=not args.no_tamper, centralised=not args.no_centralised, execution=_execution(args),
-                     dp_epsilon=args.dp_epsilon, stats_epsilon=args.stats_epsilon)
+                     dp_epsilon=args.dp_epsilon, stats_epsilon=args.stats_epsilon, teacher_weighting=args.teacher_weighting)
     result = run_demo(cfg, say=_say)
     data = {"run": str(result.out), "metrics": result.metrics, "seconds": result.seconds, "paths": result.paths,
             "outcomes": [o.__dict__ for o in result.outcomes]}
@@ -92,6 +93,13 @@ def _add_execution_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batched", choices=("auto", "on", "off"), default="auto",
                        help="run same-architecture site models as one vmap computation (auto: on CUDA only)")
     group.add_argument("--compile", action="store_true", help="torch.compile the student's training step (slow to start)")
+
+
+def _add_weighting_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher-weighting", choices=WEIGHTINGS, default="equal",
+                        help="how each site counts in the teacher, per class: equal (the published method; default), "
+                             "label-counts (the sites' released DP class counts), agreement (data-free: agreement with the "
+                             "other sites on one synthetic batch)")
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
@@ -116,6 +124,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     distill.add_argument("--student", metavar="ARCH", help="student architecture (default: the sites')")
     distill.add_argument("--epochs", type=int, help="override the preset's epochs")
     distill.add_argument("--noise-adapted", choices=("train-mode", "eval", "none"), help="override the noise-adapted teacher")
+    _add_weighting_option(distill)
     distill.add_argument("--eval", metavar="FLAG", help="report metrics on this MedMNIST set's test split each epoch (never selects)")
     distill.add_argument("--data-root", metavar="DIR", help="MedMNIST folder for --eval")
     distill.add_argument("--image-size", type=int, default=28)
@@ -140,5 +149,6 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                       help="with --dp-epsilon: budget of the released DP feature statistics (default 1.0)")
     demo.add_argument("--no-tamper", action="store_true", help="do not deliver the tampered bundle copy")
     demo.add_argument("--no-centralised", action="store_true", help="skip the pooled-data reference training")
+    _add_weighting_option(demo)
     _add_execution_options(demo)
     demo.set_defaults(handler=_demo)

@@ -30,6 +30,7 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     preset = "cpu"                 # a server.study preset
     methods = ["inversion"]        # inversion | generator | mixed (these two need [generator], not withheld)
     epochs = 16                    # optional override
+    teacher_weighting = "equal"    # equal | label-counts | agreement (server.weighting)
 
     [privacy_audit]
     enabled = true                 # loss-attack membership inference on every site model and the global model,
@@ -80,6 +81,7 @@ from ..server.ingest import IngestFolders, ingest_inbox
 from ..server.sources import METHODS, SynthesisMethod
 from ..server.study import PRESETS as SERVER_PRESETS
 from ..server.study import DistillJob, load_accepted, run_distillation
+from ..server.weighting import WEIGHTINGS
 
 __all__ = ["Study", "Cell", "Group", "alpha_label", "load_study", "run_study", "summarise", "ROW_FIELDS", "GROUP_FIELDS"]
 
@@ -118,6 +120,7 @@ class Study:
     generator: tuple[tuple[str, Any], ...] | None = None   # [generator] training options (preset, epochs); None: no generator
     generator_epsilons: tuple[float, ...] = (math.inf,)
     withhold: tuple[tuple[str, ...], ...] = ((),)          # variants of what the sites leave out
+    teacher_weighting: str = "equal"                        # server.weighting scheme for the teacher
 
     def cells(self) -> list[Cell]:
         generator_epsilons: tuple[float | None, ...] = self.generator_epsilons if self.generator is not None else (None,)
@@ -223,6 +226,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             privacy_audit=bool(doc.get("privacy_audit", {}).get("enabled", False)),
             audit_shadows=int(doc.get("privacy_audit", {}).get("shadows", 0)),
             generator=generator, generator_epsilons=generator_epsilons, withhold=_withhold(doc.get("policy", {})),
+            teacher_weighting=_choice(server.get("teacher_weighting", "equal"), WEIGHTINGS, "server.teacher_weighting"),
         ).check()
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML ({e})") from e
@@ -356,7 +360,8 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
         raise ConfigError(f"cell {cell.id}: ingest refused {[o.file for o in refused]}: {refused[0].reason}")
     test = to_dataset(load_medmnist(cell.flag, "test", root=data_root))
     job = DistillJob(preset=study.server_preset, seed=cell.seed, method=SynthesisMethod(cell.method),
-                     epochs=int(study.server_epochs) if study.server_epochs is not None else None)
+                     epochs=int(study.server_epochs) if study.server_epochs is not None else None,
+                     teacher_weighting=study.teacher_weighting)
     sites = load_accepted(server.accepted, ids["server"], trust)  # what the server holds: withheld artifacts are absent
     result = run_distillation(sites, run / "server" / "global", job, test_set=test, audit_to=(server.audit_log, ids["server"]))
     row = _row(cell, result.metrics, names, model_dirs, bytes_sent, time.perf_counter() - started)

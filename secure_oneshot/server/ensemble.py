@@ -1,4 +1,4 @@
-"""The teacher: the mean of the site classifiers' logits, run as one batched computation.
+"""The teacher: the mean of the site classifiers' logits (or a per-class weighted pooling), run as one batched computation.
 
 When every site shares one architecture (the usual case: five ResNet-18s), the
 sites' parameters and buffers are stacked (``torch.func.stack_module_state``)
@@ -19,20 +19,43 @@ site's forward pass, returning one scalar per site.  The synthesis code uses it
 to turn what forward hooks recorded during the pass into a per-site
 BatchNorm-statistics loss; see :mod:`secure_oneshot.server.synthesis`.
 
-What this module does not do: load weights, check trust, or train anything.
+Per-site, per-class weights (``weights[s, c] >= 0``, normalised over sites
+for each class) turn the teacher into ``sum_s w[s, c] * log_softmax(z_s)[c]``:
+site ``s``'s evidence for class ``c`` counts with weight ``w[s, c]``.  Log-
+probabilities, not raw logits, because a site's logits carry an arbitrary
+per-image offset: weighted per class, that offset would become a bias towards
+the classes the site is weighted on (a one-class site with logits (10, -10)
+would still add 10 w[s, 0] to class 0 with w[s, 1] = 0).  A log-probability of
+the class a site is sure about is about 0, so a site with zero weight on every
+class it is wrong about adds almost nothing.  Equal weights give the softmax
+of the plain mean of logits (they differ by a per-image constant); with
+``weights=None`` the plain mean itself runs, bit for bit as before.
+
+The weights live in :meth:`Ensemble.per_site`: each site's entry is scaled by
+``S * w[s, c]`` so that the *mean over sites* is the weighted teacher wherever
+it is computed (``forward``, and the synthesis code, which averages
+``per_site`` itself).  Code that builds its own ensembles from the site models
+(the synthesis, the noise-adapted teacher) picks the weights up from the models
+when they travel with them: :func:`class_weights_attached` attaches them for the
+duration of a ``with`` block, and ``Ensemble(models)`` without ``weights`` uses
+them.
+
+What this module does not do: load weights, check trust, choose the weights, or
+train anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-__all__ = ["Ensemble", "Probe", "same_architecture"]
+__all__ = ["Ensemble", "Probe", "same_architecture", "normalise_weights", "class_weights_attached", "ATTACHED_WEIGHTS"]
 
 Probe = Callable[[Any], Tensor]
 """Called after one site's forward pass with that site's probe input; returns a scalar tensor."""
@@ -54,6 +77,59 @@ def same_architecture(models: Sequence[nn.Module]) -> bool:
     """
     first = _signature(models[0])
     return all(_signature(m) == first for m in models[1:])
+
+
+ATTACHED_WEIGHTS = "_secure_oneshot_teacher_class_weights"
+"""Attribute name under which :func:`class_weights_attached` puts a site's ``(classes,)`` weight row."""
+
+
+def normalise_weights(weights: Tensor, num_sites: int) -> Tensor:
+    """``(S, K)`` non-negative weights -> the same normalised over sites for each class (float32).
+
+    Negative entries count as 0; a class whose weights are all 0 gets equal weights.
+
+    Raises:
+        ValueError: wrong shape, or a non-finite entry.
+    """
+    if weights.dim() != 2 or weights.shape[0] != num_sites:
+        raise ValueError(f"teacher weights must have shape (sites={num_sites}, classes), got {tuple(weights.shape)}")
+    w = weights.detach().float().cpu()
+    if not torch.isfinite(w).all():
+        raise ValueError("teacher weights must be finite")
+    w = w.clamp(min=0)
+    totals = w.sum(dim=0, keepdim=True)
+    return torch.where(totals > 0, w / totals.clamp(min=torch.finfo(torch.float32).tiny), torch.full_like(w, 1.0 / num_sites))
+
+
+@contextlib.contextmanager
+def class_weights_attached(models: Sequence[nn.Module], weights: Tensor | None) -> Iterator[None]:
+    """Within the block, ``Ensemble(models)`` (and every ensemble built from these models) uses ``weights``.
+
+    ``weights`` is ``(S, K)`` for the ``S`` models in order, or ``None`` (nothing attached: the plain mean).
+    The attribute is removed again on exit, also on error.
+    """
+    if weights is None:
+        yield
+        return
+    if weights.dim() != 2 or weights.shape[0] != len(models):
+        raise ValueError(f"teacher weights must have shape (sites={len(models)}, classes), got {tuple(weights.shape)}")
+    try:
+        for model, row in zip(models, weights):
+            setattr(model, ATTACHED_WEIGHTS, row.detach().clone())
+        yield
+    finally:
+        for model in models:
+            if hasattr(model, ATTACHED_WEIGHTS):
+                delattr(model, ATTACHED_WEIGHTS)
+
+
+def _attached_weights(models: Sequence[nn.Module]) -> Tensor | None:
+    rows = [getattr(m, ATTACHED_WEIGHTS, None) for m in models]
+    if all(r is None for r in rows):
+        return None
+    if any(r is None for r in rows):
+        raise ValueError("teacher weights are attached to some site models but not to all")
+    return torch.stack(rows)
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -91,19 +167,26 @@ class Ensemble(nn.Module):
         batched: ``True`` stacks the sites and runs them with ``vmap``; ``False`` loops;
             ``None`` (default) batches when :func:`same_architecture` holds.
         adapt_bn: run BatchNorm layers in train mode (FedISCA's noise-adapted teacher).
+        weights: ``(S, K)`` per-site, per-class weights (normalised here; see the module docstring), or
+            ``None``: the weights attached to the models (:func:`class_weights_attached`), else the plain mean.
 
     Raises:
-        ValueError: no models, or ``batched=True`` with differing architectures.
+        ValueError: no models, ``batched=True`` with differing architectures, or weights of the wrong shape.
 
     >>> teacher = Ensemble([site_a, site_b]).to("cuda")   # doctest: +SKIP
     >>> teacher(images).shape                              # doctest: +SKIP
     torch.Size([256, 2])
     """
 
-    def __init__(self, models: Sequence[nn.Module], *, batched: bool | None = None, adapt_bn: bool = False) -> None:
+    def __init__(self, models: Sequence[nn.Module], *, batched: bool | None = None, adapt_bn: bool = False,
+                 weights: Tensor | None = None) -> None:
         super().__init__()
         if len(models) == 0:
             raise ValueError("an ensemble needs at least one site model")
+        weights = weights if weights is not None else _attached_weights(models)
+        # S * w[s, c]: the factor per_site applies so that the mean over sites is the weighted pooling.
+        scale = None if weights is None else normalise_weights(weights, len(models)) * len(models)
+        self.register_buffer("_site_scale", scale)
         copies = [_frozen_copy(m) for m in models]
         homogeneous = same_architecture(copies)
         if batched and not homogeneous:
@@ -155,17 +238,33 @@ class Ensemble(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------
 
+    @property
+    def weights(self) -> Tensor | None:
+        """The normalised ``(S, K)`` weights, or ``None`` for the plain mean of logits."""
+        return None if self._site_scale is None else self._site_scale / self.num_sites
+
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W)`` -> ``(N, classes)``: the mean of the sites' logits."""
+        """``(N, C, H, W)`` -> ``(N, classes)``: the mean of the sites' logits (weighted: of their scaled log-probabilities)."""
         return self.per_site_logits(x).mean(dim=0)
 
     def per_site_logits(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W)`` -> ``(S, N, classes)``."""
+        """``(N, C, H, W)`` -> ``(S, N, classes)``: each site's entry of the teacher (see :meth:`per_site`)."""
         return self.per_site(x)[0]
+
+    def _weighted(self, logits: Tensor) -> Tensor:
+        """``(S, N, K)`` logits -> the sites' entries whose mean is the teacher (float32 when weighted)."""
+        if self._site_scale is None:
+            return logits
+        if logits.shape[-1] != self._site_scale.shape[1]:
+            raise ValueError(f"teacher weights cover {self._site_scale.shape[1]} classes, the sites output {logits.shape[-1]}")
+        return torch.log_softmax(logits.float(), dim=-1) * self._site_scale[:, None, :]
 
     def per_site(self, x: Tensor, probe: Probe | None = None,
                  probe_inputs: Sequence[Any] | None = None) -> tuple[Tensor, Tensor | None]:
         """Per-site logits ``(S, N, classes)`` and, with a probe, its per-site scalars ``(S,)``.
+
+        With weights, site ``s``'s entry is ``S * w[s, c] * log_softmax(logits_s)[c]`` (float32), so that the
+        mean over sites is always the teacher.
 
         Args:
             x: the input batch, shared by every site.
@@ -176,9 +275,8 @@ class Ensemble(nn.Module):
         """
         if probe_inputs is not None and len(probe_inputs) != self.num_sites:
             raise ValueError(f"{len(probe_inputs)} probe inputs for {self.num_sites} sites")
-        if self.batched:
-            return self._batched(x, probe, probe_inputs)
-        return self._looped(x, probe, probe_inputs)
+        logits, scalars = self._batched(x, probe, probe_inputs) if self.batched else self._looped(x, probe, probe_inputs)
+        return self._weighted(logits), scalars
 
     def _batched(self, x: Tensor, probe: Probe | None, probe_inputs: Sequence[Any] | None) -> tuple[Tensor, Tensor | None]:
         skeleton = self.__dict__["_skeleton"]

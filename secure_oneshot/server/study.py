@@ -32,14 +32,15 @@ from ..policy.artifacts import load_model_dir
 from ..policy.model import IngestPolicy
 from .accepted import open_accepted
 from .distill import DistillConfig, distill
-from .ensemble import Ensemble, same_architecture
+from .ensemble import Ensemble, class_weights_attached, normalise_weights, same_architecture
 from .execution import Execution
 from .ingest import IngestFolders
 from .sources import SiteGenerator, SynthesisMethod
 from .synthesis import InversionConfig, synthesize_batch, tracks_running_stats
+from .weighting import PROBE_MIN_STEPS, WEIGHTINGS, agreement_weights, label_count_weights
 
 __all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines", "DistillJob", "DistillRun", "run_distillation", "prior_options", "PRESETS",
-           "SELECTION"]
+           "SELECTION", "teacher_weights"]
 
 # (inversion, distillation) settings per preset; every other field keeps the method's default.
 # "paper" is the method's own setting (GPU).  "cpu" lowers the BN-loss weight from 10 to 0.1: with
@@ -62,6 +63,7 @@ class SiteModel:
     feature_stats: dict[str, torch.Tensor] | None = None
     generator: SiteGenerator | None = None
     bundle_id: str = ""
+    label_counts: torch.Tensor | None = None  # (classes,) DP-noised class counts the site released, if any
 
 
 def _classifier_config(meta: dict[str, Any]) -> ClassifierConfig:
@@ -119,6 +121,15 @@ def bn_statistics_released(model: nn.Module) -> bool | None:
     return all(tracks_running_stats(m) for m in layers) if layers else None
 
 
+def _label_counts(name: str, tensors: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor | None:
+    counts = tensors.get("label_counts/counts")
+    if counts is None:
+        return None
+    if counts.shape != (num_classes,) or not counts.is_floating_point() or not torch.isfinite(counts).all():
+        raise ConfigError(f"{name}: label_counts/counts must be {num_classes} finite floats, got {counts.dtype} {tuple(counts.shape)}")
+    return counts.float()
+
+
 def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], generator_meta: dict[str, Any] | None = None,
                 bundle_id: str = "") -> SiteModel:
     cfg = _classifier_config(meta)
@@ -130,7 +141,8 @@ def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any
         raise ConfigError(f"{name}: classifier weights do not fit {cfg.architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     use_batch_statistics(model, missing)
     stats = {k.removeprefix("feature_stats/"): v for k, v in tensors.items() if k.startswith("feature_stats/")} or None
-    return SiteModel(name, model.eval(), cfg, stats, _site_generator(name, tensors, generator_meta or {}), bundle_id)
+    return SiteModel(name, model.eval(), cfg, stats, _site_generator(name, tensors, generator_meta or {}), bundle_id,
+                     _label_counts(name, tensors, cfg.num_classes))
 
 
 def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: TrustStore, policy: IngestPolicy | None = None) -> list[SiteModel]:
@@ -176,10 +188,16 @@ def fedavg(models: list[nn.Module]) -> nn.Module:
     return average.eval()
 
 
-def baselines(sites: list[SiteModel], student: nn.Module | None, test_set: Any) -> dict[str, dict[str, float]]:
-    """Metrics for every site alone, the ensemble teacher, FedAvg (same architectures only) and the global model."""
+def baselines(sites: list[SiteModel], student: nn.Module | None, test_set: Any,
+              teacher_weights: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """Metrics for every site alone, the ensemble teacher, FedAvg (same architectures only) and the global model.
+
+    With ``teacher_weights`` the teacher row is the weighted ensemble and the equal one is reported beside it.
+    """
     rows = {s.name: evaluate_model(s.model, test_set) for s in sites}
-    rows["ensemble (teacher)"] = evaluate_model(Ensemble([s.model for s in sites]), test_set)
+    rows["ensemble (teacher)"] = evaluate_model(Ensemble([s.model for s in sites], weights=teacher_weights), test_set)
+    if teacher_weights is not None:
+        rows["ensemble (equal weights)"] = evaluate_model(Ensemble([s.model for s in sites]), test_set)
     if same_architecture([s.model for s in sites]):
         rows["fedavg (one-shot)"] = evaluate_model(fedavg([s.model for s in sites]), test_set)
     if student is not None:
@@ -199,10 +217,13 @@ class DistillJob:
     seed: int = 0
     epochs: int | None = None
     noise_adapted: str | None = None
+    teacher_weighting: str = "equal"          # see secure_oneshot.server.weighting
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}", hint=f"use one of {', '.join(PRESETS)}")
+        if self.teacher_weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown teacher weighting {self.teacher_weighting!r}", hint=f"use one of {', '.join(WEIGHTINGS)}")
 
     def configs(self, sites: list[SiteModel]) -> tuple[InversionConfig, DistillConfig]:
         synth_options, distill_options = PRESETS[self.preset]
@@ -285,6 +306,27 @@ def prior_options(sites: list[SiteModel], student: nn.Module | None) -> dict[str
     return options
 
 
+def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig, execution: Execution) -> torch.Tensor | None:
+    """The ``(S, K)`` teacher weights of ``scheme`` (:mod:`~secure_oneshot.server.weighting`); ``None`` for equal.
+
+    ``agreement`` costs one inversion batch of ``synth`` (its batch size; at least ``PROBE_MIN_STEPS`` steps; seed
+    shifted so that it is not the first epoch's batch) and one forward pass of every site over it.
+    """
+    if scheme == "equal":
+        return None
+    if scheme == "label-counts":
+        return label_count_weights([s.label_counts for s in sites], synth.num_classes)
+    models = [s.model for s in sites]
+    steps = max(synth.steps, PROBE_MIN_STEPS)
+    probe = InversionConfig(**{**asdict(synth), "seed": synth.seed + 1_000_003, "steps": steps, "snapshot_every": steps})
+    images, targets = synthesize_batch(models, None, probe, execution=execution, **prior_options(sites, student=None))
+    execution = execution.for_models(models)
+    ensemble = execution.prepare(Ensemble(models, batched=execution.use_batched))
+    with torch.no_grad(), execution.autocast():
+        logits = ensemble.per_site_logits(execution.layout(images))
+    return agreement_weights(logits, targets)
+
+
 def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None = None, *, test_set: Any = None, progress: bool = False,
                      on_epoch: Any = None, audit_to: tuple[Path, Identity] | None = None) -> DistillRun:
     """Distil a global model from ``sites`` and write it with its report into ``out``.
@@ -300,22 +342,31 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     student = build_classifier(student_cfg)
     prior = prior_options(sites, student)
     started = time.perf_counter()
-    result = distill(student, [s.model for s in sites], synth, dcfg, execution=job.execution, eval_set=test_set, progress=progress,
-                     on_epoch=on_epoch, feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
-                     method=job.method, generators=[s.generator for s in sites if s.generator is not None])
+    weights = teacher_weights(sites, job.teacher_weighting, synth, job.execution)
+    models = [s.model for s in sites]
+    # Attached, the weights reach every ensemble built from these models: synthesis, noise-adapted teacher, KD targets.
+    with class_weights_attached(models, weights):
+        result = distill(student, models, synth, dcfg, execution=job.execution, eval_set=test_set, progress=progress,
+                         on_epoch=on_epoch, feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
+                         method=job.method, generators=[s.generator for s in sites if s.generator is not None])
     seconds = time.perf_counter() - started
     student = result.student.cpu().to(memory_format=torch.contiguous_format).eval()
-    metrics = baselines(sites, student, test_set) if test_set is not None else {}
+    metrics = baselines(sites, student, test_set, weights) if test_set is not None else {}
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     global_bytes = safetensors_save(state, metadata={"format": "secure-oneshot-global/v1", "architecture": student_cfg.architecture})
     atomic_write_bytes(out / "global.safetensors", global_bytes)
-    _trajectory_grid(sites, synth, job.execution, out / "synthetic.png", job.method)
+    with class_weights_attached(models, weights):
+        _trajectory_grid(sites, synth, job.execution, out / "synthetic.png", job.method)
     report = {"student": asdict(student_cfg), "sites": [{"name": s.name, "bundle_id": s.bundle_id, "architecture": s.config.architecture,
                                                           "generator": s.generator is not None, "feature_stats": s.feature_stats is not None,
-                                                          "bn_statistics": bn_statistics_released(s.model)}
+                                                          "bn_statistics": bn_statistics_released(s.model),
+                                                          "label_counts": s.label_counts is not None}
                                                          for s in sites],
               "preset": job.preset, "method": asdict(job.method), "execution": job.execution.for_models([s.model for s in sites]).describe(),
+              "teacher_weighting": {"scheme": job.teacher_weighting,
+                                    "weights": None if weights is None else [[round(float(w), 4) for w in row]
+                                                                             for row in normalise_weights(weights, len(sites))]},
               "inversion": asdict(synth), "distill": asdict(dcfg), "seconds": round(seconds, 1), "history": result.history,
               "metrics": metrics, "global_sha256": hashlib.sha256(global_bytes).hexdigest(), "selection": SELECTION}
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode("utf-8"))

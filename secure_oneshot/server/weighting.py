@@ -1,0 +1,92 @@
+"""How much each site's evidence for each class counts in the teacher: the weights of :class:`~.ensemble.Ensemble`.
+
+Schemes (``--teacher-weighting``):
+
+* ``equal``: no weights, the plain mean of logits (the method as published).
+* ``label-counts``: ``w[s, c]`` proportional to site ``s``'s released count of
+  class ``c`` (its ``label_counts`` artifact: DP-noised, so clamped at 0) plus a
+  floor of one record.  A site that released no counts gets, per class, the mean
+  count of the sites that did (an average share: neither trusted more nor
+  dropped).  Needs at least one site with counts.
+* ``agreement``: data-free, from the site models alone.  One class-balanced
+  inversion batch is synthesised from the equal ensemble (at least
+  ``PROBE_MIN_STEPS`` steps: a shorter inversion does not yet make the ensemble
+  see the target classes, measured on the smoke preset's 12 steps).  Each
+  site's decisions "is class c" on it are compared with the classes the batch
+  was synthesised for by Cohen's kappa, the agreement beyond chance: a site
+  that always, never or randomly says ``c`` scores 0 however the batch is
+  balanced; one whose decisions follow the class evidence the ensemble put
+  into the images scores 1.  ``w[s, c] = max(kappa, 0)``, no floor: a site's
+  log-probability of a class it never predicts is very negative (-40 for
+  logits (20, -20)), so even a 2 % share of it outweighs the sites that do
+  follow the class; a class that no site follows gets equal weights
+  (:func:`~.ensemble.normalise_weights`).  Not leave-one-out
+  (comparing each site with the ensemble of the others): with two one-class
+  sites among three, the others' ensemble of the good site is itself constant
+  and every kappa is 0 (measured; see benchmarks/RESULTS.md).  What this does
+  not catch: a site that follows synthetic class evidence but is wrong on real
+  images.
+
+What this module does not do: build ensembles (``Ensemble`` does) or read
+artifacts (``study`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+__all__ = ["WEIGHTINGS", "LABEL_COUNT_FLOOR", "PROBE_MIN_STEPS", "label_count_weights", "agreement_weights",
+           "cohen_kappa"]
+
+WEIGHTINGS = ("equal", "label-counts", "agreement")
+LABEL_COUNT_FLOOR = 1.0   # records: a class a site never saw still counts a little, and all-zero columns stay defined
+PROBE_MIN_STEPS = 100     # inversion steps of the agreement batch (the cpu preset's)
+
+
+def label_count_weights(counts: Sequence[Tensor | None], num_classes: int) -> Tensor:
+    """``(S, K)`` weights from per-site released class counts (``None``: the site released none).
+
+    Raises:
+        ConfigError: no site released counts, or counts of the wrong shape or not finite.
+    """
+    rows: list[Tensor | None] = []
+    for s, c in enumerate(counts):
+        if c is None:
+            rows.append(None)
+            continue
+        c = c.detach().float().cpu().reshape(-1)
+        if c.numel() != num_classes or not torch.isfinite(c).all():
+            raise ConfigError(f"site {s}: label counts must be {num_classes} finite numbers, got shape {tuple(c.shape)}")
+        rows.append(c.clamp(min=0))
+    known = [r for r in rows if r is not None]
+    if not known:
+        raise ConfigError("teacher weighting label-counts needs label counts from at least one site; none released any",
+                          hint="use --teacher-weighting agreement or equal, or have the sites release label_counts")
+    mean = torch.stack(known).mean(dim=0)
+    return torch.stack([r if r is not None else mean for r in rows]) + LABEL_COUNT_FLOOR
+
+
+def cohen_kappa(a: Tensor, b: Tensor) -> Tensor:
+    """Cohen's kappa of two boolean decision vectors ``(N,)``; 0 when chance agreement is total (a constant pair)."""
+    a, b = a.float(), b.float()
+    observed = (a == b).float().mean()
+    chance = a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean())
+    return torch.where(chance < 1, (observed - chance) / (1 - chance).clamp(min=1e-12), torch.zeros(()))
+
+
+def agreement_weights(per_site_logits: Tensor, targets: Tensor) -> Tensor:
+    """``(S, N, K)`` unweighted site logits on a synthetic batch and its ``(N,)`` target classes -> ``(S, K)`` kappa weights."""
+    logits = per_site_logits.detach().float().cpu()
+    targets = targets.detach().cpu()
+    sites, n, classes = logits.shape
+    if targets.shape != (n,):
+        raise ValueError(f"{n} images but targets of shape {tuple(targets.shape)}")
+    decisions = logits.argmax(dim=-1)                                  # (S, N)
+    kappa = torch.stack([torch.stack([cohen_kappa(decisions[s] == c, targets == c) for c in range(classes)])
+                         for s in range(sites)])
+    return kappa.clamp(min=0)
