@@ -90,6 +90,7 @@ class DemoConfig:
     centralised: bool = True         # train on the pooled records too (a research-only reference)
     dp_epsilon: float | None = None  # train every hospital's classifier with DP-SGD to this epsilon
     stats_epsilon: float = 1.0       # with DP: the DP feature statistics' own budget (the BN-free synthesis prior)
+    label_counts_epsilon: float = 0.1  # with DP: the DP label histogram's budget (taken out of dp_epsilon)
     generator: dict[str, Any] | None = None  # sites also train a diffusion generator: SiteConfig [generator] options
     execution: Execution = field(default_factory=Execution)
     teacher_weighting: str = "equal"  # the server's teacher: equal | label-counts | agreement (server.weighting)
@@ -167,6 +168,7 @@ classifier = "allow"
 generator = "allow"
 bn_statistics = "allow"        # FedISCA's synthesis matches them
 dp_feature_statistics = "allow"
+label_counts = "allow"         # DP sites release a DP label histogram (its own epsilon, in the composed budget)
 
 [[tensors]]
 artifact = "classifier"
@@ -191,6 +193,12 @@ artifact = "dp_feature_statistics"
 names = ["feature_stats/*"]
 dtypes = ["F32"]
 max_bytes = 10_000_000
+
+[[tensors]]
+artifact = "label_counts"
+names = ["label_counts/counts"]
+dtypes = ["F32"]
+max_bytes = 40_000
 
 [bundle]
 max_bytes = 500_000_000
@@ -260,7 +268,9 @@ def _data_config(cfg: DemoConfig, partition: Partition, site: int) -> DataConfig
 def train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names: list[str], run: Path, say: Say) -> list[Path]:
     dirs = []
     for i, name in enumerate(names):
-        train = replace(preset.train, seed=cfg.seed + i, dp_epsilon=cfg.dp_epsilon)
+        # DP sites release a DP label histogram; its prior drives the logit-adjusted loss (train.loss "auto").
+        label_eps = cfg.label_counts_epsilon if cfg.dp_epsilon is not None else None
+        train = replace(preset.train, seed=cfg.seed + i, dp_epsilon=cfg.dp_epsilon, label_counts_epsilon=label_eps)
         stats = {"epsilon": cfg.stats_epsilon} if cfg.dp_epsilon is not None else None
         site_cfg = SiteConfig(_data_config(cfg, partition, i), ClassifierConfig(preset.architecture), train, cfg.generator, stats,
                               run / "sites" / name / "model")
@@ -351,7 +361,8 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     ids, trust_file = create_identities(run, names)
     export_policy, ingest_policy = write_policies(run, ids, names)
     lap("setup")
-    dp = f", DP-SGD epsilon {cfg.dp_epsilon} + DP feature statistics epsilon {cfg.stats_epsilon}" if cfg.dp_epsilon else ""
+    dp = (f", DP epsilon {cfg.dp_epsilon} (DP-SGD + label histogram {cfg.label_counts_epsilon}) + DP feature statistics "
+          f"epsilon {cfg.stats_epsilon}") if cfg.dp_epsilon else ""
     say(f"[2/6] partition {cfg.flag} train+val among {len(names)} hospitals (Dirichlet alpha {cfg.alpha}); train each "
         f"({preset.architecture}, {preset.train.epochs} epochs{dp})")
     partition = demo_partition(cfg, preset, run)

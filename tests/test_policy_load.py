@@ -112,6 +112,31 @@ def test_unknown_keys_are_errors_with_their_line() -> None:
     assert f"strict.toml:{line + 1}: bundle.max_byte: unknown key" in caught.value.message
 
 
+def test_label_counts_absent_from_artifacts_means_deny() -> None:
+    """Policies written before the label histogram existed stay valid and still refuse it (fail closed)."""
+    text, _ = mutate(STRICT, "[artifacts]", "label_counts", None)
+    assert policy_from_text(text, "strict.toml").artifacts["label_counts"] == "deny"
+    assert policy_from_text(STRICT, "strict.toml").artifacts["label_counts"] == "allow-with-dp"
+
+
+def without_table(text: str, header: str) -> str:
+    """``text`` without the TOML table ``header`` (its lines up to the next blank line)."""
+    out, skipping = [], False
+    for line in text.splitlines():
+        skipping = (skipping or line.startswith(header)) and bool(line.strip())
+        if not skipping:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.parametrize("value, fragment", [('"allow-with-dp"', "no [dp.label_counts] table"), ('"maybe"', "must be one of")])
+def test_label_counts_mode_is_checked_like_the_others(value: str, fragment: str) -> None:
+    text, _ = mutate(without_table(STRICT, "[dp.label_counts]"), "[artifacts]", "label_counts", value)
+    with pytest.raises(ConfigError) as caught:
+        policy_from_text(text, "strict.toml")
+    assert "artifacts.label_counts" in caught.value.message and fragment in caught.value.message, caught.value.message
+
+
 def test_unknown_artifact_table_under_dp() -> None:
     text = STRICT + "\n[dp.weights]\nmax_epsilon = 1.0\nmax_delta = 1e-5\n"
     with pytest.raises(ConfigError, match=r"dp\.weights: unknown artifact"):

@@ -26,6 +26,10 @@ def _train(args: argparse.Namespace) -> Result:
         cfg = replace(cfg, out=Path(args.out))
     if args.dp_epsilon is not None:
         cfg = replace(cfg, train=replace(cfg.train, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta))
+    if args.label_counts_epsilon is not None:
+        cfg = replace(cfg, train=replace(cfg.train, label_counts_epsilon=args.label_counts_epsilon))
+    if args.loss is not None:
+        cfg = replace(cfg, train=replace(cfg.train, loss=args.loss))
     if args.epochs is not None:
         cfg = replace(cfg, train=replace(cfg.train, epochs=args.epochs))
     if args.download:
@@ -36,7 +40,8 @@ def _train(args: argparse.Namespace) -> Result:
     lines = [
         f"trained site {cfg.data.site} of {cfg.data.flag} ({len(run.classifier.data.train)} records) -> {run.out}",
         f"  classifier  {cfg.model.architecture}, norm {run.classifier.model_config.norm}; "
-        f"test ACC {test.get('acc', float('nan')):.3f} AUC {test.get('auc', float('nan')):.3f}",
+        f"test ACC {test.get('acc', float('nan')):.3f} AUC {test.get('auc', float('nan')):.3f} "
+        f"balanced ACC {test.get('balanced_acc', float('nan')):.3f}; loss {run.classifier.config.loss if run.classifier.config else 'ce'}",
         *(f"  {stem:11s} {n} tensors" for stem, n in run.files.items()),
         f"  DP          {', '.join(f'{a} epsilon {e}' for a, e in eps.items()) or 'none (not private)'}",
         f"  next: secure-oneshot export --model {run.out} --policy POLICY.toml ...",
@@ -66,6 +71,10 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     train.add_argument("--out", metavar="DIR", help="model directory (overrides [output] dir)")
     train.add_argument("--dp-epsilon", type=float, help="train the classifier with DP-SGD to this epsilon")
     train.add_argument("--dp-delta", type=float, default=1e-5)
+    train.add_argument("--label-counts-epsilon", type=float, metavar="EPS",
+                       help="release a DP label histogram (artifact label_counts) at this epsilon; 0: none")
+    train.add_argument("--loss", choices=("auto", "ce", "logit-adjusted"),
+                       help="training loss (auto: logit-adjusted under DP when a label histogram is released)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--download", action="store_true", help="let medmnist download a missing file (needs internet access)")
     train.set_defaults(handler=_train)

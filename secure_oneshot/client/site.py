@@ -1,5 +1,5 @@
-"""One site's whole local job: data -> classifier (optionally DP) -> optional generator and DP
-feature statistics -> a model directory that ``export`` checks against the site's policy."""
+"""One site's whole local job: data -> optional DP label histogram -> classifier (optionally DP) -> optional
+generator and DP feature statistics -> a model directory that ``export`` checks against the site's policy."""
 
 from __future__ import annotations
 
@@ -61,6 +61,19 @@ def _feature_stats(cfg: SiteConfig, result: TrainResult) -> tuple[dict[str, torc
     return dp_feature_statistics(result.model, to_dataset(result.data.train), stats_cfg)
 
 
+def _loss_note(result: TrainResult) -> dict[str, Any]:
+    """What the training record says about the loss and, for the logit-adjusted loss, where its prior came from."""
+    cfg = result.config
+    if cfg is None or cfg.loss != "logit-adjusted":
+        return {"loss": {"kind": "ce"}}
+    if result.label_counts is not None:
+        prior = ("the released DP label histogram (label_counts), clamped to >= 1 and normalised: post-processing of that "
+                 "release, no privacy cost beyond its own; its step is included in dp.classifier's history")
+    else:
+        prior = "the exact label counts (the classifier is not DP)"
+    return {"loss": {"kind": "logit-adjusted", "tau": cfg.logit_adjust_tau, "prior": prior}}
+
+
 def run_site(cfg: SiteConfig, *, progress: bool = False) -> SiteRun:
     """Train everything the config asks for and write the model directory atomically, file by file."""
     data = site_data(cfg.data, cfg.train.val_fraction, cfg.train.seed)
@@ -68,7 +81,11 @@ def run_site(cfg: SiteConfig, *, progress: bool = False) -> SiteRun:
     model_cfg = replace(cfg.model, in_channels=data.train.n_channels, num_classes=data.train.n_classes)
     result = train_classifier(model_cfg, cfg.train, data, progress=progress)
     files = {"classifier": classifier_state(result.model)}
-    record = training_record(result, cfg.data, cfg.train)
+    record = training_record(result, cfg.data, cfg.train, _loss_note(result))
+    if result.label_counts is not None:
+        files["label_counts"] = {"counts": result.label_counts.counts.contiguous()}
+        record["artifacts"]["label_counts"] = {"num_classes": int(result.label_counts.counts.numel())}
+        record["dp"]["label_counts"] = result.label_counts.record.to_json()
     if cfg.generator is not None:
         files["generator"], record["artifacts"]["generator"], gen_dp = _generator(cfg, result, progress)
         if gen_dp is not None:

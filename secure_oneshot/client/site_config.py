@@ -20,6 +20,8 @@
     [train]
     preset = "cpu"               # cpu | fedisca; any TrainConfig field below overrides it
     dp_epsilon = 8.0             # omit for non-private training
+    label_counts_epsilon = 0.1   # optional: release a DP label histogram (artifact label_counts); 0 or absent: none
+    loss = "auto"                # "ce" | "logit-adjusted" | "auto" (logit-adjusted under DP with a histogram)
 
     [generator]                  # optional: a class-conditional diffusion generator
     preset = "cpu-small"
@@ -46,7 +48,7 @@ from .._internal.strict_toml import Problems, Table, one_of, positive
 from ..data import Partition
 from ..errors import ConfigError
 from ..models.classifier import ARCHITECTURES, ClassifierConfig
-from .train import PRESETS, DataConfig, TrainConfig
+from .train import LOSSES, PRESETS, DataConfig, TrainConfig
 
 __all__ = ["SiteConfig", "load_site_config", "site_config_from_text"]
 
@@ -130,6 +132,14 @@ def site_config_from_text(text: str, source: str = "<site config>", *, root_over
     root.finish()
     if train.dp_epsilon is not None and not train.dp_epsilon > 0:
         problems.add("train.dp_epsilon", "must be positive")
+    if train.label_counts_epsilon is not None and not train.label_counts_epsilon >= 0:
+        problems.add("train.label_counts_epsilon", "must be positive (0: no label histogram)")
+    if train.label_counts_epsilon and train.dp_epsilon is not None and train.label_counts_epsilon >= train.dp_epsilon:
+        problems.add("train.label_counts_epsilon", "must be below train.dp_epsilon (the histogram's budget is taken out of it)")
+    if train.loss not in LOSSES:
+        problems.add("train.loss", f"must be one of {list(LOSSES)}")
+    elif train.loss == "logit-adjusted" and train.dp_epsilon is not None and not train.label_counts_epsilon:
+        problems.add("train.loss", "logit-adjusted under DP needs train.label_counts_epsilon (the prior must be a DP release)")
     problems.raise_if_any()
     return SiteConfig(data, ClassifierConfig(architecture), train, generator, stats, Path(out))
 

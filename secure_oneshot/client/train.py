@@ -30,6 +30,7 @@ from ..metrics import evaluate_model
 from ..models.classifier import ClassifierConfig, build_classifier
 from ..policy.artifacts import MODEL_RECORD_FORMAT
 from ..policy.dp import DpRecord, dp_record_from_opacus
+from .label_counts import LabelRelease, LogitAdjustedLoss, log_prior, noisy_label_counts, with_label_release
 
 __all__ = ["TrainConfig", "PRESETS", "DataConfig", "TrainResult", "site_data", "train_classifier", "classifier_state", "write_model_dir"]
 
@@ -54,6 +55,9 @@ class TrainConfig:
     grad_sample_mode: str = "hooks"                # Opacus: "hooks" | "functorch" | "ew" | "ghost" (fast clipping)
     max_physical_batch_size: int = 128
     min_steps: int = 0                             # raise epochs until at least this many optimizer steps (tiny sites)
+    label_counts_epsilon: float | None = None      # release a DP label histogram at this epsilon (None or 0: none)
+    loss: str = "auto"                             # "ce" | "logit-adjusted" | "auto" (logit-adjusted under DP with a histogram)
+    logit_adjust_tau: float = 1.0                  # tau of the logit-adjusted loss (Menon et al. 2021)
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -87,7 +91,8 @@ class TrainResult:
     metrics: dict[str, dict[str, float]]
     dp: DpRecord | None
     data: SiteData
-    config: TrainConfig | None = None   # as run (epochs raised by min_steps)
+    config: TrainConfig | None = None   # as run (epochs raised by min_steps, loss resolved)
+    label_counts: LabelRelease | None = None   # the DP label histogram, when one was released
 
 
 def _merged_train_val(cfg: DataConfig) -> MedMNISTSplit:
@@ -139,12 +144,13 @@ def _fix_for_dp(model: nn.Module) -> nn.Module:
     return model
 
 
-def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, cfg: TrainConfig):  # type: ignore[no-untyped-def]
+def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, cfg: TrainConfig,  # type: ignore[no-untyped-def]
+                  criterion: nn.Module | None = None):
     """Opacus: validate and fix (BatchNorm -> GroupNorm) first, then DP-SGD with Poisson sampling at a stated budget."""
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant=cfg.accountant)
-    criterion = nn.CrossEntropyLoss()
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     wrapped = engine.make_private_with_epsilon(
         module=model, optimizer=optimizer, data_loader=loader, target_epsilon=cfg.dp_epsilon, target_delta=cfg.dp_delta,
         epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode=cfg.grad_sample_mode,
@@ -195,6 +201,52 @@ def _progress(enabled: bool):  # type: ignore[no-untyped-def]
     return Progress(transient=True)
 
 
+LOSSES = ("auto", "ce", "logit-adjusted")
+
+
+def resolve_loss(cfg: TrainConfig) -> str:
+    """``auto`` is the logit-adjusted loss when DP is on and a label histogram is released (the measured
+    remedy for DP site models that predict only the majority class), plain cross-entropy otherwise."""
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"unknown loss {cfg.loss!r}; expected one of {list(LOSSES)}")
+    releases = bool(cfg.label_counts_epsilon)
+    if cfg.loss == "auto":
+        return "logit-adjusted" if cfg.dp_epsilon is not None and releases else "ce"
+    if cfg.loss == "logit-adjusted" and cfg.dp_epsilon is not None and not releases:
+        raise ConfigError("the logit-adjusted loss under DP needs a DP label histogram (set label_counts_epsilon)",
+                          hint="the class prior must come from a DP release, not from the private labels")
+    return cfg.loss
+
+
+def _label_release(cfg: TrainConfig, data: SiteData) -> LabelRelease | None:
+    """The DP label histogram, released before training so the loss can use it; ``None`` when not asked for."""
+    if not cfg.label_counts_epsilon:
+        return None
+    train = data.train
+    if cfg.dp_epsilon is not None and cfg.label_counts_epsilon >= cfg.dp_epsilon:
+        raise ConfigError(f"label_counts_epsilon {cfg.label_counts_epsilon:g} must be below dp_epsilon {cfg.dp_epsilon:g}",
+                          hint="the histogram's budget is taken out of the classifier's")
+    return noisy_label_counts(train.labels, train.n_classes, cfg.label_counts_epsilon, cfg.dp_delta,
+                              dataset_fingerprint=train.fingerprint())
+
+
+def _training_criterion(loss: str, cfg: TrainConfig, data: SiteData, release: LabelRelease | None) -> nn.Module:
+    """Cross-entropy, or cross-entropy on prior-adjusted logits; the prior is the released (noisy) histogram
+    when there is one (post-processing of a DP release), else the exact counts of a non-DP site."""
+    if loss == "ce":
+        return nn.CrossEntropyLoss()
+    counts = release.counts if release is not None else np.bincount(data.train.labels.reshape(-1), minlength=data.train.n_classes)
+    return LogitAdjustedLoss(log_prior(counts), cfg.logit_adjust_tau)
+
+
+def _sgd_budget(cfg: TrainConfig, uses_release: bool) -> TrainConfig:
+    """DP-SGD's share: a classifier trained with the histogram's prior spends the histogram's budget too, so
+    DP-SGD is calibrated to ``dp_epsilon - label_counts_epsilon`` and the joint history stays within ``dp_epsilon``."""
+    if not uses_release or cfg.dp_epsilon is None:
+        return cfg
+    return replace(cfg, dp_epsilon=cfg.dp_epsilon - float(cfg.label_counts_epsilon or 0.0))
+
+
 def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteData, *, progress: bool = False) -> TrainResult:
     """Train on ``data.train``; validate each epoch on ``data.val``; test on ``data.test`` at the end.
 
@@ -203,6 +255,10 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     """
     torch.manual_seed(cfg.seed)
     cfg = with_min_steps(cfg, len(data.train))
+    loss_kind = resolve_loss(cfg)
+    cfg = replace(cfg, loss=loss_kind)
+    release = _label_release(cfg, data)
+    uses_release = release is not None and loss_kind == "logit-adjusted"
     dp = cfg.dp_epsilon is not None
     model = build_classifier(model_cfg)
     if dp:
@@ -210,10 +266,10 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     train_set = to_dataset(data.train)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = _optimizer(model, cfg)
-    engine, criterion = None, nn.CrossEntropyLoss()
+    engine, criterion = None, _training_criterion(loss_kind, cfg, data, release)
     if dp:
         try:
-            engine, model, optimizer, loader, criterion = _make_private(model, optimizer, loader, cfg)
+            engine, model, optimizer, loader, criterion = _make_private(model, optimizer, loader, _sgd_budget(cfg, uses_release), criterion)
         except ValueError as e:
             raise PrivacyError(f"Opacus cannot train to epsilon {cfg.dp_epsilon}: {e}") from e
     scheduler = _scheduler(optimizer, cfg)
@@ -227,7 +283,8 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
             history.append(row)
             if bar:
                 bar.update(task, advance=1, description=f"epoch {epoch + 1} loss {row['loss']:.3f} val acc {row['val_acc']:.3f}")
-    plain = getattr(model, "_module", model)
+    # Opacus's hooks off: left on, the returned model fails on any later backward pass (model inversion).
+    plain = model.to_standard_module() if hasattr(model, "to_standard_module") else model
     metrics = {"val": evaluate_model(plain, val_set)}
     if data.test is not None:
         metrics["test"] = evaluate_model(plain, to_dataset(data.test))
@@ -235,7 +292,9 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     if engine is not None:
         record = dp_record_from_opacus(engine.accountant, delta=cfg.dp_delta, max_grad_norm=cfg.max_grad_norm,
                                        sampling="poisson", dataset_fingerprint=data.train.fingerprint())
-    return TrainResult(plain, replace(model_cfg, norm="group" if dp else model_cfg.norm), history, metrics, record, data, cfg)
+        if uses_release:
+            record = with_label_release(record, release)  # type: ignore[arg-type]
+    return TrainResult(plain, replace(model_cfg, norm="group" if dp else model_cfg.norm), history, metrics, record, data, cfg, release)
 
 
 def classifier_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -12,7 +12,9 @@ Roles:
 * ``"parameter"`` -- a trainable parameter (``model.named_parameters()``);
 * ``"bn_statistics"`` -- a buffer of a BatchNorm module (``running_mean``,
   ``running_var``, ``num_batches_tracked``): computed from the site's records;
-* ``"buffer"`` -- any other persistent buffer (none in the models built here).
+* ``"buffer"`` -- any other persistent buffer (none in the models built here);
+* ``"statistic"`` -- a released statistic that is no model's state (the DP label
+  histogram).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from .classifier import ClassifierConfig
     from .generator import GeneratorConfig
 
-__all__ = ["TensorSpec", "describe_module", "describe_classifier", "describe_generator", "feature_layers"]
+__all__ = ["TensorSpec", "describe_module", "describe_classifier", "describe_generator", "describe_label_counts", "feature_layers"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    role: str  # "parameter" | "bn_statistics" | "buffer"
+    role: str  # "parameter" | "bn_statistics" | "buffer" | "statistic"
 
 
 def describe_module(model: nn.Module) -> dict[str, TensorSpec]:
@@ -76,6 +78,13 @@ def describe_generator(cfg: GeneratorConfig) -> dict[str, TensorSpec]:
 
     with torch.device("meta"):
         return describe_module(build_generator(cfg))
+
+
+def describe_label_counts(num_classes: int) -> dict[str, TensorSpec]:
+    """The DP label histogram: one float32 tensor ``counts`` of ``num_classes`` entries (noisy, unclamped)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, not {num_classes!r}")
+    return {"counts": TensorSpec((num_classes,), torch.float32, "statistic")}
 
 
 @lru_cache(maxsize=32)

@@ -7,6 +7,7 @@ A model directory (written by ``secure-oneshot train``; tests build them by hand
       classifier.safetensors      required
       generator.safetensors       optional
       feature_stats.safetensors   optional (DP feature statistics)
+      label_counts.safetensors    optional (DP label histogram: tensor ``counts``)
 
 Payload tensor names are ``<file stem>/<tensor name>``.  Which artifact a
 tensor belongs to is decided by *structure* (:mod:`.structure`): the
@@ -35,7 +36,7 @@ from .structure import Classification, classify_tensors
 __all__ = ["ARTIFACT_FILES", "MAX_RECORD_BYTES", "MODEL_RECORD_FORMAT", "ExportCandidate", "load_model_dir"]
 
 MODEL_RECORD_FORMAT = "secure-oneshot-model/v1"
-ARTIFACT_FILES = ("classifier", "generator", "feature_stats")   # file stems read from a model directory
+ARTIFACT_FILES = ("classifier", "generator", "feature_stats", "label_counts")   # file stems read from a model directory
 MAX_RECORD_BYTES = 1 << 20   # record.json is a small training record; a bigger one is not read
 _RECORD_KEYS = {"format", "site", "artifacts", "dp", "training"}
 

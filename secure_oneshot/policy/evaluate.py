@@ -175,7 +175,7 @@ def _check_artifacts(ev: Evaluation, policy: ExportPolicy, candidate: ExportCand
         mode = policy.artifacts.get(artifact, "deny")
         has_dp = artifact in candidate.dp
         ok = mode == "allow" or (mode == "allow-with-dp" and has_dp)
-        reason = {"allow": "allowed", "deny": "denied by policy", "allow-with-dp": "allowed only with DP: " + ("DP record present" if has_dp else "no DP record")}[mode]
+        reason = {"allow": "allowed" if has_dp else "allowed (no DP record: it leaves without a DP guarantee)", "deny": "denied by policy", "allow-with-dp": "allowed only with DP: " + ("DP record present" if has_dp else "no DP record")}[mode]
         ev.add("artifact", artifact, f"artifacts.{artifact}", ok, reason)
         if ok:
             permitted.add(artifact)

@@ -22,6 +22,7 @@ from .model import (
     ARTIFACT_MODES,
     ARTIFACTS,
     EXPORT_SCHEMA,
+    OPTIONAL_ARTIFACTS,
     INGEST_SCHEMA,
     MAX_VALID_DAYS,
     MIN_VALID_DAYS,
@@ -119,7 +120,8 @@ def _export_policy(root: Table) -> ExportPolicy:
     allowed = tuple(recipients.get("allowed", "list of strings", check=_key_ids) or ())
     recipients.finish()
     artifacts_t = root.table("artifacts")
-    artifacts = {a: artifacts_t.get(a, "string", check=one_of(ARTIFACT_MODES)) for a in ARTIFACTS}
+    artifacts = {a: artifacts_t.get(a, "string", *(("deny",) if a in OPTIONAL_ARTIFACTS else ()), check=one_of(ARTIFACT_MODES))
+                 for a in ARTIFACTS}
     artifacts_t.finish()
     dp = _read_dp_tables(root.table("dp", required=False), ARTIFACTS + ("composed",))
     for name, mode in artifacts.items():

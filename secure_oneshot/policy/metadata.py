@@ -116,10 +116,11 @@ _SECTIONS: dict[str, _Section] = {
     "generator": _Section({"architecture": _name, "config": _GENERATOR_CONFIG}, required=("architecture", "config"),
                           site_only=("scheduler", "final_loss", "training")),
     "dp_feature_statistics": _Section({"layers": _layer_list}, required=("layers",)),
+    "label_counts": _Section({"num_classes": _integer(1, 10_000)}, required=("num_classes",)),
 }
 
 DESCRIBED_BY = {"classifier": "classifier", "bn_statistics": "classifier", "dp_feature_statistics": "dp_feature_statistics",
-                "generator": "generator"}
+                "generator": "generator", "label_counts": "label_counts"}
 """Artifact -> the metadata section that describes its tensors (feature statistics also need the classifier's)."""
 
 

@@ -14,6 +14,7 @@ from datetime import datetime
 __all__ = [
     "ARTIFACTS",
     "ARTIFACT_MODES",
+    "OPTIONAL_ARTIFACTS",
     "EXPORT_SCHEMA",
     "MIN_VALID_DAYS",
     "MAX_VALID_DAYS",
@@ -28,7 +29,11 @@ EXPORT_SCHEMA = "secure-oneshot/site-export-policy/v1"
 INGEST_SCHEMA = "secure-oneshot/server-ingest-policy/v1"
 # What can leave a site.  BatchNorm running statistics are split from the
 # classifier because they are computed from patient data and feed model inversion.
-ARTIFACTS = ("classifier", "generator", "bn_statistics", "dp_feature_statistics")
+# label_counts is the DP label histogram (client/label_counts.py).
+ARTIFACTS = ("classifier", "generator", "bn_statistics", "dp_feature_statistics", "label_counts")
+OPTIONAL_ARTIFACTS = ("label_counts",)
+"""Artifacts an export policy may leave out of ``[artifacts]``: absent means ``"deny"`` (policies written before
+the artifact existed stay valid and still refuse it)."""
 ARTIFACT_MODES = ("allow", "deny", "allow-with-dp")
 MIN_VALID_DAYS = 1 / 24   # a bundle valid for less than an hour cannot cross real transfer channels
 MAX_VALID_DAYS = 365

@@ -10,6 +10,8 @@ tensor then belongs to:
 * ``generator`` -- a tensor of the declared generator (``generator/<name>``);
 * ``dp_feature_statistics`` -- ``feature_stats/<layer>.mean|var`` for a declared
   normalisation layer of the classifier (float32, one entry per channel);
+* ``label_counts`` -- ``label_counts/counts``, the DP label histogram (float32,
+  ``(num_classes,)``; ``num_classes`` must match the declared classifier's);
 * ``unknown`` -- anything the declared architectures do not define (a renamed
   buffer, a trailing space, another case, an extra tensor): always refused.
 
@@ -84,6 +86,12 @@ def _describe(section: str, meta: dict[str, Any], sections: dict[str, dict[str, 
     if section == "generator":
         specs = describe.describe_generator(_generator_config(meta))
         return {f"generator/{n}": _Expected("generator", s.shape, s.dtype) for n, s in specs.items()}
+    if section == "label_counts":
+        classes = sections.get("classifier", {}).get("num_classes")
+        if classes is not None and classes != meta["num_classes"]:
+            raise ValueError(f"num_classes {meta['num_classes']} differs from the declared classifier's {classes}")
+        specs = describe.describe_label_counts(meta["num_classes"])
+        return {f"label_counts/{n}": _Expected("label_counts", s.shape, s.dtype) for n, s in specs.items()}
     if "classifier" not in sections:
         raise ValueError("they summarise the classifier's layers, and no classifier is described")
     layers = describe.feature_layers(_classifier_config(sections["classifier"]))
