@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -175,6 +176,22 @@ def _physical_batches(loader: DataLoader, optimizer: torch.optim.Optimizer, cfg:
         yield memory_safe
 
 
+@contextmanager
+def _quiet_input_layer_hook() -> Iterator[None]:
+    """Silence PyTorch's "Full backward hook is firing ... no inputs require gradients" warning, and only it.
+
+    Opacus (``grad_sample_mode="hooks"``) puts a full backward hook on every trainable layer to capture the
+    gradient with respect to the layer's *output*, from which it computes per-sample gradients.  The first
+    layer's input is the image batch, which never requires gradients, so PyTorch warns on every backward
+    pass that the hook gets no input gradients.  Opacus never reads them: the per-sample gradients are exact.
+    Making the images require gradients would silence it too, at the cost of an unused input gradient.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
+                                "to module outputs since no inputs require gradients", category=UserWarning)
+        yield
+
+
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig, criterion: nn.Module) -> dict[str, float]:
     model.train()
     total, correct, loss_sum = 0, 0, 0.0
@@ -184,7 +201,8 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = criterion(logits, y)
-            loss.backward()
+            with _quiet_input_layer_hook():
+                loss.backward()
             optimizer.step()
             if len(y):  # the mean over an empty batch is NaN
                 loss_sum += float(loss.detach()) * len(y)

@@ -31,7 +31,7 @@ from ..models.classifier import ClassifierConfig, build_classifier
 from ..policy.artifacts import load_model_dir
 from ..policy.model import IngestPolicy
 from .accepted import open_accepted
-from .distill import DistillConfig, distill
+from .distill import DistillConfig, distill, student_norm
 from .ensemble import Ensemble, class_weights_attached, normalise_weights, same_architecture
 from .execution import Execution
 from .ingest import IngestFolders
@@ -338,7 +338,8 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     job = job or DistillJob()
     synth, dcfg = job.configs(sites)
     torch.manual_seed(job.seed)
-    student_cfg = ClassifierConfig(job.student_arch or sites[0].config.architecture, synth.channels, synth.num_classes, "batch")
+    student_cfg = ClassifierConfig(job.student_arch or sites[0].config.architecture, synth.channels, synth.num_classes,
+                                  student_norm([s.model for s in sites]))  # the sites' normalisation (see student_norm)
     student = build_classifier(student_cfg)
     prior = prior_options(sites, student)
     started = time.perf_counter()
