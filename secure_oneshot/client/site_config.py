@@ -22,6 +22,7 @@
     dp_epsilon = 8.0             # omit for non-private training
     label_counts_epsilon = 0.1   # optional: release a DP label histogram (artifact label_counts); 0 or absent: none
     loss = "auto"                # "ce" | "logit-adjusted" | "auto" (logit-adjusted under DP with a histogram)
+    # logit_adjust_tau = 4.0     # optional; default 4 under DP (measured), 1 without
 
     [generator]                  # optional: a class-conditional diffusion generator
     preset = "cpu-small"
@@ -136,6 +137,8 @@ def site_config_from_text(text: str, source: str = "<site config>", *, root_over
         problems.add("train.label_counts_epsilon", "must be positive (0: no label histogram)")
     if train.label_counts_epsilon and train.dp_epsilon is not None and train.label_counts_epsilon >= train.dp_epsilon:
         problems.add("train.label_counts_epsilon", "must be below train.dp_epsilon (the histogram's budget is taken out of it)")
+    if train.logit_adjust_tau is not None and not train.logit_adjust_tau > 0:
+        problems.add("train.logit_adjust_tau", "must be positive")
     if train.loss not in LOSSES:
         problems.add("train.loss", f"must be one of {list(LOSSES)}")
     elif train.loss == "logit-adjusted" and train.dp_epsilon is not None and not train.label_counts_epsilon:
