@@ -204,3 +204,12 @@ def test_agreement_weights_from_one_short_inversion_batch() -> None:
 def test_unknown_weighting_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="teacher weighting"):
         DistillJob(teacher_weighting="by-vibes")
+
+
+def test_study_config_takes_the_teacher_weighting() -> None:
+    from secure_oneshot.research.experiment import study_from_text
+
+    assert study_from_text('[study]\nname = "w"\n').teacher_weighting == "equal"
+    assert study_from_text('[study]\nname = "w"\n[server]\nteacher_weighting = "agreement"\n').teacher_weighting == "agreement"
+    with pytest.raises(ConfigError, match="server.teacher_weighting"):
+        study_from_text('[study]\nname = "w"\n[server]\nteacher_weighting = "by-vibes"\n')
