@@ -160,7 +160,7 @@ def _stack_probe_inputs(inputs: Sequence[Any]) -> Any:
 
 
 class Ensemble(nn.Module):
-    """Mean of the site models' logits (eval mode; BatchNorm in train mode with ``adapt_bn``).
+    """Mean of the site models' logits, or their per-class weighted log-probabilities (eval mode; BatchNorm in train mode with ``adapt_bn``).
 
     Args:
         models: the site classifiers (copied and frozen; the originals are untouched).
