@@ -215,6 +215,7 @@ def test_histogram_without_its_metadata_is_an_unknown_tensor(tmp_path: Path) -> 
     ('dp_epsilon = 8.0\nlabel_counts_epsilon = 8.0', "train.label_counts_epsilon"),
     ('label_counts_epsilon = -0.1', "train.label_counts_epsilon"),
     ('loss = "focal"', "train.loss"),
+    ('logit_adjust_tau = 0.0', "train.logit_adjust_tau"),
 ])
 def test_site_config_refuses_inconsistent_label_settings(train: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
@@ -278,3 +279,27 @@ def test_ce_site_keeps_its_classifier_record_free_of_the_histogram(tmp_path: Pat
         result = train_classifier(ClassifierConfig("small-cnn"), cfg, data)
     assert result.label_counts is not None and len(result.dp.history) == 1
     assert result.dp.history[0][1] < 1.0   # only DP-SGD's subsampled steps: the histogram did not touch this model
+
+
+def test_logit_adjusted_dp_training_moves_the_boundary_towards_the_minority(tmp_path: Path) -> None:
+    """Same data, seed and DP budget: CE's logits favour the 75% majority; the adjusted loss shifts them by about
+    tau * log(prior ratio) (measured 4.0 for 4 * 1.1), so the model stops voting for the majority everywhere."""
+    from secure_oneshot.client.train import DP_LOGIT_ADJUST_TAU, PRESETS, DataConfig, site_data, train_classifier
+    from secure_oneshot.data import to_dataset
+    from secure_oneshot.models.classifier import ClassifierConfig
+
+    data = site_data(DataConfig(file=str(tiny_npz(tmp_path / "s.npz", counts=(300, 100)))))
+    images, labels = to_dataset(data.test).tensors
+    gaps = {}
+    for loss in ("ce", "logit-adjusted"):
+        cfg = replace(PRESETS["cpu"], epochs=3, dp_epsilon=8.0, label_counts_epsilon=0.5, loss=loss)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = train_classifier(ClassifierConfig("small-cnn"), cfg, data)
+        with torch.no_grad():
+            logits = result.model.eval()(images)
+        gaps[loss] = float((logits[:, 1] - logits[:, 0]).mean())   # > 0 leans to the minority class 1
+        if loss == "logit-adjusted":
+            assert result.config.logit_adjust_tau == DP_LOGIT_ADJUST_TAU
+    assert gaps["ce"] < -1.0, gaps                                   # DP + CE: every record leans to the majority
+    assert gaps["logit-adjusted"] - gaps["ce"] > 0.5 * DP_LOGIT_ADJUST_TAU * np.log(3), gaps
