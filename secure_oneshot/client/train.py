@@ -224,7 +224,7 @@ DP_LOGIT_ADJUST_TAU = 4.0
 """tau under DP.  Per-sample clipping lets the many low-loss majority records outvote the clipped minority ones,
 so a DP model's logits favour the majority by far more than the prior (about 4 logits on PneumoniaMNIST, where
 log(prior ratio) is 1.1): Menon's tau = 1 left both measured sites predicting only the majority, tau = 4 gave
-balanced accuracy 0.81-0.86 (benchmarks/RESULTS.md)."""
+balanced accuracy 0.67-0.86 against CE's 0.50, varying with the histogram's noise (benchmarks/RESULTS.md)."""
 
 
 def resolve_loss(cfg: TrainConfig) -> str:
