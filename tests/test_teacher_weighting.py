@@ -8,7 +8,7 @@ from torch import nn
 
 from secure_oneshot.errors import ConfigError
 from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
-from secure_oneshot.server.ensemble import Ensemble, class_weights_attached, normalise_weights
+from secure_oneshot.server.ensemble import Ensemble, normalise_weights
 from secure_oneshot.server.execution import Execution
 from secure_oneshot.server.study import DistillJob, SiteModel, _label_counts, teacher_weights
 from secure_oneshot.server.synthesis import InversionConfig
@@ -58,8 +58,6 @@ def test_equal_is_the_plain_mean_of_logits_bit_for_bit() -> None:
     x = torch.randn(8, 1, 28, 28)
     reference = torch.stack([m(x) for m in models]).mean(dim=0)
     assert torch.equal(Ensemble(models, batched=False)(x), reference)
-    with class_weights_attached(models, None):
-        assert torch.equal(Ensemble(models, batched=False)(x), reference)
     batched = Ensemble(models, batched=True)
     assert batched.weights is None
     assert torch.equal(batched(x), batched.per_site(x)[0].mean(dim=0))  # no rescaling on the equal path
@@ -116,22 +114,32 @@ def test_a_site_that_always_says_class_0_cannot_flip_class_1(scheme: str) -> Non
     assert (weighted[:, 1] - good_only[:, 1]).abs().max() < 0.05
 
 
-def test_weights_attached_reach_every_ensemble_built_from_the_models_and_are_removed() -> None:
+def test_distill_gives_the_weights_to_the_teacher_and_the_noise_adapted_teacher(monkeypatch) -> None:
+    """The inversion, the noise-adapted teacher and the KD targets all use the weighted ensemble."""
+    from secure_oneshot.server import distill as distill_module
+    from secure_oneshot.server.synthesis import InversionConfig
+
+    built: list[tuple[bool, object]] = []
+    real = distill_module.Ensemble
+
+    def recording(*args, **kwargs):
+        ensemble = real(*args, **kwargs)
+        built.append((kwargs.get("adapt_bn", False), ensemble.weights))
+        return ensemble
+
+    monkeypatch.setattr(distill_module, "Ensemble", recording)
     models = small_cnns(2)
     w = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    with class_weights_attached(models, w):
-        torch.testing.assert_close(Ensemble(models, batched=True).weights, normalise_weights(w, 2))
-        torch.testing.assert_close(Ensemble(models, batched=False, adapt_bn=True).weights, normalise_weights(w, 2))
-    assert Ensemble(models).weights is None
-    with pytest.raises(RuntimeError), class_weights_attached(models, w):
-        raise RuntimeError("fails inside")
-    assert Ensemble(models).weights is None
+    synth = InversionConfig(batch_size=4, steps=2, snapshot_every=1, num_classes=2, channels=1, image_size=28)
+    distill_module.distill(small_cnns(1, seed=1)[0].train(), models, synth, distill_module.DistillConfig(epochs=1),
+                           teacher_weights=w)
+    assert [adapt for adapt, _ in built] == [False, True]
+    for _, weights in built:
+        torch.testing.assert_close(weights, normalise_weights(w, 2))
 
 
-def test_partially_attached_or_misshapen_weights_are_refused() -> None:
+def test_misshapen_or_non_finite_weights_are_refused() -> None:
     models = small_cnns(2)
-    with class_weights_attached(models[:1], torch.ones(1, 2)), pytest.raises(ValueError, match="not to all"):
-        Ensemble(models)
     with pytest.raises(ValueError, match="shape"):
         Ensemble(models, weights=torch.ones(3, 2))
     with pytest.raises(ValueError, match="finite"):

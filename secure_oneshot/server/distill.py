@@ -156,11 +156,12 @@ def student_norm(site_models: Sequence[nn.Module]) -> str:
     return "batch" if _has_bn(site_models) else "group"
 
 
-def _adapted_teacher(site_models: Sequence[nn.Module], cfg: DistillConfig, execution: Execution) -> Ensemble | None:
+def _adapted_teacher(site_models: Sequence[nn.Module], cfg: DistillConfig, execution: Execution,
+                     weights: Tensor | None = None) -> Ensemble | None:
     """The noise-adapted copy, or ``None`` when it would equal the teacher (mode "none", or no BatchNorm)."""
     if cfg.noise_adapted == "none" or not _has_bn(site_models):
         return None
-    return execution.prepare(Ensemble(site_models, adapt_bn=True, batched=execution.use_batched))
+    return execution.prepare(Ensemble(site_models, adapt_bn=True, batched=execution.use_batched, weights=weights))
 
 
 @torch.no_grad()
@@ -221,7 +222,7 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
             on_epoch: Callable[[dict[str, float]], None] | None = None,
             feature_stats: Sequence[FeatureStats | None] | None = None, adversarial: bool = False,
             allow_ce_only: bool = False, method: SynthesisMethod | None = None,
-            generators: Sequence[SiteGenerator] = ()) -> DistillResult:
+            generators: Sequence[SiteGenerator] = (), teacher_weights: Tensor | None = None) -> DistillResult:
     """Train ``student`` (in place) from the site models alone, FedISCA style.
 
     Args:
@@ -237,6 +238,8 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
         adversarial: pass the student to synthesis for the adversarial term (BN-free sites).
         method: inversion (default), generator or mixed (:mod:`~secure_oneshot.server.sources`).
         generators: the sites' released generators (for ``generator`` and ``mixed``).
+        teacher_weights: ``(sites, classes)`` per-class site weights for the teacher, the noise-adapted teacher
+            and so the inversion (:class:`Ensemble`); ``None``: the plain mean of logits (the published method).
 
     Returns:
         :class:`DistillResult` with the last epoch's student and the per-epoch history.
@@ -251,8 +254,8 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
     execution = (execution or Execution()).for_models(site_models)
     torch.manual_seed(cfg.seed)
     execution.prepare(student)
-    teacher = execution.prepare(Ensemble(site_models, batched=execution.use_batched))
-    adapted = _adapted_teacher(site_models, cfg, execution)
+    teacher = execution.prepare(Ensemble(site_models, batched=execution.use_batched, weights=teacher_weights))
+    adapted = _adapted_teacher(site_models, cfg, execution, teacher_weights)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # The compiled module shares the student's parameters: only the training step runs through it.
     train_forward = torch.compile(student) if execution.compile else student

@@ -34,11 +34,9 @@ of the plain mean of logits (they differ by a per-image constant); with
 The weights live in :meth:`Ensemble.per_site`: each site's entry is scaled by
 ``S * w[s, c]`` so that the *mean over sites* is the weighted teacher wherever
 it is computed (``forward``, and the synthesis code, which averages
-``per_site`` itself).  Code that builds its own ensembles from the site models
-(the synthesis, the noise-adapted teacher) picks the weights up from the models
-when they travel with them: :func:`class_weights_attached` attaches them for the
-duration of a ``with`` block, and ``Ensemble(models)`` without ``weights`` uses
-them.
+``per_site`` itself).  :func:`~secure_oneshot.server.distill.distill` passes
+the same weights to the teacher and the noise-adapted teacher it builds, and
+synthesis uses that teacher.
 
 What this module does not do: load weights, check trust, choose the weights, or
 train anything.
@@ -46,16 +44,15 @@ train anything.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-__all__ = ["Ensemble", "Probe", "same_architecture", "normalise_weights", "class_weights_attached", "ATTACHED_WEIGHTS"]
+__all__ = ["Ensemble", "Probe", "same_architecture", "normalise_weights"]
 
 Probe = Callable[[Any], Tensor]
 """Called after one site's forward pass with that site's probe input; returns a scalar tensor."""
@@ -79,10 +76,6 @@ def same_architecture(models: Sequence[nn.Module]) -> bool:
     return all(_signature(m) == first for m in models[1:])
 
 
-ATTACHED_WEIGHTS = "_secure_oneshot_teacher_class_weights"
-"""Attribute name under which :func:`class_weights_attached` puts a site's ``(classes,)`` weight row."""
-
-
 def normalise_weights(weights: Tensor, num_sites: int) -> Tensor:
     """``(S, K)`` non-negative weights -> the same normalised over sites for each class (float32).
 
@@ -99,37 +92,6 @@ def normalise_weights(weights: Tensor, num_sites: int) -> Tensor:
     w = w.clamp(min=0)
     totals = w.sum(dim=0, keepdim=True)
     return torch.where(totals > 0, w / totals.clamp(min=torch.finfo(torch.float32).tiny), torch.full_like(w, 1.0 / num_sites))
-
-
-@contextlib.contextmanager
-def class_weights_attached(models: Sequence[nn.Module], weights: Tensor | None) -> Iterator[None]:
-    """Within the block, ``Ensemble(models)`` (and every ensemble built from these models) uses ``weights``.
-
-    ``weights`` is ``(S, K)`` for the ``S`` models in order, or ``None`` (nothing attached: the plain mean).
-    The attribute is removed again on exit, also on error.
-    """
-    if weights is None:
-        yield
-        return
-    if weights.dim() != 2 or weights.shape[0] != len(models):
-        raise ValueError(f"teacher weights must have shape (sites={len(models)}, classes), got {tuple(weights.shape)}")
-    try:
-        for model, row in zip(models, weights):
-            setattr(model, ATTACHED_WEIGHTS, row.detach().clone())
-        yield
-    finally:
-        for model in models:
-            if hasattr(model, ATTACHED_WEIGHTS):
-                delattr(model, ATTACHED_WEIGHTS)
-
-
-def _attached_weights(models: Sequence[nn.Module]) -> Tensor | None:
-    rows = [getattr(m, ATTACHED_WEIGHTS, None) for m in models]
-    if all(r is None for r in rows):
-        return None
-    if any(r is None for r in rows):
-        raise ValueError("teacher weights are attached to some site models but not to all")
-    return torch.stack(rows)
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -168,7 +130,7 @@ class Ensemble(nn.Module):
             ``None`` (default) batches when :func:`same_architecture` holds.
         adapt_bn: run BatchNorm layers in train mode (FedISCA's noise-adapted teacher).
         weights: ``(S, K)`` per-site, per-class weights (normalised here; see the module docstring), or
-            ``None``: the weights attached to the models (:func:`class_weights_attached`), else the plain mean.
+            ``None``: the plain mean of logits (the method as published).
 
     Raises:
         ValueError: no models, ``batched=True`` with differing architectures, or weights of the wrong shape.
@@ -183,7 +145,6 @@ class Ensemble(nn.Module):
         super().__init__()
         if len(models) == 0:
             raise ValueError("an ensemble needs at least one site model")
-        weights = weights if weights is not None else _attached_weights(models)
         # S * w[s, c]: the factor per_site applies so that the mean over sites is the weighted pooling.
         scale = None if weights is None else normalise_weights(weights, len(models)) * len(models)
         self.register_buffer("_site_scale", scale)

@@ -32,7 +32,7 @@ from ..policy.artifacts import load_model_dir
 from ..policy.model import IngestPolicy
 from .accepted import open_accepted
 from .distill import DistillConfig, distill, student_norm
-from .ensemble import Ensemble, class_weights_attached, normalise_weights, same_architecture
+from .ensemble import Ensemble, normalise_weights, same_architecture
 from .execution import Execution
 from .ingest import IngestFolders
 from .sources import SiteGenerator, SynthesisMethod
@@ -248,16 +248,17 @@ class DistillRun:
 TRAJECTORY_ROWS = 8
 
 
-def _trajectory_grid(sites: list[SiteModel], synth: InversionConfig, execution: Execution, path: Path, method: SynthesisMethod) -> None:
-    """A PNG of 8 synthetic images at 8 points from noise (top) to realistic (bottom): inversion steps, DDIM steps of
-    the sites' generators, or (mixed) 4 columns of each."""
+def _trajectory_grid(sites: list[SiteModel], synth: InversionConfig, execution: Execution, path: Path, method: SynthesisMethod,
+                     weights: torch.Tensor | None = None) -> None:
+    """A PNG of 8 synthetic images at 8 points from noise (top) to realistic (bottom): inversion steps (by the teacher
+    with ``weights``), DDIM steps of the sites' generators, or (mixed) 4 columns of each."""
     from torchvision.utils import save_image
 
     generators = [s.generator for s in sites if s.generator is not None]
     n_generated = {"inversion": 0, "generator": 8, "mixed": 4}[method.method] if generators else 0
     columns = []
     if n_generated < 8:
-        columns.append(_inversion_trajectory(sites, synth, execution, 8 - n_generated))
+        columns.append(_inversion_trajectory(sites, synth, execution, 8 - n_generated, weights))
     if n_generated:
         columns.append(_generator_trajectory(generators, synth, method, n_generated))
     grid = torch.cat(columns, dim=1).flatten(0, 1).clamp(-1, 1).add(1).div(2)  # (rows*8, C, H, W) in [0, 1]
@@ -266,11 +267,14 @@ def _trajectory_grid(sites: list[SiteModel], synth: InversionConfig, execution: 
     tmp.replace(path)
 
 
-def _inversion_trajectory(sites: list[SiteModel], synth: InversionConfig, execution: Execution, count: int) -> torch.Tensor:
+def _inversion_trajectory(sites: list[SiteModel], synth: InversionConfig, execution: Execution, count: int,
+                          weights: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, count, C, H, W): one class-balanced inversion batch at evenly spaced steps."""
     snapshots: list[torch.Tensor] = []
     small = InversionConfig(**{**asdict(synth), "batch_size": 8, "snapshot_every": max(1, synth.steps // TRAJECTORY_ROWS)})
-    synthesize_batch([s.model for s in sites], None, small, execution=execution, on_snapshot=lambda step, x: snapshots.append(x[:count].cpu()),
+    models = [s.model for s in sites]
+    teacher = Ensemble(models, weights=weights) if weights is not None else None  # None: synthesis builds the plain mean
+    synthesize_batch(models, teacher, small, execution=execution, on_snapshot=lambda step, x: snapshots.append(x[:count].cpu()),
                      **prior_options(sites, student=None))
     return torch.stack(_evenly_spaced(snapshots)).float()
 
@@ -345,11 +349,9 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     started = time.perf_counter()
     weights = teacher_weights(sites, job.teacher_weighting, synth, job.execution)
     models = [s.model for s in sites]
-    # Attached, the weights reach every ensemble built from these models: synthesis, noise-adapted teacher, KD targets.
-    with class_weights_attached(models, weights):
-        result = distill(student, models, synth, dcfg, execution=job.execution, eval_set=test_set, progress=progress,
-                         on_epoch=on_epoch, feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
-                         method=job.method, generators=[s.generator for s in sites if s.generator is not None])
+    result = distill(student, models, synth, dcfg, execution=job.execution, eval_set=test_set, progress=progress,
+                     on_epoch=on_epoch, feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
+                     method=job.method, generators=[s.generator for s in sites if s.generator is not None], teacher_weights=weights)
     seconds = time.perf_counter() - started
     student = result.student.cpu().to(memory_format=torch.contiguous_format).eval()
     metrics = baselines(sites, student, test_set, weights) if test_set is not None else {}
@@ -357,8 +359,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     global_bytes = safetensors_save(state, metadata={"format": "secure-oneshot-global/v1", "architecture": student_cfg.architecture})
     atomic_write_bytes(out / "global.safetensors", global_bytes)
-    with class_weights_attached(models, weights):
-        _trajectory_grid(sites, synth, job.execution, out / "synthetic.png", job.method)
+    _trajectory_grid(sites, synth, job.execution, out / "synthetic.png", job.method, weights)
     report = {"student": asdict(student_cfg), "sites": [{"name": s.name, "bundle_id": s.bundle_id, "architecture": s.config.architecture,
                                                           "generator": s.generator is not None, "feature_stats": s.feature_stats is not None,
                                                           "bn_statistics": bn_statistics_released(s.model),
