@@ -95,7 +95,7 @@ ROW_FIELDS = [*GROUP_FIELDS, "seed",
               "mia_sites_auc_max", "mia_sites_epsilon_max", "mia_global_auc", "lira_sites_auc_max",
               "mia_generators_auc_max", "lira_generators_auc_max", "generator_near_copies_max",
               "synthetic_near_copies", "synthetic_median_ratio"]
-WITHHOLDABLE = ("bn_statistics", "dp_feature_statistics", "generator")
+WITHHOLDABLE = ("bn_statistics", "dp_feature_statistics", "generator", "label_counts")
 NEEDS_GENERATOR = ("generator", "mixed")
 
 
