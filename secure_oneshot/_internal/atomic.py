@@ -23,11 +23,13 @@ from typing import BinaryIO
 
 from ..errors import ResourceError, SecureOneshotError
 
-__all__ = ["atomic_writer", "atomic_write_bytes", "fsync_dir", "sweep_stale_temporaries"]
+__all__ = ["atomic_writer", "atomic_write_bytes", "fsync_dir", "sweep_stale_temporaries", "temporary_beside"]
 
 
-def _temporary_name(final: Path) -> str:
-    return f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+def temporary_beside(final: str | os.PathLike[str]) -> Path:
+    """A fresh temporary path in ``final``'s folder, named so that :func:`sweep_stale_temporaries` recognises it."""
+    target = Path(final)
+    return target.parent / f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
 
 
 def _process_is_gone(pid: int) -> bool:
@@ -100,7 +102,7 @@ def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o644, overwrite:
         raise ResourceError(f"{final} already exists", hint="choose another path or pass --force to replace it")
     directory = final.parent if str(final.parent) else Path(".")
     sweep_stale_temporaries(final)
-    tmp = directory / _temporary_name(final)
+    tmp = directory / temporary_beside(final).name
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except OSError as e:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import audit
-from .._internal.atomic import fsync_dir
+from .._internal.atomic import fsync_dir, temporary_beside
 from .._internal.encoding import utc_now
 from ..bundle import SealResult, seal_tensors
 from ..errors import ConfigError, PolicyViolationError, PrivacyError, ResourceError, SecureOneshotError
@@ -120,11 +120,6 @@ def _read_policy(path: Path) -> _PolicySource:
     return _PolicySource(policy, raw, read_signature_entries(path))
 
 
-def _temporary_beside(out: Path) -> Path:
-    """A fresh name in ``out``'s folder, in ``_internal.atomic``'s temporary pattern (its stale-file sweep covers it)."""
-    return out.parent / f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-
-
 def _seal(req: ExportRequest, source: _PolicySource, candidate: ExportCandidate, ev: Evaluation, path: Path) -> SealResult:
     policy = source.policy
     names = ev.allowed_tensors()
@@ -145,7 +140,7 @@ def _seal(req: ExportRequest, source: _PolicySource, candidate: ExportCandidate,
 def _seal_and_record(req: ExportRequest, source: _PolicySource, candidate: ExportCandidate, report: ExportReport) -> None:
     """Seal to a temporary beside ``out``, append the audit record, then rename: one act (module docstring)."""
     out = Path(req.out)
-    temporary = _temporary_beside(out)
+    temporary = temporary_beside(out)
     try:
         sealed = _seal(req, source, candidate, report.evaluation, temporary)
         m = sealed.manifest

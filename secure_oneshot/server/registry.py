@@ -168,28 +168,6 @@ def write_private_json(path: Path, value: dict[str, Any]) -> None:
     atomic_write_bytes(path, text.encode("ascii"), mode=0o600)
 
 
-def _max_depth(data: bytes) -> int:
-    """Nesting depth of JSON ``data`` (brackets outside strings), so depth is bounded before any parser recurses."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in b"[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in b"]}":
-            depth -= 1
-    return deepest
-
-
 def read_registry_entry(path: Path) -> dict[str, Any]:
     """Parse one ``accepted/<id>.json`` with bounded size and nesting.
 
@@ -206,11 +184,9 @@ def read_registry_entry(path: Path) -> dict[str, Any]:
             data = f.read(MAX_REGISTRY_ENTRY_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read registry entry {shown}: {e.strerror or e}", hint=hint) from e
-    if len(data) > MAX_REGISTRY_ENTRY_BYTES or _max_depth(data) > MAX_REGISTRY_DEPTH:
-        raise ConfigError(f"registry entry {shown} is too big or too deeply nested", hint=hint)
-    try:
-        entry = parse_strict_json(data, canonical=False)
-    except (ValueError, RecursionError) as e:
+    try:  # size and nesting are bounded before the parser recurses
+        entry = parse_strict_json(data, canonical=False, max_depth=MAX_REGISTRY_DEPTH, max_bytes=MAX_REGISTRY_ENTRY_BYTES)
+    except ValueError as e:
         raise ConfigError(f"registry entry {shown} is not valid JSON ({e})", hint=hint) from e
     if not isinstance(entry, dict):
         raise ConfigError(f"registry entry {shown} is not a JSON object", hint=hint)
