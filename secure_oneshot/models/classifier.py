@@ -3,7 +3,10 @@
 * ``resnet18-cifar``: torchvision's ResNet-18 with the CIFAR-style stem the
   method uses at 28 px (3x3 conv, stride 1, no max pool);
 * ``resnet18``: torchvision's ResNet-18 as is (224 px), input channels adapted;
-* ``small-cnn``: a small, fast CNN for CPU presets and tests.
+* ``small-cnn``: a small, fast CNN for CPU presets and tests;
+* ``scatternet``: a fixed wavelet scattering front end (kymatio, J=2, L=8, not
+  part of the state) and a small CNN head, for small DP sites (Tramer & Boneh
+  2021); its scattering normalisation is GroupNorm whatever ``norm`` says.
 
 DP training replaces BatchNorm with GroupNorm through Opacus's own
 ``ModuleValidator.fix`` (validate, then fix, before DP), so the architecture
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
+
+from .scatternet import ScatterNet
 
 __all__ = ["ClassifierConfig", "ARCHITECTURES", "build_classifier", "has_batchnorm"]
 
@@ -93,6 +98,7 @@ ARCHITECTURES: dict[str, Callable[[ClassifierConfig], nn.Module]] = {
     "resnet18-cifar": _resnet18_cifar,
     "resnet18": _resnet18,
     "small-cnn": SmallCNN,
+    "scatternet": ScatterNet,
 }
 
 
