@@ -31,9 +31,10 @@ from ..metrics import evaluate_model
 from ..models.classifier import ClassifierConfig, build_classifier
 from ..policy.artifacts import MODEL_RECORD_FORMAT
 from ..policy.dp import DpRecord, dp_record_from_opacus
+from .dp_recipe import WeightAverage, augment_views, average_view_grad_samples
 from .label_counts import LabelRelease, LogitAdjustedLoss, log_prior, noisy_label_counts, with_label_release
 
-__all__ = ["TrainConfig", "PRESETS", "DataConfig", "TrainResult", "site_data", "train_classifier", "classifier_state", "write_model_dir"]
+__all__ = ["TrainConfig", "PRESETS", "DataConfig", "TrainResult", "site_data", "train_classifier", "training_step", "classifier_state", "write_model_dir"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class TrainConfig:
     label_counts_epsilon: float | None = None      # release a DP label histogram at this epsilon (None or 0: none)
     loss: str = "auto"                             # "ce" | "logit-adjusted" | "auto" (logit-adjusted under DP with a histogram)
     logit_adjust_tau: float | None = None          # tau of the logit-adjusted loss; None: DP_LOGIT_ADJUST_TAU under DP, else 1
+    augment_views: int = 1                         # augmented views per record, averaged before clipping (1: no augmentation)
+    ema_decay: float = 0.0                         # exponential moving average of the weights (0: off); post-processing
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -68,6 +71,7 @@ PRESETS: dict[str, TrainConfig] = {
     # the distilled model's ACC fell from 0.888 to 0.739 (AUC 0.965 -> 0.960); see benchmarks/RESULTS.md.
     # Tiny sites (BreastMNIST) should set it ([train] min_steps = 300).
     "cpu": TrainConfig(epochs=15, lr=0.02, batch_size=64),
+    "dp": TrainConfig(epochs=20, lr=0.2, batch_size=256, max_physical_batch_size=64, ema_decay=0.9),
 }
 
 
@@ -192,23 +196,48 @@ def _quiet_input_layer_hook() -> Iterator[None]:
         yield
 
 
-def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig, criterion: nn.Module) -> dict[str, float]:
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  views: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One forward/backward/step on ``views`` augmented views of each record; returns (loss, logits, stepped).
+
+    Under DP the per-sample gradients of a record's views are averaged before the optimizer clips them, so a
+    record contributes one clipped gradient whatever ``views`` is.  ``stepped`` is false for a physical batch
+    on which Opacus's BatchMemoryManager only accumulated (the logical batch is not complete yet).
+    """
+    x, y = augment_views(x, views, generator), y.repeat_interleave(max(1, views))
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss = criterion(logits, y)
+    with _quiet_input_layer_hook():
+        loss.backward()
+    if hasattr(optimizer, "noise_multiplier"):  # an Opacus DPOptimizer: clip per record, not per view
+        average_view_grad_samples(optimizer.params, views)  # type: ignore[attr-defined]
+    optimizer.step()
+    return loss.detach(), logits.detach(), not getattr(optimizer, "_is_last_step_skipped", False)
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig, criterion: nn.Module,
+                 average: WeightAverage, views: torch.Generator) -> dict[str, float]:
     model.train()
-    total, correct, loss_sum = 0, 0, 0.0
+    total, correct, loss_sum, steps = 0, 0, 0.0, 0
     with _physical_batches(loader, optimizer, cfg) as batches:
         for x, y in batches:
             # An empty Poisson batch still takes its noise-only DP step: skipping it would reveal that it was empty.
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = criterion(logits, y)
-            with _quiet_input_layer_hook():
-                loss.backward()
-            optimizer.step()
+            loss, logits, stepped = training_step(model, optimizer, criterion, x, y, cfg.augment_views, views)
+            if stepped:
+                steps += 1
+                average.update(_inner(model))
             if len(y):  # the mean over an empty batch is NaN
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                total += len(y)
-    return {"loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1)}
+                n = len(logits)
+                loss_sum += float(loss) * n
+                correct += int((logits.argmax(1) == y.repeat_interleave(max(1, cfg.augment_views))).sum())
+                total += n
+    return {"loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1), "steps": steps}
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The user's module inside Opacus's GradSampleModule (the same parameters), or the model itself."""
+    return getattr(model, "_module", model)
 
 
 def _progress(enabled: bool):  # type: ignore[no-untyped-def]
@@ -296,7 +325,12 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     train_set = to_dataset(data.train)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = _optimizer(model, cfg)
+    average = WeightAverage(model, cfg.ema_decay)  # before Opacus wraps the model: it copies a plain module
     engine, criterion = None, _training_criterion(loss_kind, cfg, data, release)
+    if cfg.augment_views < 1:
+        raise ConfigError("augment_views must be at least 1")
+    if dp and cfg.augment_views > 1 and cfg.grad_sample_mode == "ghost":
+        raise ConfigError("augmentation multiplicity needs per-sample gradients", hint="use grad_sample_mode = \"hooks\"")
     if dp:
         try:
             engine, model, optimizer, loader, criterion = _make_private(model, optimizer, loader, _sgd_budget(cfg, uses_release), criterion)
@@ -305,16 +339,19 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     scheduler = _scheduler(optimizer, cfg)
     history = []
     val_set = to_dataset(data.val)
+    views = torch.Generator().manual_seed(cfg.seed + 1)
     with _progress(progress) as bar:
         task = bar.add_task("training", total=cfg.epochs) if bar else None
         for epoch in range(cfg.epochs):
-            row = {"epoch": epoch + 1, **_train_epoch(model, loader, optimizer, cfg, criterion), **{f"val_{k}": v for k, v in evaluate_model(model, val_set).items()}}
+            row = {"epoch": epoch + 1, **_train_epoch(model, loader, optimizer, cfg, criterion, average, views)}
+            row.update({f"val_{k}": v for k, v in evaluate_model(average.model(model), val_set).items()})
             scheduler.step()
             history.append(row)
             if bar:
                 bar.update(task, advance=1, description=f"epoch {epoch + 1} loss {row['loss']:.3f} val acc {row['val_acc']:.3f}")
     # Opacus's hooks off: left on, the returned model fails on any later backward pass (model inversion).
     plain = model.to_standard_module() if hasattr(model, "to_standard_module") else model
+    plain = average.model(plain)
     metrics = {"val": evaluate_model(plain, val_set)}
     if data.test is not None:
         metrics["test"] = evaluate_model(plain, to_dataset(data.test))
