@@ -32,6 +32,7 @@ from ..models.classifier import ClassifierConfig, build_classifier
 from ..policy.artifacts import MODEL_RECORD_FORMAT
 from ..policy.dp import DpRecord, dp_record_from_opacus
 from .dp_recipe import WeightAverage, augment_views, average_view_grad_samples
+from .threshold import ThresholdRelease, calibrate_threshold, with_threshold_release
 from .label_counts import LabelRelease, LogitAdjustedLoss, log_prior, noisy_label_counts, with_label_release
 
 __all__ = ["TrainConfig", "PRESETS", "DataConfig", "TrainResult", "site_data", "train_classifier", "training_step", "classifier_state", "write_model_dir"]
@@ -62,6 +63,7 @@ class TrainConfig:
     logit_adjust_tau: float | None = None          # tau of the logit-adjusted loss; None: DP_LOGIT_ADJUST_TAU under DP, else 1
     augment_views: int = 1                         # augmented views per record, averaged before clipping (1: no augmentation)
     ema_decay: float = 0.0                         # exponential moving average of the weights (0: off); post-processing
+    threshold_epsilon: float | None = None         # under DP, binary: move the decision to a DP-measured balanced threshold
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -98,6 +100,7 @@ class TrainResult:
     data: SiteData
     config: TrainConfig | None = None   # as run (epochs raised by min_steps, loss resolved)
     label_counts: LabelRelease | None = None   # the DP label histogram, when one was released
+    threshold: ThresholdRelease | None = None  # the DP decision threshold, when one was measured
 
 
 def _merged_train_val(cfg: DataConfig) -> MedMNISTSplit:
@@ -299,11 +302,27 @@ def _training_criterion(loss: str, cfg: TrainConfig, data: SiteData, release: La
 
 
 def _sgd_budget(cfg: TrainConfig, uses_release: bool) -> TrainConfig:
-    """DP-SGD's share: a classifier trained with the histogram's prior spends the histogram's budget too, so
-    DP-SGD is calibrated to ``dp_epsilon - label_counts_epsilon`` and the joint history stays within ``dp_epsilon``."""
-    if not uses_release or cfg.dp_epsilon is None:
+    """DP-SGD's share: a classifier trained with the histogram's prior spends the histogram's budget too, and one
+    whose decision threshold is measured spends that release's budget, so DP-SGD is calibrated to what is left
+    and the joint history stays within ``dp_epsilon`` (each share is checked again on the joint history)."""
+    if cfg.dp_epsilon is None:
         return cfg
-    return replace(cfg, dp_epsilon=cfg.dp_epsilon - float(cfg.label_counts_epsilon or 0.0))
+    spent = (float(cfg.label_counts_epsilon or 0.0) if uses_release else 0.0) + float(cfg.threshold_epsilon or 0.0)
+    return replace(cfg, dp_epsilon=cfg.dp_epsilon - spent)
+
+
+def _check_threshold(cfg: TrainConfig, num_classes: int) -> None:
+    if not cfg.threshold_epsilon:
+        return
+    if cfg.dp_epsilon is None:
+        raise ConfigError("threshold_epsilon applies to DP training only", hint="set dp_epsilon, or remove threshold_epsilon")
+    if num_classes != 2:
+        raise ConfigError(f"the DP decision threshold is for binary tasks; this one has {num_classes} classes",
+                          hint="remove threshold_epsilon (the logit-adjusted loss handles several classes)")
+    spent = float(cfg.label_counts_epsilon or 0.0) + cfg.threshold_epsilon
+    if spent >= cfg.dp_epsilon:
+        raise ConfigError(f"label_counts_epsilon + threshold_epsilon ({spent:g}) must be below dp_epsilon {cfg.dp_epsilon:g}",
+                          hint="both releases are taken out of the classifier's budget")
 
 
 def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteData, *, progress: bool = False) -> TrainResult:
@@ -316,6 +335,7 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     cfg = with_min_steps(cfg, len(data.train))
     loss_kind = resolve_loss(cfg)
     cfg = replace(cfg, loss=loss_kind, logit_adjust_tau=resolve_tau(cfg) if loss_kind == "logit-adjusted" else cfg.logit_adjust_tau)
+    _check_threshold(cfg, data.train.n_classes)
     release = _label_release(cfg, data)
     uses_release = release is not None and loss_kind == "logit-adjusted"
     dp = cfg.dp_epsilon is not None
@@ -352,6 +372,10 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     # Opacus's hooks off: left on, the returned model fails on any later backward pass (model inversion).
     plain = model.to_standard_module() if hasattr(model, "to_standard_module") else model
     plain = average.model(plain)
+    threshold = None
+    if cfg.threshold_epsilon and dp:  # post-processing of a DP release over the training records (its step is recorded)
+        train_images = to_dataset(data.train).tensors[0]
+        threshold = calibrate_threshold(plain, train_images, data.train.labels.reshape(-1), cfg.threshold_epsilon, cfg.dp_delta)
     metrics = {"val": evaluate_model(plain, val_set)}
     if data.test is not None:
         metrics["test"] = evaluate_model(plain, to_dataset(data.test))
@@ -361,7 +385,10 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
                                        sampling="poisson", dataset_fingerprint=data.train.fingerprint())
         if uses_release:
             record = with_label_release(record, release)  # type: ignore[arg-type]
-    return TrainResult(plain, replace(model_cfg, norm="group" if dp else model_cfg.norm), history, metrics, record, data, cfg, release)
+        if threshold is not None:
+            record = with_threshold_release(record, threshold)
+    return TrainResult(plain, replace(model_cfg, norm="group" if dp else model_cfg.norm), history, metrics, record, data, cfg, release,
+                       threshold)
 
 
 def classifier_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -390,7 +417,9 @@ def training_record(result: TrainResult, data_cfg: DataConfig, cfg: TrainConfig,
                                             "partition": asdict(data_cfg.partition), "fingerprint": result.data.train.fingerprint(),
                                             "train_records": len(result.data.train), "val_records": len(result.data.val),
                                             "label_counts": counts},
-            "history": result.history, "metrics": result.metrics, "versions": _versions(), **(extra or {}),
+            "history": result.history, "metrics": result.metrics, "versions": _versions(),
+            **({"decision_threshold": {"margin": result.threshold.threshold, "epsilon": result.threshold.epsilon}} if result.threshold else {}),
+            **(extra or {}),
         },
     }
 
