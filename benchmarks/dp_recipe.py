@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sites", type=int, default=1)
     ap.add_argument("--site", type=int, default=0)
     ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--scheme", choices=("iid", "dirichlet"), default="dirichlet", help="partition (with --sites > 1)")
     ap.add_argument("--partition-seed", type=int, default=0)
     ap.add_argument("--architecture", default="small-cnn")
     ap.add_argument("--epsilon", type=float, default=8.0)
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    scheme = "iid" if args.sites == 1 else "dirichlet"
+    scheme = "iid" if args.sites == 1 else args.scheme
     data_cfg = DataConfig(flag=args.flag, root=args.root, site=args.site,
                           partition=Partition(n_sites=args.sites, scheme=scheme, alpha=args.alpha, seed=args.partition_seed))
     data = site_data(data_cfg, args.val_fraction, seed=0)

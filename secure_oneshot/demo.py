@@ -45,6 +45,7 @@ from .client.site_config import SiteConfig
 from .client.train import PRESETS as TRAIN_PRESETS
 from .client.train import DataConfig, TrainConfig, site_data, train_classifier
 from .data import Partition, load_medmnist, partition_indices, to_dataset
+from .data.medmnist_data import num_classes
 from .data.partition import label_counts
 from .errors import ConfigError
 from .keys import Identity, TrustEntry, TrustStore, load_trust_store, save_identity, save_trust_store
@@ -61,16 +62,22 @@ __all__ = ["DemoConfig", "DemoResult", "DEMO_PRESETS", "run_demo", "metrics_tabl
            "write_policies", "train_sites", "export_all"]
 
 
+THRESHOLD_SHARE = 0.1
+"""With DP on a binary task, a tenth of each hospital's epsilon measures its decision threshold (client.threshold):
+without it a DP site model predicts the majority class (benchmarks/RESULTS.md)."""
+
+
 @dataclass(frozen=True)
 class DemoPreset:
     sites: int
     architecture: str
     train: TrainConfig
     server: str            # a server.study preset
+    dp_train: TrainConfig = TRAIN_PRESETS["dp"]   # the hospitals' recipe when DP is on (tuned for DP-SGD)
 
 
 DEMO_PRESETS: dict[str, DemoPreset] = {
-    "smoke": DemoPreset(3, "small-cnn", replace(TRAIN_PRESETS["cpu"], epochs=2), "smoke"),
+    "smoke": DemoPreset(3, "small-cnn", replace(TRAIN_PRESETS["cpu"], epochs=2), "smoke", replace(TRAIN_PRESETS["dp"], epochs=3)),
     "cpu": DemoPreset(5, "small-cnn", TRAIN_PRESETS["cpu"], "cpu"),
     "gpu": DemoPreset(5, "resnet18-cifar", replace(TRAIN_PRESETS["fedisca"], epochs=30, lr=0.01), "gpu"),
     "paper": DemoPreset(5, "resnet18-cifar", TRAIN_PRESETS["fedisca"], "paper"),
@@ -91,6 +98,7 @@ class DemoConfig:
     dp_epsilon: float | None = None  # train every hospital's classifier with DP-SGD to this epsilon
     stats_epsilon: float = 1.0       # with DP: the DP feature statistics' own budget (the BN-free synthesis prior)
     label_counts_epsilon: float = 0.1  # with DP: the DP label histogram's budget (taken out of dp_epsilon)
+    threshold_epsilon: float | None = None  # with DP: the DP decision threshold's budget; None: THRESHOLD_SHARE of dp_epsilon
     generator: dict[str, Any] | None = None  # sites also train a diffusion generator: SiteConfig [generator] options
     execution: Execution = field(default_factory=Execution)
     teacher_weighting: str = "equal"  # the server's teacher: equal | label-counts | agreement (server.weighting)
@@ -101,6 +109,13 @@ class DemoConfig:
             raise ConfigError(f"unknown demo preset {self.preset!r}", hint=f"use auto or one of {', '.join(DEMO_PRESETS)}")
         preset = DEMO_PRESETS[name]
         return replace(preset, sites=self.sites) if self.sites else preset
+
+    @property
+    def resolved_threshold_epsilon(self) -> float | None:
+        """With DP on a binary task: the decision threshold's budget (given, or THRESHOLD_SHARE of dp_epsilon)."""
+        if self.dp_epsilon is None or num_classes(self.flag) != 2:
+            return None
+        return self.threshold_epsilon if self.threshold_epsilon is not None else THRESHOLD_SHARE * self.dp_epsilon
 
     @property
     def preset_name(self) -> str:
@@ -226,7 +241,7 @@ denied = []
 require_dp = []
 
 [models]
-architectures = ["resnet18-cifar", "resnet18", "small-cnn", "unet2d-small"]
+architectures = ["resnet18-cifar", "resnet18", "small-cnn", "scatternet", "unet2d-small"]
 
 [limits]
 max_bundle_bytes = 500_000_000
@@ -269,8 +284,9 @@ def train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names
     dirs = []
     for i, name in enumerate(names):
         # DP sites release a DP label histogram; its prior drives the logit-adjusted loss (train.loss "auto").
-        label_eps = cfg.label_counts_epsilon if cfg.dp_epsilon is not None else None
-        train = replace(preset.train, seed=cfg.seed + i, dp_epsilon=cfg.dp_epsilon, label_counts_epsilon=label_eps)
+        train = replace(preset.dp_train if cfg.dp_epsilon is not None else preset.train, seed=cfg.seed + i,
+                        dp_epsilon=cfg.dp_epsilon, label_counts_epsilon=cfg.label_counts_epsilon if cfg.dp_epsilon is not None else None,
+                        threshold_epsilon=cfg.resolved_threshold_epsilon)
         stats = {"epsilon": cfg.stats_epsilon} if cfg.dp_epsilon is not None else None
         site_cfg = SiteConfig(_data_config(cfg, partition, i), ClassifierConfig(preset.architecture), train, cfg.generator, stats,
                               run / "sites" / name / "model")
@@ -361,10 +377,12 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     ids, trust_file = create_identities(run, names)
     export_policy, ingest_policy = write_policies(run, ids, names)
     lap("setup")
-    dp = (f", DP epsilon {cfg.dp_epsilon} (DP-SGD + label histogram {cfg.label_counts_epsilon}) + DP feature statistics "
-          f"epsilon {cfg.stats_epsilon}") if cfg.dp_epsilon else ""
+    threshold = f" + decision threshold {cfg.resolved_threshold_epsilon:g}" if cfg.resolved_threshold_epsilon else ""
+    dp = (f", recipe dp, DP epsilon {cfg.dp_epsilon} (DP-SGD + label histogram {cfg.label_counts_epsilon}{threshold}) "
+          f"+ DP feature statistics epsilon {cfg.stats_epsilon}") if cfg.dp_epsilon else ""
+    epochs = (preset.dp_train if cfg.dp_epsilon else preset.train).epochs
     say(f"[2/6] partition {cfg.flag} train+val among {len(names)} hospitals (Dirichlet alpha {cfg.alpha}); train each "
-        f"({preset.architecture}, {preset.train.epochs} epochs{dp})")
+        f"({preset.architecture}, {epochs} epochs{dp})")
     partition = demo_partition(cfg, preset, run)
     model_dirs = train_sites(cfg, preset, partition, names, run, say)
     lap("train")

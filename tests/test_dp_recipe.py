@@ -151,3 +151,25 @@ def test_weight_average_warms_up_then_follows_the_decay() -> None:
 
 def test_train_config_default_keeps_the_published_recipe() -> None:
     assert TrainConfig().augment_views == 1 and TrainConfig().ema_decay == 0.0
+
+
+SITE = """
+[data]
+flag = "pneumoniamnist"
+[train]
+{train}
+"""
+
+
+def test_dp_picks_the_dp_preset_unless_the_config_names_one() -> None:
+    from secure_oneshot.client.site_config import site_config_from_text, with_dp
+
+    dp = site_config_from_text(SITE.format(train="dp_epsilon = 8.0\nepochs = 3"))
+    assert dp.train == replace(PRESETS["dp"], dp_epsilon=8.0, epochs=3)
+    plain = site_config_from_text(SITE.format(train="epochs = 3"))
+    assert plain.train == replace(PRESETS["cpu"], epochs=3)
+    named = site_config_from_text(SITE.format(train='preset = "cpu"\ndp_epsilon = 8.0'))
+    assert named.train == replace(PRESETS["cpu"], dp_epsilon=8.0)
+    # `train --dp-epsilon` on a config without DP: as if the config had said dp_epsilon itself
+    assert with_dp(plain, 4.0, 1e-6).train == replace(PRESETS["dp"], epochs=3, dp_epsilon=4.0, dp_delta=1e-6)
+    assert with_dp(named, 4.0, 1e-5).train == replace(PRESETS["cpu"], dp_epsilon=4.0)

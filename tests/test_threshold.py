@@ -21,7 +21,7 @@ from secure_oneshot.policy.dp import compute_epsilon
 
 
 def test_one_record_changes_one_cell_by_one() -> None:
-    values, labels = np.array([-7.0, -0.5, 0.2, 3.3, 9.0]), np.array([0, 0, 1, 1, 1])
+    values, labels = np.array([-27.0, -0.7, 0.2, 3.3, 29.0]), np.array([0, 0, 1, 1, 1])
     base = noisy_margin_histogram(values, labels, 0.0)
     assert base.shape == (2, len(EDGES) + 1) and base.sum() == 5
     more = noisy_margin_histogram(np.append(values, 2.5), np.append(labels, 0), 0.0)
@@ -45,7 +45,7 @@ def test_the_threshold_sits_between_shifted_classes() -> None:
     labels = np.concatenate([np.zeros(300), np.ones(900)])
     t = balanced_threshold(noisy_margin_histogram(values, labels, 0.0))
     assert 3.0 <= t <= 4.0
-    assert balanced_threshold(noisy_margin_histogram(values - 3.5, labels, 0.0)) in (-1.0, 0.0)
+    assert -0.5 <= balanced_threshold(noisy_margin_histogram(values - 3.5, labels, 0.0)) <= 0.5
     # a degenerate picture (no class-0 records at all) keeps the smallest shift
     assert balanced_threshold(np.zeros((2, len(EDGES) + 1))) == 0.0
 

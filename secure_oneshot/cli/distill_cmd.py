@@ -77,7 +77,8 @@ def _demo(args: argparse.Namespace) -> Result:
     out = Path(args.out) if args.out else Path(f"secure-oneshot-demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
     cfg = DemoConfig(out=out, flag=args.flag, data_root=args.data_root, preset=args.preset, sites=args.sites, alpha=args.alpha,
                      seed=args.seed, tamper=not args.no_tamper, centralised=not args.no_centralised, execution=_execution(args),
-                     dp_epsilon=args.dp_epsilon, stats_epsilon=args.stats_epsilon, teacher_weighting=args.teacher_weighting)
+                     dp_epsilon=args.dp_epsilon, stats_epsilon=args.stats_epsilon, teacher_weighting=args.teacher_weighting,
+                     threshold_epsilon=args.threshold_epsilon)
     result = run_demo(cfg, say=_say)
     data = {"run": str(result.out), "metrics": result.metrics, "seconds": result.seconds, "paths": result.paths,
             "outcomes": [o.__dict__ for o in result.outcomes]}
@@ -144,7 +145,11 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     demo.add_argument("--sites", type=int, help="number of hospitals (default: the preset's, 5)")
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split (default 0.5)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--dp-epsilon", type=float, metavar="EPS", help="train the hospitals with DP-SGD (Opacus) to this epsilon")
+    demo.add_argument("--dp-epsilon", type=float, metavar="EPS",
+                      help="train the hospitals with DP-SGD (Opacus, the dp recipe) to this epsilon, every release included")
+    demo.add_argument("--threshold-epsilon", type=float, metavar="EPS",
+                      help="with --dp-epsilon on a binary task: budget of each hospital's DP decision threshold, taken out of "
+                           "its epsilon (default a tenth of it; 0: none)")
     demo.add_argument("--stats-epsilon", type=float, default=1.0, metavar="EPS",
                       help="with --dp-epsilon: budget of the released DP feature statistics (default 1.0)")
     demo.add_argument("--no-tamper", action="store_true", help="do not deliver the tampered bundle copy")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .._internal.atomic import atomic_write_bytes
-from ..client.site_config import load_site_config
+from ..client.site_config import load_site_config, with_dp
 from ..data import Partition, load_medmnist, partition_indices
 from ..data.partition import label_counts
 from .output import Result
@@ -25,9 +25,11 @@ def _train(args: argparse.Namespace) -> Result:
     if args.out:
         cfg = replace(cfg, out=Path(args.out))
     if args.dp_epsilon is not None:
-        cfg = replace(cfg, train=replace(cfg.train, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta))
+        cfg = with_dp(cfg, args.dp_epsilon, args.dp_delta)
     if args.label_counts_epsilon is not None:
         cfg = replace(cfg, train=replace(cfg.train, label_counts_epsilon=args.label_counts_epsilon))
+    if args.threshold_epsilon is not None:
+        cfg = replace(cfg, train=replace(cfg.train, threshold_epsilon=args.threshold_epsilon or None))
     if args.loss is not None:
         cfg = replace(cfg, train=replace(cfg.train, loss=args.loss))
     if args.epochs is not None:
@@ -69,10 +71,12 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     train.add_argument("--config", required=True, metavar="SITE.toml", help="site config (see README)")
     train.add_argument("--data-root", metavar="DIR", help="MedMNIST folder (overrides the config and $SECURE_ONESHOT_DATA)")
     train.add_argument("--out", metavar="DIR", help="model directory (overrides [output] dir)")
-    train.add_argument("--dp-epsilon", type=float, help="train the classifier with DP-SGD to this epsilon")
+    train.add_argument("--dp-epsilon", type=float, help="train the classifier with DP-SGD to this epsilon (with the dp preset unless the config names one)")
     train.add_argument("--dp-delta", type=float, default=1e-5)
     train.add_argument("--label-counts-epsilon", type=float, metavar="EPS",
                        help="release a DP label histogram (artifact label_counts) at this epsilon; 0: none")
+    train.add_argument("--threshold-epsilon", type=float, metavar="EPS",
+                       help="DP, binary tasks: spend EPS of the budget measuring a balanced decision threshold; 0: none")
     train.add_argument("--loss", choices=("auto", "ce", "logit-adjusted"),
                        help="training loss (auto: logit-adjusted under DP when a label histogram is released)")
     train.add_argument("--epochs", type=int)

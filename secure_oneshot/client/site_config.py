@@ -15,12 +15,13 @@
     min_size = 10
 
     [model]
-    architecture = "small-cnn"   # resnet18-cifar | resnet18 | small-cnn
+    architecture = "small-cnn"   # resnet18-cifar | resnet18 | small-cnn | scatternet
 
     [train]
-    preset = "cpu"               # cpu | fedisca; any TrainConfig field below overrides it
+    preset = "dp"                # cpu | dp | fedisca (default: dp with dp_epsilon, else cpu); fields below override it
     dp_epsilon = 8.0             # omit for non-private training
     label_counts_epsilon = 0.1   # optional: release a DP label histogram (artifact label_counts); 0 or absent: none
+    threshold_epsilon = 0.8      # optional, DP binary tasks: measure a balanced decision threshold with this budget
     loss = "auto"                # "ce" | "logit-adjusted" | "auto" (logit-adjusted under DP with a histogram)
     # logit_adjust_tau = 4.0     # optional; default 4 under DP (measured), 1 without
 
@@ -40,7 +41,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from ..errors import ConfigError
 from ..models.classifier import ARCHITECTURES, ClassifierConfig
 from .train import LOSSES, PRESETS, DataConfig, TrainConfig
 
-__all__ = ["SiteConfig", "load_site_config", "site_config_from_text"]
+__all__ = ["SiteConfig", "load_site_config", "site_config_from_text", "default_preset", "with_dp"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class SiteConfig:
     generator: dict[str, Any] | None
     feature_stats: dict[str, Any] | None
     out: Path
+    train_preset: str | None = None                                     # as named in [train]; None: the default
+    train_overrides: dict[str, Any] = field(default_factory=dict)      # [train] settings over the preset
 
 
 # TrainConfig field -> TOML type ("from __future__ import annotations" makes field types strings).
@@ -69,8 +72,13 @@ _TRAIN_KINDS = {"int": "integer", "float": "number", "float | None": "number", "
                 "tuple[float, ...]": "list of numbers"}
 
 
-def _train_config(t: Table) -> TrainConfig:
-    preset = t.get("preset", "string", "cpu", check=one_of(tuple(PRESETS)))
+def default_preset(dp: bool) -> str:
+    """The training preset when the config names none: ``dp`` (tuned for DP-SGD) when DP is on, else ``cpu``."""
+    return "dp" if dp else "cpu"
+
+
+def _train_config(t: Table) -> tuple[TrainConfig, str | None, dict[str, Any]]:
+    preset = t.get("preset", "string", None, check=one_of(tuple(PRESETS)))
     overrides: dict[str, Any] = {}
     for f in fields(TrainConfig):
         if f.name in t.data:
@@ -78,7 +86,16 @@ def _train_config(t: Table) -> TrainConfig:
     t.finish()
     if overrides.get("milestones") is not None:
         overrides["milestones"] = tuple(overrides["milestones"])
-    return replace(PRESETS.get(preset, PRESETS["cpu"]), **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    name = preset or default_preset(overrides.get("dp_epsilon") is not None)
+    return replace(PRESETS.get(name, PRESETS["cpu"]), **overrides), preset, overrides
+
+
+def with_dp(cfg: SiteConfig, epsilon: float, delta: float) -> SiteConfig:
+    """``cfg`` trained with DP-SGD at ``(epsilon, delta)``: a config that named no preset switches to the ``dp`` preset
+    (its own settings still override it), as if it had said ``dp_epsilon`` itself."""
+    base = PRESETS[cfg.train_preset or default_preset(True)]
+    return replace(cfg, train=replace(base, **{**cfg.train_overrides, "dp_epsilon": epsilon, "dp_delta": delta}))
 
 
 def _data_config(t: Table, root_override: str | None) -> DataConfig:
@@ -123,7 +140,7 @@ def site_config_from_text(text: str, source: str = "<site config>", *, root_over
     model_t = root.table("model", required=False)
     architecture = model_t.get("architecture", "string", "small-cnn", check=one_of(tuple(ARCHITECTURES)))
     model_t.finish()
-    train = _train_config(root.table("train", required=False))
+    train, train_preset, train_overrides = _train_config(root.table("train", required=False))
     generator = _optional_table(root, "generator", {"preset": "string", "epochs": "integer", "batch_size": "integer", "lr": "number",
                                                    "dp_epsilon": "number", "dp_delta": "number", "samples": "integer"})
     stats = _optional_table(root, "feature_stats", {"epsilon": "number", "delta": "number", "clip_norm": "number"})
@@ -144,7 +161,7 @@ def site_config_from_text(text: str, source: str = "<site config>", *, root_over
     elif train.loss == "logit-adjusted" and train.dp_epsilon is not None and not train.label_counts_epsilon:
         problems.add("train.loss", "logit-adjusted under DP needs train.label_counts_epsilon (the prior must be a DP release)")
     problems.raise_if_any()
-    return SiteConfig(data, ClassifierConfig(architecture), train, generator, stats, Path(out))
+    return SiteConfig(data, ClassifierConfig(architecture), train, generator, stats, Path(out), train_preset, train_overrides)
 
 
 def load_site_config(path: str | os.PathLike[str], *, root_override: str | None = None) -> SiteConfig:

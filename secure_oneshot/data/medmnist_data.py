@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from ..errors import DataError
 
-__all__ = ["DATA_ENV", "SPLITS", "MedMNISTSplit", "SiteData", "load_medmnist", "load_npz", "to_dataset", "default_root"]
+__all__ = ["DATA_ENV", "SPLITS", "MedMNISTSplit", "SiteData", "load_medmnist", "load_npz", "to_dataset", "default_root", "num_classes"]
 
 DATA_ENV = "SECURE_ONESHOT_DATA"
 SPLITS = ("train", "val", "test")
@@ -92,6 +92,11 @@ def _info(flag: str) -> dict:
             hint="use a binary-class or multi-class dataset such as pneumoniamnist, breastmnist, bloodmnist or dermamnist",
         )
     return info
+
+
+def num_classes(flag: str) -> int:
+    """How many classes a 2D MedMNIST flag has (from medmnist's INFO: no data read)."""
+    return len(_info(flag)["label"])
 
 
 def _file_name(flag: str, size: int) -> str:

@@ -12,8 +12,10 @@ A study config (see ``examples/study-quick-cpu.toml``)::
 
     [site]
     architecture = "small-cnn"
-    preset = "cpu"                 # a client.train preset
-    epochs = 15                    # optional override
+    preset = "cpu"                 # a client.train preset (cells without DP)
+    dp_preset = "dp"               # the preset of DP cells (default dp; "cpu" reproduces the untuned recipe)
+    threshold_epsilon = 0.8        # optional: DP binary cells' decision-threshold budget (default a tenth of epsilon)
+    epochs = 15                    # optional override (both presets)
     epsilons = ["inf", 8.0, 4.0]   # classifier DP-SGD grid; "inf" = no DP
     stats_epsilon = 1.0            # DP cells also release DP feature statistics at this budget
 
@@ -121,6 +123,8 @@ class Study:
     generator_epsilons: tuple[float, ...] = (math.inf,)
     withhold: tuple[tuple[str, ...], ...] = ((),)          # variants of what the sites leave out
     teacher_weighting: str = "equal"                        # server.weighting scheme for the teacher
+    site_dp_preset: str = "dp"                              # the sites' recipe in DP cells (site_preset in the others)
+    threshold_epsilon: float | None = None                  # DP binary cells: decision threshold budget; None: demo's share
 
     def cells(self) -> list[Cell]:
         generator_epsilons: tuple[float | None, ...] = self.generator_epsilons if self.generator is not None else (None,)
@@ -227,6 +231,8 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             audit_shadows=int(doc.get("privacy_audit", {}).get("shadows", 0)),
             generator=generator, generator_epsilons=generator_epsilons, withhold=_withhold(doc.get("policy", {})),
             teacher_weighting=_choice(server.get("teacher_weighting", "equal"), WEIGHTINGS, "server.teacher_weighting"),
+            site_dp_preset=_choice(site.get("dp_preset", "dp"), TRAIN_PRESETS, "site.dp_preset"),
+            threshold_epsilon=None if site.get("threshold_epsilon") is None else float(site["threshold_epsilon"]),
         ).check()
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML ({e})") from e
@@ -248,9 +254,9 @@ def load_study(path: str | Path) -> Study:
 
 
 def _site_setup(study: Study, cell: Cell, data_root: str | None) -> tuple[DemoConfig, DemoPreset]:
-    train = TRAIN_PRESETS[study.site_preset]
+    train, dp_train = TRAIN_PRESETS[study.site_preset], TRAIN_PRESETS[study.site_dp_preset]
     if study.site_epochs is not None:
-        train = replace(train, epochs=int(study.site_epochs))
+        train, dp_train = replace(train, epochs=int(study.site_epochs)), replace(dp_train, epochs=int(study.site_epochs))
     generator = None
     if cell.generator_epsilon is not None:
         generator = dict(study.generator or ())
@@ -258,14 +264,16 @@ def _site_setup(study: Study, cell: Cell, data_root: str | None) -> tuple[DemoCo
             generator["dp_epsilon"] = cell.generator_epsilon
     cfg = DemoConfig(out=Path("."), flag=cell.flag, data_root=data_root, sites=study.sites, alpha=cell.alpha, seed=cell.seed,
                      dp_epsilon=None if math.isinf(cell.epsilon) else cell.epsilon, stats_epsilon=study.stats_epsilon,
-                     generator=generator, execution=Execution())
-    return cfg, DemoPreset(study.sites, study.architecture, train, study.server_preset)
+                     generator=generator, execution=Execution(), threshold_epsilon=study.threshold_epsilon)
+    return cfg, DemoPreset(study.sites, study.architecture, train, study.server_preset, dp_train)
 
 
 def _cache_key(cfg: DemoConfig, preset: DemoPreset) -> str:
     """What determines the site models (not the server side)."""
     key = {"flag": cfg.flag, "alpha": cfg.alpha, "seed": cfg.seed, "dp": cfg.dp_epsilon, "stats": cfg.stats_epsilon,
            "sites": preset.sites, "architecture": preset.architecture, "train": asdict(preset.train), "generator": cfg.generator}
+    if cfg.dp_epsilon is not None:  # the recipe DP sites actually train with
+        key |= {"train": asdict(preset.dp_train), "threshold": cfg.resolved_threshold_epsilon, "label_counts": cfg.label_counts_epsilon}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
