@@ -120,3 +120,18 @@ def test_min_steps_raises_epochs_for_tiny_sites_only() -> None:
     assert with_min_steps(cfg, 100).epochs == 75           # 2 steps per epoch
     assert with_min_steps(cfg, 850).epochs == 15           # 14 steps per epoch: 210 >= 150 already
     assert with_min_steps(PRESETS["cpu"], 10).epochs == 15  # off by default
+
+
+def test_dp_preset_site_model_beats_the_majority_class(small_site) -> None:
+    """The dp preset with its two releases, as the demo runs it at epsilon 8, on ~470 real records.
+
+    Measured once before writing this (seed 0): test ACC 0.851, balanced ACC 0.835, AUC 0.926; the untuned
+    recipe (cpu preset, logit-adjusted loss, no threshold) gave ACC 0.627, balanced ACC 0.50 on the same site.
+    """
+    cfg = replace(PRESETS["dp"], dp_epsilon=8.0, label_counts_epsilon=0.1, threshold_epsilon=0.8)
+    result = train_classifier(ClassifierConfig("small-cnn"), cfg, small_site)
+    test = result.metrics["test"]
+    majority = max((small_site.test.labels == c).mean() for c in (0, 1))
+    assert result.dp is not None and result.dp.epsilon <= 8.0
+    assert test["acc"] >= majority + 0.10, (test, majority)
+    assert test["balanced_acc"] >= 0.70, test
