@@ -112,7 +112,9 @@ def site_model_dir(data_root, tmp_path_factory):  # noqa: F811
     from secure_oneshot.data import Partition
 
     out = tmp_path_factory.mktemp("site") / "model"
-    cfg = SiteConfig(DataConfig(root=str(data_root), site=0, partition=Partition(10, "iid")), CNN,
+    # One of 20 IID parts (about 235 training records): enough for 2 shadows per model, and every audit step
+    # (shadow classifiers and generators, denoising losses) costs in proportion to the records.
+    cfg = SiteConfig(DataConfig(root=str(data_root), site=0, partition=Partition(20, "iid")), CNN,
                      replace(PRESETS["cpu"], epochs=3), {"preset": "cpu-small", "epochs": 1}, None, out)
     return run_site(cfg).out
 
