@@ -52,7 +52,7 @@ from ..errors import ConfigError, PrivacyError
 from ..policy.dp import DpRecord, compute_epsilon
 
 __all__ = ["ACCOUNTANT", "SAMPLING", "LabelRelease", "calibrate_sigma", "noisy_label_counts", "log_prior", "LogitAdjustedLoss",
-           "with_label_release"]
+           "with_label_release", "with_gaussian_steps"]
 
 ACCOUNTANT = "prv"
 SAMPLING = "fixed"
@@ -164,12 +164,17 @@ class LogitAdjustedLoss(nn.CrossEntropyLoss):
         return super().forward(logits + self.offset.to(logits.dtype), target)
 
 
+def with_gaussian_steps(record: DpRecord, steps: tuple[tuple[float, float, int], ...]) -> DpRecord:
+    """``record`` with further accountant steps appended and its epsilon recomputed over the joint history."""
+    history = tuple(record.history) + tuple(steps)
+    return DpRecord(record.accountant, history, record.delta, compute_epsilon(record.accountant, history, record.delta),
+                    record.max_grad_norm, record.sampling, record.dataset_fingerprint, dict(record.versions))
+
+
 def with_label_release(record: DpRecord, release: LabelRelease) -> DpRecord:
     """The classifier's record with the histogram's Gaussian step appended to its history.
 
     A classifier trained with a prior from the histogram is a function of the DP-SGD transcript *and* the
     histogram, so its own guarantee composes both; the record's epsilon is recomputed over the joint history.
     """
-    history = tuple(record.history) + tuple(release.record.history)
-    return DpRecord(record.accountant, history, record.delta, compute_epsilon(record.accountant, history, record.delta),
-                    record.max_grad_norm, record.sampling, record.dataset_fingerprint, dict(record.versions))
+    return with_gaussian_steps(record, tuple(release.record.history))

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..policy.dp import DpRecord, compute_epsilon
-from .label_counts import calibrate_sigma
+from ..policy.dp import DpRecord
+from .label_counts import calibrate_sigma, with_gaussian_steps
 
 __all__ = ["EDGES", "ThresholdRelease", "margins", "noisy_margin_histogram", "balanced_threshold", "shift_decision",
            "with_threshold_release"]
@@ -115,6 +115,4 @@ def calibrate_threshold(model: nn.Module, images: torch.Tensor, labels: np.ndarr
 
 def with_threshold_release(record: DpRecord, release: ThresholdRelease) -> DpRecord:
     """The classifier's record with the margin histogram's Gaussian step appended (its epsilon recomputed)."""
-    history = tuple(record.history) + ((release.noise_multiplier, 1.0, 1),)
-    return DpRecord(record.accountant, history, record.delta, compute_epsilon(record.accountant, history, record.delta),
-                    record.max_grad_norm, record.sampling, record.dataset_fingerprint, dict(record.versions))
+    return with_gaussian_steps(record, ((release.noise_multiplier, 1.0, 1),))
