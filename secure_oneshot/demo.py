@@ -65,6 +65,9 @@ __all__ = ["DemoConfig", "DemoResult", "DEMO_PRESETS", "run_demo", "metrics_tabl
 THRESHOLD_SHARE = 0.1
 """With DP on a binary task, a tenth of each hospital's epsilon measures its decision threshold (client.threshold):
 without it a DP site model predicts the majority class (benchmarks/RESULTS.md)."""
+STATS_SHARE = 0.1
+"""With DP, a tenth of each hospital's epsilon releases its DP feature statistics (the server's synthesis prior for
+GroupNorm sites); ``dp_epsilon`` is every release of a hospital together, so the rest trains the classifier."""
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,12 @@ class DemoConfig:
     tamper: bool = True              # also deliver a tampered copy of one bundle (must be quarantined)
     centralised: bool = True         # train on the pooled records too (a research-only reference)
     dp_epsilon: float | None = None  # train every hospital's classifier with DP-SGD to this epsilon
-    stats_epsilon: float = 1.0       # with DP: the DP feature statistics' own budget (the BN-free synthesis prior)
+    stats_epsilon: float | None = None  # with DP: the DP feature statistics' budget, taken out of dp_epsilon; None: STATS_SHARE
     label_counts_epsilon: float = 0.1  # with DP: the DP label histogram's budget (taken out of dp_epsilon)
     threshold_epsilon: float | None = None  # with DP: the DP decision threshold's budget; None: THRESHOLD_SHARE of dp_epsilon
     generator: dict[str, Any] | None = None  # sites also train a diffusion generator: SiteConfig [generator] options
     execution: Execution = field(default_factory=Execution)
-    teacher_weighting: str = "equal"  # the server's teacher: equal | label-counts | agreement (server.weighting)
+    teacher_weighting: str | None = None  # the server's teacher (server.weighting); None: the preset's default
 
     def resolved_preset(self) -> DemoPreset:
         name = self.preset_name
@@ -116,6 +119,28 @@ class DemoConfig:
         if self.dp_epsilon is None or num_classes(self.flag) != 2:
             return None
         return self.threshold_epsilon if self.threshold_epsilon is not None else THRESHOLD_SHARE * self.dp_epsilon
+
+    @property
+    def resolved_stats_epsilon(self) -> float | None:
+        """With DP: the DP feature statistics' budget (given, or STATS_SHARE of dp_epsilon)."""
+        if self.dp_epsilon is None:
+            return None
+        return self.stats_epsilon if self.stats_epsilon is not None else STATS_SHARE * self.dp_epsilon
+
+    @property
+    def training_epsilon(self) -> float | None:
+        """With DP: the classifier's budget (DP-SGD + label histogram + threshold): dp_epsilon less the statistics'.
+
+        Raises:
+            ConfigError: the statistics take the whole budget.
+        """
+        if self.dp_epsilon is None:
+            return None
+        left = self.dp_epsilon - (self.resolved_stats_epsilon or 0.0)
+        if left <= 0:
+            raise ConfigError(f"the DP feature statistics' epsilon {self.resolved_stats_epsilon:g} leaves nothing of "
+                              f"dp_epsilon {self.dp_epsilon:g} for training", hint="lower --stats-epsilon")
+        return left
 
     @property
     def preset_name(self) -> str:
@@ -285,9 +310,9 @@ def train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names
     for i, name in enumerate(names):
         # DP sites release a DP label histogram; its prior drives the logit-adjusted loss (train.loss "auto").
         train = replace(preset.dp_train if cfg.dp_epsilon is not None else preset.train, seed=cfg.seed + i,
-                        dp_epsilon=cfg.dp_epsilon, label_counts_epsilon=cfg.label_counts_epsilon if cfg.dp_epsilon is not None else None,
+                        dp_epsilon=cfg.training_epsilon, label_counts_epsilon=cfg.label_counts_epsilon if cfg.dp_epsilon is not None else None,
                         threshold_epsilon=cfg.resolved_threshold_epsilon)
-        stats = {"epsilon": cfg.stats_epsilon} if cfg.dp_epsilon is not None else None
+        stats = {"epsilon": cfg.resolved_stats_epsilon} if cfg.dp_epsilon is not None else None
         site_cfg = SiteConfig(_data_config(cfg, partition, i), ClassifierConfig(preset.architecture), train, cfg.generator, stats,
                               run / "sites" / name / "model")
         started = time.perf_counter()
@@ -378,8 +403,8 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     export_policy, ingest_policy = write_policies(run, ids, names)
     lap("setup")
     threshold = f" + decision threshold {cfg.resolved_threshold_epsilon:g}" if cfg.resolved_threshold_epsilon else ""
-    dp = (f", recipe dp, DP epsilon {cfg.dp_epsilon} (DP-SGD + label histogram {cfg.label_counts_epsilon}{threshold}) "
-          f"+ DP feature statistics epsilon {cfg.stats_epsilon}") if cfg.dp_epsilon else ""
+    dp = (f", recipe dp, DP epsilon {cfg.dp_epsilon:g} in all: DP-SGD + label histogram {cfg.label_counts_epsilon:g}{threshold} "
+          f"= {cfg.training_epsilon:g}, DP feature statistics {cfg.resolved_stats_epsilon:g}") if cfg.dp_epsilon else ""
     epochs = (preset.dp_train if cfg.dp_epsilon else preset.train).epochs
     say(f"[2/6] partition {cfg.flag} train+val among {len(names)} hospitals (Dirichlet alpha {cfg.alpha}); train each "
         f"({preset.architecture}, {epochs} epochs{dp})")
@@ -422,7 +447,7 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
 def _write_results(run: Path, metrics: dict[str, dict[str, float]], outcomes: list[BundleOutcome], seconds: dict[str, float],
                    paths: dict[str, str], cfg: DemoConfig, preset: DemoPreset) -> None:
     summary = {"flag": cfg.flag, "preset": cfg.preset_name, "sites": preset.sites, "alpha": cfg.alpha, "seed": cfg.seed,
-               "dp_epsilon": cfg.dp_epsilon, "stats_epsilon": cfg.stats_epsilon if cfg.dp_epsilon else None,
+               "dp_epsilon": cfg.dp_epsilon, "stats_epsilon": cfg.resolved_stats_epsilon,
                "metrics": metrics, "outcomes": [o.__dict__ for o in outcomes], "seconds": seconds, "paths": paths,
                "selection": "last epoch; the test split is only evaluated"}
     atomic_write_bytes(run / "results.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))

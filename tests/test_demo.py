@@ -121,3 +121,16 @@ def test_the_same_pipeline_runs_on_an_rgb_eight_class_set(tmp_path: Path) -> Non
     assert "global (distilled)" in results["metrics"] and "fedavg (one-shot)" in results["metrics"]
     weights = load_file(str(run / "server" / "global" / "global.safetensors"))
     assert weights["features.0.weight"].shape[1] == 3 and weights["head.weight"].shape[0] == 8
+
+
+def test_the_demo_epsilon_covers_every_release() -> None:
+    from secure_oneshot.demo import STATS_SHARE, DemoConfig
+    from secure_oneshot.errors import ConfigError
+
+    cfg = DemoConfig(out=Path("."), dp_epsilon=8.0)
+    assert cfg.resolved_stats_epsilon == pytest.approx(STATS_SHARE * 8.0)
+    assert cfg.training_epsilon == pytest.approx(8.0 - STATS_SHARE * 8.0)  # DP-SGD + label histogram + threshold
+    assert DemoConfig(out=Path("."), dp_epsilon=8.0, stats_epsilon=1.0).training_epsilon == pytest.approx(7.0)
+    assert DemoConfig(out=Path(".")).training_epsilon is None and DemoConfig(out=Path(".")).resolved_stats_epsilon is None
+    with pytest.raises(ConfigError, match="leaves nothing"):
+        DemoConfig(out=Path("."), dp_epsilon=1.0, stats_epsilon=1.0).training_epsilon

@@ -99,7 +99,8 @@ def test_csv_report_and_plots_agree(study_run) -> None:
         rows = list(csv.DictReader(f))
     assert [r["epsilon"] for r in rows] == ["inf", "8.0"]
     dp = rows[1]
-    assert float(dp["epsilon_classifier_max"]) <= 8.0 + 1e-6 < float(dp["epsilon_composed_max"])  # stats add to the budget
+    # the cell's epsilon covers every release: the classifier's (DP-SGD, label histogram, threshold) and the statistics'
+    assert float(dp["epsilon_classifier_max"]) <= 7.0 + 1e-6 < float(dp["epsilon_composed_max"]) <= 8.0 + 1e-6
     assert rows[0]["epsilon_classifier_max"] == "" and int(rows[0]["bytes_transferred"]) > 0
     assert all(0 <= float(r["mia_sites_auc_max"]) <= 1 and 0 <= float(r["mia_global_auc"]) <= 1 for r in rows)
     assert all(int(r["synthetic_near_copies"]) == 0 and float(r["synthetic_median_ratio"]) > 0 for r in rows)

@@ -214,10 +214,23 @@ def test_unknown_weighting_is_a_config_error() -> None:
         DistillJob(teacher_weighting="by-vibes")
 
 
+def test_the_default_weighting_is_agreement_except_for_the_published_method() -> None:
+    assert DistillJob().weighting == "agreement" and DistillJob(preset="smoke").weighting == "agreement"
+    assert DistillJob(preset="paper").weighting == "equal"  # the method as published: the plain mean of logits
+    assert DistillJob(preset="paper", teacher_weighting="agreement").weighting == "agreement"
+    assert DistillJob(teacher_weighting="equal").weighting == "equal"
+
+
+def test_one_site_is_not_weighed() -> None:
+    sites = [SiteModel("only", build_classifier(ClassifierConfig("small-cnn", 1, 2)), ClassifierConfig("small-cnn", 1, 2))]
+    synth = InversionConfig(batch_size=4, steps=1, image_size=28, channels=1, num_classes=2)
+    assert teacher_weights(sites, "agreement", synth, Execution(device="cpu")) is None  # no probe run for nothing
+
+
 def test_study_config_takes_the_teacher_weighting() -> None:
     from secure_oneshot.research.experiment import study_from_text
 
-    assert study_from_text('[study]\nname = "w"\n').teacher_weighting == "equal"
+    assert study_from_text('[study]\nname = "w"\n').teacher_weighting is None  # the server preset's default
     assert study_from_text('[study]\nname = "w"\n[server]\nteacher_weighting = "agreement"\n').teacher_weighting == "agreement"
     with pytest.raises(ConfigError, match="server.teacher_weighting"):
         study_from_text('[study]\nname = "w"\n[server]\nteacher_weighting = "by-vibes"\n')

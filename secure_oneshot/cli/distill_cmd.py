@@ -97,10 +97,10 @@ def _add_execution_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_weighting_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher-weighting", choices=WEIGHTINGS, default="equal",
-                        help="how each site counts in the teacher, per class: equal (the published method; default), "
-                             "label-counts (the sites' released DP class counts), agreement (data-free: agreement with the "
-                             "other sites on one synthetic batch)")
+    parser.add_argument("--teacher-weighting", choices=WEIGHTINGS,
+                        help="how each site counts in the teacher, per class: agreement (data-free: each site's agreement "
+                             "with the classes of one synthetic batch; the default), equal (the published method; the "
+                             "default of --preset paper), label-counts (the sites' released DP class counts)")
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
@@ -150,8 +150,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     demo.add_argument("--threshold-epsilon", type=float, metavar="EPS",
                       help="with --dp-epsilon on a binary task: budget of each hospital's DP decision threshold, taken out of "
                            "its epsilon (default a tenth of it; 0: none)")
-    demo.add_argument("--stats-epsilon", type=float, default=1.0, metavar="EPS",
-                      help="with --dp-epsilon: budget of the released DP feature statistics (default 1.0)")
+    demo.add_argument("--stats-epsilon", type=float, metavar="EPS",
+                      help="with --dp-epsilon: budget of the released DP feature statistics, taken out of it "
+                           "(default a tenth of it)")
     demo.add_argument("--no-tamper", action="store_true", help="do not deliver the tampered bundle copy")
     demo.add_argument("--no-centralised", action="store_true", help="skip the pooled-data reference training")
     _add_weighting_option(demo)

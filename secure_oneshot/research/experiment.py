@@ -17,7 +17,8 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     threshold_epsilon = 0.8        # optional: DP binary cells' decision-threshold budget (default a tenth of epsilon)
     epochs = 15                    # optional override (both presets)
     epsilons = ["inf", 8.0, 4.0]   # classifier DP-SGD grid; "inf" = no DP
-    stats_epsilon = 1.0            # DP cells also release DP feature statistics at this budget
+    stats_epsilon = 0.8            # DP cells also release DP feature statistics at this budget, out of the cell's epsilon
+                                   # (optional: default a tenth of it; the cell's epsilon covers every release)
 
     [generator]                    # optional: every site also trains a class-conditional diffusion generator
     preset = "cpu-small"           # a models.generator preset
@@ -32,7 +33,7 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     preset = "cpu"                 # a server.study preset
     methods = ["inversion"]        # inversion | generator | mixed (these two need [generator], not withheld)
     epochs = 16                    # optional override
-    teacher_weighting = "equal"    # equal | label-counts | agreement (server.weighting)
+    teacher_weighting = "equal"    # equal | label-counts | agreement (server.weighting; default: the preset's)
 
     [privacy_audit]
     enabled = true                 # loss-attack membership inference on every site model and the global model,
@@ -88,7 +89,8 @@ from ..server.weighting import WEIGHTINGS
 __all__ = ["Study", "Cell", "Group", "alpha_label", "load_study", "run_study", "summarise", "ROW_FIELDS", "GROUP_FIELDS"]
 
 Say = Callable[[str], None]
-MODELS = {"sites": "sites (mean)", "ensemble": "ensemble (teacher)", "fedavg": "fedavg (one-shot)", "global": "global (distilled)"}
+MODELS = {"sites": "sites (mean)", "ensemble": "ensemble (teacher)", "fedavg": "fedavg (one-shot)", "global": "global (distilled)",
+          "ensemble_equal": "ensemble (equal weights)"}  # the published teacher beside a weighted one (the same when equal)
 METRICS = ("acc", "auc", "balanced_acc")
 GROUP_FIELDS = ("flag", "alpha", "epsilon", "generator_epsilon", "withheld", "method")  # a cell; + seed = a run
 ROW_FIELDS = [*GROUP_FIELDS, "seed",
@@ -112,7 +114,7 @@ class Study:
     site_preset: str
     site_epochs: int | None
     epsilons: tuple[float, ...]            # math.inf = no DP
-    stats_epsilon: float
+    stats_epsilon: float | None            # None: the demo's share of each DP cell's epsilon
     server_preset: str
     methods: tuple[str, ...]
     server_epochs: int | None
@@ -122,7 +124,7 @@ class Study:
     generator: tuple[tuple[str, Any], ...] | None = None   # [generator] training options (preset, epochs); None: no generator
     generator_epsilons: tuple[float, ...] = (math.inf,)
     withhold: tuple[tuple[str, ...], ...] = ((),)          # variants of what the sites leave out
-    teacher_weighting: str = "equal"                        # server.weighting scheme for the teacher
+    teacher_weighting: str | None = None                    # server.weighting scheme; None: the server preset's default
     site_dp_preset: str = "dp"                              # the sites' recipe in DP cells (site_preset in the others)
     threshold_epsilon: float | None = None                  # DP binary cells: decision threshold budget; None: demo's share
 
@@ -223,14 +225,15 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             seeds=tuple(int(s) for s in study.get("seeds", [0, 1, 2])),
             architecture=str(site.get("architecture", "small-cnn")),
             site_preset=_choice(site.get("preset", "cpu"), TRAIN_PRESETS, "site.preset"), site_epochs=site.get("epochs"),
-            epsilons=tuple(_epsilon(e) for e in site.get("epsilons", ["inf"])), stats_epsilon=float(site.get("stats_epsilon", 1.0)),
+            epsilons=tuple(_epsilon(e) for e in site.get("epsilons", ["inf"])), stats_epsilon=None if site.get("stats_epsilon") is None else float(site["stats_epsilon"]),
             server_preset=_choice(server.get("preset", "cpu"), SERVER_PRESETS, "server.preset"),
             methods=tuple(_choice(m, METHODS, "server.methods") for m in server.get("methods", ["inversion"])),
             server_epochs=server.get("epochs"), data_root=study.get("data_root"),
             privacy_audit=bool(doc.get("privacy_audit", {}).get("enabled", False)),
             audit_shadows=int(doc.get("privacy_audit", {}).get("shadows", 0)),
             generator=generator, generator_epsilons=generator_epsilons, withhold=_withhold(doc.get("policy", {})),
-            teacher_weighting=_choice(server.get("teacher_weighting", "equal"), WEIGHTINGS, "server.teacher_weighting"),
+            teacher_weighting=None if "teacher_weighting" not in server else _choice(server["teacher_weighting"], WEIGHTINGS,
+                                                                                     "server.teacher_weighting"),
             site_dp_preset=_choice(site.get("dp_preset", "dp"), TRAIN_PRESETS, "site.dp_preset"),
             threshold_epsilon=None if site.get("threshold_epsilon") is None else float(site["threshold_epsilon"]),
         ).check()
@@ -270,7 +273,7 @@ def _site_setup(study: Study, cell: Cell, data_root: str | None) -> tuple[DemoCo
 
 def _cache_key(cfg: DemoConfig, preset: DemoPreset) -> str:
     """What determines the site models (not the server side)."""
-    key = {"flag": cfg.flag, "alpha": cfg.alpha, "seed": cfg.seed, "dp": cfg.dp_epsilon, "stats": cfg.stats_epsilon,
+    key = {"flag": cfg.flag, "alpha": cfg.alpha, "seed": cfg.seed, "dp": cfg.dp_epsilon, "stats": cfg.resolved_stats_epsilon,
            "sites": preset.sites, "architecture": preset.architecture, "train": asdict(preset.train), "generator": cfg.generator}
     if cfg.dp_epsilon is not None:  # the recipe DP sites actually train with
         key |= {"train": asdict(preset.dp_train), "threshold": cfg.resolved_threshold_epsilon, "label_counts": cfg.label_counts_epsilon}
@@ -323,6 +326,7 @@ def _row(cell: Cell, metrics: dict[str, dict[str, float]], site_names: list[str]
                            "generator_epsilon": _csv_epsilon(cell.generator_epsilon), "withheld": "+".join(cell.withheld) or "none",
                            "method": cell.method, "seed": cell.seed}
     sites = [metrics[n] for n in site_names if n in metrics]
+    metrics = {MODELS["ensemble_equal"]: metrics.get(MODELS["ensemble"], {}), **metrics}
     for k in METRICS:
         row[f"sites_{k}"] = float(np.mean([m[k] for m in sites]))
         for short, name in list(MODELS.items())[1:]:
@@ -503,11 +507,12 @@ def _mean_std(stats: tuple[float, float, int]) -> str:
 
 
 def markdown_summary(study: Study, rows: list[dict[str, Any]]) -> str:
-    columns = {"sites AUC": "sites_auc", "ensemble AUC": "ensemble_auc", "FedAvg AUC": "fedavg_auc", "global AUC": "global_auc",
-               "global ACC": "global_acc", "MIA AUC (worst site)": "mia_sites_auc_max", "MIA AUC (global)": "mia_global_auc",
+    utility = {"sites AUC": "sites_auc", "ensemble AUC": "ensemble_auc", "ensemble ACC": "ensemble_acc",
+               "equal-weight ensemble ACC": "ensemble_equal_acc", "FedAvg AUC": "fedavg_auc", "global AUC": "global_auc",
+               "global ACC": "global_acc", "global bal. ACC": "global_balanced_acc"}
+    privacy = {"MIA AUC (worst site)": "mia_sites_auc_max", "MIA AUC (global)": "mia_global_auc",
                "MIA AUC (worst generator)": "mia_generators_auc_max"}
-    header = ["flag", "alpha", "epsilon", "generator epsilon", "withheld", "method", "seeds", *list(columns)[:5],
-              "composed epsilon", *list(columns)[5:]]
+    header = ["flag", "alpha", "epsilon", "generator epsilon", "withheld", "method", "seeds", *utility, "composed epsilon", *privacy]
     lines = [f"# Study {study.name}", "", f"{len(rows)} finished (cell, seed) runs; mean +- std over seeds. "
              "The global model is the last epoch's; the test split is only evaluated. \"withheld\": artifacts the sites "
              "left out of their bundles." + (" Each run's privacy audit of every site, as a page for a data-protection impact assessment: "
@@ -516,7 +521,7 @@ def markdown_summary(study: Study, rows: list[dict[str, Any]]) -> str:
     for key, s in summarise(rows).items():
         composed = s["epsilon_composed_max"]
         values = [key.flag, alpha_label(key.alpha), key.epsilon, key.generator_epsilon, key.withheld, key.method, s["global_auc"][2],
-                  *(_mean_std(s[f]) for f in list(columns.values())[:5]),
-                  "-" if math.isnan(composed[0]) else f"{composed[0]:.2f}", *(_mean_std(s[f]) for f in list(columns.values())[5:])]
+                  *(_mean_std(s[f]) for f in utility.values()),
+                  "-" if math.isnan(composed[0]) else f"{composed[0]:.2f}", *(_mean_std(s[f]) for f in privacy.values())]
         lines.append("| " + " | ".join(str(v) for v in values) + " |")
     return "\n".join(lines) + "\n"

@@ -37,7 +37,7 @@ from .execution import Execution
 from .ingest import IngestFolders
 from .sources import SiteGenerator, SynthesisMethod
 from .synthesis import InversionConfig, synthesize_batch, tracks_running_stats
-from .weighting import PROBE_MIN_STEPS, WEIGHTINGS, agreement_weights, label_count_weights
+from .weighting import PROBE_MIN_STEPS, WEIGHTINGS, agreement_weights, default_weighting, label_count_weights
 
 __all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines", "DistillJob", "DistillRun", "run_distillation", "prior_options", "PRESETS",
            "SELECTION", "teacher_weights"]
@@ -217,13 +217,18 @@ class DistillJob:
     seed: int = 0
     epochs: int | None = None
     noise_adapted: str | None = None
-    teacher_weighting: str = "equal"          # see secure_oneshot.server.weighting
+    teacher_weighting: str | None = None      # None: weighting.default_weighting(preset)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}", hint=f"use one of {', '.join(PRESETS)}")
-        if self.teacher_weighting not in WEIGHTINGS:
+        if self.teacher_weighting is not None and self.teacher_weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown teacher weighting {self.teacher_weighting!r}", hint=f"use one of {', '.join(WEIGHTINGS)}")
+
+    @property
+    def weighting(self) -> str:
+        """The teacher-weighting scheme this job runs (the named one, else the preset's default)."""
+        return self.teacher_weighting or default_weighting(self.preset)
 
     def configs(self, sites: list[SiteModel]) -> tuple[InversionConfig, DistillConfig]:
         synth_options, distill_options = PRESETS[self.preset]
@@ -314,9 +319,10 @@ def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig,
     """The ``(S, K)`` teacher weights of ``scheme`` (:mod:`~secure_oneshot.server.weighting`); ``None`` for equal.
 
     ``agreement`` costs one inversion batch of ``synth`` (its batch size; at least ``PROBE_MIN_STEPS`` steps; seed
-    shifted so that it is not the first epoch's batch) and one forward pass of every site over it.
+    shifted so that it is not the first epoch's batch) and one forward pass of every site over it.  One site has
+    nothing to be weighed against: ``None``.
     """
-    if scheme == "equal":
+    if scheme == "equal" or len(sites) == 1:
         return None
     if scheme == "label-counts":
         return label_count_weights([s.label_counts for s in sites], synth.num_classes)
@@ -347,7 +353,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     student = build_classifier(student_cfg)
     prior = prior_options(sites, student)
     started = time.perf_counter()
-    weights = teacher_weights(sites, job.teacher_weighting, synth, job.execution)
+    weights = teacher_weights(sites, job.weighting, synth, job.execution)
     models = [s.model for s in sites]
     result = distill(student, models, synth, dcfg, execution=job.execution, eval_set=test_set, progress=progress,
                      on_epoch=on_epoch, feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
@@ -366,7 +372,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
                                                           "label_counts": s.label_counts is not None}
                                                          for s in sites],
               "preset": job.preset, "method": asdict(job.method), "execution": job.execution.for_models([s.model for s in sites]).describe(),
-              "teacher_weighting": {"scheme": job.teacher_weighting,
+              "teacher_weighting": {"scheme": job.weighting,
                                     "weights": None if weights is None else [[round(float(w), 4) for w in row]
                                                                              for row in normalise_weights(weights, len(sites))]},
               "inversion": asdict(synth), "distill": asdict(dcfg), "seconds": round(seconds, 1), "history": result.history,
