@@ -184,6 +184,7 @@ def phase_open(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from secure_oneshot.bundle import open_bundle
+    from secure_oneshot.bundle.arrays import to_torch
     from secure_oneshot.keys import TrustEntry, TrustStore, load_identity, load_public
 
     identity = load_identity(_keys(args.workdir) / "server.key", PASSPHRASE)
@@ -194,7 +195,7 @@ def phase_open(args: argparse.Namespace) -> dict[str, Any]:
     opened = open_bundle(args.workdir / "transfer.sob", identity, trust)
     elapsed = time.perf_counter() - start
     report = memory_report(baseline, opened.header.payload_size)
-    got = opened.tensors
+    got = {name: to_torch(tensor) for name, tensor in opened.tensors.items()}  # NumPy views of the payload -> torch, no copy
     expected = tensor_specs(args.mib * MiB)
     identical = sorted(got) == sorted(name for name, _ in expected)
     for name, tensor in iter_tensors(args.mib * MiB):  # one at a time, after the peak was read

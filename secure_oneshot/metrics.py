@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from medmnist.evaluator import getACC, getAUC
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -36,6 +35,8 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, 
     """
     if not np.isfinite(scores).all():
         return {"acc": float("nan"), "auc": float("nan"), "balanced_acc": float("nan")}
+    from medmnist.evaluator import getACC, getAUC   # pulls in scikit-learn, SciPy and pandas: only when metrics are computed
+
     task = "binary-class" if scores.shape[1] == 2 else "multi-class"
     y_true = labels.reshape(-1, 1)  # (N,) -> (N, 1): medmnist's layout
     single_class = len(np.unique(labels)) < 2

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from secure_oneshot.bundle import seal_tensors
+from secure_oneshot.bundle.arrays import to_torch
 from secure_oneshot.keys import Identity, TrustEntry, TrustStore
 
 MEDMNIST_ROOT = Path(os.environ.get("SECURE_ONESHOT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"))
@@ -93,7 +94,9 @@ def raw_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """``got`` may be what a bundle opens to (NumPy arrays): compared as the torch tensors they convert to."""
     assert sorted(got) == sorted(want)
+    got = {name: to_torch(tensor) for name, tensor in got.items()}
     for name, tensor in want.items():
         assert (got[name].dtype, got[name].shape) == (tensor.dtype, tensor.shape), name
         assert raw_bytes(got[name]) == raw_bytes(tensor), name

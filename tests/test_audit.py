@@ -635,8 +635,8 @@ def main_with_audit(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped
 
     original = cli_package.build_parser
 
-    def build_with_audit() -> argparse.ArgumentParser:
-        parser = original()
+    def build_with_audit(*args: object) -> argparse.ArgumentParser:
+        parser = original(*args)
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         if "audit" not in commands.choices:
             register(commands, cli_package._common_options(argparse.SUPPRESS))

@@ -127,7 +127,7 @@ def test_shape_and_dtype_mismatches_are_refused(tmp_path: Path) -> None:
     tensors["head.bias"] = tensors["head.bias"].double()
     save_file(tensors, model / "classifier.safetensors")
     denied = refused(request(tmp_path, model, research(tmp_path)), "shape [2, 129]")
-    assert any("dtype torch.float64" in d["reason"] for d in denied)
+    assert any("dtype F64 where the declared architecture defines F32" in d["reason"] for d in denied)
 
 
 def test_batchnorm_statistics_found_structurally_and_withheld_whole(tmp_path: Path) -> None:

@@ -190,7 +190,7 @@ def test_histogram_without_dp_record_is_refused_by_allow_with_dp(tmp_path: Path)
 
 @pytest.mark.parametrize("counts, meta, fragment", [
     (torch.zeros(3), None, "shape [3]"),                                   # more counts than classes
-    (torch.zeros(2, dtype=torch.float64), None, "dtype torch.float64"),
+    (torch.zeros(2, dtype=torch.float64), None, "dtype F64"),
     (torch.zeros(3), {"num_classes": 3}, "differs from the declared classifier's 2"),
     (None, {"num_classes": "2; patient Jane"}, "artifacts.label_counts.num_classes"),
 ])

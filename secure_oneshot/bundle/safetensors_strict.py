@@ -3,7 +3,8 @@
 The writer never materialises the file: it returns the header bytes plus
 zero-copy views of each tensor's memory, which the sealer hashes and encrypts
 in place.  The parser (FORMAT.md section 8) validates everything before it
-builds a single tensor, and builds them as views of the decrypted buffer.
+builds a single tensor, and builds them as NumPy arrays that are views of the
+decrypted buffer (:mod:`.arrays`: dtypes, bfloat16, conversion to torch).
 
 safetensors stores little-endian data; like the reference implementation we
 assume a little-endian host.
@@ -17,23 +18,19 @@ import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+import numpy as np
 
 from .._internal.encoding import parse_strict_json
 from ..errors import TensorPayloadError
+from .arrays import DTYPES, all_finite, dtype_code, tensor_bytes
 
 __all__ = ["DTYPES", "DEFAULT_ALLOWED_DTYPES", "MAX_DIMS", "MAX_DIM", "PayloadLimits", "TensorPayload", "serialize_tensors", "parse_payload"]
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("secure_oneshot.bundle needs a little-endian host (safetensors is little-endian)")
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-_CODES = {dtype: code for code, dtype in DTYPES.items()}
 DEFAULT_ALLOWED_DTYPES = frozenset(DTYPES)
 _ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
 _MAX_NAME = 256
@@ -56,9 +53,9 @@ class PayloadLimits:
 
 @dataclass
 class TensorPayload:
-    """A validated payload: tensors (views of ``buffer``) and the ``__metadata__`` strings."""
+    """A validated payload: tensors (NumPy arrays, views of ``buffer``) and the ``__metadata__`` strings."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, np.ndarray]
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -67,16 +64,12 @@ def _check_name(name: str) -> None:
         raise ValueError(f"tensor name {name!r} is empty, over {_MAX_NAME} characters, or has control characters")
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B") if flat.numel() else memoryview(b"")
-
-
-def serialize_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> list[memoryview]:
+def serialize_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> list[memoryview]:
     """Segments whose concatenation is a safetensors file (header first, then data, sorted by name).
 
-    The tensor segments are views of the tensors' own memory (copied only when a
-    tensor is not contiguous or not on the CPU).
+    ``tensors`` are NumPy arrays (:mod:`.arrays`) or torch tensors.  The tensor
+    segments are views of the tensors' own memory (copied only when a tensor is
+    not contiguous or not on the CPU).
 
     Raises:
         ValueError: unsupported dtype, bad name or metadata (caller bugs).
@@ -92,10 +85,11 @@ def serialize_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
             raise ValueError("'__metadata__' is reserved and cannot name a tensor")
         _check_name(name)
         tensor = tensors[name]
-        if tensor.dtype not in _CODES:
-            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} is not supported")
-        data = _tensor_bytes(tensor)
-        header[name] = {"dtype": _CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        code = dtype_code(tensor)
+        if code not in DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {code} is not supported")
+        data = tensor_bytes(tensor)
+        header[name] = {"dtype": code, "shape": [int(d) for d in tensor.shape], "data_offsets": [offset, offset + len(data)]}
         segments.append(data)
         offset += len(data)
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
@@ -148,7 +142,7 @@ def _is_int(x: object) -> bool:
 
 
 def _shape(name: str, shape: object) -> tuple[int, ...]:
-    """Dimensions checked with Python ints before torch sees them: no overflow, no negative sizes."""
+    """Dimensions checked with Python ints before NumPy sees them: no overflow, no negative sizes."""
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
         raise _bad(f"tensor {name!r}: shape must be a list of integers")
     if len(shape) > MAX_DIMS:
@@ -189,34 +183,24 @@ def _check_layout(entries: list[_Entry], data_len: int) -> None:
         raise _bad(f"tensors cover {position} bytes but the data section has {data_len}")
 
 
-def _materialise(e: _Entry, data: memoryview, base: int, limits: PayloadLimits) -> torch.Tensor:
+def _materialise(e: _Entry, data: memoryview, base: int, limits: PayloadLimits) -> np.ndarray:
     dtype = DTYPES[e.dtype]
     if e.begin == e.end:
-        return torch.empty(e.shape, dtype=dtype)
+        return np.empty(e.shape, dtype=dtype)
     raw = data[e.begin : e.end]
     aligned = (base + e.begin) % dtype.itemsize == 0
-    # torch.frombuffer shares memory; unaligned data is copied so every op is safe on it.
+    # np.frombuffer shares memory; unaligned data is copied so every operation on it is a plain aligned one.
     source = raw if aligned else bytearray(raw)
-    tensor = torch.frombuffer(source, dtype=dtype).reshape(e.shape)
-    if dtype == torch.bool and not bool((torch.frombuffer(source, dtype=torch.uint8) <= 1).all()):
+    array = np.frombuffer(source, dtype=dtype).reshape(e.shape)
+    if e.dtype == "BOOL" and int(np.frombuffer(source, dtype=np.uint8).max()) > 1:
         raise _bad(f"tensor {e.name!r}: BOOL bytes other than 0 and 1")
-    if limits.reject_nonfinite and dtype.is_floating_point and not _all_finite(tensor):
+    if limits.reject_nonfinite and not all_finite(array, e.dtype):
         raise _bad(f"tensor {e.name!r} contains NaN or infinite values")
-    return tensor
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """NaN/Inf check without temporaries: min and max propagate NaN and expose +/-Inf.
-
-    ``torch.isfinite(t).all()`` allocates about 1.75x the tensor (measured by
-    benchmarks/transfer.py), which broke the open path's memory bound.
-    """
-    low, high = torch.aminmax(tensor.reshape(-1))  # (numel,) -> two scalars
-    return math.isfinite(low.item()) and math.isfinite(high.item())
+    return array
 
 
 def parse_payload(buffer: bytearray | memoryview, limits: PayloadLimits = PayloadLimits()) -> TensorPayload:
-    """Validate a safetensors payload and return tensors that are views of ``buffer``.
+    """Validate a safetensors payload and return NumPy arrays that are views of ``buffer``.
 
     Raises:
         TensorPayloadError: any rule of FORMAT.md section 8 is broken.

@@ -16,8 +16,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
 from .._internal.atomic import atomic_writer
 from .._internal.encoding import format_time, utc_now
 from ..errors import ResourceError, TensorPayloadError
@@ -139,7 +137,7 @@ def _seal_segments(
 
 
 def seal_tensors(
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, Any],
     out: str | os.PathLike[str],
     *,
     sender: Identity,
@@ -158,7 +156,7 @@ def seal_tensors(
     """Seal ``tensors`` (as a safetensors payload) from ``sender`` to ``recipients`` into ``out``.
 
     Args:
-        tensors: name -> CPU or GPU tensor; sorted by name in the payload.
+        tensors: name -> NumPy array (``bundle.arrays``) or CPU / GPU torch tensor; sorted by name in the payload.
         out: bundle path, written atomically.
         sender: the site's private identity (signs the manifest).
         recipients: 1..16 public identities that can open it.
@@ -177,11 +175,11 @@ def seal_tensors(
         KeyMaterialError: no recipient, too many, or the same key listed twice.
         ResourceError: the output cannot be written.
 
-    >>> import torch, tempfile
+    >>> import numpy as np, tempfile
     >>> from secure_oneshot.keys import Identity
     >>> site, server = Identity.generate("site"), Identity.generate("server")
     >>> out = tempfile.mkdtemp() + "/w.sob"
-    >>> seal_tensors({"w": torch.ones(2)}, out, sender=site, recipients=[server.public]).header.payload_size
+    >>> seal_tensors({"w": np.ones(2, dtype=np.float32)}, out, sender=site, recipients=[server.public]).header.payload_size
     72
     """
     segments = serialize_tensors(tensors, metadata)

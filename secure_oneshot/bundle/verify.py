@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from .._internal.atomic import atomic_writer
 from .._internal.encoding import format_time, parse_time, utc_now
@@ -74,7 +74,8 @@ class OpenedBundle:
     payload_bytes: memoryview
 
     @property
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The verified tensors: NumPy arrays that are views of the payload (``bundle.arrays.to_torch`` for PyTorch)."""
         return self.payload.tensors
 
     def record_in(self, ledger: ReplayLedger, now: datetime | None = None) -> None:
@@ -92,7 +93,7 @@ class OpenedBundle:
 def _payload_buffer(size: int) -> memoryview:
     """An uninitialised writable buffer: every byte is overwritten by decryption before
     anything reads it, so the memset of ``bytearray(size)`` (a quarter second per GiB) is skipped."""
-    return memoryview(torch.empty(size, dtype=torch.uint8).numpy())
+    return memoryview(np.empty(size, dtype=np.uint8))
 
 
 def check_freshness(header: Header, now: datetime, skew: timedelta = DEFAULT_SKEW) -> None:

@@ -5,11 +5,16 @@ The only place that exits.  Every expected failure is a
 ``secure-oneshot: error: ...`` plus ``hint: ...`` with its own exit code (README,
 EXIT STATUS); ``-v`` adds the traceback.  ``--json`` prints the same result (or
 error) object as JSON on stdout.
+
+Sub-commands come from the table in :mod:`.commands`; a command's module (and
+so its dependencies) is imported only when that command runs, so the transfer
+path (keys, policies, bundles, audit logs) never loads an ML library.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import traceback
@@ -18,7 +23,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import EXIT_CODES, SecureOneshotError
-from . import audit_cmd, bundle_cmd, distill_cmd, export_cmd, keys_cmd, policy_cmd, research_cmd, train_cmd
+from .commands import COMMANDS, module_of
 from .output import Result
 
 __all__ = ["main", "build_parser"]
@@ -42,7 +47,12 @@ def _common_options(default: object) -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser: every command fully when ``command`` is None, else only ``command``'s module fully.
+
+    The other commands are listed (name and help, from :data:`.commands.COMMANDS`)
+    without importing their modules.
+    """
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="One-shot federated learning on medical images: signed, encrypted, policy-checked weight bundles.",
@@ -53,15 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common_options(argparse.SUPPRESS)
-    keys_cmd.register(commands, common)
-    bundle_cmd.register(commands, common)
-    policy_cmd.register(commands, common)
-    export_cmd.register(commands, common)
-    audit_cmd.register(commands, common)
-    train_cmd.register(commands, common)
-    distill_cmd.register(commands, common)
-    research_cmd.register(commands, common)
+    wanted = module_of(command) if command is not None else None
+    registered: set[str] = set()
+    for entry in COMMANDS:
+        if command is None or entry.module == wanted:
+            if entry.module not in registered:
+                importlib.import_module(f"{__name__}.{entry.module}").register(commands, common)
+                registered.add(entry.module)
+        else:
+            commands.add_parser(entry.name, help=entry.help, add_help=False)
     return parser
+
+
+def _command_name(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv``: the first argument that is not an option (top-level options take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
@@ -84,7 +100,8 @@ def _report_error(error: SecureOneshotError, as_json: bool, verbose: bool) -> in
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_name(argv) or "")
     args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
     try:

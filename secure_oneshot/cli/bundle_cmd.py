@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from ..bundle import Header, OpenedBundle, ReplayLedger, VerifyOptions, inspect_bundle, open_bundle, seal_safetensors_file
+from ..bundle.arrays import dtype_code
 from ..bundle.recipients import check_recipients
 from ..bundle.format import MAX_PAYLOAD_SIZE
 from ..bundle.safetensors_strict import PayloadLimits
@@ -99,8 +100,13 @@ def _open_verified(args: argparse.Namespace) -> OpenedBundle:
         return open_bundle(args.bundle, identity, store, options=options, progress=progress)
 
 
+def _dtype_name(tensor: Any) -> str:
+    """``float32``, ``bfloat16``, ``int64``, ``bool``, ...: the element type's name (NumPy's, and bfloat16's)."""
+    return "bfloat16" if dtype_code(tensor) == "BF16" else str(tensor.dtype)
+
+
 def _content(opened: OpenedBundle) -> tuple[dict[str, Any], list[str]]:
-    tensors = {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for name, t in opened.tensors.items()}
+    tensors = {name: {"dtype": _dtype_name(t), "shape": list(t.shape)} for name, t in opened.tensors.items()}
     data = {
         "header": _header_data(opened.header),
         "sender_name": opened.sender.name,

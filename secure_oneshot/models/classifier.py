@@ -18,9 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from functools import cache
+from typing import Any
+
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from .scatternet import ScatterNet
 
@@ -44,23 +46,32 @@ def _norm(kind: str) -> Callable[[int], nn.Module]:
     return nn.BatchNorm2d if kind == "batch" else _group_norm
 
 
-class _BasicBlock(BasicBlock):
+@cache
+def _basic_block() -> type:
     """torchvision's BasicBlock with an out-of-place residual add.
 
     ``out += identity`` modifies in place the output of a layer whose backward
     Opacus hooks, which autograd refuses under DP; the arithmetic is the same.
+    Defined on first use: torchvision (and through it torch._dynamo and SymPy)
+    is imported only when a ResNet is built.
     """
+    from torchvision.models.resnet import BasicBlock
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+    class _BasicBlock(BasicBlock):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return self.relu(out + identity)
+
+    return _BasicBlock
 
 
-def resnet18(num_classes: int, norm_layer: Callable[[int], nn.Module]) -> ResNet:
+def resnet18(num_classes: int, norm_layer: Callable[[int], nn.Module]) -> Any:
     """torchvision's ResNet-18 layout ([2, 2, 2, 2] basic blocks), built from the block above."""
-    return ResNet(_BasicBlock, [2, 2, 2, 2], num_classes=num_classes, norm_layer=norm_layer)
+    from torchvision.models.resnet import ResNet
+
+    return ResNet(_basic_block(), [2, 2, 2, 2], num_classes=num_classes, norm_layer=norm_layer)
 
 
 def _resnet18_cifar(cfg: ClassifierConfig) -> nn.Module:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from .._internal.encoding import parse_strict_json
 from ..bundle.safetensors_strict import PayloadLimits, parse_payload
@@ -43,9 +43,12 @@ _RECORD_KEYS = {"format", "site", "artifacts", "dp", "training"}
 
 @dataclass
 class ExportCandidate:
-    """Everything a site could send: tensors by payload name, plus the DP records and model metadata."""
+    """Everything a site could send: tensors by payload name, plus the DP records and model metadata.
 
-    tensors: dict[str, torch.Tensor]
+    Tensors are NumPy arrays as the strict parser builds them (``bundle.arrays``); torch tensors work too.
+    """
+
+    tensors: dict[str, np.ndarray]
     dp: dict[str, DpRecord] = field(default_factory=dict)
     artifacts_meta: dict[str, Any] = field(default_factory=dict)   # record.json "artifacts", unreviewed (policy.metadata judges it)
     site: Any = ""
@@ -93,7 +96,7 @@ def _read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def _read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, prefix: str) -> dict[str, np.ndarray]:
     payload = bytearray(path.read_bytes())
     # Strict parsing on the way out too: a site never sends what a server must refuse.
     tensors = parse_payload(payload, PayloadLimits(reject_nonfinite=True)).tensors
@@ -119,7 +122,7 @@ def load_model_dir(directory: str | os.PathLike[str]) -> ExportCandidate:
     record = _read_record(folder / "record.json")
     if not (folder / "classifier.safetensors").is_file():
         raise ResourceError(f"{folder}/classifier.safetensors not found", hint="point --model at a trained model directory")
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     for stem in ARTIFACT_FILES:
         path = folder / f"{stem}.safetensors"
         if path.is_file():

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import torch
-
+from ..bundle import arrays
 from ..bundle.safetensors_strict import serialize_tensors
 from ..errors import PrivacyError
 from .artifacts import ExportCandidate
@@ -26,12 +25,11 @@ from .structure import UNKNOWN, Classification, classify_tensors
 
 __all__ = ["Decision", "Evaluation", "ExportContext", "evaluate_export", "evaluate_ingest", "dtype_code"]
 
-_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def dtype_code(tensor: torch.Tensor) -> str:
-    return _CODES.get(tensor.dtype, str(tensor.dtype))
+def dtype_code(tensor: Any) -> str:
+    """The safetensors dtype code of a NumPy array or torch tensor (``bundle.arrays.dtype_code``)."""
+    return arrays.dtype_code(tensor)
 
 
 @dataclass(frozen=True)
@@ -182,8 +180,8 @@ def _check_artifacts(ev: Evaluation, policy: ExportPolicy, candidate: ExportCand
     return permitted
 
 
-def _tensor_decision(policy: ExportPolicy, name: str, tensor: torch.Tensor, artifact: str) -> tuple[str, bool, str]:
-    nbytes, code = tensor.numel() * tensor.element_size(), dtype_code(tensor)
+def _tensor_decision(policy: ExportPolicy, name: str, tensor: Any, artifact: str) -> tuple[str, bool, str]:
+    nbytes, code = int(tensor.nbytes), dtype_code(tensor)
     for rule in policy.tensors:
         if rule.artifact != artifact or not any(fnmatch.fnmatchcase(name, p) for p in rule.names):
             continue
@@ -221,7 +219,7 @@ def _check_tensors(ev: Evaluation, policy: ExportPolicy, candidate: ExportCandid
         ev.add("tensor", name, *_tensor_decision(policy, name, tensor, artifact))
 
 
-def payload_size(tensors: dict[str, torch.Tensor]) -> int:
+def payload_size(tensors: dict[str, Any]) -> int:
     """Exact safetensors size of ``tensors`` (no copy: the writer returns views)."""
     return sum(len(segment) for segment in serialize_tensors(tensors))
 
@@ -260,7 +258,7 @@ def _architecture(meta: Mapping[str, Any], artifact: str) -> str:
     return str(info.get("architecture", "")) if isinstance(info, dict) else ""
 
 
-def evaluate_ingest(policy: IngestPolicy, sender: str, tensors: Mapping[str, torch.Tensor], dp: dict[str, DpRecord],
+def evaluate_ingest(policy: IngestPolicy, sender: str, tensors: Mapping[str, Any], dp: dict[str, DpRecord],
                     meta: Mapping[str, Any], payload_bytes: int) -> Evaluation:
     """Decisions for accepting an already verified bundle at the server.
 
@@ -295,6 +293,6 @@ def evaluate_ingest(policy: IngestPolicy, sender: str, tensors: Mapping[str, tor
     _check_dp(ev, {a: r for a, r in dp.items() if a in present and a not in refused}, policy.dp)
     ev.add("bundle", "payload", "limits.max_bundle_bytes", payload_bytes <= policy.max_bundle_bytes, f"{payload_bytes} bytes")
     ev.add("bundle", "payload", "limits.max_tensors", len(tensors) <= policy.max_tensors, f"{len(tensors)} tensors")
-    biggest = max((t.numel() * t.element_size() for t in tensors.values()), default=0)
+    biggest = max((int(t.nbytes) for t in tensors.values()), default=0)
     ev.add("bundle", "payload", "limits.max_tensor_bytes", biggest <= policy.max_tensor_bytes, f"largest tensor {biggest} bytes")
     return ev

@@ -26,8 +26,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-import torch
-
 from .._internal.encoding import parse_time, utc_now
 from ..bundle.format import Manifest
 from ..errors import ConfigError, PolicyViolationError
@@ -75,7 +73,7 @@ def _carried_policy(meta: Mapping[str, Any], policy_sha256: str) -> tuple[Export
     return policy, carried["approvals"]
 
 
-def check_site_policy(ingest: IngestPolicy, manifest: Manifest, tensors: Mapping[str, torch.Tensor], dp: Mapping[str, DpRecord],
+def check_site_policy(ingest: IngestPolicy, manifest: Manifest, tensors: Mapping[str, Any], dp: Mapping[str, DpRecord],
                       trust: TrustStore | None, now: datetime | None = None) -> Evaluation | None:
     """Check a verified bundle against the site policy it carries (module docstring); None when not required.
 

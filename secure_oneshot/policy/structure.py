@@ -2,7 +2,9 @@
 
 From the allow-listed metadata (:mod:`.metadata`) the declared classifier,
 generator and DP feature statistics are described tensor by tensor
-(:mod:`secure_oneshot.models.describe`, built on the meta device).  A payload
+(classifiers from the plain-Python layouts of :mod:`secure_oneshot.models.specs`,
+so export and ingest import no ML library; a declared generator is described by
+building the diffusers UNet on the meta device, :mod:`secure_oneshot.models.describe`).  A payload
 tensor then belongs to:
 
 * ``classifier`` -- a parameter of the declared classifier (``classifier/<name>``);
@@ -27,8 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from ..bundle.arrays import dtype_code
 from ..errors import ConfigError
 from .metadata import described_sections
 
@@ -36,13 +37,14 @@ __all__ = ["UNKNOWN", "Classification", "expected_tensors", "classify_tensors"]
 
 UNKNOWN = "unknown"
 _ROLE_ARTIFACT = {"parameter": "classifier", "buffer": "classifier", "bn_statistics": "bn_statistics"}
+_TORCH_FLOAT_CODES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64", "torch.int64": "I64"}
 
 
 @dataclass(frozen=True)
 class _Expected:
     artifact: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str          # safetensors dtype code
 
 
 @dataclass
@@ -60,10 +62,10 @@ class Classification:
         return groups
 
 
-def _classifier_config(meta: Mapping[str, Any]) -> Any:
-    from ..models.classifier import ClassifierConfig
+def _classifier_layout(meta: Mapping[str, Any]) -> Any:
+    from ..models.specs import classifier_layout
 
-    return ClassifierConfig(meta["architecture"], meta["in_channels"], meta["num_classes"], meta.get("norm", "batch"))
+    return classifier_layout(meta["architecture"], meta["in_channels"], meta["num_classes"], meta.get("norm", "batch"))
 
 
 def _generator_config(meta: Mapping[str, Any]) -> Any:
@@ -78,27 +80,30 @@ def _generator_config(meta: Mapping[str, Any]) -> Any:
 
 
 def _describe(section: str, meta: dict[str, Any], sections: dict[str, dict[str, Any]]) -> dict[str, _Expected]:
-    from ..models import describe
-
     if section == "classifier":
-        specs = describe.describe_classifier(_classifier_config(meta))
-        return {f"classifier/{n}": _Expected(_ROLE_ARTIFACT[s.role], s.shape, s.dtype) for n, s in specs.items()}
+        entries = _classifier_layout(meta).entries
+        return {f"classifier/{n}": _Expected(_ROLE_ARTIFACT[e.role], e.shape, e.dtype) for n, e in entries.items()}
     if section == "generator":
+        from ..models import describe   # the UNet is diffusers' own: described by building it (imports torch)
+
         specs = describe.describe_generator(_generator_config(meta))
-        return {f"generator/{n}": _Expected("generator", s.shape, s.dtype) for n, s in specs.items()}
+        return {f"generator/{n}": _Expected("generator", s.shape, _TORCH_FLOAT_CODES[str(s.dtype)]) for n, s in specs.items()}
     if section == "label_counts":
         classes = sections.get("classifier", {}).get("num_classes")
         if classes is not None and classes != meta["num_classes"]:
             raise ValueError(f"num_classes {meta['num_classes']} differs from the declared classifier's {classes}")
-        specs = describe.describe_label_counts(meta["num_classes"])
-        return {f"label_counts/{n}": _Expected("label_counts", s.shape, s.dtype) for n, s in specs.items()}
+        classes = meta["num_classes"]
+        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, not {classes!r}")
+        # The DP label histogram: one float32 tensor of num_classes entries (noisy, unclamped).
+        return {"label_counts/counts": _Expected("label_counts", (classes,), "F32")}
     if "classifier" not in sections:
         raise ValueError("they summarise the classifier's layers, and no classifier is described")
-    layers = describe.feature_layers(_classifier_config(sections["classifier"]))
+    layers = _classifier_layout(sections["classifier"]).norm_layers
     unknown = [layer for layer in meta["layers"] if layer not in layers]
     if unknown:
         raise ValueError(f"{unknown[:3]} are not normalisation layers of the declared classifier")
-    return {f"feature_stats/{layer}.{stat}": _Expected("dp_feature_statistics", (layers[layer],), torch.float32)
+    return {f"feature_stats/{layer}.{stat}": _Expected("dp_feature_statistics", (layers[layer],), "F32")
             for layer in meta["layers"] for stat in ("mean", "var")}
 
 
@@ -116,15 +121,16 @@ def expected_tensors(artifacts_meta: Any) -> tuple[dict[str, _Expected], dict[st
     return expected, notes
 
 
-def _shape_problem(tensor: torch.Tensor, want: _Expected) -> str | None:
+def _shape_problem(tensor: Any, want: _Expected) -> str | None:
     if tuple(tensor.shape) != want.shape:
         return f"shape {list(tensor.shape)} where the declared architecture defines {list(want.shape)}"
-    if tensor.dtype != want.dtype:
-        return f"dtype {tensor.dtype} where the declared architecture defines {want.dtype}"
+    code = dtype_code(tensor)
+    if code != want.dtype:
+        return f"dtype {code} where the declared architecture defines {want.dtype}"
     return None
 
 
-def classify_tensors(tensors: Mapping[str, torch.Tensor], artifacts_meta: Any) -> Classification:
+def classify_tensors(tensors: Mapping[str, Any], artifacts_meta: Any) -> Classification:
     """Classify ``tensors`` (payload names) against the architectures ``artifacts_meta`` declares."""
     expected, notes = expected_tensors(artifacts_meta)
     result = Classification(notes=notes)

@@ -24,6 +24,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from .._internal.atomic import atomic_write_bytes
+from ..bundle.arrays import to_torch
 from ..errors import ConfigError
 from ..keys import Identity, TrustStore
 from ..metrics import evaluate_model
@@ -132,6 +133,7 @@ def _label_counts(name: str, tensors: dict[str, torch.Tensor], num_classes: int)
 
 def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], generator_meta: dict[str, Any] | None = None,
                 bundle_id: str = "") -> SiteModel:
+    tensors = {key: to_torch(tensor) for key, tensor in tensors.items()}  # received as NumPy arrays (bundle.arrays)
     cfg = _classifier_config(meta)
     model = build_classifier(cfg)
     weights = {k.removeprefix("classifier/"): v for k, v in tensors.items() if k.startswith("classifier/")}
