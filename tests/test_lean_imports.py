@@ -1,0 +1,152 @@
+"""The transfer path imports no ML library: each command runs in a fresh interpreter and its modules are checked.
+
+Fixtures are real and small: the test-vector identities, a signed research policy, a small-cnn (GroupNorm)
+model directory whose safetensors are written by NumPy, a bundle exported from it, an inbox ingested, an
+audit log verified.  ``python -m secure_oneshot`` is checked to behave as the ``secure-oneshot`` script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from secure_oneshot.keys import save_trust_store
+from secure_oneshot.models.specs import classifier_layout
+
+from .policy_helpers import POLICIES, VECTOR_KEYS, load_cast
+
+HEAVY = ("torch", "torchvision", "diffusers", "opacus", "sklearn", "scipy", "matplotlib", "pandas", "medmnist", "kymatio")
+
+# Runs the CLI in-process in a fresh interpreter, then writes the heavy modules that were imported (and the exit code).
+PROBE = """
+import json, sys
+from secure_oneshot.cli import main
+report, argv = sys.argv[1], sys.argv[2:]
+try:
+    code = main(argv)
+except SystemExit as stop:
+    code = stop.code
+heavy = sorted({name.split(".")[0] for name in sys.modules} & set(%r))
+with open(report, "w") as f:
+    json.dump({"code": code, "heavy": heavy}, f)
+""" % (HEAVY,)
+
+
+def probe(cwd: Path, *argv: str | os.PathLike[str]) -> dict:
+    report = cwd / "probe.json"
+    env = {**os.environ, "SECURE_ONESHOT_TRUST": str(cwd / "site-trust.toml"), "OMP_NUM_THREADS": "1"}
+    env.pop("SECURE_ONESHOT_PASSPHRASE", None)
+    done = subprocess.run([sys.executable, "-c", PROBE, str(report), *map(str, argv)], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(report.read_text())
+    result["out"], result["err"] = done.stdout, done.stderr
+    return result
+
+
+def write_model_dir(root: Path) -> Path:
+    """A small-cnn (GroupNorm) classifier of random float32 weights, saved by safetensors.numpy."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    layout = classifier_layout("small-cnn", 1, 2, "group")
+    tensors = {name: rng.standard_normal(e.shape).astype(np.float32) for name, e in layout.entries.items()}
+    save_file(tensors, str(root / "classifier.safetensors"))
+    meta = {"architecture": "small-cnn", "in_channels": 1, "num_classes": 2, "norm": "group", "image_size": 28}
+    record = {"format": "secure-oneshot-model/v1", "site": "site-a", "artifacts": {"classifier": meta}, "dp": {}, "training": {"epochs": 1}}
+    (root / "record.json").write_text(json.dumps(record))
+    return root
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("lean")
+    save_trust_store(load_cast().site_trust(), root / "site-trust.toml")
+    shutil.copy(VECTOR_KEYS / "trust.toml", root / "server-trust.toml")
+    shutil.copy(POLICIES / "research-study.toml", root / "policy.toml")
+    shutil.copy(POLICIES / "server-ingest.toml", root / "ingest.toml")
+    write_model_dir(root / "model")
+    (root / "server" / "inbox").mkdir(parents=True)
+    return root
+
+
+def assert_lean(result: dict, code: int = 0) -> None:
+    assert result["code"] == code, result["err"]
+    assert result["heavy"] == [], f"imported {result['heavy']}"
+
+
+def test_version_and_help_import_nothing_heavy(site: Path) -> None:
+    result = probe(site, "--version")
+    assert_lean(result)
+    assert result["out"].startswith("secure-oneshot ")
+    result = probe(site, "--help")
+    assert_lean(result)
+    assert "distill" in result["out"] and "export" in result["out"] and "audit-privacy" in result["out"]
+
+
+@pytest.mark.parametrize("argv", [["keys", "--help"], ["inspect", "--help"], ["export", "--help"], ["ingest", "--help"],
+                                  ["audit", "verify", "--help"], ["policy", "check", "--help"]])
+def test_transfer_command_help_imports_nothing_heavy(site: Path, argv: list[str]) -> None:
+    result = probe(site, *argv)
+    assert_lean(result)
+    assert "usage: secure-oneshot" in result["out"]
+
+
+def test_the_transfer_path_end_to_end_imports_nothing_heavy(site: Path) -> None:
+    """keys, policy, export, inspect, verify, open, seal, ingest, audit: each in its own interpreter."""
+    assert_lean(probe(site, "keys", "new", "--name", "spare", "--out", "spare-keys", "--insecure-no-passphrase"))
+    assert_lean(probe(site, "keys", "show", VECTOR_KEYS / "server.pub"))
+    assert_lean(probe(site, "policy", "check", "policy.toml"))
+    assert_lean(probe(site, "policy", "sign", "policy.toml", "--key", VECTOR_KEYS / "dpo.key"))
+    assert_lean(probe(site, "policy", "verify", "policy.toml"))
+    assert_lean(probe(site, "policy", "explain", "--policy", "policy.toml", "--model", "model"))
+    export = ["export", "--model", "model", "--policy", "policy.toml", "--key", VECTOR_KEYS / "site-a.key",
+              "--to", VECTOR_KEYS / "server.pub", "--audit", "audit.jsonl"]
+    assert_lean(probe(site, *export, "--out", "server/inbox/site-a.sob"))
+    bundle = site / "server" / "inbox" / "site-a.sob"
+    assert bundle.is_file()
+    assert_lean(probe(site, "inspect", bundle))
+    server = ["--key", VECTOR_KEYS / "server.key", "--trust", "server-trust.toml"]
+    verified = probe(site, "--json", "verify", bundle, *server)
+    assert_lean(verified)
+    assert json.loads(verified["out"])["tensors"]["classifier/head.weight"] == {"dtype": "float32", "shape": [2, 128]}
+    assert_lean(probe(site, "open", bundle, *server, "--out", "payload.safetensors"))
+    assert_lean(probe(site, "seal", "payload.safetensors", "--key", VECTOR_KEYS / "site-a.key", "--to", VECTOR_KEYS / "server.pub",
+                      "--out", "resealed.sob"))
+    ingested = probe(site, "ingest", "--server-dir", "server", "--policy", "ingest.toml", *server)
+    assert_lean(ingested)
+    assert "1 accepted" in ingested["out"]
+    assert_lean(probe(site, "audit", "verify", "audit.jsonl", "--signer", VECTOR_KEYS / "site-a.pub"))
+    assert_lean(probe(site, "audit", "verify", "server/audit.jsonl", "--signer", VECTOR_KEYS / "server.pub"))
+
+
+def test_a_refused_export_is_an_error_and_still_lean(site: Path) -> None:
+    """The error path too: a recipient the policy does not allow (outsider) is refused with exit 7."""
+    result = probe(site, "export", "--model", "model", "--policy", "policy.toml", "--key", VECTOR_KEYS / "site-a.key",
+                   "--to", VECTOR_KEYS / "outsider.pub", "--audit", "refused.jsonl", "--out", "refused.sob")
+    assert_lean(result, code=7)
+    assert "Traceback" not in result["err"] and not (site / "refused.sob").exists()
+
+
+def test_python_dash_m_is_the_cli(site: Path) -> None:
+    """``python -m secure_oneshot`` prints, and exits, exactly as the ``secure-oneshot`` script does."""
+    script = shutil.which("secure-oneshot") or pytest.skip("the secure-oneshot script is not installed")
+
+    def both(*argv: str) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+        kwargs = {"cwd": site, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "timeout": 120, "stdin": subprocess.DEVNULL}
+        return (subprocess.run([sys.executable, "-m", "secure_oneshot", *argv], **kwargs), subprocess.run([script, *argv], **kwargs))
+
+    for argv in (["--version"], ["inspect", "no-such.sob"], ["no-such-command"], ["inspect", "server/inbox/site-a.sob"]):
+        module, command = both(*argv)
+        assert (module.returncode, module.stdout, module.stderr) == (command.returncode, command.stdout, command.stderr), argv
+    module, _ = both("--version")
+    assert module.returncode == 0 and module.stdout.startswith("secure-oneshot 0.")
+    module, _ = both("inspect", "no-such.sob")
+    assert module.returncode == 5 and module.stderr.startswith("secure-oneshot: error: ") and "Traceback" not in module.stderr
