@@ -767,3 +767,27 @@ def test_pub_as_key_without_passphrase_variable_gets_the_right_hint(world, bundl
 
 def test_keys_new_out_is_a_file_is_a_clean_error(world, capsys):
     expect_error(capsys, ["keys", "new", "--name", "x", "--out", world.model], ResourceError, 9)
+
+
+def test_command_table_matches_what_the_modules_register() -> None:
+    """The lazy table (name, module, help) is what the command modules register, command for command."""
+    import argparse
+    import importlib
+
+    from secure_oneshot.cli import _common_options, build_parser
+    from secure_oneshot.cli.commands import COMMANDS
+
+    def registered(parser: argparse.ArgumentParser) -> dict[str, str]:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {choice.dest: choice.help for choice in commands._choices_actions}
+
+    assert registered(build_parser()) == {c.name: c.help for c in COMMANDS}
+    for module in {c.module for c in COMMANDS}:
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        importlib.import_module(f"secure_oneshot.cli.{module}").register(sub, _common_options(argparse.SUPPRESS))
+        assert sorted(registered(parser)) == sorted(c.name for c in COMMANDS if c.module == module), module
+    # The lean parser for one command lists every command and parses that command's full options.
+    lean = build_parser("inspect")
+    assert registered(lean) == {c.name: c.help for c in COMMANDS}
+    assert lean.parse_args(["--json", "inspect", "b.sob"]).bundle == "b.sob"

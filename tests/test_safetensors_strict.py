@@ -143,3 +143,53 @@ def test_parser_never_crashes_on_mutated_headers(noise: bytes) -> None:
         parse_payload(valid)
     except TensorPayloadError:
         pass
+
+
+# bfloat16 bit patterns (little-endian u16): sign | 8 exponent bits | 7 mantissa bits.
+BF16_FINITE = {"one": 0x3F80, "minus two": 0xC000, "largest": 0x7F7F, "smallest subnormal": 0x0001, "minus zero": 0x8000}
+BF16_NONFINITE = {"+inf": 0x7F80, "-inf": 0xFF80, "quiet NaN": 0x7FC0, "negative NaN": 0xFFC1, "signalling NaN": 0x7F81}
+
+
+@pytest.mark.parametrize("bits", list(BF16_NONFINITE.values()), ids=list(BF16_NONFINITE))
+def test_bf16_nonfinite_is_refused_wherever_it_sits(bits: int) -> None:
+    """The BF16 check reads exponent bits; a bad value is found past the first chunk of the check too."""
+    count = (1 << 20) + 5   # one element past the check's first chunk
+    values = [0x3F80] * count
+    values[-1] = bits
+    payload = raw_safetensors({"w": entry("BF16", [count], 0, 2 * count)}, struct.pack(f"<{count}H", *values))
+    with pytest.raises(TensorPayloadError, match="'w' contains NaN or infinite values"):
+        parse_payload(bytearray(payload))
+    assert parse_payload(bytearray(payload), PayloadLimits(reject_nonfinite=False)).tensors["w"].shape == (count,)
+
+
+def test_bf16_finite_extremes_pass_and_convert_to_torch_exactly() -> None:
+    bits = list(BF16_FINITE.values())
+    payload = raw_safetensors({"w": entry("BF16", [len(bits)], 0, 2 * len(bits))}, struct.pack(f"<{len(bits)}H", *bits))
+    array = parse_payload(bytearray(payload)).tensors["w"]
+    tensor = to_torch(array)
+    assert tensor.dtype == torch.bfloat16 and tensor.view(torch.int16).numpy().view("<u2").tolist() == bits
+    assert tensor[:2].tolist() == [1.0, -2.0]
+
+
+def test_parsed_tensors_are_numpy_views_and_round_trip_bit_exactly() -> None:
+    """What the parser returns: NumPy arrays over the buffer (no copy), each dtype; re-serialised, the same bytes."""
+    import numpy as np
+
+    payload = bytearray(b"".join(serialize_tensors(sample_tensors(), {"note": "x"})))
+    parsed = parse_payload(payload)
+    assert all(isinstance(t, np.ndarray) for t in parsed.tensors.values())
+    assert str(parsed.tensors["conv.weight"].dtype) == "float32" and parsed.tensors["steps"].shape == ()
+    assert np.shares_memory(parsed.tensors["bn.running_mean"], np.frombuffer(payload, dtype=np.uint8))  # first, so aligned
+    assert bytes(b"".join(serialize_tensors(parsed.tensors, parsed.metadata))) == bytes(payload)
+    for name, tensor in sample_tensors().items():
+        assert torch.equal(to_torch(parsed.tensors[name]), tensor), name
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_numpy_nonfinite_is_refused(dtype: str) -> None:
+    import numpy as np
+
+    for bad in (np.nan, np.inf, -np.inf):
+        values = np.array([0.0, 1.0, bad, 2.0], dtype=dtype)
+        with pytest.raises(TensorPayloadError, match="NaN or infinite"):
+            parse_payload(bytearray(b"".join(serialize_tensors({"x": values}))))
