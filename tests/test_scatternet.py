@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from secure_oneshot.bundle import open_bundle, seal_tensors
+from secure_oneshot.bundle.arrays import to_torch
 from secure_oneshot.models.classifier import ClassifierConfig, build_classifier, has_batchnorm
 from secure_oneshot.models.describe import describe_classifier, feature_layers
 from secure_oneshot.models.scatternet import SCATTERING_CHANNELS
@@ -119,7 +120,7 @@ def test_state_round_trips_through_a_sealed_bundle(parties, tmp_path, one_torch_
     sealed = seal_tensors(tensors, tmp_path / "scatternet.sob", sender=parties.site, recipients=[parties.server.public], now=NOW)
     opened = open_bundle(sealed.path, parties.server, parties.trust, now=NOW)
     rebuilt = _model(seed=99)
-    rebuilt.load_state_dict({k.removeprefix("classifier/"): v for k, v in opened.tensors.items()}, strict=True)
+    rebuilt.load_state_dict({k.removeprefix("classifier/"): to_torch(v) for k, v in opened.tensors.items()}, strict=True)
     x = torch.randn(4, 1, 28, 28)
     assert torch.equal(model(x), rebuilt.eval()(x))
 

@@ -53,7 +53,9 @@ def _basic_block() -> type:
     ``out += identity`` modifies in place the output of a layer whose backward
     Opacus hooks, which autograd refuses under DP; the arithmetic is the same.
     Defined on first use: torchvision (and through it torch._dynamo and SymPy)
-    is imported only when a ResNet is built.
+    is imported only when a ResNet is built.  It is reachable as the module
+    attribute ``_BasicBlock`` (module ``__getattr__``), so models that hold it
+    pickle as torch.save and Opacus's copies need.
     """
     from torchvision.models.resnet import BasicBlock
 
@@ -64,7 +66,14 @@ def _basic_block() -> type:
             out = self.bn2(self.conv2(out))
             return self.relu(out + identity)
 
+    _BasicBlock.__module__, _BasicBlock.__qualname__ = __name__, "_BasicBlock"
     return _BasicBlock
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_BasicBlock":
+        return _basic_block()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resnet18(num_classes: int, norm_layer: Callable[[int], nn.Module]) -> Any:
