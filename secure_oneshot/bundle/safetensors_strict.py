@@ -5,6 +5,8 @@ zero-copy views of each tensor's memory, which the sealer hashes and encrypts
 in place.  The parser (FORMAT.md section 8) validates everything before it
 builds a single tensor, and builds them as NumPy arrays that are views of the
 decrypted buffer (:mod:`.arrays`: dtypes, bfloat16, conversion to torch).
+NumPy is imported on first use, so reading a bundle's header or a policy does
+not pay for it.
 
 safetensors stores little-endian data; like the reference implementation we
 assume a little-endian host.
@@ -20,18 +22,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from .._internal.encoding import parse_strict_json
 from ..errors import TensorPayloadError
-from .arrays import DTYPES, all_finite, dtype_code, tensor_bytes
 
-__all__ = ["DTYPES", "DEFAULT_ALLOWED_DTYPES", "MAX_DIMS", "MAX_DIM", "PayloadLimits", "TensorPayload", "serialize_tensors", "parse_payload"]
+__all__ = ["DTYPE_SIZES", "DEFAULT_ALLOWED_DTYPES", "MAX_DIMS", "MAX_DIM", "PayloadLimits", "TensorPayload", "serialize_tensors", "parse_payload"]
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("secure_oneshot.bundle needs a little-endian host (safetensors is little-endian)")
 
-DEFAULT_ALLOWED_DTYPES = frozenset(DTYPES)
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+"""The safetensors dtypes this format carries, with their element sizes in bytes (NumPy dtypes: ``arrays.DTYPES``)."""
+DEFAULT_ALLOWED_DTYPES = frozenset(DTYPE_SIZES)
 _ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
 _MAX_NAME = 256
 MAX_DIMS = 8
@@ -55,7 +56,7 @@ class PayloadLimits:
 class TensorPayload:
     """A validated payload: tensors (NumPy arrays, views of ``buffer``) and the ``__metadata__`` strings."""
 
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, Any]   # name -> numpy.ndarray
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -74,6 +75,8 @@ def serialize_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] | 
     Raises:
         ValueError: unsupported dtype, bad name or metadata (caller bugs).
     """
+    from .arrays import dtype_code, tensor_bytes
+
     header: dict[str, object] = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -86,7 +89,7 @@ def serialize_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] | 
         _check_name(name)
         tensor = tensors[name]
         code = dtype_code(tensor)
-        if code not in DTYPES:
+        if code not in DTYPE_SIZES:
             raise ValueError(f"tensor {name!r}: dtype {code} is not supported")
         data = tensor_bytes(tensor)
         header[name] = {"dtype": code, "shape": [int(d) for d in tensor.shape], "data_offsets": [offset, offset + len(data)]}
@@ -160,14 +163,14 @@ def _entry(name: str, value: object, limits: PayloadLimits) -> _Entry:
     if not isinstance(value, dict) or set(value) != _ENTRY_FIELDS:
         raise _bad(f"tensor {name!r} must have exactly the fields dtype, shape, data_offsets")
     dtype, offsets = value["dtype"], value["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in limits.allowed_dtypes or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in limits.allowed_dtypes or dtype not in DTYPE_SIZES:
         raise _bad(f"tensor {name!r} has dtype {dtype!r}, not in the allow-list {sorted(limits.allowed_dtypes)}")
     shape = _shape(name, value["shape"])
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) and x >= 0 for x in offsets):
         raise _bad(f"tensor {name!r}: data_offsets must be two non-negative integers")
     begin, end = offsets
     # At most 8 dims of at most 2^40: the product is an exact Python int, compared before any allocation.
-    if end < begin or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
+    if end < begin or end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
         raise _bad(f"tensor {name!r}: data_offsets {offsets} do not match shape {list(shape)} x {dtype}")
     return _Entry(name, dtype, shape, begin, end)
 
@@ -183,7 +186,11 @@ def _check_layout(entries: list[_Entry], data_len: int) -> None:
         raise _bad(f"tensors cover {position} bytes but the data section has {data_len}")
 
 
-def _materialise(e: _Entry, data: memoryview, base: int, limits: PayloadLimits) -> np.ndarray:
+def _materialise(e: _Entry, data: memoryview, base: int, limits: PayloadLimits) -> Any:
+    import numpy as np
+
+    from .arrays import DTYPES, all_finite
+
     dtype = DTYPES[e.dtype]
     if e.begin == e.end:
         return np.empty(e.shape, dtype=dtype)

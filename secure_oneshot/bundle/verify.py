@@ -23,8 +23,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 from .._internal.atomic import atomic_writer
 from .._internal.encoding import format_time, parse_time, utc_now
@@ -74,7 +73,7 @@ class OpenedBundle:
     payload_bytes: memoryview
 
     @property
-    def tensors(self) -> dict[str, np.ndarray]:
+    def tensors(self) -> dict[str, Any]:
         """The verified tensors: NumPy arrays that are views of the payload (``bundle.arrays.to_torch`` for PyTorch)."""
         return self.payload.tensors
 
@@ -93,6 +92,8 @@ class OpenedBundle:
 def _payload_buffer(size: int) -> memoryview:
     """An uninitialised writable buffer: every byte is overwritten by decryption before
     anything reads it, so the memset of ``bytearray(size)`` (a quarter second per GiB) is skipped."""
+    import numpy as np
+
     return memoryview(np.empty(size, dtype=np.uint8))
 
 

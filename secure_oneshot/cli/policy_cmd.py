@@ -8,9 +8,6 @@ from pathlib import Path
 from .._internal.encoding import utc_now
 from ..errors import PolicyViolationError
 from ..keys import load_trust_store
-from ..policy.artifacts import load_model_dir
-from ..policy.evaluate import ExportContext, evaluate_export
-from ..policy.explain import decision_table, evaluation_json, metadata_table
 from ..policy.load import load_export_policy, load_policy
 from ..policy.model import ExportPolicy
 from ..policy.signatures import count_approvals, sign_policy
@@ -37,6 +34,11 @@ def _check(args: argparse.Namespace) -> Result:
 
 
 def _explain(args: argparse.Namespace) -> Result:
+    # Reading tensors and judging them needs NumPy; check, sign and verify read only the policy.
+    from ..policy.artifacts import load_model_dir
+    from ..policy.evaluate import ExportContext, evaluate_export
+    from ..policy.explain import decision_table, evaluation_json, metadata_table
+
     policy = load_export_policy(args.policy)
     trust = load_trust_store(trust_path(args)) if Path(trust_path(args)).exists() else None
     approvals = count_approvals(policy, args.policy, trust, utc_now())[0] if trust else 0

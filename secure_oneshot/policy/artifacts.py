@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .._internal.encoding import parse_strict_json
 from ..bundle.safetensors_strict import PayloadLimits, parse_payload
 from ..errors import ConfigError, ResourceError
@@ -48,7 +46,7 @@ class ExportCandidate:
     Tensors are NumPy arrays as the strict parser builds them (``bundle.arrays``); torch tensors work too.
     """
 
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, Any]   # name -> numpy.ndarray
     dp: dict[str, DpRecord] = field(default_factory=dict)
     artifacts_meta: dict[str, Any] = field(default_factory=dict)   # record.json "artifacts", unreviewed (policy.metadata judges it)
     site: Any = ""
@@ -96,7 +94,7 @@ def _read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def _read_tensors(path: Path, prefix: str) -> dict[str, np.ndarray]:
+def _read_tensors(path: Path, prefix: str) -> dict[str, Any]:
     payload = bytearray(path.read_bytes())
     # Strict parsing on the way out too: a site never sends what a server must refuse.
     tensors = parse_payload(payload, PayloadLimits(reject_nonfinite=True)).tensors
@@ -122,7 +120,7 @@ def load_model_dir(directory: str | os.PathLike[str]) -> ExportCandidate:
     record = _read_record(folder / "record.json")
     if not (folder / "classifier.safetensors").is_file():
         raise ResourceError(f"{folder}/classifier.safetensors not found", hint="point --model at a trained model directory")
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, Any] = {}
     for stem in ARTIFACT_FILES:
         path = folder / f"{stem}.safetensors"
         if path.is_file():

@@ -45,8 +45,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..errors import PrivacyError
 from .._internal.encoding import MAX_SAFE_INT
 
@@ -496,6 +494,8 @@ def compute_epsilon(accountant: str, history: Iterable[Sequence[Any]], delta: fl
     target = _check_delta(delta)
     entries = _check_recomputable(entries)
     try:
+        import numpy as np   # with the accountants, not with every policy read
+
         with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = -inf when q == 1, on purpose
             epsilon = (_rdp_epsilon if name == "rdp" else _prv_epsilon)(entries, target)
     except (ValueError, RuntimeError, ArithmeticError, MemoryError) as e:
@@ -636,6 +636,7 @@ def group_by_dataset(records: Mapping[str, DpRecord]) -> dict[str, list[str]]:
 
 
 def _library_versions() -> dict[str, str]:
+    import numpy as np
     import opacus
     import scipy
     import torch

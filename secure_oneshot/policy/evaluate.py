@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..bundle import arrays
 from ..bundle.safetensors_strict import serialize_tensors
 from ..errors import PrivacyError
 from .artifacts import ExportCandidate
@@ -29,7 +28,9 @@ __all__ = ["Decision", "Evaluation", "ExportContext", "evaluate_export", "evalua
 
 def dtype_code(tensor: Any) -> str:
     """The safetensors dtype code of a NumPy array or torch tensor (``bundle.arrays.dtype_code``)."""
-    return arrays.dtype_code(tensor)
+    from ..bundle.arrays import dtype_code as code_of   # NumPy only once there are tensors to judge
+
+    return code_of(tensor)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._internal.compat import tomllib
-from ..bundle.safetensors_strict import DTYPES
+from ..bundle.safetensors_strict import DTYPE_SIZES
 from ..errors import ConfigError
 from .._internal.strict_toml import Problems, Table, all_of, one_of, positive, probability
 from .model import (
@@ -90,7 +90,7 @@ def _read_tensor_rules(root: Table) -> tuple[TensorRule, ...]:
         rule = TensorRule(
             artifact=t.get("artifact", "string", check=one_of(ARTIFACTS)),
             names=tuple(t.get("names", "list of strings", check=lambda v: None if v else "must list at least one pattern") or ()),
-            dtypes=tuple(t.get("dtypes", "list of strings", check=all_of(sorted(DTYPES))) or ()),
+            dtypes=tuple(t.get("dtypes", "list of strings", check=all_of(sorted(DTYPE_SIZES))) or ()),
             max_bytes=t.get("max_bytes", "integer", check=positive),
             index=i,
         )

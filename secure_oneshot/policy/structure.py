@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..bundle.arrays import dtype_code
 from ..errors import ConfigError
 from .metadata import described_sections
 
@@ -124,6 +123,8 @@ def expected_tensors(artifacts_meta: Any) -> tuple[dict[str, _Expected], dict[st
 def _shape_problem(tensor: Any, want: _Expected) -> str | None:
     if tuple(tensor.shape) != want.shape:
         return f"shape {list(tensor.shape)} where the declared architecture defines {list(want.shape)}"
+    from ..bundle.arrays import dtype_code   # NumPy only once there are tensors to judge
+
     code = dtype_code(tensor)
     if code != want.dtype:
         return f"dtype {code} where the declared architecture defines {want.dtype}"
