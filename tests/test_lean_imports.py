@@ -38,7 +38,7 @@ except SystemExit as stop:
     code = stop.code
 heavy = sorted({name.split(".")[0] for name in sys.modules} & set(%r))
 with open(report, "w") as f:
-    json.dump({"code": code, "heavy": heavy}, f)
+    json.dump({"code": code, "heavy": heavy, "numpy": "numpy" in sys.modules}, f)
 """ % (HEAVY,)
 
 
@@ -81,17 +81,19 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def assert_lean(result: dict, code: int = 0) -> None:
+def assert_lean(result: dict, code: int = 0, numpy: bool = True) -> None:
+    """Exit ``code``, no ML library; and no NumPy either where ``numpy`` is False (commands that hold no tensors)."""
     assert result["code"] == code, result["err"]
     assert result["heavy"] == [], f"imported {result['heavy']}"
+    assert numpy or not result["numpy"], "imported NumPy without a tensor to handle"
 
 
 def test_version_and_help_import_nothing_heavy(site: Path) -> None:
     result = probe(site, "--version")
-    assert_lean(result)
+    assert_lean(result, numpy=False)
     assert result["out"].startswith("secure-oneshot ")
     result = probe(site, "--help")
-    assert_lean(result)
+    assert_lean(result, numpy=False)
     assert "distill" in result["out"] and "export" in result["out"] and "audit-privacy" in result["out"]
 
 
@@ -99,24 +101,24 @@ def test_version_and_help_import_nothing_heavy(site: Path) -> None:
                                   ["audit", "verify", "--help"], ["policy", "check", "--help"]])
 def test_transfer_command_help_imports_nothing_heavy(site: Path, argv: list[str]) -> None:
     result = probe(site, *argv)
-    assert_lean(result)
+    assert_lean(result, numpy=False)
     assert "usage: secure-oneshot" in result["out"]
 
 
 def test_the_transfer_path_end_to_end_imports_nothing_heavy(site: Path) -> None:
     """keys, policy, export, inspect, verify, open, seal, ingest, audit: each in its own interpreter."""
-    assert_lean(probe(site, "keys", "new", "--name", "spare", "--out", "spare-keys", "--insecure-no-passphrase"))
-    assert_lean(probe(site, "keys", "show", VECTOR_KEYS / "server.pub"))
-    assert_lean(probe(site, "policy", "check", "policy.toml"))
-    assert_lean(probe(site, "policy", "sign", "policy.toml", "--key", VECTOR_KEYS / "dpo.key"))
-    assert_lean(probe(site, "policy", "verify", "policy.toml"))
+    assert_lean(probe(site, "keys", "new", "--name", "spare", "--out", "spare-keys", "--insecure-no-passphrase"), numpy=False)
+    assert_lean(probe(site, "keys", "show", VECTOR_KEYS / "server.pub"), numpy=False)
+    assert_lean(probe(site, "policy", "check", "policy.toml"), numpy=False)
+    assert_lean(probe(site, "policy", "sign", "policy.toml", "--key", VECTOR_KEYS / "dpo.key"), numpy=False)
+    assert_lean(probe(site, "policy", "verify", "policy.toml"), numpy=False)
     assert_lean(probe(site, "policy", "explain", "--policy", "policy.toml", "--model", "model"))
     export = ["export", "--model", "model", "--policy", "policy.toml", "--key", VECTOR_KEYS / "site-a.key",
               "--to", VECTOR_KEYS / "server.pub", "--audit", "audit.jsonl"]
     assert_lean(probe(site, *export, "--out", "server/inbox/site-a.sob"))
     bundle = site / "server" / "inbox" / "site-a.sob"
     assert bundle.is_file()
-    assert_lean(probe(site, "inspect", bundle))
+    assert_lean(probe(site, "inspect", bundle), numpy=False)
     server = ["--key", VECTOR_KEYS / "server.key", "--trust", "server-trust.toml"]
     verified = probe(site, "--json", "verify", bundle, *server)
     assert_lean(verified)
@@ -127,8 +129,8 @@ def test_the_transfer_path_end_to_end_imports_nothing_heavy(site: Path) -> None:
     ingested = probe(site, "ingest", "--server-dir", "server", "--policy", "ingest.toml", *server)
     assert_lean(ingested)
     assert "1 accepted" in ingested["out"]
-    assert_lean(probe(site, "audit", "verify", "audit.jsonl", "--signer", VECTOR_KEYS / "site-a.pub"))
-    assert_lean(probe(site, "audit", "verify", "server/audit.jsonl", "--signer", VECTOR_KEYS / "server.pub"))
+    assert_lean(probe(site, "audit", "verify", "audit.jsonl", "--signer", VECTOR_KEYS / "site-a.pub"), numpy=False)
+    assert_lean(probe(site, "audit", "verify", "server/audit.jsonl", "--signer", VECTOR_KEYS / "server.pub"), numpy=False)
 
 
 def test_a_refused_export_is_an_error_and_still_lean(site: Path) -> None:

@@ -13,7 +13,6 @@ from datetime import timedelta
 from typing import Any
 
 from ..bundle import Header, OpenedBundle, ReplayLedger, VerifyOptions, inspect_bundle, open_bundle, seal_safetensors_file
-from ..bundle.arrays import dtype_code
 from ..bundle.recipients import check_recipients
 from ..bundle.format import MAX_PAYLOAD_SIZE
 from ..bundle.safetensors_strict import PayloadLimits
@@ -102,6 +101,8 @@ def _open_verified(args: argparse.Namespace) -> OpenedBundle:
 
 def _dtype_name(tensor: Any) -> str:
     """``float32``, ``bfloat16``, ``int64``, ``bool``, ...: the element type's name (NumPy's, and bfloat16's)."""
+    from ..bundle.arrays import dtype_code   # only verify and open hold tensors: inspect and seal stay without NumPy
+
     return "bfloat16" if dtype_code(tensor) == "BF16" else str(tensor.dtype)
 
 
