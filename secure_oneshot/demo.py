@@ -59,7 +59,7 @@ from .server.ingest import BundleOutcome, IngestFolders, ingest_inbox
 from .server.study import DistillJob, DistillRun, load_accepted, metrics_markdown, run_distillation
 
 __all__ = ["DemoConfig", "DemoResult", "DEMO_PRESETS", "run_demo", "metrics_table", "summary_lines", "create_identities",
-           "write_policies", "train_sites", "export_all"]
+           "write_policies", "train_sites", "export_all", "centralised_reference"]
 
 
 THRESHOLD_SHARE = 0.1
@@ -308,10 +308,7 @@ def _data_config(cfg: DemoConfig, partition: Partition, site: int) -> DataConfig
 def train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names: list[str], run: Path, say: Say) -> list[Path]:
     dirs = []
     for i, name in enumerate(names):
-        # DP sites release a DP label histogram; its prior drives the logit-adjusted loss (train.loss "auto").
-        train = replace(preset.dp_train if cfg.dp_epsilon is not None else preset.train, seed=cfg.seed + i,
-                        dp_epsilon=cfg.training_epsilon, label_counts_epsilon=cfg.label_counts_epsilon if cfg.dp_epsilon is not None else None,
-                        threshold_epsilon=cfg.resolved_threshold_epsilon)
+        train = _site_train_config(cfg, preset, cfg.seed + i)
         stats = {"epsilon": cfg.resolved_stats_epsilon} if cfg.dp_epsilon is not None else None
         site_cfg = SiteConfig(_data_config(cfg, partition, i), ClassifierConfig(preset.architecture), train, cfg.generator, stats,
                               run / "sites" / name / "model")
@@ -361,12 +358,25 @@ def _tampered_copy(bundle: Path, inbox: Path) -> Path:
 # --- the server ----------------------------------------------------------------------------------
 
 
-def _centralised(cfg: DemoConfig, preset: DemoPreset, partition: Partition) -> dict[str, float]:
-    """Research-only reference: the same training on every site's records pooled."""
+def _site_train_config(cfg: DemoConfig, preset: DemoPreset, seed: int) -> TrainConfig:
+    """What a hospital trains with: the preset's recipe, with DP (and its releases) when ``cfg.dp_epsilon`` is set."""
+    # DP sites release a DP label histogram; its prior drives the logit-adjusted loss (train.loss "auto").
+    return replace(preset.dp_train if cfg.dp_epsilon is not None else preset.train, seed=seed,
+                   dp_epsilon=cfg.training_epsilon, label_counts_epsilon=cfg.label_counts_epsilon if cfg.dp_epsilon is not None else None,
+                   threshold_epsilon=cfg.resolved_threshold_epsilon)
+
+
+def centralised_reference(cfg: DemoConfig, preset: DemoPreset, partition: Partition, *, private: bool = False) -> dict[str, float]:
+    """Research-only reference: one model trained on every site's records pooled, evaluated on the test split.
+
+    ``private=False`` trains it without DP (the demo's row); ``private=True`` with the hospitals' own recipe and
+    budget (DP-SGD, label histogram and threshold within ``cfg.training_epsilon``) when ``cfg`` has DP, so that a
+    privacy-utility curve compares like with like."""
     pooled = replace(partition, n_sites=1, scheme="iid")
     data = site_data(_data_config(cfg, pooled, 0), preset.train.val_fraction, cfg.seed)
     model_cfg = ClassifierConfig(preset.architecture, data.train.n_channels, data.train.n_classes)
-    result = train_classifier(model_cfg, replace(preset.train, seed=cfg.seed), data)
+    train = _site_train_config(cfg, preset, cfg.seed) if private else replace(preset.train, seed=cfg.seed)
+    result = train_classifier(model_cfg, train, data)
     return evaluate_model(result.model, to_dataset(data.test)) if data.test is not None else {}
 
 
@@ -434,8 +444,9 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     lap("distill")
     metrics = dict(run_result.metrics)
     if cfg.centralised:
-        say("[6/6] centralised reference: the same training on all records pooled (research only)")
-        metrics["centralised (pooled data)"] = _centralised(cfg, preset, partition)
+        say("[6/6] centralised reference: the same training on all records pooled, without DP (research only)")
+        metrics["centralised (pooled data, no DP)" if cfg.dp_epsilon is not None else "centralised (pooled data)"] = \
+            centralised_reference(cfg, preset, partition)
         lap("centralised")
     paths = {"run": str(run), "report": run_result.outputs["report.md"], "synthetic_images": run_result.outputs["synthetic.png"],
              "global_model": run_result.outputs["global.safetensors"], "server_audit_log": str(server.audit_log),

@@ -28,6 +28,7 @@ flags = ["pneumoniamnist"]
 sites = 2
 alphas = [0.5]
 seeds = [0]
+centralised = true
 
 [site]
 architecture = "small-cnn"
@@ -102,6 +103,10 @@ def test_csv_report_and_plots_agree(study_run) -> None:
     # the cell's epsilon covers every release: the classifier's (DP-SGD, label histogram, threshold) and the statistics'
     assert float(dp["epsilon_classifier_max"]) <= 7.0 + 1e-6 < float(dp["epsilon_composed_max"]) <= 8.0 + 1e-6
     assert rows[0]["epsilon_classifier_max"] == "" and int(rows[0]["bytes_transferred"]) > 0
+    # the centralised reference: one pooled model per (flag, epsilon, seed), trained once and cached
+    assert all(0 <= float(r["centralised_auc"]) <= 1 and 0 <= float(r["centralised_acc"]) <= 1 for r in rows)
+    assert len(list((out / "cache").glob("centralised-*.json"))) == 2
+    assert all(0 <= float(r["ensemble_equal_acc"]) <= 1 for r in rows)
     assert all(0 <= float(r["mia_sites_auc_max"]) <= 1 and 0 <= float(r["mia_global_auc"]) <= 1 for r in rows)
     assert all(int(r["synthetic_near_copies"]) == 0 and float(r["synthetic_median_ratio"]) > 0 for r in rows)
     assert all(r["lira_sites_auc_max"] == "" for r in rows)  # shadows = 0 in this study

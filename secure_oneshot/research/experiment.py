@@ -9,6 +9,7 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     alphas = ["iid", 1.0, 0.1]     # Dirichlet concentrations over labels; "iid" = an even random split
     seeds = [0, 1, 2]
     data_root = "../shared/data/medmnist"   # optional (else --data-root / $SECURE_ONESHOT_DATA)
+    centralised = true             # optional: a reference trained on all records pooled, same recipe and epsilon
 
     [site]
     architecture = "small-cnn"
@@ -65,7 +66,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Subset
@@ -73,8 +74,9 @@ from torch.utils.data import Subset
 from .._internal.atomic import atomic_write_bytes
 from .._internal.compat import tomllib
 from ..client.train import PRESETS as TRAIN_PRESETS
-from ..data import load_medmnist, to_dataset
-from ..demo import DemoConfig, DemoPreset, create_identities, demo_partition, export_all, train_sites, write_policies
+from ..data import Partition, load_medmnist, to_dataset
+from ..demo import (DemoConfig, DemoPreset, centralised_reference, create_identities, demo_partition, export_all, train_sites,
+                    write_policies)
 from ..errors import ConfigError
 from ..keys import load_identity, load_trust_store
 from ..keys.keyfile import UnsafePlaintextKeyWarning
@@ -85,20 +87,11 @@ from ..server.sources import METHODS, SynthesisMethod
 from ..server.study import PRESETS as SERVER_PRESETS
 from ..server.study import DistillJob, load_accepted, run_distillation
 from ..server.weighting import WEIGHTINGS
+from .study_table import GROUP_FIELDS, METRICS, MODELS, ROW_FIELDS, Group, alpha_label, markdown_summary, summarise
 
 __all__ = ["Study", "Cell", "Group", "alpha_label", "load_study", "run_study", "summarise", "ROW_FIELDS", "GROUP_FIELDS"]
 
 Say = Callable[[str], None]
-MODELS = {"sites": "sites (mean)", "ensemble": "ensemble (teacher)", "fedavg": "fedavg (one-shot)", "global": "global (distilled)",
-          "ensemble_equal": "ensemble (equal weights)"}  # the published teacher beside a weighted one (the same when equal)
-METRICS = ("acc", "auc", "balanced_acc")
-GROUP_FIELDS = ("flag", "alpha", "epsilon", "generator_epsilon", "withheld", "method")  # a cell; + seed = a run
-ROW_FIELDS = [*GROUP_FIELDS, "seed",
-              *[f"{m}_{k}" for m in MODELS for k in METRICS],
-              "epsilon_classifier_max", "epsilon_generator_max", "epsilon_composed_max", "bytes_transferred", "seconds",
-              "mia_sites_auc_max", "mia_sites_epsilon_max", "mia_global_auc", "lira_sites_auc_max",
-              "mia_generators_auc_max", "lira_generators_auc_max", "generator_near_copies_max",
-              "synthetic_near_copies", "synthetic_median_ratio"]
 WITHHOLDABLE = ("bn_statistics", "dp_feature_statistics", "generator", "label_counts")
 NEEDS_GENERATOR = ("generator", "mixed")
 
@@ -127,6 +120,7 @@ class Study:
     teacher_weighting: str | None = None                    # server.weighting scheme; None: the server preset's default
     site_dp_preset: str = "dp"                              # the sites' recipe in DP cells (site_preset in the others)
     threshold_epsilon: float | None = None                  # DP binary cells: decision threshold budget; None: demo's share
+    centralised: bool = False                               # also train one model on all records pooled (same recipe, epsilon)
 
     def cells(self) -> list[Cell]:
         generator_epsilons: tuple[float | None, ...] = self.generator_epsilons if self.generator is not None else (None,)
@@ -163,11 +157,6 @@ class Cell:
 
 def _label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
-
-
-def alpha_label(alpha: Any, prefix: str = "") -> str:
-    """A label split as rows and names write it: "iid" (math.inf in a Cell) or the Dirichlet alpha, e.g. "a0.5"."""
-    return "iid" if alpha == "iid" or (isinstance(alpha, float) and math.isinf(alpha)) else f"{prefix}{float(alpha):g}"
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -236,6 +225,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
                                                                                      "server.teacher_weighting"),
             site_dp_preset=_choice(site.get("dp_preset", "dp"), TRAIN_PRESETS, "site.dp_preset"),
             threshold_epsilon=None if site.get("threshold_epsilon") is None else float(site["threshold_epsilon"]),
+            centralised=bool(study.get("centralised", False)),
         ).check()
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML ({e})") from e
@@ -290,6 +280,23 @@ def _cached_sites(out: Path, cfg: DemoConfig, preset: DemoPreset, names: list[st
     dirs = train_sites(cfg, preset, partition, names, folder, say)
     atomic_write_bytes(done, json.dumps({"models": [str(d) for d in dirs]}).encode())
     return dirs
+
+
+def centralised_row(out: Path, study: Study, cell: Cell, data_root: str | None) -> dict[str, float]:
+    """``centralised_<metric>`` of one model trained on every record pooled, with the sites' recipe and epsilon
+    (:func:`~secure_oneshot.demo.centralised_reference`), cached under ``OUT/cache/centralised-<key>.json``: the
+    pooled records do not depend on the split, so every alpha of a (flag, epsilon, seed) shares it."""
+    cfg, preset = _site_setup(study, cell, data_root)
+    key = {"centralised": _cache_key(replace(cfg, alpha=math.inf), preset)}
+    path = out / "cache" / f"centralised-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        metrics = json.loads(path.read_text())
+    else:
+        partition = Partition(n_sites=study.sites, scheme="iid", seed=cell.seed)
+        metrics = centralised_reference(cfg, preset, partition, private=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(metrics).encode())
+    return {f"centralised_{k}": float(metrics[k]) for k in METRICS if k in metrics}
 
 
 def _epsilons(model_dirs: list[Path], withheld: tuple[str, ...]) -> dict[str, float | None]:
@@ -377,6 +384,8 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     sites = load_accepted(server.accepted, ids["server"], trust)  # what the server holds: withheld artifacts are absent
     result = run_distillation(sites, run / "server" / "global", job, test_set=test, audit_to=(server.audit_log, ids["server"]))
     row = _row(cell, result.metrics, names, model_dirs, bytes_sent, time.perf_counter() - started)
+    if study.centralised:
+        row.update(centralised_row(out, study, cell, data_root))
     if study.privacy_audit:
         row.update(_membership(model_dirs, result.student, cell, data_root, study.audit_shadows, run / "audit"))
         row.update(_synthetic_memorisation(sites, cell, data_root, result.synth))
@@ -452,6 +461,7 @@ def run_study(study: Study, out: Path, *, data_root: str | None = None, say: Say
             result_file = out / "cells" / cell.id / "result.json"
             if result_file.is_file():
                 say(f"[{i}/{len(cells)}] {cell.id}: done earlier, skipped")
+                _add_centralised(study, cell, out, data_root, result_file, say)
                 continue
             if max_cells is not None and computed >= max_cells:
                 say(f"stopping after {computed} new cell(s) (max_cells); run again to resume")
@@ -465,6 +475,15 @@ def run_study(study: Study, out: Path, *, data_root: str | None = None, say: Say
     return rows
 
 
+def _add_centralised(study: Study, cell: Cell, out: Path, data_root: str | None, result_file: Path, say: Say) -> None:
+    """A run finished before ``[study] centralised`` was switched on gets its reference now (the row is rewritten)."""
+    row = json.loads(result_file.read_text())
+    if study.centralised and "centralised_auc" not in row:
+        say(f"  centralised reference for {cell.id}")
+        row.update(centralised_row(out, study, cell, data_root))
+        atomic_write_bytes(result_file, (json.dumps(row, indent=2) + "\n").encode())
+
+
 def write_results(out: Path, study: Study, rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=ROW_FIELDS, lineterminator="\n")
@@ -473,55 +492,3 @@ def write_results(out: Path, study: Study, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
     atomic_write_bytes(out / "results.json", (json.dumps({"study": asdict(study), "rows": rows}, indent=2, default=str) + "\n").encode())
     atomic_write_bytes(out / "report.md", markdown_summary(study, rows).encode())
-
-
-def _stats(values: list[float]) -> tuple[float, float, int]:
-    return (float(np.mean(values)), float(np.std(values)), len(values)) if values else (math.nan, math.nan, 0)
-
-
-class Group(NamedTuple):
-    """A cell: every grid dimension but the seed."""
-
-    flag: str
-    alpha: Any                  # "iid" or a Dirichlet alpha
-    epsilon: Any                # "inf" or a number
-    generator_epsilon: Any      # "none" (no generator), "inf" or a number
-    withheld: str               # "none" or artifacts joined by "+"
-    method: str
-
-
-METRIC_FIELDS = ROW_FIELDS[len(GROUP_FIELDS) + 1:]
-
-
-def summarise(rows: list[dict[str, Any]]) -> dict[Group, dict[str, tuple[float, float, int]]]:
-    """Cell -> column -> (mean, std, n) over seeds (missing values left out)."""
-    groups: dict[Group, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(Group(*(row.get(f, "none") for f in GROUP_FIELDS)), []).append(row)
-    return {key: {f: _stats([float(r[f]) for r in grp if r.get(f) is not None]) for f in METRIC_FIELDS}
-            for key, grp in groups.items()}
-
-
-def _mean_std(stats: tuple[float, float, int]) -> str:
-    return "-" if not stats[2] else f"{stats[0]:.3f} +- {stats[1]:.3f}"
-
-
-def markdown_summary(study: Study, rows: list[dict[str, Any]]) -> str:
-    utility = {"sites AUC": "sites_auc", "ensemble AUC": "ensemble_auc", "ensemble ACC": "ensemble_acc",
-               "equal-weight ensemble ACC": "ensemble_equal_acc", "FedAvg AUC": "fedavg_auc", "global AUC": "global_auc",
-               "global ACC": "global_acc", "global bal. ACC": "global_balanced_acc"}
-    privacy = {"MIA AUC (worst site)": "mia_sites_auc_max", "MIA AUC (global)": "mia_global_auc",
-               "MIA AUC (worst generator)": "mia_generators_auc_max"}
-    header = ["flag", "alpha", "epsilon", "generator epsilon", "withheld", "method", "seeds", *utility, "composed epsilon", *privacy]
-    lines = [f"# Study {study.name}", "", f"{len(rows)} finished (cell, seed) runs; mean +- std over seeds. "
-             "The global model is the last epoch's; the test split is only evaluated. \"withheld\": artifacts the sites "
-             "left out of their bundles." + (" Each run's privacy audit of every site, as a page for a data-protection impact assessment: "
-             "`cells/<run>/audit/<site>.md`." if study.privacy_audit else ""), "", "| " + " | ".join(header) + " |",
-             "|" + " --- |" * len(header)]
-    for key, s in summarise(rows).items():
-        composed = s["epsilon_composed_max"]
-        values = [key.flag, alpha_label(key.alpha), key.epsilon, key.generator_epsilon, key.withheld, key.method, s["global_auc"][2],
-                  *(_mean_std(s[f]) for f in utility.values()),
-                  "-" if math.isnan(composed[0]) else f"{composed[0]:.2f}", *(_mean_std(s[f]) for f in privacy.values())]
-        lines.append("| " + " | ".join(str(v) for v in values) + " |")
-    return "\n".join(lines) + "\n"

@@ -23,13 +23,14 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .experiment import Group, alpha_label, summarise  # noqa: E402
+from .study_table import Group, alpha_label, summarise  # noqa: E402
 
 __all__ = ["privacy_utility", "utility_vs_alpha", "method_comparison", "label_distribution", "label_distribution_name", "study_plots",
            "save_figure"]
 
 STYLES = {"global": ("o", "-", "global (distilled)"), "ensemble": ("s", "--", "ensemble (teacher)"),
-          "fedavg": ("^", ":", "one-shot FedAvg"), "sites": ("v", "-.", "sites (mean)")}
+          "fedavg": ("^", ":", "one-shot FedAvg"), "sites": ("v", "-.", "sites (mean)"),
+          "centralised": ("D", (0, (5, 1)), "centralised (pooled records, same epsilon)")}
 
 
 def save_figure(fig: Any, stem: Path) -> list[Path]:
@@ -54,8 +55,8 @@ def _series(rows: list[dict[str, Any]], x_of: Any, keep: Any) -> dict[str, dict[
     for model in STYLES:
         for metric in ("auc", "acc"):
             col = f"{model}_{metric}"
-            out[f"{model}_{metric}"] = {"x": [x for x, _ in points], "mean": [s[col][0] for _, s in points],
-                                        "std": [s[col][1] for _, s in points]}
+            known = [(x, s[col]) for x, s in points if col in s and s[col][2] > 0]  # a model no run reported is left out
+            out[f"{model}_{metric}"] = {"x": [x for x, _ in known], "mean": [m[0] for _, m in known], "std": [m[1] for _, m in known]}
     return out
 
 
@@ -63,6 +64,8 @@ def _draw(ax: Any, series: dict[str, dict[str, list[float]]], metric: str, model
     for model in models:
         marker, style, label = STYLES[model]
         data = series[f"{model}_{metric}"]
+        if not data["x"]:
+            continue
         ax.errorbar(data["x"], data["mean"], yerr=data["std"], marker=marker, linestyle=style, color="black",
                     capsize=3, markerfacecolor="white" if model != "global" else "black", label=label)
     ax.set_ylabel(f"test {metric.upper()} (mean +- std over seeds)")
@@ -132,8 +135,8 @@ def _curve(rows: list[dict[str, Any]], stem: Path, cell: Group, field: str, unbo
 def privacy_utility(rows: list[dict[str, Any]], stem: Path, *, cell: Group) -> list[Path]:
     """Global model's AUC and ACC against the classifier epsilon (the ensemble and FedAvg as references), over the
     cells that differ from ``cell`` only in it."""
-    return _curve(rows, stem, cell, "epsilon", ("inf", "no DP"), ("global", "ensemble", "fedavg"),
-                  "classifier epsilon (DP-SGD, delta 1e-5)",
+    return _curve(rows, stem, cell, "epsilon", ("inf", "no DP"), ("global", "ensemble", "fedavg", "centralised"),
+                  "each hospital's epsilon (every release together, delta 1e-5)",
                   f"{cell.flag}: privacy-utility trade-off ({cell.method}, {_split(cell.alpha)}{_variant(cell)})")
 
 
