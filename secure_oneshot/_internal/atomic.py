@@ -85,13 +85,15 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o644, overwrite: bool = True) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o644, overwrite: bool = True,
+                  readable: bool = False) -> Iterator[BinaryIO]:
     """Yield a binary file whose content replaces ``path`` only if the block succeeds.
 
     Args:
         path: final destination.
         mode: permission bits of the new file (e.g. ``0o600`` for secrets).
         overwrite: when False, refuse to replace an existing file.
+        readable: open the temporary for reading too (e.g. to map what was written before publishing it).
 
     Raises:
         ResourceError: the folder is missing, not writable, or ``path`` exists and
@@ -104,11 +106,11 @@ def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o644, overwrite:
     sweep_stale_temporaries(final)
     tmp = directory / temporary_beside(final).name
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        fd = os.open(tmp, (os.O_RDWR if readable else os.O_WRONLY) | os.O_CREAT | os.O_EXCL, mode)
     except OSError as e:
         raise ResourceError(f"cannot write to {directory}: {e.strerror}", hint="check the folder exists and is writable") from e
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b" if readable else "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

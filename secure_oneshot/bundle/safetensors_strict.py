@@ -25,7 +25,7 @@ from typing import Any
 from .._internal.encoding import parse_strict_json
 from ..errors import TensorPayloadError
 
-__all__ = ["DTYPE_SIZES", "DEFAULT_ALLOWED_DTYPES", "MAX_DIMS", "MAX_DIM", "PayloadLimits", "TensorPayload", "serialize_tensors", "parse_payload"]
+__all__ = ["DTYPE_SIZES", "DEFAULT_ALLOWED_DTYPES", "MAX_DIMS", "MAX_DIM", "PayloadLimits", "TensorPayload", "serialize_tensors", "parse_payload", "read_layout", "header_length", "Layout"]
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("secure_oneshot.bundle needs a little-endian host (safetensors is little-endian)")
@@ -104,14 +104,20 @@ def _bad(why: str) -> TensorPayloadError:
     return TensorPayloadError(f"payload rejected: {why}")
 
 
-def _read_header(buf: memoryview, limits: PayloadLimits) -> tuple[dict[str, object], int]:
-    if len(buf) < 8:
+def header_length(prefix: bytes | memoryview, payload_len: int, limits: PayloadLimits) -> int:
+    """The header length ``N`` from the first 8 bytes, checked against the cap and the payload length."""
+    if payload_len < 8 or len(prefix) < 8:
         raise _bad("shorter than the 8-byte header length")
-    (n,) = struct.unpack("<Q", buf[:8])
+    (n,) = struct.unpack("<Q", prefix[:8])
     if n > limits.max_header_bytes:
         raise _bad(f"header length {n} exceeds the {limits.max_header_bytes}-byte cap")
-    if 8 + n > len(buf):
+    if 8 + n > payload_len:
         raise _bad(f"header length {n} runs past the end of the payload")
+    return int(n)
+
+
+def _read_header(buf: memoryview, limits: PayloadLimits, payload_len: int | None = None) -> tuple[dict[str, object], int]:
+    n = header_length(buf, len(buf) if payload_len is None else payload_len, limits)
     raw = bytes(buf[8 : 8 + n]).rstrip(b" ")
     try:
         header = parse_strict_json(raw, canonical=False, max_depth=MAX_HEADER_DEPTH, max_bytes=limits.max_header_bytes)
@@ -186,7 +192,7 @@ def _check_layout(entries: list[_Entry], data_len: int) -> None:
         raise _bad(f"tensors cover {position} bytes but the data section has {data_len}")
 
 
-def _materialise(e: _Entry, data: memoryview, base: int, limits: PayloadLimits) -> Any:
+def _materialise(e: _Entry, data: memoryview, base: int, limits: PayloadLimits, values_checked: bool = False) -> Any:
     import numpy as np
 
     from .arrays import DTYPES, all_finite
@@ -199,6 +205,8 @@ def _materialise(e: _Entry, data: memoryview, base: int, limits: PayloadLimits) 
     # np.frombuffer shares memory; unaligned data is copied so every operation on it is a plain aligned one.
     source = raw if aligned else bytearray(raw)
     array = np.frombuffer(source, dtype=dtype).reshape(e.shape)
+    if values_checked:
+        return array
     if e.dtype == "BOOL" and int(np.frombuffer(source, dtype=np.uint8).max()) > 1:
         raise _bad(f"tensor {e.name!r}: BOOL bytes other than 0 and 1")
     if limits.reject_nonfinite and not all_finite(array, e.dtype):
@@ -206,17 +214,43 @@ def _materialise(e: _Entry, data: memoryview, base: int, limits: PayloadLimits) 
     return array
 
 
-def parse_payload(buffer: bytearray | memoryview, limits: PayloadLimits = PayloadLimits()) -> TensorPayload:
+@dataclass(frozen=True)
+class Layout:
+    """A checked safetensors header: where the data starts, the tensors (sorted by offset) and the metadata."""
+
+    data_start: int
+    entries: tuple[_Entry, ...]
+    metadata: dict[str, str]
+
+
+def read_layout(prefix: bytes | memoryview, payload_len: int, limits: PayloadLimits = PayloadLimits()) -> Layout:
+    """Check the header and tensor layout of a ``payload_len``-byte payload from its first bytes (``prefix``
+    must hold the whole header); no tensor byte is needed or read.
+
+    Raises:
+        TensorPayloadError: a header or layout rule of FORMAT.md section 8 is broken.
+    """
+    header, data_start = _read_header(memoryview(prefix).cast("B"), limits, payload_len)
+    metadata = _metadata(header.pop("__metadata__")) if "__metadata__" in header else {}
+    entries = [_entry(name, value, limits) for name, value in header.items()]
+    _check_layout(entries, payload_len - data_start)
+    return Layout(data_start, tuple(sorted(entries, key=lambda e: (e.begin, e.end))), metadata)
+
+
+def parse_payload(buffer: bytearray | memoryview, limits: PayloadLimits = PayloadLimits(), *,
+                  values_checked: bool = False) -> TensorPayload:
     """Validate a safetensors payload and return NumPy arrays that are views of ``buffer``.
+
+    ``values_checked``: the BOOL and NaN/Inf rules were already applied to these
+    bytes as they streamed past (:class:`.payload_scan.PayloadScanner`), so the
+    tensor data is not read again (a memory-mapped payload stays unread).
 
     Raises:
         TensorPayloadError: any rule of FORMAT.md section 8 is broken.
     """
     buf = memoryview(buffer).cast("B")
-    header, data_start = _read_header(buf, limits)
-    metadata = _metadata(header.pop("__metadata__")) if "__metadata__" in header else {}
-    entries = [_entry(name, value, limits) for name, value in header.items()]
-    data = buf[data_start:]
-    _check_layout(entries, len(data))
-    tensors = {e.name: _materialise(e, data, data_start, limits) for e in sorted(entries, key=lambda e: e.name)}
-    return TensorPayload(tensors, metadata)
+    layout = read_layout(buf, len(buf), limits)
+    data = buf[layout.data_start :]
+    tensors = {e.name: _materialise(e, data, layout.data_start, limits, values_checked)
+               for e in sorted(layout.entries, key=lambda e: e.name)}
+    return TensorPayload(tensors, layout.metadata)

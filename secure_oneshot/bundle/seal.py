@@ -1,9 +1,13 @@
 """Seal tensors into a bundle: stream, hash, encrypt and sign in one pass (FORMAT.md 4-6).
 
-The payload is never materialised: the safetensors header and zero-copy views of
-the tensors are hashed by a helper thread while the main thread encrypts them
-chunk by chunk into a temporary file, which is renamed into place only when
-complete.  The manifest (with the digest) is signed and appended last.
+The payload is never materialised.  From tensors: the safetensors header and
+zero-copy views of the tensors are hashed by a helper thread while the main
+thread encrypts them chunk by chunk.  From a safetensors file: the file is read
+a window at a time into a small ring of reused buffers, and each window is
+checked (strict safetensors rules, NaN/Inf), hashed and encrypted from that one
+buffer, so all three see the same bytes and memory stays a few windows whatever
+the file size.  The bundle goes to a temporary file that is renamed into place
+only when complete; the manifest (with the digest) is signed and appended last.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from ..errors import ResourceError, TensorPayloadError
 from ..keys.identity import Identity, PublicIdentity
 from .format import DEFAULT_CHUNK_SIZE, MAGIC, Header, Manifest, header_mac, signed_message, stream_key
 from .recipients import check_recipients, wrap_file_key
-from .safetensors_strict import PayloadLimits, parse_payload, serialize_tensors
-from .stream import BackgroundSha256, Progress, StreamWriter
+from .payload_scan import PayloadScanner
+from .safetensors_strict import PayloadLimits, header_length, read_layout, serialize_tensors
+from .stream import RING, BackgroundSha256, Progress, StreamWriter
 
 __all__ = ["SealResult", "seal_tensors", "seal_safetensors_file", "UnsafeDeterministicRandomWarning"]
 
@@ -53,6 +58,39 @@ class _Statement:
     meta: Mapping[str, Any] | None = None
 
 
+PayloadWriter = Callable[[StreamWriter, BackgroundSha256], None]
+"""Writes the payload into the stream and feeds the same bytes to the hash, in order."""
+
+READ_WINDOW = 4 << 20
+"""Bytes read from a source file per step (rounded to whole chunks): several chunks per AEAD
+call batch, so only one chunk in four is copied into the writer's held-back buffer."""
+
+
+def _write_bundle(f: BinaryIO, header_bytes: bytes, file_key: bytes, chunk_size: int, write_payload: PayloadWriter,
+                  make_trailer: Callable[[str], bytes], progress: Progress | None) -> None:
+    f.write(header_bytes)
+    f.write(header_mac(file_key, header_bytes))
+    hasher = BackgroundSha256()
+    try:
+        writer = StreamWriter(stream_key(file_key, header_bytes), chunk_size, f, progress)
+        write_payload(writer, hasher)
+    except BaseException:
+        hasher.abandon()
+        raise
+    writer.write(make_trailer(hasher.hexdigest()))
+    writer.finish()
+
+
+def _segment_writer(segments: Sequence[memoryview]) -> PayloadWriter:
+    def write(writer: StreamWriter, hasher: BackgroundSha256) -> None:
+        for segment in segments:  # views of the tensors themselves: nothing is reused, so hash them all at once
+            hasher.feed(segment)
+        for segment in segments:
+            writer.write(segment)
+
+    return write
+
+
 def write_stream(
     f: BinaryIO,
     header_bytes: bytes,
@@ -63,20 +101,33 @@ def write_stream(
     progress: Progress | None = None,
 ) -> None:
     """Write header MAC and stream: ``segments`` (the payload) then ``make_trailer(payload_sha256)``."""
-    f.write(header_bytes)
-    f.write(header_mac(file_key, header_bytes))
-    hasher = BackgroundSha256()
-    try:
-        for segment in segments:
-            hasher.feed(segment)
-        writer = StreamWriter(stream_key(file_key, header_bytes), chunk_size, f, progress)
-        for segment in segments:
-            writer.write(segment)
-    except BaseException:
-        hasher.abandon()
-        raise
-    writer.write(make_trailer(hasher.hexdigest()))
-    writer.finish()
+    _write_bundle(f, header_bytes, file_key, chunk_size, _segment_writer(segments), make_trailer, progress)
+
+
+def _file_writer(src: BinaryIO, size: int, limits: PayloadLimits, window: int, name: str) -> PayloadWriter:
+    """Read ``size`` bytes of ``src`` a window at a time; check, hash and encrypt each window from one buffer."""
+
+    def write(writer: StreamWriter, hasher: BackgroundSha256) -> None:
+        scanner = PayloadScanner(size, limits)
+        ring = [bytearray(min(window, size)) for _ in range(min(RING, -(-size // window)))]
+        tickets = [0] * len(ring)
+        position = 0
+        while position < size:
+            slot = (position // window) % len(ring)
+            hasher.wait(tickets[slot])  # the hash thread is done with this buffer's previous window
+            view = memoryview(ring[slot])[: min(window, size - position)]
+            if src.readinto(view) != len(view):
+                raise TensorPayloadError(f"{name} changed while it was being read")
+            scanner.feed(view)
+            scanner.raise_if_failed()  # refuse to send what a receiver must refuse
+            tickets[slot] = hasher.feed(view)
+            writer.write(view)
+            position += len(view)
+        scanner.finish()
+        if src.read(1):
+            raise TensorPayloadError(f"{name} grew while it was being read")
+
+    return write
 
 
 def _signed_trailer(sender: Identity, manifest_for: Callable[[str], Manifest], sink: list[Manifest]) -> Callable[[str], bytes]:
@@ -89,8 +140,13 @@ def _signed_trailer(sender: Identity, manifest_for: Callable[[str], Manifest], s
     return make
 
 
-def _seal_segments(
-    segments: Sequence[memoryview],
+def _seal_segments(segments: Sequence[memoryview], *args: Any, **kwargs: Any) -> SealResult:
+    return _seal(sum(len(s) for s in segments), _segment_writer(segments), *args, **kwargs)
+
+
+def _seal(
+    payload_size: int,
+    write_payload: PayloadWriter,
     out: str | os.PathLike[str],
     sender: Identity,
     recipients: Sequence[PublicIdentity],
@@ -117,7 +173,7 @@ def _seal_segments(
         created=format_time(created),
         expires=format_time(created + valid_for),
         policy_id=statement.policy_id,
-        payload_size=sum(len(s) for s in segments),
+        payload_size=payload_size,
         chunk_size=chunk_size,
     )
     header_bytes = header.to_bytes()
@@ -132,7 +188,7 @@ def _seal_segments(
 
     manifests: list[Manifest] = []
     with atomic_writer(out, mode=0o644) as f:
-        write_stream(f, header_bytes, file_key, chunk_size, segments, _signed_trailer(sender, manifest_for, manifests), progress)
+        _write_bundle(f, header_bytes, file_key, chunk_size, write_payload, _signed_trailer(sender, manifest_for, manifests), progress)
     return SealResult(Path(out), header, manifests[0])
 
 
@@ -209,24 +265,32 @@ def seal_safetensors_file(
     """Seal an existing safetensors file byte for byte, after checking it with the strict parser.
 
     Arguments are those of :func:`seal_tensors`; ``limits`` are the strict-parsing limits.
+    The file is read once, a window at a time (:data:`READ_WINDOW`): memory stays
+    a few windows whatever its size.
 
     Raises:
         TensorPayloadError: the file breaks the strict safetensors rules.
     """
-    # Read once into one buffer: the payload is "the tensors themselves", so this
-    # stays within the memory bound, and the strict check and the sealing see the
-    # very same bytes (no re-read of a file that could change in between).
+    name = os.fspath(source)
     try:
-        with open(source, "rb") as f:
-            payload = bytearray(os.fstat(f.fileno()).st_size)
-            if f.readinto(payload) != len(payload):
-                raise TensorPayloadError(f"{source} changed while it was being read")
+        src = open(source, "rb", buffering=0)
     except OSError as e:
         raise ResourceError(f"cannot read {source}: {e.strerror}", hint="check the path of the safetensors file") from e
-    if not payload:
-        raise TensorPayloadError(f"{source} is empty, not a safetensors file")
-    parse_payload(payload, limits)  # refuse to send what a receiver must refuse
-    return _seal_segments(
-        [memoryview(payload)], out, sender, recipients, _Statement(policy_id, policy_sha256, dp, meta),
-        valid_for=valid_for, now=now, chunk_size=chunk_size, progress=progress, unsafe_rng=None,
-    )
+    with src:
+        try:
+            size = os.fstat(src.fileno()).st_size
+            if not size:
+                raise TensorPayloadError(f"{source} is empty, not a safetensors file")
+            # The header and layout first, before any output exists; the values are checked as they stream.
+            prefix = src.read(8)
+            prefix += src.read(header_length(prefix, size, limits))
+            read_layout(prefix, size, limits)
+            src.seek(0)
+        except OSError as e:
+            raise ResourceError(f"cannot read {source}: {e.strerror}", hint="check the path of the safetensors file") from e
+        window = max(chunk_size, READ_WINDOW // chunk_size * chunk_size)
+        return _seal(
+            size, _file_writer(src, size, limits, window, name), out, sender, recipients,
+            _Statement(policy_id, policy_sha256, dp, meta),
+            valid_for=valid_for, now=now, chunk_size=chunk_size, progress=progress, unsafe_rng=None,
+        )

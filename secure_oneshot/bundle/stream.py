@@ -25,10 +25,12 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from ..errors import BundleAuthError, BundleFormatError
 from .format import MAX_TRAILER_LEN, TAG_SIZE
 
-__all__ = ["StreamWriter", "decrypt_stream", "BackgroundSha256", "chunk_nonce", "plaintext_length"]
+__all__ = ["StreamWriter", "decrypt_stream", "decrypt_stream_to", "BackgroundSha256", "chunk_nonce", "plaintext_length", "RING"]
 
 Progress = Callable[[int], None]
 _HAS_INTO = hasattr(ChaCha20Poly1305, "encrypt_into")
+RING = 3
+"""Chunk buffers in flight between the AEAD (main thread) and the SHA-256 thread."""
 
 
 def chunk_nonce(index: int, final: bool) -> bytes:
@@ -39,22 +41,38 @@ def chunk_nonce(index: int, final: bool) -> bytes:
 class BackgroundSha256:
     """SHA-256 of buffers fed in order, computed in a helper thread.
 
-    Fed buffers must stay unchanged until :meth:`hexdigest` returns.
+    A fed buffer must stay unchanged until it has been hashed: :meth:`feed`
+    returns a ticket, and :meth:`wait` blocks until that buffer is done, so a
+    small ring of buffers can be reused (:func:`decrypt_stream_to`).
     """
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
         self._queue: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._fed = 0
+        self._hashed = 0
         self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (view := self._queue.get()) is not None:
             self._hash.update(view)
+            with self._done:
+                self._hashed += 1
+                self._done.notify_all()
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue ``data`` for hashing; returns the ticket to :meth:`wait` on before changing it."""
         if len(data):
+            self._fed += 1
             self._queue.put(memoryview(data))
+        return self._fed
+
+    def wait(self, ticket: int) -> None:
+        """Block until the buffer fed with ``ticket`` (and every one before it) has been hashed."""
+        with self._done:
+            self._done.wait_for(lambda: self._hashed >= ticket)
 
     def hexdigest(self) -> str:
         """Wait for everything fed so far and return the digest (once)."""
@@ -191,3 +209,73 @@ def decrypt_stream(
         if progress is not None:
             progress(length)
     return trailer
+
+
+def decrypt_stream_to(
+    src: BinaryIO,
+    ciphertext_length: int,
+    key: bytes,
+    chunk_size: int,
+    payload_size: int,
+    consume: Callable[[memoryview], None],
+    progress: Progress | None = None,
+) -> tuple[bytearray, str]:
+    """Decrypt a whole stream chunk by chunk; pass the payload on, keep the trailer.
+
+    ``consume`` is called with each decrypted payload region, in order, and must
+    not keep the view (it is a reused buffer).  Returns the trailer (everything
+    after the payload) and the payload's SHA-256 (hex), computed beside the AEAD
+    in a helper thread.  Nothing is trusted until the caller has also checked the
+    signature and the digest.
+
+    Memory: one sealed chunk, :data:`RING` plaintext chunks and the trailer (at
+    most ``MAX_TRAILER_LEN`` bytes, checked before it is allocated).
+
+    Raises:
+        BundleAuthError: a chunk fails authentication, or the stream is too short.
+        BundleFormatError: the stream is longer than the payload and the largest trailer.
+    """
+    total = plaintext_length(ciphertext_length, chunk_size)
+    if total < payload_size + 1:
+        raise _truncated("is too short for its declared payload")
+    if total - payload_size > MAX_TRAILER_LEN:
+        raise BundleFormatError(f"encrypted stream holds {total - payload_size} bytes after the payload, "
+                                f"more than the largest manifest and signature ({MAX_TRAILER_LEN})")
+    aead = ChaCha20Poly1305(key)
+    trailer = bytearray(total - payload_size)
+    sealed = bytearray(chunk_size + TAG_SIZE)
+    ring = [bytearray(chunk_size) for _ in range(min(RING, -(-total // chunk_size)))]
+    tickets = [0] * len(ring)
+    hasher = BackgroundSha256()
+    try:
+        n_chunks = -(-total // chunk_size)
+        for index in range(n_chunks):
+            start = index * chunk_size
+            length = min(chunk_size, total - start)
+            ct = memoryview(sealed)[: length + TAG_SIZE]
+            if src.readinto(ct) != len(ct):
+                raise _truncated("ended early")
+            slot = index % len(ring)
+            hasher.wait(tickets[slot])  # the hash thread is done with this buffer
+            plain = memoryview(ring[slot])[:length]
+            try:
+                nonce = chunk_nonce(index, index == n_chunks - 1)
+                if _HAS_INTO:
+                    aead.decrypt_into(nonce, ct, None, plain)
+                else:  # pragma: no cover - older cryptography
+                    plain[:] = aead.decrypt(nonce, bytes(ct), None)
+            except InvalidTag as e:
+                raise _truncated(f"chunk {index} of {n_chunks} failed authentication") from e
+            split = max(0, min(length, payload_size - start))
+            if split:
+                tickets[slot] = hasher.feed(plain[:split])
+                consume(plain[:split])
+            if split < length:
+                at = start + split - payload_size
+                trailer[at : at + length - split] = plain[split:]
+            if progress is not None:
+                progress(length)
+    except BaseException:
+        hasher.abandon()
+        raise
+    return trailer, hasher.hexdigest()

@@ -1,41 +1,57 @@
 """Open and verify a bundle as a recipient: FORMAT.md section 7, steps numbered to match.
 
 Nothing is released before every step has passed.  The payload is decrypted
-into one buffer of ``payload_size`` bytes; the tensors returned are views of it.
+chunk by chunk into a file that nobody else can name or read, checked as it
+streams past (hash, strict safetensors rules, NaN/Inf), and only then released:
 
-Memory bound: ``payload_size`` (the tensors) + 2 x ``chunk_size`` (one sealed
-chunk, one scratch chunk) + the trailer (at most 1 MiB + 68 bytes) + a constant
-for the header (at most 64 KiB) and the interpreter.  Nothing is allocated from
-a size the file states before that size has been checked against the format's
+* ``open_bundle(..., out=PATH)``: a 0600 temporary file beside ``PATH``,
+  renamed to ``PATH`` after the last check; on any failure it is removed.
+* ``open_bundle(...)`` without ``out``: an anonymous temporary file (unlinked
+  from the start, so it disappears with the process whatever happens), in
+  :attr:`VerifyOptions.scratch_dir` or the system's temporary folder.
+
+The tensors returned are NumPy views of a copy-on-write memory map of that
+verified file (writes stay in this process, never reach the file); the map (and the anonymous file behind it) lives as long as any returned
+array or the :class:`OpenedBundle` does.  Pages are read from the file when a
+tensor is used, so a process that opens a bundle holds in memory only what it
+touches.
+
+Memory bound: (1 + ``stream.RING``) x ``chunk_size`` (one sealed chunk, the
+plaintext ring) + the trailer (at most 1 MiB + 68 bytes) + the safetensors
+header (at most ``PayloadLimits.max_header_bytes``) + a constant for the header
+and the interpreter; not the payload.  Nothing is allocated or written from a
+size the file states before that size has been checked against the format's
 maxima (``payload_size`` <= 64 GiB, ``chunk_size`` <= 16 MiB), against
 :attr:`VerifyOptions.max_payload_bytes` and against the file's real length, so
 a header claiming a huge payload, or a sparse terabyte file, is refused
-without reading or allocating it.  Measured (``benchmarks/fuzz_bundles.py
---memory``, 1 MiB chunks): 4.1-4.3 MiB over the payload for 10 MB and 200 MB
-payloads; nothing over the starting RSS for a 60 GiB claim in a 4 KiB file
-or a sparse 8 TiB file.
+without reading it.  ``benchmarks/transfer.py --cli`` measures the whole
+process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import mmap
 import os
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .._internal.atomic import atomic_writer
 from .._internal.encoding import format_time, parse_time, utc_now
-from ..errors import BundleAuthError, BundleFormatError, FreshnessError
+from ..errors import BundleAuthError, BundleFormatError, FreshnessError, ResourceError
 from ..keys.identity import Identity, PublicIdentity
 from ..keys.trust import TrustStore
 from .format import MAX_MANIFEST_LEN, SIGNATURE_SIZE, Header, Manifest, header_mac, signed_message, stream_key
 from .inspect import _open_file, read_header
 from .ledger import ReplayLedger
 from .recipients import unwrap_file_key
+from .payload_scan import PayloadScanner
 from .safetensors_strict import PayloadLimits, TensorPayload, parse_payload
-from .stream import BackgroundSha256, Progress, decrypt_stream
+from .stream import Progress, decrypt_stream_to
 
 __all__ = ["OpenedBundle", "VerifyOptions", "open_bundle", "check_freshness", "DEFAULT_MAX_PAYLOAD_BYTES"]
 
@@ -55,16 +71,24 @@ class VerifyOptions:
             (default :data:`DEFAULT_MAX_PAYLOAD_BYTES`; ``None``: only the format's 64 GiB maximum).
         skew: how far in the future ``created`` may be.
         limits: strict safetensors rules.
+        scratch_dir: where ``open_bundle`` without ``out`` keeps the anonymous decrypted
+            file (default: the system's temporary folder).
     """
 
     max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES
     skew: timedelta = DEFAULT_SKEW
     limits: PayloadLimits = PayloadLimits()
+    scratch_dir: str | os.PathLike[str] | None = None
 
 
 @dataclass
 class OpenedBundle:
-    """A fully verified bundle."""
+    """A fully verified bundle.
+
+    ``payload_bytes`` and the tensors are views of a copy-on-write memory map of
+    the verified payload file; they stay valid while any of them is referenced.
+    Writing to a tensor changes this process's copy only, never the file.
+    """
 
     header: Header
     manifest: Manifest
@@ -83,18 +107,30 @@ class OpenedBundle:
         ledger.record(h.bundle_id, h.sender, h.created, self.manifest.payload_sha256, now)
 
     def save_payload(self, path: str | os.PathLike[str]) -> Path:
-        """Write the verified safetensors payload atomically with mode 0600."""
+        """Write the verified safetensors payload atomically with mode 0600 (``open_bundle(out=...)`` does it in one pass)."""
         with atomic_writer(path, mode=0o600) as f:
             f.write(self.payload_bytes)  # no copy of the payload
         return Path(path)
 
 
-def _payload_buffer(size: int) -> memoryview:
-    """An uninitialised writable buffer: every byte is overwritten by decryption before
-    anything reads it, so the memset of ``bytearray(size)`` (a quarter second per GiB) is skipped."""
-    import numpy as np
+def _payload_buffer(size: int, options: VerifyOptions, out: str | os.PathLike[str] | None) -> contextlib.AbstractContextManager[BinaryIO]:
+    """The file the ``size``-byte payload is decrypted into, opened only after ``size`` has passed every limit:
+    a 0600 temporary beside ``out``, renamed to ``out`` only if the block succeeds; or, without ``out``,
+    an anonymous 0600 file that no name reaches and that disappears when closed."""
+    if out is not None:
+        return atomic_writer(out, mode=0o600, readable=True)
+    try:
+        return tempfile.TemporaryFile(dir=options.scratch_dir)
+    except OSError as e:
+        raise ResourceError(f"cannot create a temporary file for the payload: {e.strerror or e}",
+                            hint="set TMPDIR (or VerifyOptions.scratch_dir) to a writable folder") from e
 
-    return memoryview(np.empty(size, dtype=np.uint8))
+
+def _map_verified(f: BinaryIO, size: int) -> memoryview:
+    """A copy-on-write map of the verified payload file (which must not be empty): arrays over it are
+    writable as before, a write copies that page for this process and never reaches the file."""
+    f.flush()
+    return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
 
 
 def check_freshness(header: Header, now: datetime, skew: timedelta = DEFAULT_SKEW) -> None:
@@ -146,6 +182,7 @@ def open_bundle(
     now: datetime | None = None,
     options: VerifyOptions = VerifyOptions(),
     progress: Progress | None = None,
+    out: str | os.PathLike[str] | None = None,
 ) -> OpenedBundle:
     """Verify and decrypt the bundle at ``path`` for recipient ``identity``.
 
@@ -157,9 +194,12 @@ def open_bundle(
         now: verification time (default: the clock).
         options: limits and clock skew.
         progress: called with plaintext bytes after each chunk.
+        out: also publish the verified safetensors payload at this path (mode 0600,
+            atomically, only after every check has passed).
 
     Returns:
-        The verified header, manifest, sender and tensors.
+        The verified header, manifest, sender and tensors (views of a read-only map
+        of the verified payload).
 
     Raises:
         BundleFormatError, FreshnessError, TrustError, ReplayError,
@@ -177,20 +217,30 @@ def open_bundle(
         file_key = unwrap_file_key(header, identity)  # step 6
         if not hmac.compare_digest(raw.mac, header_mac(file_key, raw.header_bytes)):  # step 7
             raise BundleAuthError("the header MAC does not verify: the public header was modified")
-        payload = _payload_buffer(header.payload_size)
-        hasher = BackgroundSha256()
-        try:  # step 8
-            trailer = decrypt_stream(
-                src, raw.stream_length, stream_key(file_key, raw.header_bytes), header.chunk_size,
-                payload, hasher.feed, progress,
-            )
-        except BaseException:
-            hasher.abandon()
-            raise
-    body, signature = _split_trailer(trailer)  # step 9
-    manifest = _check_manifest(body, signature, sender, header, hasher.hexdigest())  # steps 10-11
-    tensors = parse_payload(payload, options.limits)  # step 12
-    opened = OpenedBundle(header, manifest, sender, tensors, payload)
+        key = stream_key(file_key, raw.header_bytes)
+        with _payload_buffer(header.payload_size, options, out) as sink:
+            manifest, tensors, view = _decrypt_checked(src, raw.stream_length, key, header, sender, options, sink, progress)
+    opened = OpenedBundle(header, manifest, sender, tensors, view)
     if ledger is not None:
         opened.record_in(ledger, now)  # step 13
     return opened
+
+
+def _decrypt_checked(src: BinaryIO, stream_length: int, key: bytes, header: Header, sender: PublicIdentity,
+                     options: VerifyOptions, sink: BinaryIO, progress: Progress | None) -> tuple[Manifest, TensorPayload, memoryview]:
+    """Steps 8-12: decrypt into ``sink``, checking the payload as it passes; map it once everything holds."""
+    scanner = PayloadScanner(header.payload_size, options.limits)
+
+    def consume(piece: memoryview) -> None:
+        try:
+            sink.write(piece)
+        except OSError as e:
+            raise ResourceError(f"cannot write the decrypted payload: {e.strerror or e}", hint="check free disk space") from e
+        scanner.feed(piece)
+
+    trailer, digest = decrypt_stream_to(src, stream_length, key, header.chunk_size, header.payload_size, consume, progress)  # step 8
+    body, signature = _split_trailer(trailer)  # step 9
+    manifest = _check_manifest(body, signature, sender, header, digest)  # steps 10-11
+    scanner.finish()  # step 12: the values were checked as they streamed past; now the layout
+    view = _map_verified(sink, header.payload_size)
+    return manifest, parse_payload(view, options.limits, values_checked=True), view

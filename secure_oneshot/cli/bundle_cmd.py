@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from ..bundle import Header, OpenedBundle, ReplayLedger, VerifyOptions, inspect_bundle, open_bundle, seal_safetensors_file
@@ -91,12 +92,13 @@ def _inspect(args: argparse.Namespace) -> Result:
     return Result({"header": _header_data(header), "verified": False}, lines)
 
 
-def _open_verified(args: argparse.Namespace) -> OpenedBundle:
+def _open_verified(args: argparse.Namespace, out: str | None = None) -> OpenedBundle:
+    """Verify (and, with ``out``, publish the payload once verified), holding a few chunks in memory, not the payload."""
     identity = load_private_identity(args.key, args.passphrase_env)
     store = load_trust_store(trust_path(args))
     options = VerifyOptions(max_payload_bytes=args.max_bytes, limits=PayloadLimits(reject_nonfinite=not args.allow_nonfinite))
     with progress_bar("verifying", inspect_bundle(args.bundle).payload_size) as progress:
-        return open_bundle(args.bundle, identity, store, options=options, progress=progress)
+        return open_bundle(args.bundle, identity, store, options=options, progress=progress, out=out)
 
 
 def _dtype_name(tensor: Any) -> str:
@@ -144,8 +146,8 @@ def _open(args: argparse.Namespace) -> Result:
     ledger = ReplayLedger(args.ledger) if args.ledger else None
     if ledger is not None:
         ledger.check(inspect_bundle(args.bundle).bundle_id)
-    opened = _open_verified(args)
-    path = opened.save_payload(args.out)
+    opened = _open_verified(args, args.out)
+    path = Path(args.out)
     if ledger is not None:
         # Recorded only once the payload is safely on disk, so a failed write can be retried.
         try:
