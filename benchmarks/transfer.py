@@ -24,6 +24,11 @@ open reads a bundle that is probably still in the page cache.
 
     python benchmarks/transfer.py [--mib 1024] [--chunk-size BYTES] [--workdir DIR]
                                   [--cipher-compare] [--json]
+    python benchmarks/transfer.py --cli [--sizes 10,100,1000] [--workdir DIR]
+
+``--cli`` measures the file-to-file command-line path instead (``secure-oneshot
+seal``, ``verify``, ``open`` beside ``age`` and ``openssl enc -chacha20``): wall,
+CPU and whole-process peak RSS of each command (``benchmarks/transfer_cli.py``).
 
 ``--cipher-compare`` also measures raw AES-256-GCM (``encrypt_into``) for
 FORMAT.md section 10.  ``--json`` prints one JSON object (a single line)
@@ -46,6 +51,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--cli"]:
+    # Before anything but the standard library is imported: this process's peak RSS carries into its children's.
+    from transfer_cli import main as cli_main
+
+    sys.exit(cli_main(sys.argv[2:]))
 
 import psutil
 

@@ -235,3 +235,28 @@ def test_ingest_stores_exactly_the_verified_bytes(tmp_path: Path) -> None:
     assert entry["file_sha256"] == hashlib.sha256(delivered).hexdigest()
     assert stored.stat().st_mode & 0o077 == 0
     assert not list(folders.staging.iterdir())
+
+
+# --- verify_bundle: every check, no payload kept --------------------------------------------------------
+
+
+def test_verify_bundle_checks_everything_and_keeps_no_payload(parties, sealed: Path, tmp_path: Path, monkeypatch) -> None:
+    from secure_oneshot.bundle import verify_bundle
+    from secure_oneshot.bundle import verify as verify_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("verify_bundle created a payload file")
+
+    monkeypatch.setattr(verify_module, "_payload_buffer", refuse)
+    verified = verify_bundle(sealed, parties.server, parties.trust, now=NOW)
+    assert verified.tensor_specs["big"] == ("F32", (3 * SMALL_CHUNK // 4 + 123,))
+    assert verified.tensor_specs["fc.weight"] == ("BF16", (2, 8))
+    assert list(verified.tensor_specs) == sorted(verified.tensor_specs)
+    forged = _rewrite_trailer(parties, sealed, tmp_path / "forged.sob", lambda t: t[:-1] + bytes([t[-1] ^ 1]))
+    with pytest.raises(BundleAuthError, match="signature does not verify"):
+        verify_bundle(forged, parties.server, parties.trust, now=NOW)
+    values = np.zeros(10, dtype=np.float32)
+    values[3] = np.nan
+    nan = seal_tensors({"w": values}, tmp_path / "nan.sob", sender=parties.site, recipients=[parties.server.public], now=NOW)
+    with pytest.raises(TensorPayloadError, match="NaN or infinite"):
+        verify_bundle(nan.path, parties.server, parties.trust, now=NOW)

@@ -5,7 +5,7 @@ from .inspect import inspect_bundle
 from .ledger import ReplayLedger
 from .safetensors_strict import PayloadLimits, TensorPayload, parse_payload, serialize_tensors
 from .seal import SealResult, UnsafeDeterministicRandomWarning, seal_safetensors_file, seal_tensors
-from .verify import OpenedBundle, VerifyOptions, check_freshness, open_bundle
+from .verify import OpenedBundle, VerifiedBundle, VerifyOptions, check_freshness, open_bundle, verify_bundle
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -26,4 +26,6 @@ __all__ = [
     "VerifyOptions",
     "check_freshness",
     "open_bundle",
+    "VerifiedBundle",
+    "verify_bundle",
 ]

@@ -9,6 +9,7 @@ streams past (hash, strict safetensors rules, NaN/Inf), and only then released:
 * ``open_bundle(...)`` without ``out``: an anonymous temporary file (unlinked
   from the start, so it disappears with the process whatever happens), in
   :attr:`VerifyOptions.scratch_dir` or the system's temporary folder.
+* ``verify_bundle(...)``: nowhere; the payload is checked and discarded.
 
 The tensors returned are NumPy views of a copy-on-write memory map of that
 verified file (writes stay in this process, never reach the file); the map (and the anonymous file behind it) lives as long as any returned
@@ -46,14 +47,14 @@ from ..errors import BundleAuthError, BundleFormatError, FreshnessError, Resourc
 from ..keys.identity import Identity, PublicIdentity
 from ..keys.trust import TrustStore
 from .format import MAX_MANIFEST_LEN, SIGNATURE_SIZE, Header, Manifest, header_mac, signed_message, stream_key
-from .inspect import _open_file, read_header
+from .inspect import RawHeader, _open_file, read_header
 from .ledger import ReplayLedger
 from .recipients import unwrap_file_key
 from .payload_scan import PayloadScanner
-from .safetensors_strict import PayloadLimits, TensorPayload, parse_payload
+from .safetensors_strict import Layout, PayloadLimits, TensorPayload, parse_payload
 from .stream import Progress, decrypt_stream_to
 
-__all__ = ["OpenedBundle", "VerifyOptions", "open_bundle", "check_freshness", "DEFAULT_MAX_PAYLOAD_BYTES"]
+__all__ = ["OpenedBundle", "VerifiedBundle", "VerifyOptions", "open_bundle", "verify_bundle", "check_freshness", "DEFAULT_MAX_PAYLOAD_BYTES"]
 
 DEFAULT_SKEW = timedelta(seconds=300)
 DEFAULT_MAX_PAYLOAD_BYTES = 2 << 30
@@ -198,8 +199,8 @@ def open_bundle(
             atomically, only after every check has passed).
 
     Returns:
-        The verified header, manifest, sender and tensors (views of a read-only map
-        of the verified payload).
+        The verified header, manifest, sender and tensors (views of a copy-on-write
+        map of the verified payload).
 
     Raises:
         BundleFormatError, FreshnessError, TrustError, ReplayError,
@@ -207,40 +208,81 @@ def open_bundle(
     """
     now = now or utc_now()
     with _open_file(path) as src:
-        # Steps 1-2; sizes checked against the limit and the file's length before anything is allocated.
-        raw = read_header(src, max_payload_bytes=options.max_payload_bytes)
+        raw, sender, key = _steps_before_stream(src, identity, trust, ledger, now, options)
         header = raw.header
-        check_freshness(header, now, options.skew)  # step 3
-        sender = trust.require(header.sender, "sender", now)  # step 4
-        if ledger is not None:
-            ledger.check(header.bundle_id)  # step 5
-        file_key = unwrap_file_key(header, identity)  # step 6
-        if not hmac.compare_digest(raw.mac, header_mac(file_key, raw.header_bytes)):  # step 7
-            raise BundleAuthError("the header MAC does not verify: the public header was modified")
-        key = stream_key(file_key, raw.header_bytes)
         with _payload_buffer(header.payload_size, options, out) as sink:
-            manifest, tensors, view = _decrypt_checked(src, raw.stream_length, key, header, sender, options, sink, progress)
+            manifest, _ = _decrypt_checked(src, raw.stream_length, key, header, sender, options, sink, progress)
+            view = _map_verified(sink, header.payload_size)
+            tensors = parse_payload(view, options.limits, values_checked=True)  # before ``out`` is published
     opened = OpenedBundle(header, manifest, sender, tensors, view)
     if ledger is not None:
         opened.record_in(ledger, now)  # step 13
     return opened
 
 
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A fully verified bundle whose payload was checked and discarded (:func:`verify_bundle`)."""
+
+    header: Header
+    manifest: Manifest
+    sender: PublicIdentity
+    tensor_specs: dict[str, tuple[str, tuple[int, ...]]]
+    """name -> (safetensors dtype code, shape), sorted by name."""
+
+
+def verify_bundle(
+    path: str | os.PathLike[str],
+    identity: Identity,
+    trust: TrustStore,
+    *,
+    ledger: ReplayLedger | None = None,
+    now: datetime | None = None,
+    options: VerifyOptions = VerifyOptions(),
+    progress: Progress | None = None,
+) -> VerifiedBundle:
+    """Every check of :func:`open_bundle`, holding and writing no payload: for ``secure-oneshot verify``.
+
+    The ledger, when given, is only checked (step 5), never written.  Raises what :func:`open_bundle` raises.
+    """
+    now = now or utc_now()
+    with _open_file(path) as src:
+        raw, sender, key = _steps_before_stream(src, identity, trust, ledger, now, options)
+        manifest, layout = _decrypt_checked(src, raw.stream_length, key, raw.header, sender, options, None, progress)
+    specs = {e.name: (e.dtype, e.shape) for e in sorted(layout.entries, key=lambda e: e.name)}
+    return VerifiedBundle(raw.header, manifest, sender, specs)
+
+
+def _steps_before_stream(src: BinaryIO, identity: Identity, trust: TrustStore, ledger: ReplayLedger | None,
+                         now: datetime, options: VerifyOptions) -> tuple[RawHeader, PublicIdentity, bytes]:
+    """Steps 1-7; returns the header, the trusted sender and the stream key."""
+    # Steps 1-2; sizes checked against the limit and the file's length before anything is allocated.
+    raw = read_header(src, max_payload_bytes=options.max_payload_bytes)
+    header = raw.header
+    check_freshness(header, now, options.skew)  # step 3
+    sender = trust.require(header.sender, "sender", now)  # step 4
+    if ledger is not None:
+        ledger.check(header.bundle_id)  # step 5
+    file_key = unwrap_file_key(header, identity)  # step 6
+    if not hmac.compare_digest(raw.mac, header_mac(file_key, raw.header_bytes)):  # step 7
+        raise BundleAuthError("the header MAC does not verify: the public header was modified")
+    return raw, sender, stream_key(file_key, raw.header_bytes)
+
+
 def _decrypt_checked(src: BinaryIO, stream_length: int, key: bytes, header: Header, sender: PublicIdentity,
-                     options: VerifyOptions, sink: BinaryIO, progress: Progress | None) -> tuple[Manifest, TensorPayload, memoryview]:
-    """Steps 8-12: decrypt into ``sink``, checking the payload as it passes; map it once everything holds."""
+                     options: VerifyOptions, sink: BinaryIO | None, progress: Progress | None) -> tuple[Manifest, Layout]:
+    """Steps 8-12: decrypt into ``sink`` (None: discard), checking the payload as it passes."""
     scanner = PayloadScanner(header.payload_size, options.limits)
 
     def consume(piece: memoryview) -> None:
-        try:
-            sink.write(piece)
-        except OSError as e:
-            raise ResourceError(f"cannot write the decrypted payload: {e.strerror or e}", hint="check free disk space") from e
+        if sink is not None:
+            try:
+                sink.write(piece)
+            except OSError as e:
+                raise ResourceError(f"cannot write the decrypted payload: {e.strerror or e}", hint="check free disk space") from e
         scanner.feed(piece)
 
     trailer, digest = decrypt_stream_to(src, stream_length, key, header.chunk_size, header.payload_size, consume, progress)  # step 8
     body, signature = _split_trailer(trailer)  # step 9
     manifest = _check_manifest(body, signature, sender, header, digest)  # steps 10-11
-    scanner.finish()  # step 12: the values were checked as they streamed past; now the layout
-    view = _map_verified(sink, header.payload_size)
-    return manifest, parse_payload(view, options.limits, values_checked=True), view
+    return manifest, scanner.finish()  # step 12: values checked as they streamed past, then the layout

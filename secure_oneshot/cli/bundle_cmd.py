@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ..bundle import Header, OpenedBundle, ReplayLedger, VerifyOptions, inspect_bundle, open_bundle, seal_safetensors_file
+from ..bundle import Header, OpenedBundle, ReplayLedger, VerifiedBundle, VerifyOptions, inspect_bundle, open_bundle, seal_safetensors_file, verify_bundle
 from ..bundle.recipients import check_recipients
 from ..bundle.format import MAX_PAYLOAD_SIZE
 from ..bundle.safetensors_strict import PayloadLimits
@@ -92,38 +92,45 @@ def _inspect(args: argparse.Namespace) -> Result:
     return Result({"header": _header_data(header), "verified": False}, lines)
 
 
-def _open_verified(args: argparse.Namespace, out: str | None = None) -> OpenedBundle:
-    """Verify (and, with ``out``, publish the payload once verified), holding a few chunks in memory, not the payload."""
+def _options(args: argparse.Namespace) -> VerifyOptions:
+    return VerifyOptions(max_payload_bytes=args.max_bytes, limits=PayloadLimits(reject_nonfinite=not args.allow_nonfinite))
+
+
+def _open_verified(args: argparse.Namespace, out: str) -> OpenedBundle:
+    """Verify and publish the payload at ``out`` once verified, holding a few chunks in memory, not the payload."""
     identity = load_private_identity(args.key, args.passphrase_env)
     store = load_trust_store(trust_path(args))
-    options = VerifyOptions(max_payload_bytes=args.max_bytes, limits=PayloadLimits(reject_nonfinite=not args.allow_nonfinite))
     with progress_bar("verifying", inspect_bundle(args.bundle).payload_size) as progress:
-        return open_bundle(args.bundle, identity, store, options=options, progress=progress, out=out)
+        return open_bundle(args.bundle, identity, store, options=_options(args), progress=progress, out=out)
 
 
-def _dtype_name(tensor: Any) -> str:
-    """``float32``, ``bfloat16``, ``int64``, ``bool``, ...: the element type's name (NumPy's, and bfloat16's)."""
-    from ..bundle.arrays import dtype_code   # only verify and open hold tensors: inspect and seal stay without NumPy
-
-    return "bfloat16" if dtype_code(tensor) == "BF16" else str(tensor.dtype)
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+"""safetensors dtype code -> the element type's name as NumPy (and torch, for bfloat16) spell it."""
 
 
-def _content(opened: OpenedBundle) -> tuple[dict[str, Any], list[str]]:
-    tensors = {name: {"dtype": _dtype_name(t), "shape": list(t.shape)} for name, t in opened.tensors.items()}
+def _content(bundle: OpenedBundle | VerifiedBundle) -> tuple[dict[str, Any], list[str]]:
+    if isinstance(bundle, VerifiedBundle):
+        specs = bundle.tensor_specs
+    else:
+        from ..bundle.arrays import dtype_code   # imported here only: inspect stays without NumPy
+
+        specs = {name: (dtype_code(t), tuple(t.shape)) for name, t in bundle.tensors.items()}
+    tensors = {name: {"dtype": _DTYPE_NAMES[code], "shape": list(shape)} for name, (code, shape) in specs.items()}
     data = {
-        "header": _header_data(opened.header),
-        "sender_name": opened.sender.name,
-        "payload_sha256": opened.manifest.payload_sha256,
-        "policy_sha256": opened.manifest.policy_sha256,
-        "dp": opened.manifest.dp,
-        "meta": opened.manifest.meta,
+        "header": _header_data(bundle.header),
+        "sender_name": bundle.sender.name,
+        "payload_sha256": bundle.manifest.payload_sha256,
+        "policy_sha256": bundle.manifest.policy_sha256,
+        "dp": bundle.manifest.dp,
+        "meta": bundle.manifest.meta,
         "tensors": tensors,
         "verified": True,
     }
     lines = [
-        f"VERIFIED bundle {opened.header.bundle_id} from {opened.sender.name} ({format_key_id(opened.sender.key_id)})",
-        *_header_lines(opened.header)[1:],
-        f"sha256     {opened.manifest.payload_sha256}",
+        f"VERIFIED bundle {bundle.header.bundle_id} from {bundle.sender.name} ({format_key_id(bundle.sender.key_id)})",
+        *_header_lines(bundle.header)[1:],
+        f"sha256     {bundle.manifest.payload_sha256}",
         f"tensors    {len(tensors)}",
         *(f"  {name}  {t['dtype']}  {tuple(t['shape'])}" for name, t in list(tensors.items())[:20]),
     ]
@@ -133,10 +140,15 @@ def _content(opened: OpenedBundle) -> tuple[dict[str, Any], list[str]]:
 
 
 def _verify(args: argparse.Namespace) -> Result:
-    # verify writes nothing: the ledger, when given, is only read.
-    if args.ledger:
-        ReplayLedger.read_only(args.ledger).check(inspect_bundle(args.bundle).bundle_id)
-    data, lines = _content(_open_verified(args))
+    # verify writes nothing (not even the payload to a temporary file): the ledger, when given, is only read.
+    ledger = ReplayLedger.read_only(args.ledger) if args.ledger else None
+    if ledger is not None:
+        ledger.check(inspect_bundle(args.bundle).bundle_id)
+    identity = load_private_identity(args.key, args.passphrase_env)
+    store = load_trust_store(trust_path(args))
+    with progress_bar("verifying", inspect_bundle(args.bundle).payload_size) as progress:
+        verified = verify_bundle(args.bundle, identity, store, options=_options(args), progress=progress)
+    data, lines = _content(verified)
     return Result(data, lines)
 
 

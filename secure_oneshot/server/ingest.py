@@ -18,7 +18,8 @@ For each inbox entry whose name ends in ``.sob``, in name order:
    after this works on the staged copy only: replacing or rewriting the inbox
    file from here on changes nothing.
 4. Replay check, verify and decrypt (FORMAT.md section 7, with the policy's size
-   limit applied before decryption), ingest policy.
+   limit applied before decryption) chunk by chunk into an anonymous file in
+   staging (never the payload in memory), ingest policy.
 5. Accepted: the staged file is renamed into ``accepted/<bundle_id>.sob`` (the
    very bytes that were verified), the registry entry ``accepted/<bundle_id>.json``
    records their SHA-256 (``file_sha256``) and the ingest policy, and only then is
@@ -291,7 +292,8 @@ def _ingest_one(name: str, ctx: _Context) -> BundleOutcome:
     try:
         entry.staged = _stage(entry, ctx)
         ctx.ledger.check(inspect_bundle(entry.staged.path).bundle_id)
-        options = VerifyOptions(max_payload_bytes=ctx.policy.max_bundle_bytes)
+        # The decrypted payload goes to an anonymous file in the private staging folder, not to a shared /tmp.
+        options = VerifyOptions(max_payload_bytes=ctx.policy.max_bundle_bytes, scratch_dir=ctx.folders.staging)
         opened = open_bundle(entry.staged.path, ctx.identity, ctx.trust, now=ctx.now, options=options)
         ev = _check_policy(ctx.policy, opened, ctx.trust, ctx.now)
         return _accept(entry, opened, ev, ctx)

@@ -1,0 +1,140 @@
+"""The file-to-file CLI transfer path against ``age`` and ``openssl enc``: wall, CPU and whole-process peak RSS.
+
+Run as ``python benchmarks/transfer.py --cli [--sizes 10,100,1000] [--workdir DIR]``.
+This parent imports only the standard library, and each command runs under
+GNU ``/usr/bin/time`` when it exists: on Linux a child's ``ru_maxrss`` starts at
+the RSS of the process that forked it (a Python parent: ~14 MiB, which would
+put a floor under every row), and ``time`` forks from a 1 MiB image.  The
+numbers are the command's own ``rusage`` (``wait4``): ``ru_maxrss`` (peak RSS of
+the whole process, interpreter and libraries included) and user + system CPU
+seconds.  Without ``/usr/bin/time`` the parent reaps the child with
+``os.wait4`` itself and the table says so.
+
+Per payload size (MB = 10^6 bytes): a safetensors file of float32 values in
+[0, 1) (16 tensors; written by a helper child with NumPy), then
+
+* ``secure-oneshot seal`` (strict checks incl. NaN/Inf, SHA-256, ChaCha20-Poly1305, sign),
+* ``secure-oneshot verify`` and ``secure-oneshot open --out`` (decrypt, check, publish),
+* ``age -e`` / ``age -d`` with an X25519 recipient, if ``age`` is installed,
+* ``openssl enc -chacha20`` / ``-d`` (raw cipher, no authentication: the floor).
+
+The keys are unprotected test keys (no Argon2id in the timings).  Files live in
+``--workdir`` (default a temporary folder in ``/dev/shm``, so the disk is not
+measured) and are removed after each size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MB = 10**6
+MiB = 1 << 20
+
+GENERATE = r"""
+import json, struct, sys
+import numpy as np
+path, total = sys.argv[1], int(sys.argv[2])
+n = total // 4 // 16
+rng = np.random.default_rng(20240601)
+header = {f"layers.{i:02d}.weight": {"dtype": "F32", "shape": [n], "data_offsets": [4 * n * i, 4 * n * (i + 1)]} for i in range(16)}
+text = json.dumps(header, separators=(",", ":")).encode()
+text += b" " * (-len(text) % 8)
+with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(text)) + text)
+    for _ in range(16):
+        for start in range(0, n, 1 << 22):
+            f.write(rng.random(min(1 << 22, n - start), dtype=np.float32).tobytes())
+"""
+
+
+TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run ``cmd``; its wall seconds, CPU seconds and peak RSS (MiB), from its own rusage."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        wrapped = [TIME, "-o", report.name, "-f", "%M %U %S", *cmd] if TIME else cmd
+        start = time.perf_counter()
+        proc = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed: {stderr[-2000:]}")
+        if TIME:
+            kib, user, system = report.read().split()[-3:]
+            return {"wall_s": wall, "cpu_s": float(user) + float(system), "peak_rss_mib": int(kib) / 1024}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "secure_oneshot", *args]
+
+
+def make_keys(work: Path, env: dict[str, str]) -> None:
+    for name in ("site", "server"):
+        subprocess.run(cli("keys", "new", "--name", name, "--out", str(work / "keys"), "--insecure-no-passphrase"),
+                       check=True, env=env, capture_output=True)
+    subprocess.run(cli("keys", "trust", "add", str(work / "keys" / "site.pub"), "--role", "sender", "--trust", str(work / "trust.toml")),
+                   check=True, env=env, capture_output=True)
+    if shutil.which("age-keygen"):
+        subprocess.run(["age-keygen", "-o", str(work / "age.key")], check=True, capture_output=True)
+
+
+def measure_size(work: Path, size_mb: int, env: dict[str, str], have_age: bool) -> dict[str, dict[str, float]]:
+    src, bundle, out = work / "in.safetensors", work / "b.sob", work / "out.safetensors"
+    subprocess.run([sys.executable, "-c", GENERATE, str(src), str(size_mb * MB)], check=True)
+    keys, trust = work / "keys", str(work / "trust.toml")
+    rows: dict[str, dict[str, float]] = {}
+    rows["secure-oneshot seal"] = run(cli("seal", str(src), "--key", str(keys / "site.key"), "--to", str(keys / "server.pub"),
+                                          "--out", str(bundle)), env)
+    common = ["--key", str(keys / "server.key"), "--trust", trust]
+    rows["secure-oneshot verify"] = run(cli("verify", str(bundle), *common), env)
+    rows["secure-oneshot open"] = run(cli("open", str(bundle), *common, "--out", str(out)), env)
+    if out.read_bytes() != src.read_bytes():
+        raise SystemExit("the opened payload differs from the sealed file")
+    for f in (bundle, out):
+        f.unlink()
+    if have_age:
+        recipient = next(line.split(": ")[1] for line in (work / "age.key").read_text().splitlines() if "public key" in line)
+        rows["age -e"] = run(["age", "-r", recipient.strip(), "-o", str(bundle), str(src)])
+        rows["age -d"] = run(["age", "-d", "-i", str(work / "age.key"), "-o", str(out), str(bundle)])
+        for f in (bundle, out):
+            f.unlink()
+    key, iv = "11" * 32, "22" * 16
+    rows["openssl enc -chacha20"] = run(["openssl", "enc", "-chacha20", "-K", key, "-iv", iv, "-in", str(src), "-out", str(bundle)])
+    rows["openssl enc -d -chacha20"] = run(["openssl", "enc", "-d", "-chacha20", "-K", key, "-iv", iv, "-in", str(bundle), "-out", str(out)])
+    for f in (src, bundle, out):
+        f.unlink()
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="transfer.py --cli", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,100,1000", help="payload sizes in MB (10^6 bytes), comma-separated")
+    parser.add_argument("--workdir", type=Path, help="folder for the files (default: a temporary one in /dev/shm)")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SECURE_ONESHOT_PASSPHRASE", None)
+    have_age = shutil.which("age") is not None and shutil.which("age-keygen") is not None
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix="transfer-cli-", dir=args.workdir or shm) as tmp:
+        work = Path(tmp)
+        make_keys(work, env)
+        print(f"age: {shutil.which('age') or 'absent'}; openssl: {shutil.which('openssl') or 'absent'}; "
+              f"rusage via {TIME or 'os.wait4 from the Python parent (RSS floor ~14 MiB)'}")
+        print(f"| payload | command | wall s | CPU s | CPU s per GB | peak RSS MiB |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: |")
+        for size in sizes:
+            for name, r in measure_size(work, size, env, have_age).items():
+                print(f"| {size} MB | `{name}` | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['cpu_s'] / (size / 1000):.2f} "
+                      f"| {r['peak_rss_mib']:.1f} |", flush=True)
+    return 0
