@@ -28,7 +28,7 @@ from secure_oneshot.bundle.seal import write_stream
 from secure_oneshot.bundle.stream import decrypt_stream
 from secure_oneshot.errors import BundleAuthError, TensorPayloadError
 
-from .conftest import NOW, SMALL_CHUNK, seal_sample
+from .conftest import NOW, SMALL_CHUNK
 from .ingest_helpers import run_ingest, seal
 
 MiB = 1 << 20
