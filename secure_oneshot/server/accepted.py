@@ -108,7 +108,11 @@ def _open_one(folders: IngestFolders, name: str, identity: Identity, trust: Trus
         raise BundleAuthError(f"{stored} differs from the file ingest verified (SHA-256 mismatch)", hint=_HINT)
     if not ledger.contains(bundle_id):
         raise BundleAuthError(f"bundle {bundle_id} is in accepted/ but not in the replay ledger {folders.ledger}", hint=_HINT)
-    opened = open_bundle(stored, identity, trust, now=now, options=VerifyOptions(max_payload_bytes=policy.max_bundle_bytes))
+    # The decrypted payload goes to an anonymous file in the server's private staging folder (made by ingest, 0700)
+    # rather than a shared temporary folder.
+    scratch = folders.staging if folders.staging.is_dir() else None
+    opened = open_bundle(stored, identity, trust, now=now,
+                         options=VerifyOptions(max_payload_bytes=policy.max_bundle_bytes, scratch_dir=scratch))
     if opened.header.bundle_id != bundle_id:
         raise BundleAuthError(f"{stored} holds bundle {opened.header.bundle_id}, not {bundle_id}", hint=_HINT)
     check_ingest_policy(policy, opened, trust, now)
