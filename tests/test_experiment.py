@@ -136,9 +136,13 @@ def test_bad_study_configs_are_config_errors() -> None:
     assert math.isinf(study_from_text(TINY).epsilons[0])
     audited = study_from_text(TINY.replace("enabled = true", "enabled = true\nshadows = 2"))
     assert audited.privacy_audit and audited.audit_shadows == 2
+    # each cell's epsilon covers every release: statistics that take all of one are refused when the config is read
+    with pytest.raises(ConfigError, match="leaves nothing of epsilon 8"):
+        study_from_text(TINY.replace("stats_epsilon = 1.0", "stats_epsilon = 8.0"))
 
 
-@pytest.mark.parametrize("name", ["study-quick-cpu.toml", "study-release-cpu.toml", "study-skew-cpu.toml", "study-paper-gpu.toml"])
+@pytest.mark.parametrize("name", ["study-quick-cpu.toml", "study-release-cpu.toml", "study-skew-cpu.toml", "study-paper-gpu.toml",
+                                  "study-utility-cpu.toml"])
 def test_example_studies_parse(name: str) -> None:
     from secure_oneshot.research.experiment import load_study
 

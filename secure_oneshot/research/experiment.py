@@ -128,7 +128,13 @@ class Study:
                 itertools.product(self.flags, self.alphas, self.epsilons, generator_epsilons, self.withhold, self.methods, self.seeds)]
 
     def check(self) -> Study:
-        """Raise ``ConfigError`` for a grid that cannot run (a generator method without a released generator)."""
+        """Raise ``ConfigError`` for a grid that cannot run (a generator method without a released generator, or
+        feature statistics that take a DP cell's whole epsilon)."""
+        too_small = [e for e in self.epsilons if self.stats_epsilon is not None and not math.isinf(e) and e <= self.stats_epsilon]
+        if too_small:
+            raise ConfigError(f"site.stats_epsilon {self.stats_epsilon:g} leaves nothing of epsilon {min(too_small):g} for training "
+                              "(each cell's epsilon covers every release)", hint="lower site.stats_epsilon or leave it out "
+                                                                                 "(default: a tenth of each cell's epsilon)")
         for method in set(self.methods) & set(NEEDS_GENERATOR):
             if self.generator is None:
                 raise ConfigError(f"server.methods: {method!r} samples the sites' generators, but the study has no [generator]",
