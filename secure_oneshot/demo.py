@@ -106,6 +106,9 @@ class DemoConfig:
     execution: Execution = field(default_factory=Execution)
     teacher_weighting: str | None = None  # the server's teacher (server.weighting); None: the preset's default
 
+    def __post_init__(self) -> None:
+        self.training_epsilon  # noqa: B018 -- refuse a budget the statistics take whole before anything is written
+
     def resolved_preset(self) -> DemoPreset:
         name = self.preset_name
         if name not in DEMO_PRESETS:
