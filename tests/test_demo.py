@@ -36,9 +36,7 @@ def demo_run(data_root, tmp_path_factory) -> tuple[Path, dict]:  # noqa: F811
 def test_demo_reports_every_baseline_row(demo_run) -> None:
     run, results = demo_run
     rows = results["metrics"]
-    # the default teacher is weighted (agreement), so the published equal-weight ensemble is reported beside it
-    assert list(rows) == [*SITES, "ensemble (teacher)", "ensemble (equal weights)", "fedavg (one-shot)", "global (distilled)",
-                          "centralised (pooled data)"]
+    assert list(rows) == [*SITES, "ensemble (teacher)", "fedavg (one-shot)", "global (distilled)", "centralised (pooled data)"]
     assert all(set(m) == {"acc", "auc", "balanced_acc"} and 0 <= m["acc"] <= 1 for m in rows.values())
     report = (run / "server" / "global" / "report.md").read_text()
     assert all(f"| {name} |" in report for name in [*SITES, "ensemble (teacher)", "fedavg (one-shot)", "global (distilled)"])

@@ -215,8 +215,9 @@ def test_unknown_weighting_is_a_config_error() -> None:
 
 
 def test_the_default_weighting_is_agreement_except_for_the_published_method() -> None:
-    assert DistillJob().weighting == "agreement" and DistillJob(preset="smoke").weighting == "agreement"
+    assert DistillJob().weighting == "agreement" and DistillJob(preset="gpu").weighting == "agreement"
     assert DistillJob(preset="paper").weighting == "equal"  # the method as published: the plain mean of logits
+    assert DistillJob(preset="smoke").weighting == "equal"  # 12 inversion steps: too short for the agreement probe
     assert DistillJob(preset="paper", teacher_weighting="agreement").weighting == "agreement"
     assert DistillJob(teacher_weighting="equal").weighting == "equal"
 
@@ -234,3 +235,23 @@ def test_study_config_takes_the_teacher_weighting() -> None:
     assert study_from_text('[study]\nname = "w"\n[server]\nteacher_weighting = "agreement"\n').teacher_weighting == "agreement"
     with pytest.raises(ConfigError, match="server.teacher_weighting"):
         study_from_text('[study]\nname = "w"\n[server]\nteacher_weighting = "by-vibes"\n')
+
+
+def test_run_distillation_uses_the_default_weighting_and_reports_both_teachers(monkeypatch, tmp_path) -> None:
+    """The job as the cpu and gpu presets run it when no scheme is named: agreement weights reach the report, and
+    the equal-weight teacher is evaluated beside the weighted one."""
+    from torch.utils.data import TensorDataset
+
+    import secure_oneshot.server.study as study
+
+    monkeypatch.setattr(study, "PROBE_MIN_STEPS", 2)  # the scheme's plumbing, not its quality
+    monkeypatch.setitem(study.PRESETS, "tiny", ({"batch_size": 8, "steps": 2, "snapshot_every": 1, "bn_weight": 0.1}, {"epochs": 1}))
+    sites = [SiteModel(f"s{i}", m, ClassifierConfig("small-cnn", 1, 2, "batch")) for i, m in enumerate(small_cnns(2, seed=5))]
+    test = TensorDataset(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 2)
+    job = DistillJob(preset="tiny", execution=Execution(device="cpu"))
+    assert job.weighting == "agreement"
+    run = study.run_distillation(sites, tmp_path / "global", job, test_set=test)
+    assert run.report["teacher_weighting"]["scheme"] == "agreement"
+    weights = torch.tensor(run.report["teacher_weighting"]["weights"])
+    assert weights.shape == (2, 2) and torch.allclose(weights.sum(dim=0), torch.ones(2), atol=1e-3)
+    assert {"ensemble (teacher)", "ensemble (equal weights)", "global (distilled)"} <= set(run.metrics)
