@@ -1,7 +1,7 @@
 """The main job: `secure-oneshot demo` end to end from the CLI (smoke preset, real PneumoniaMNIST), and
 `secure-oneshot distill` from an ingest server folder and from model directories.
 
-The smoke preset trains 3 hospitals for 2 epochs and distils for 2 short epochs: about 15 s here.  It
+The smoke preset trains 3 hospitals for 2 epochs and distils for 2 short epochs: about a minute here.  It
 checks plumbing and protocol, not utility (the utility numbers are in benchmarks/RESULTS.md).
 """
 
