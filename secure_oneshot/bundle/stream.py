@@ -1,8 +1,9 @@
 """The chunked AEAD stream (FORMAT.md section 6) and a background SHA-256.
 
 ``StreamWriter`` encrypts plaintext fed in arbitrary pieces, holding at most
-one chunk; ``decrypt_stream`` decrypts straight into the caller's payload
-buffer.  Both use ``encrypt_into``/``decrypt_into`` where the installed
+one chunk; ``decrypt_stream_to`` decrypts chunk by chunk into a few reused
+buffers and hands each payload region on (``decrypt_stream`` is its in-memory
+form, for tools and tests).  Both use ``encrypt_into``/``decrypt_into`` where the installed
 ``cryptography`` has them, so the hot loop allocates nothing per chunk.
 
 SHA-256 of the payload runs in a helper thread: ``hashlib`` releases the GIL
@@ -162,52 +163,25 @@ def decrypt_stream(
 ) -> bytearray:
     """Decrypt a whole stream: the first ``len(payload)`` plaintext bytes into ``payload``, the rest returned.
 
-    ``on_payload`` is called with each newly decrypted payload region, in order
-    (used to feed the hash thread).  Nothing is trusted until the caller has also
-    checked the signature and the digest.
-
-    Memory: one sealed chunk, one scratch chunk and the trailer (at most
-    ``MAX_TRAILER_LEN`` bytes, checked before it is allocated), beside ``payload``.
+    The in-memory form of :func:`decrypt_stream_to` (same checks, same errors), for tools and tests that hold a
+    whole payload.  ``on_payload`` is called with each newly decrypted region of ``payload``, in order.  Nothing
+    is trusted until the caller has also checked the signature and the digest.
 
     Raises:
         BundleAuthError: a chunk fails authentication, or the stream is too short.
         BundleFormatError: the stream is longer than the payload and the largest trailer.
     """
-    total = plaintext_length(ciphertext_length, chunk_size)
-    if total < len(payload) + 1:
-        raise _truncated("is too short for its declared payload")
-    if total - len(payload) > MAX_TRAILER_LEN:
-        raise BundleFormatError(f"encrypted stream holds {total - len(payload)} bytes after the payload, "
-                                f"more than the largest manifest and signature ({MAX_TRAILER_LEN})")
-    aead = ChaCha20Poly1305(key)
-    trailer = bytearray(total - len(payload))
-    sealed, scratch = bytearray(chunk_size + TAG_SIZE), bytearray(chunk_size)
-    n_chunks = -(-total // chunk_size)
-    for index in range(n_chunks):
-        start = index * chunk_size
-        length = min(chunk_size, total - start)
-        ct = memoryview(sealed)[: length + TAG_SIZE]
-        if src.readinto(ct) != len(ct):
-            raise _truncated("ended early")
-        in_payload = start + length <= len(payload)
-        target = payload[start : start + length] if in_payload else memoryview(scratch)[:length]
-        try:
-            nonce = chunk_nonce(index, index == n_chunks - 1)
-            if _HAS_INTO:
-                aead.decrypt_into(nonce, ct, None, target)
-            else:  # pragma: no cover - older cryptography
-                target[:] = aead.decrypt(nonce, bytes(ct), None)
-        except InvalidTag as e:
-            raise _truncated(f"chunk {index} of {n_chunks} failed authentication") from e
-        if not in_payload:
-            split = max(0, len(payload) - start)
-            payload[start : start + split] = target[:split]
-            trailer[max(0, start - len(payload)) : start + length - len(payload)] = target[split:]
-            target = payload[start : start + split]
-        if on_payload is not None and len(target):
+    written = 0
+
+    def into_payload(region: memoryview) -> None:
+        nonlocal written
+        target = payload[written : written + len(region)]
+        target[:] = region
+        written += len(region)
+        if on_payload is not None:
             on_payload(target)
-        if progress is not None:
-            progress(length)
+
+    trailer, _ = decrypt_stream_to(src, ciphertext_length, key, chunk_size, len(payload), into_payload, progress)
     return trailer
 
 
