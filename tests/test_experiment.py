@@ -268,3 +268,26 @@ def test_an_infinite_alpha_partitions_iid(tmp_path: Path, data_root) -> None:  #
     assert partition.scheme == "iid"
     counts = [s["records"] for s in json.loads((tmp_path / "partition.json").read_text())["sites"]]
     assert max(counts) - min(counts) <= 1
+
+
+def test_a_study_without_the_centralised_reference_reports_none() -> None:
+    """Runs of a study without ``centralised`` carry no such columns, so the report shows "-" (and plots draw no
+    curve), never a NaN mean; with the columns, their mean is reported."""
+    from secure_oneshot.research.experiment import GROUP_FIELDS, ROW_FIELDS, Cell, _row, markdown_summary, summarise
+
+    metrics = {name: {"acc": 0.5, "auc": 0.5, "balanced_acc": 0.5} for name in
+               ("site-a", "ensemble (teacher)", "fedavg (one-shot)", "global (distilled)")}
+    row = _row(Cell("pneumoniamnist", 0.5, 8.0, "inversion", 0), metrics, ["site-a"], [], 1, 1.0)
+    assert not any(f.startswith("centralised_") for f in row)  # distillation never reports it: no NaN columns
+    assert row["ensemble_equal_acc"] == 0.5  # the equal teacher is the teacher when the run was not weighted
+    cell = {"flag": "pneumoniamnist", "alpha": 0.5, "epsilon": 8.0, "generator_epsilon": "none", "withheld": "none",
+            "method": "inversion"}
+    base = {f: 0.5 for f in ROW_FIELDS[len(GROUP_FIELDS) + 1:] if not f.startswith("centralised_")}
+    rows = [{**base, **cell, "seed": s} for s in (0, 1)]
+    study = study_from_text(TINY)
+    (stats,) = summarise(rows).values()
+    assert stats["centralised_acc"][2] == 0 and stats["global_acc"] == (0.5, 0.0, 2)
+    line = markdown_summary(study, rows).splitlines()[-1]
+    assert "nan" not in line.lower()
+    with_reference = [{**r, "centralised_acc": 0.8 + 0.02 * r["seed"]} for r in rows]
+    assert "0.810 +- 0.010" in markdown_summary(study, with_reference)

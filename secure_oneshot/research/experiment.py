@@ -293,8 +293,7 @@ def centralised_row(out: Path, study: Study, cell: Cell, data_root: str | None) 
     (:func:`~secure_oneshot.demo.centralised_reference`), cached under ``OUT/cache/centralised-<key>.json``: the
     pooled records do not depend on the split, so every alpha of a (flag, epsilon, seed) shares it."""
     cfg, preset = _site_setup(study, cell, data_root)
-    key = {"centralised": _cache_key(replace(cfg, alpha=math.inf), preset)}
-    path = out / "cache" / f"centralised-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+    path = out / "cache" / f"centralised-{_cache_key(replace(cfg, alpha=math.inf), preset)}.json"
     if path.is_file():
         metrics = json.loads(path.read_text())
     else:

@@ -13,12 +13,13 @@ __all__ = ["MODELS", "METRICS", "GROUP_FIELDS", "ROW_FIELDS", "METRIC_FIELDS", "
            "markdown_summary"]
 
 MODELS = {"sites": "sites (mean)", "ensemble": "ensemble (teacher)", "fedavg": "fedavg (one-shot)", "global": "global (distilled)",
-          "ensemble_equal": "ensemble (equal weights)",  # the published teacher beside a weighted one (the same when equal)
-          "centralised": "centralised (pooled data)"}    # [study] centralised: one model on all records, same epsilon
+          "ensemble_equal": "ensemble (equal weights)"}  # the published teacher beside a weighted one (the same when equal)
+"""What every run's distillation report holds (a model it could not build, e.g. FedAvg of mixed architectures: NaN)."""
+REFERENCES = ("centralised",)  # [study] centralised: one model on all records pooled, same epsilon; absent when off
 METRICS = ("acc", "auc", "balanced_acc")
 GROUP_FIELDS = ("flag", "alpha", "epsilon", "generator_epsilon", "withheld", "method")  # a cell; + seed = a run
 ROW_FIELDS = [*GROUP_FIELDS, "seed",
-              *[f"{m}_{k}" for m in MODELS for k in METRICS],
+              *[f"{m}_{k}" for m in (*MODELS, *REFERENCES) for k in METRICS],
               "epsilon_classifier_max", "epsilon_generator_max", "epsilon_composed_max", "bytes_transferred", "seconds",
               "mia_sites_auc_max", "mia_sites_epsilon_max", "mia_global_auc", "lira_sites_auc_max",
               "mia_generators_auc_max", "lira_generators_auc_max", "generator_near_copies_max",
