@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from .. import __version__
 from .._internal.atomic import atomic_write_bytes
 from ..data import MedMNISTSplit, Partition, SiteData, load_medmnist, load_npz, partition_indices, to_dataset
+from ..data.medmnist_data import task_note, trained_as
 from ..errors import ConfigError, PrivacyError
 from ..metrics import evaluate_model
 from ..models.classifier import ClassifierConfig, build_classifier
@@ -433,7 +434,9 @@ def training_record(result: TrainResult, data_cfg: DataConfig, cfg: TrainConfig,
             "config": asdict(result.config or cfg), "data": {"flag": data_cfg.flag, "size": data_cfg.size, "site": data_cfg.site,
                                             "partition": asdict(data_cfg.partition), "fingerprint": result.data.train.fingerprint(),
                                             "train_records": len(result.data.train), "val_records": len(result.data.val),
-                                            "label_counts": counts},
+                                            "label_counts": counts, "task": result.data.train.task,
+                                            "trained_as": trained_as(result.data.train.task),
+                                            **({"note": task_note(result.data.train.task)} if task_note(result.data.train.task) else {})},
             "history": result.history, "metrics": result.metrics, "versions": _versions(),
             **({"decision_threshold": {"margin": result.threshold.threshold, "epsilon": result.threshold.epsilon}} if result.threshold else {}),
             **({"hyperparameters": hyperparameter_source(result.config or cfg)} if result.dp else {}),

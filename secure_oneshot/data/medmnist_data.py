@@ -8,8 +8,9 @@ also point at its own MedMNIST-format ``.npz`` (:func:`load_npz`).
 What it does not do: download silently.  A hospital machine must not reach
 out on its own, so downloading is opt-in (``download=True`` / ``--download``);
 a missing file is a :class:`DataError` naming the file, the folder and how to
-get it.  Multi-label (ChestMNIST) and ordinal (RetinaMNIST) tasks are refused
-until the training code supports them.
+get it.  Ordinal-regression tasks (RetinaMNIST) are trained and evaluated as
+multi-class, as the MedMNIST benchmark does (:func:`trained_as`); multi-label
+tasks (ChestMNIST) are refused until the training code supports them.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from torch.utils.data import TensorDataset
 
 from ..errors import DataError
 
-__all__ = ["DATA_ENV", "SPLITS", "MedMNISTSplit", "SiteData", "load_medmnist", "load_npz", "to_dataset", "default_root", "num_classes"]
+__all__ = ["DATA_ENV", "SPLITS", "MedMNISTSplit", "SiteData", "load_medmnist", "load_npz", "to_dataset", "default_root", "num_classes",
+           "trained_as", "task_note"]
 
 DATA_ENV = "SECURE_ONESHOT_DATA"
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
-SUPPORTED_TASKS = ("binary-class", "multi-class")
+SUPPORTED_TASKS = ("binary-class", "multi-class", "ordinal-regression")
+# The MedMNIST benchmark trains and evaluates its ordinal-regression sets as plain multi-class problems.
+_TRAINED_AS = {"ordinal-regression": "multi-class"}
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,19 @@ def _info(flag: str) -> dict:
     if info["task"] not in SUPPORTED_TASKS:
         raise DataError(
             f"{flag} is a {info['task']} task, which this version does not train",
-            hint="use a binary-class or multi-class dataset such as pneumoniamnist, breastmnist, bloodmnist or dermamnist",
+            hint="use a binary-class, multi-class or ordinal-regression dataset such as pneumoniamnist, bloodmnist or retinamnist",
         )
     return info
+
+
+def trained_as(task: str) -> str:
+    """The task type a MedMNIST task is trained and evaluated as (ordinal regression: multi-class)."""
+    return _TRAINED_AS.get(task, task)
+
+
+def task_note(task: str) -> str | None:
+    """A plain sentence for records and reports when a task is trained as another type, else ``None``."""
+    return f"{task} trained as {trained_as(task)} (as the MedMNIST benchmark does)" if trained_as(task) != task else None
 
 
 def num_classes(flag: str) -> int:
