@@ -31,6 +31,7 @@ COMMANDS = (
     Command("export", "export_cmd", "policy-checked, signed, encrypted, audited export of a trained model"),
     Command("ingest", "export_cmd", "verify an inbox of bundles; accept or quarantine each"),
     Command("audit", "audit_cmd", "verify and read a hash-chained, signed audit log"),
+    Command("data", "data_cmd", "check a site's own images (folder, CSV manifest, DICOM) before training"),
     Command("train", "train_cmd", "train a site's classifier (and optional generator) into a model directory"),
     Command("partition", "train_cmd", "split train+val of a MedMNIST set among sites (IID or Dirichlet)"),
     Command("distill", "distill_cmd", "distil one global model from the accepted site models (server)"),

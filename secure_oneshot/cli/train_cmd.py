@@ -13,6 +13,7 @@ from .._internal.atomic import atomic_write_bytes
 from ..client.site_config import load_site_config, with_dp
 from ..data import Partition, load_medmnist, partition_indices
 from ..data.partition import label_counts
+from .data_cmd import add_source_options, source_from_options
 from .output import Result
 
 __all__ = ["register"]
@@ -36,11 +37,15 @@ def _train(args: argparse.Namespace) -> Result:
         cfg = replace(cfg, train=replace(cfg.train, epochs=args.epochs))
     if args.download:
         cfg = replace(cfg, data=replace(cfg.data, download=True))
+    source = source_from_options(cfg.source, args, cfg.data.size)
+    if source != cfg.source:
+        cfg = replace(cfg, source=source, data=replace(cfg.data, size=source.size) if source else cfg.data)
     run = run_site(cfg, progress=not args.json)
     test = run.classifier.metrics.get("test", {})
     eps = {a: r["epsilon"] for a, r in run.record["dp"].items()}
     lines = [
-        f"trained site {cfg.data.site} of {cfg.data.flag} ({len(run.classifier.data.train)} records) -> {run.out}",
+        f"trained site {cfg.data.site} of {cfg.data.flag if cfg.source is None else 'its own ' + cfg.source.kind + ' images'} "
+        f"({len(run.classifier.data.train)} records) -> {run.out}",
         f"  classifier  {cfg.model.architecture}, norm {run.classifier.model_config.norm}; "
         f"test ACC {test.get('acc', float('nan')):.3f} AUC {test.get('auc', float('nan')):.3f} "
         f"balanced ACC {test.get('balanced_acc', float('nan')):.3f}; loss {run.classifier.config.loss if run.classifier.config else 'ce'}",
@@ -69,7 +74,8 @@ def _partition(args: argparse.Namespace) -> Result:
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     train = commands.add_parser("train", help="train a site's classifier (and optional generator) into a model directory", parents=[common])
     train.add_argument("--config", required=True, metavar="SITE.toml", help="site config (see README)")
-    train.add_argument("--data-root", metavar="DIR", help="MedMNIST folder (overrides the config and $SECURE_ONESHOT_DATA)")
+    train.add_argument("--data-root", metavar="DIR", help="MedMNIST folder, or the image folder of a folder source "
+                       "(overrides the config and $SECURE_ONESHOT_DATA)")
     train.add_argument("--out", metavar="DIR", help="model directory (overrides [output] dir)")
     train.add_argument("--dp-epsilon", type=float, help="train the classifier with DP-SGD to this epsilon (with the dp preset unless the config names one)")
     train.add_argument("--dp-delta", type=float, default=1e-5)
@@ -81,6 +87,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                        help="training loss (auto: logit-adjusted under DP when a label histogram is released)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--download", action="store_true", help="let medmnist download a missing file (needs internet access)")
+    add_source_options(train)
     train.set_defaults(handler=_train)
 
     part = commands.add_parser("partition", help="split train+val of a MedMNIST set among sites (IID or Dirichlet)", parents=[common])

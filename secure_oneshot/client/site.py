@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from ..data import to_dataset
+from ..data import SiteData, to_dataset
+from ..data.sources import source_record, source_site_data
 from ..errors import ConfigError
 from .site_config import SiteConfig
 from .train import TrainResult, classifier_state, site_data, train_classifier, training_record, write_model_dir
@@ -74,14 +75,27 @@ def _loss_note(result: TrainResult) -> dict[str, Any]:
     return {"loss": {"kind": "logit-adjusted", "tau": cfg.logit_adjust_tau, "prior": prior}}
 
 
+def _site_data(cfg: SiteConfig) -> SiteData:
+    """MedMNIST (a partition or the site's own file), or the site's own images decoded up front: either way the
+    same records, validation slice and fingerprint that training consumes."""
+    if cfg.source is None:
+        return site_data(cfg.data, cfg.train.val_fraction, cfg.train.seed)
+    return source_site_data(cfg.source, cfg.train.val_fraction, cfg.train.seed)
+
+
 def run_site(cfg: SiteConfig, *, progress: bool = False) -> SiteRun:
     """Train everything the config asks for and write the model directory atomically, file by file."""
-    data = site_data(cfg.data, cfg.train.val_fraction, cfg.train.seed)
+    data = _site_data(cfg)
     # The data decides channels and classes (RGB, many-class sets), not the config's defaults.
     model_cfg = replace(cfg.model, in_channels=data.train.n_channels, num_classes=data.train.n_classes)
     result = train_classifier(model_cfg, cfg.train, data, progress=progress)
     files = {"classifier": classifier_state(result.model)}
     record = training_record(result, cfg.data, cfg.train, _loss_note(result))
+    if cfg.source is not None:  # the MedMNIST fields (flag, partition) do not describe a site's own images
+        described = record["training"]["data"]
+        for key in ("flag", "partition"):
+            described.pop(key, None)
+        described.update(source_record(cfg.source))
     if result.label_counts is not None:
         files["label_counts"] = {"counts": result.label_counts.counts.contiguous()}
         record["artifacts"]["label_counts"] = {"num_classes": int(result.label_counts.counts.numel())}

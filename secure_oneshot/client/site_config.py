@@ -3,6 +3,7 @@
 ::
 
     [data]
+    source = "medmnist"          # or "folder" | "manifest" | "dicom": the site's own images (see below)
     flag = "pneumoniamnist"      # any 2D MedMNIST flag
     size = 28
     root = "../shared/data/medmnist"   # optional; else --data-root or $SECURE_ONESHOT_DATA
@@ -13,6 +14,17 @@
     alpha = 0.6
     partition_seed = 0
     min_size = 10
+
+    # A site's own images instead (README "Bring your own data"); partition keys do not apply:
+    # source = "folder"            # root/<class name>/*.png|jpg|jpeg|tif|tiff
+    # root = "images"
+    # source = "manifest"          # or "dicom": a CSV of path,label rows, paths relative to the CSV's folder
+    # manifest = "images/manifest.csv"
+    # path_column = "path"
+    # label_column = "label"
+    # classes = ["normal", "pneumonia"]   # the label map: index i is classes[i], the same at every site
+    # channels = 1                 # 1: grey, 3: RGB
+    # size = 28                    # images are centre-cropped to a square and resized to this
 
     [model]
     architecture = "small-cnn"   # resnet18-cifar | resnet18 | small-cnn | scatternet
@@ -48,6 +60,8 @@ from typing import Any
 from .._internal.compat import tomllib
 from .._internal.strict_toml import Problems, Table, one_of, positive
 from ..data import Partition
+from ..data.image_files import SourceConfig
+from ..data.source_config import SIZES, int_in, own_source
 from ..errors import ConfigError
 from ..models.classifier import ARCHITECTURES, ClassifierConfig
 from .train import LOSSES, PRESETS, DataConfig, TrainConfig
@@ -65,6 +79,7 @@ class SiteConfig:
     out: Path
     train_preset: str | None = None                                     # as named in [train]; None: the default
     train_overrides: dict[str, Any] = field(default_factory=dict)      # [train] settings over the preset
+    source: SourceConfig | None = None                                  # the site's own images; None: MedMNIST (data)
 
 
 # TrainConfig field -> TOML type ("from __future__ import annotations" makes field types strings).
@@ -98,7 +113,12 @@ def with_dp(cfg: SiteConfig, epsilon: float, delta: float) -> SiteConfig:
     return replace(cfg, train=replace(base, **{**cfg.train_overrides, "dp_epsilon": epsilon, "dp_delta": delta}))
 
 
-def _data_config(t: Table, root_override: str | None) -> DataConfig:
+def _data_config(t: Table, root_override: str | None, problems: Problems) -> tuple[DataConfig, SourceConfig | None]:
+    source = own_source(t, problems, root_override)
+    if source is not None:
+        config = DataConfig(size=source.size, site=t.get("site", "integer", 0))
+        t.finish()
+        return config, source
     partition = Partition(
         n_sites=t.get("n_sites", "integer", 5, check=positive),
         scheme=t.get("partition", "string", "iid", check=one_of(("iid", "dirichlet"))),
@@ -108,14 +128,14 @@ def _data_config(t: Table, root_override: str | None) -> DataConfig:
     )
     config = DataConfig(
         flag=t.get("flag", "string", "pneumoniamnist"),
-        size=t.get("size", "integer", 28, check=one_of((28, 64, 128, 224))),
+        size=t.get("size", "integer", 28, check=int_in(SIZES)),
         root=root_override or t.get("root", "string", None),
         file=t.get("file", "string", None),
         site=t.get("site", "integer", 0),
         partition=partition,
     )
     t.finish()
-    return config
+    return config, None
 
 
 def _optional_table(root: Table, name: str, allowed: dict[str, str]) -> dict[str, Any] | None:
@@ -136,7 +156,7 @@ def site_config_from_text(text: str, source: str = "<site config>", *, root_over
         raise ConfigError(f"{source}: invalid TOML ({e})") from e
     problems = Problems(source, text, "see the site.toml example in secure_oneshot/client/site_config.py")
     root = Table(doc, "", problems)
-    data = _data_config(root.table("data", required=False), root_override)
+    data, source = _data_config(root.table("data", required=False), root_override, problems)
     model_t = root.table("model", required=False)
     architecture = model_t.get("architecture", "string", "small-cnn", check=one_of(tuple(ARCHITECTURES)))
     model_t.finish()
@@ -161,7 +181,7 @@ def site_config_from_text(text: str, source: str = "<site config>", *, root_over
     elif train.loss == "logit-adjusted" and train.dp_epsilon is not None and not train.label_counts_epsilon:
         problems.add("train.loss", "logit-adjusted under DP needs train.label_counts_epsilon (the prior must be a DP release)")
     problems.raise_if_any()
-    return SiteConfig(data, ClassifierConfig(architecture), train, generator, stats, Path(out), train_preset, train_overrides)
+    return SiteConfig(data, ClassifierConfig(architecture), train, generator, stats, Path(out), train_preset, train_overrides, source)
 
 
 def load_site_config(path: str | os.PathLike[str], *, root_override: str | None = None) -> SiteConfig:
