@@ -6,7 +6,9 @@ history (noise multiplier, sample rate, steps), delta, the claimed epsilon, the
 clipping norm, the sampling mode, a fingerprint of the records trained on, and
 library versions.  DP claims are verified, not trusted (DESIGN.md, Policies):
 :func:`verify_claim` recomputes epsilon from the history with Opacus and refuses
-a claim that disagrees.
+a claim that disagrees.  Opacus's accountant code is loaded by
+:mod:`.opacus_accounting` without the ``opacus`` package itself, so checking a
+claim imports NumPy and SciPy (Opacus's analysis needs them) but not PyTorch.
 
 What this module does *not* do: decide whether a record is acceptable (the
 policy layer compares epsilon, delta, accountant and sampling mode with its
@@ -47,6 +49,7 @@ from typing import Any
 
 from ..errors import PrivacyError
 from .._internal.encoding import MAX_SAFE_INT
+from .opacus_accounting import accountant_class, prv_analysis
 
 __all__ = [
     "ACCOUNTANTS",
@@ -435,33 +438,28 @@ def _check_recomputable(history: Sequence[tuple[float, float, int]]) -> tuple[tu
 
 
 def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
+    accountant = accountant_class("rdp")()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
 
 
 def _prv_cells(history: Sequence[tuple[float, float, int]], delta: float) -> float:
     """Discretisation points x entries the PRV accountant would allocate (Opacus 1.6 ``_get_domain``)."""
-    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
-
+    analysis = prv_analysis()
     delta_error = delta * PRV_DELTA_ERROR_RATIO
     steps = [n for _, _, n in history]
-    prvs = [PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history]
-    half_width = compute_safe_domain_size(prvs, steps, eps_error=PRV_EPS_ERROR, delta_error=delta_error)
+    prvs = [analysis.PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history]
+    half_width = analysis.compute_safe_domain_size(prvs, steps, eps_error=PRV_EPS_ERROR, delta_error=delta_error)
     mesh = PRV_EPS_ERROR / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
     return (2 * half_width / mesh) * len(history)
 
 
 def _prv_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    from opacus.accountants import PRVAccountant
-
     cells = _prv_cells(history, delta)
     if not cells <= MAX_PRV_CELLS:
         raise PrivacyError(f"the PRV accountant would need {cells:.3g} cells (limit {MAX_PRV_CELLS}) for this history "
                            "(noise too small or training too long)", hint="recompute with the 'rdp' accountant")
-    accountant = PRVAccountant()
+    accountant = accountant_class("prv")()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta, eps_error=PRV_EPS_ERROR, delta_error=delta * PRV_DELTA_ERROR_RATIO))
 

@@ -1,0 +1,95 @@
+"""Opacus's accountants loaded without the opacus package give the very epsilons of ``opacus.accountants``.
+
+The verifier (policy/dp.py) loads Opacus's accounting files under a private package name so that checking a
+DP claim does not import PyTorch; these tests hold it to Opacus imported the normal way, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from secure_oneshot.errors import PrivacyError
+from secure_oneshot.policy import opacus_accounting
+from secure_oneshot.policy.dp import PRV_DELTA_ERROR_RATIO, PRV_EPS_ERROR, RDP_ORDERS, compute_epsilon
+
+HISTORIES = [
+    ((1.1, 0.01, 1000),),
+    ((0.8, 0.004, 25_000),),
+    ((1.0, 0.01, 1000), (1.5, 0.02, 300), (4.0, 1.0, 1)),
+    ((0.7, 0.02, 100), (2.0, 0.05, 300)),
+]
+DELTAS = [1e-5, 1e-3]
+
+
+def _opacus_epsilon(accountant: str, history: tuple, delta: float) -> float:
+    import numpy as np
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    if accountant == "rdp":
+        rdp = RDPAccountant()
+        rdp.history = list(history)
+        return float(rdp.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
+    prv = PRVAccountant()
+    prv.history = list(history)
+    with np.errstate(divide="ignore"):
+        return float(prv.get_epsilon(delta, eps_error=PRV_EPS_ERROR, delta_error=delta * PRV_DELTA_ERROR_RATIO))
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("history", HISTORIES)
+@pytest.mark.parametrize("delta", DELTAS)
+def test_lean_epsilon_equals_opacus_imported_normally(accountant: str, history: tuple, delta: float) -> None:
+    assert compute_epsilon(accountant, history, delta) == _opacus_epsilon(accountant, history, delta)
+
+
+def test_the_loaded_code_is_opacus_own_files() -> None:
+    """Every accountant module but the stand-in base class is a file of the installed Opacus, unchanged."""
+    import opacus.accountants as real
+
+    directory = Path(real.__file__).resolve().parent
+    classes = {name: opacus_accounting.accountant_class(name) for name in ("rdp", "prv")}
+    for name, cls in classes.items():
+        module = sys.modules[cls.__module__]
+        assert Path(module.__file__).resolve() == directory / f"{name}.py"
+        assert cls.__qualname__ == {"rdp": "RDPAccountant", "prv": "PRVAccountant"}[name]
+    analysis = opacus_accounting.prv_analysis()
+    assert Path(analysis.__file__).resolve() == directory / "analysis" / "prv" / "__init__.py"
+    prefix = opacus_accounting.PACKAGE + "."
+    loaded = {name: module for name, module in sys.modules.items() if name.startswith(prefix)}
+    for name, module in loaded.items():
+        if name == prefix + "accountant":  # the stand-in: no file, the history list only
+            assert getattr(module, "__file__", None) is None
+            continue
+        relative = name[len(prefix):].replace(".", "/")
+        expected = {directory / f"{relative}.py", directory / relative / "__init__.py"}
+        assert Path(module.__file__).resolve() in expected, name
+
+
+def test_checking_a_claim_imports_scipy_but_neither_torch_nor_opacus() -> None:
+    """In a fresh interpreter: RDP and PRV recomputation load no torch and register nothing as ``opacus``."""
+    code = (
+        "import json, sys\n"
+        "from secure_oneshot.policy.dp import compute_epsilon\n"
+        "eps = [compute_epsilon(a, [(1.0, 0.01, 100)], 1e-5) for a in ('rdp', 'prv')]\n"
+        "print(json.dumps({'eps': eps, 'top': sorted({m.split('.')[0] for m in sys.modules})}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert all(0 < e < 10 for e in report["eps"])
+    heavy = {"torch", "torchvision", "opacus", "diffusers", "sklearn", "pandas", "matplotlib"}
+    assert heavy.isdisjoint(report["top"]), sorted(heavy & set(report["top"]))
+    assert "scipy" in report["top"]  # Opacus's analysis needs it: the documented exception
+
+
+def test_a_missing_opacus_is_a_privacy_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No opacus installed: a PrivacyError with a hint, not an ImportError traceback."""
+    monkeypatch.setattr(opacus_accounting.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(PrivacyError, match="opacus is not installed"):
+        opacus_accounting._opacus_root()
