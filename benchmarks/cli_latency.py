@@ -11,7 +11,8 @@ Fixtures, built once in a temporary folder: the public test-vector identities
 (tests/vectors/keys) and the research policy (policies/research-study.toml,
 signed by the test ``dpo`` key), a demo-sized model directory (small-cnn, as
 ``secure-oneshot demo --preset cpu`` trains; no DP record), a ``resnet18-cifar``
-one (45 MB), and a 10 MB safetensors file sealed to the server for
+one (45 MB), two small-cnn ones with a DP record (RDP and PRV accountant, whose
+epsilon export and ingest recompute), and a 10 MB safetensors file sealed to the server for
 ``inspect`` / ``verify``.  ``export`` writes a new bundle each run;
 ``ingest`` gets a fresh server folder with one bundle in its inbox each run.
 
@@ -46,7 +47,7 @@ def measure(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, flo
     return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, child.returncode
 
 
-def write_model(folder: Path, architecture: str) -> Path:
+def write_model(folder: Path, architecture: str, accountant: str | None = None) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -58,6 +59,12 @@ def write_model(folder: Path, architecture: str) -> Path:
     save_file({n: rng.standard_normal(e.shape).astype(np.float32) for n, e in layout.entries.items()}, str(folder / "classifier.safetensors"))
     meta = {"architecture": architecture, "in_channels": 1, "num_classes": 2, "norm": "group", "image_size": 28}
     record = {"format": "secure-oneshot-model/v1", "site": "site-a", "artifacts": {"classifier": meta}, "dp": {}, "training": {"epochs": 1}}
+    if accountant is not None:  # a DP record as DP-SGD training writes it (1000 steps, sigma 1.1, q 0.01)
+        from secure_oneshot.policy.dp import DpRecord, compute_epsilon
+
+        history = ((1.1, 0.01, 1000),)
+        record["dp"] = {"classifier": DpRecord(accountant, history, 1e-5, compute_epsilon(accountant, history, 1e-5), 1.0, "poisson",
+                                               "sha256:site-a-train", {"opacus": "1.6.0"}).to_json()}
     (folder / "record.json").write_text(json.dumps(record))
     return folder
 
@@ -78,10 +85,12 @@ def build_fixtures(work: Path, cli: list[str], env: dict[str, str]) -> None:
     subprocess.run([*cli, "policy", "sign", "policy.toml", "--key", str(KEYS / "dpo.key")], cwd=work, env=env, check=True, capture_output=True)
     write_model(work / "demo-model", "small-cnn")
     write_model(work / "resnet-model", "resnet18-cifar")
+    write_model(work / "dp-rdp-model", "small-cnn", "rdp")
+    write_model(work / "dp-prv-model", "small-cnn", "prv")
     save_file({"w": np.random.default_rng(1).standard_normal(10 * MiB // 4).astype(np.float32)}, str(work / "ten.safetensors"))
     subprocess.run([*cli, "seal", "ten.safetensors", "--key", str(KEYS / "site-a.key"), "--to", str(KEYS / "server.pub"),
                     "--out", "ten.sob"], cwd=work, env=env, check=True, capture_output=True)
-    for model in ("demo-model", "resnet-model"):
+    for model in ("demo-model", "resnet-model", "dp-rdp-model", "dp-prv-model"):
         subprocess.run([*cli, *export_args(model, f"{model}.sob")], cwd=work, env=env, check=True, capture_output=True)
 
 
@@ -102,6 +111,7 @@ def fresh_inbox(work: Path, bundle: str) -> Callable[[int], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5, help="runs per command; the minimum is reported (default 5)")
+    parser.add_argument("--only", metavar="TEXT", help="measure only the rows whose label contains TEXT")
     parser.add_argument("--build", metavar="DIR", help=argparse.SUPPRESS)   # internal: build the fixtures in DIR
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -131,7 +141,14 @@ def main() -> None:
             ("`export` (resnet18-cifar, 45 MB)", [*cli, *export_args("resnet-model", "out-resnet.sob")], None),
             ("`ingest` (resnet18-cifar bundle)", [*cli, "ingest", "--server-dir", "server", "--policy", "ingest.toml", *server],
              fresh_inbox(work, "resnet-model.sob")),
+            ("`export` (small-cnn, DP record, rdp)", [*cli, *export_args("dp-rdp-model", "out-dp-rdp.sob")], None),
+            ("`ingest` (small-cnn, DP record, rdp)", [*cli, "ingest", "--server-dir", "server", "--policy", "ingest.toml", *server],
+             fresh_inbox(work, "dp-rdp-model.sob")),
+            ("`export` (small-cnn, DP record, prv)", [*cli, *export_args("dp-prv-model", "out-dp-prv.sob")], None),
+            ("`ingest` (small-cnn, DP record, prv)", [*cli, "ingest", "--server-dir", "server", "--policy", "ingest.toml", *server],
+             fresh_inbox(work, "dp-prv-model.sob")),
         ]
+        rows = [row for row in rows if args.only is None or args.only in row[0]]
         sizes = {name: (work / f"{name}.sob").stat().st_size for name in ("ten", "demo-model", "resnet-model")}
         print(f"bundles: 10 MB {sizes['ten']} bytes, small-cnn {sizes['demo-model']} bytes, resnet18-cifar {sizes['resnet-model']} bytes; "
               f"min of {args.runs} runs\n")
