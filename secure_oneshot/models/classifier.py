@@ -3,6 +3,13 @@
 * ``resnet18-cifar``: torchvision's ResNet-18 with the CIFAR-style stem the
   method uses at 28 px (3x3 conv, stride 1, no max pool);
 * ``resnet18``: torchvision's ResNet-18 as is (224 px), input channels adapted;
+* ``resnet34-cifar`` / ``resnet34``: the same for torchvision's ResNet-34 ([3, 4, 6, 3] blocks);
+* ``vgg11-bn``: torchvision's ``vgg11_bn`` feature layers (configuration "A" with
+  BatchNorm, input channels adapted) without the last max pool, so 28 px inputs
+  keep a 1x1 map, then a global average pool and one linear layer instead of
+  the 4096-wide ImageNet head (the usual small-input VGG);
+* ``wrn-16-2``: Wide ResNet 16-2 (Zagoruyko & Komodakis 2016; pre-activation
+  blocks, widths 16/32/64/128, two blocks per group), about 0.7M parameters;
 * ``small-cnn``: a small, fast CNN for CPU presets and tests;
 * ``scatternet``: a fixed wavelet scattering front end (kymatio, J=2, L=8, not
   part of the state) and a small CNN head, for small DP sites (Tramer & Boneh
@@ -25,8 +32,9 @@ import torch
 from torch import nn
 
 from .scatternet import ScatterNet
+from .specs import RESNET_BLOCKS, VGG11_LAYERS, WRN_BLOCKS, WRN_WIDTHS, default_architecture
 
-__all__ = ["ClassifierConfig", "ARCHITECTURES", "build_classifier", "has_batchnorm"]
+__all__ = ["ClassifierConfig", "ARCHITECTURES", "build_classifier", "default_architecture", "has_batchnorm"]
 
 
 @dataclass(frozen=True)
@@ -78,22 +86,88 @@ def __getattr__(name: str) -> Any:
 
 def resnet18(num_classes: int, norm_layer: Callable[[int], nn.Module]) -> Any:
     """torchvision's ResNet-18 layout ([2, 2, 2, 2] basic blocks), built from the block above."""
+    return _resnet(RESNET_BLOCKS["resnet18"], num_classes, norm_layer)
+
+
+def _resnet(blocks: tuple[int, ...], num_classes: int, norm_layer: Callable[[int], nn.Module]) -> Any:
     from torchvision.models.resnet import ResNet
 
-    return ResNet(_basic_block(), [2, 2, 2, 2], num_classes=num_classes, norm_layer=norm_layer)
+    return ResNet(_basic_block(), list(blocks), num_classes=num_classes, norm_layer=norm_layer)
 
 
-def _resnet18_cifar(cfg: ClassifierConfig) -> nn.Module:
-    model = resnet18(num_classes=cfg.num_classes, norm_layer=_norm(cfg.norm))
-    model.conv1 = nn.Conv2d(cfg.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
+def _resnet_builder(depth: str, cifar_stem: bool) -> Callable[[ClassifierConfig], nn.Module]:
+    """A ResNet with the CIFAR stem (3x3 conv, stride 1, no max pool: 28 px) or torchvision's own (7x7, stride 2: 224 px)."""
+    def build(cfg: ClassifierConfig) -> nn.Module:
+        model = _resnet(RESNET_BLOCKS[depth], cfg.num_classes, _norm(cfg.norm))
+        if cifar_stem:
+            model.conv1 = nn.Conv2d(cfg.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            model.maxpool = nn.Identity()
+        else:
+            model.conv1 = nn.Conv2d(cfg.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        return model
+    return build
 
 
-def _resnet18(cfg: ClassifierConfig) -> nn.Module:
-    model = resnet18(num_classes=cfg.num_classes, norm_layer=_norm(cfg.norm))
-    model.conv1 = nn.Conv2d(cfg.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return model
+class VGG11BN(nn.Module):
+    """torchvision's ``vgg11_bn`` features (last max pool dropped), global average pool, linear (about 9.2M parameters)."""
+
+    def __init__(self, cfg: ClassifierConfig) -> None:
+        super().__init__()
+        norm = _norm(cfg.norm)
+        layers: list[nn.Module] = []
+        c_in = cfg.in_channels
+        for v in VGG11_LAYERS:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(c_in, int(v), kernel_size=3, padding=1), norm(int(v)), nn.ReLU(inplace=False)]
+                c_in = int(v)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c_in, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean(dim=(2, 3)))  # (N, 512, h, w) -> (N, 512) -> (N, classes)
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation wide basic block: norm-relu-conv3x3 (stride) -> norm-relu-conv3x3, plus a 1x1 shortcut when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.bn1 = norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if (c_in != c_out or stride != 1) else None
+        self.relu = nn.ReLU(inplace=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu(self.bn1(x))
+        # As in the reference code: the projection shortcut reads the activated input, the identity the raw one.
+        identity = x if self.shortcut is None else self.shortcut(pre)
+        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+        return out + identity  # out of place (Opacus hooks, see _basic_block)
+
+
+class WideResNet(nn.Module):
+    """WRN-16-2: conv 16, three groups of two wide blocks (32, 64, 128; strides 1, 2, 2), norm-relu, global pool, linear."""
+
+    def __init__(self, cfg: ClassifierConfig) -> None:
+        super().__init__()
+        norm = _norm(cfg.norm)
+        self.conv1 = nn.Conv2d(cfg.in_channels, WRN_WIDTHS[0], 3, padding=1, bias=False)
+        groups = []
+        for c_in, c_out, stride in zip(WRN_WIDTHS, WRN_WIDTHS[1:], (1, 2, 2)):
+            groups.append(nn.Sequential(*[_WideBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, norm)
+                                          for i in range(WRN_BLOCKS)]))
+        self.block1, self.block2, self.block3 = groups
+        self.bn = norm(WRN_WIDTHS[-1])
+        self.relu = nn.ReLU(inplace=False)
+        self.fc = nn.Linear(WRN_WIDTHS[-1], cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(self.relu(self.bn(x)).mean(dim=(2, 3)))
 
 
 class SmallCNN(nn.Module):
@@ -115,8 +189,12 @@ class SmallCNN(nn.Module):
 
 
 ARCHITECTURES: dict[str, Callable[[ClassifierConfig], nn.Module]] = {
-    "resnet18-cifar": _resnet18_cifar,
-    "resnet18": _resnet18,
+    "resnet18-cifar": _resnet_builder("resnet18", cifar_stem=True),
+    "resnet18": _resnet_builder("resnet18", cifar_stem=False),
+    "resnet34-cifar": _resnet_builder("resnet34", cifar_stem=True),
+    "resnet34": _resnet_builder("resnet34", cifar_stem=False),
+    "vgg11-bn": VGG11BN,
+    "wrn-16-2": WideResNet,
     "small-cnn": SmallCNN,
     "scatternet": ScatterNet,
 }

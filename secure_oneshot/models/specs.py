@@ -20,9 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-__all__ = ["ClassifierLayout", "LayoutEntry", "CLASSIFIER_ARCHITECTURES", "classifier_layout"]
+__all__ = ["ClassifierLayout", "LayoutEntry", "CLASSIFIER_ARCHITECTURES", "classifier_layout", "default_architecture"]
 
-CLASSIFIER_ARCHITECTURES = ("resnet18", "resnet18-cifar", "scatternet", "small-cnn")
+CLASSIFIER_ARCHITECTURES = ("resnet18", "resnet18-cifar", "resnet34", "resnet34-cifar", "scatternet", "small-cnn",
+                            "vgg11-bn", "wrn-16-2")
+# Shared with models.classifier, which builds the modules from the same numbers.
+RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}     # basic blocks per stage (torchvision)
+VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512)  # torchvision's cfg "A", last pool dropped
+WRN_WIDTHS = (16, 32, 64, 128)   # WRN-16-2: the stem, then 16 k, 32 k, 64 k with k = 2
+WRN_BLOCKS = 2                   # (16 - 4) / 6 blocks per group
 SCATTERING_CHANNELS = 81    # per input channel: models.scatternet.SCATTERING_CHANNELS (J=2, L=8)
 _SCATTERING_GROUPS = 27
 _SCATTERNET_WIDTH = 64
@@ -44,8 +50,10 @@ class ClassifierLayout:
     entries: dict[str, LayoutEntry] = field(default_factory=dict)
     norm_layers: dict[str, int] = field(default_factory=dict)
 
-    def conv(self, name: str, c_in: int, c_out: int, kernel: int) -> None:
-        self.entries[f"{name}.weight"] = LayoutEntry((c_out, c_in, kernel, kernel), "F32", "parameter")   # bias=False throughout
+    def conv(self, name: str, c_in: int, c_out: int, kernel: int, bias: bool = False) -> None:
+        self.entries[f"{name}.weight"] = LayoutEntry((c_out, c_in, kernel, kernel), "F32", "parameter")
+        if bias:   # only VGG's convolutions have one
+            self.entries[f"{name}.bias"] = LayoutEntry((c_out,), "F32", "parameter")
 
     def linear(self, name: str, c_in: int, c_out: int) -> None:
         self.entries[f"{name}.weight"] = LayoutEntry((c_out, c_in), "F32", "parameter")
@@ -72,13 +80,14 @@ def _small_cnn(layout: ClassifierLayout, in_channels: int, num_classes: int, nor
     layout.linear("head", widths[-1], num_classes)
 
 
-def _resnet18(layout: ClassifierLayout, in_channels: int, num_classes: int, norm: str, stem_kernel: int) -> None:
-    """torchvision's ResNet-18: [2, 2, 2, 2] basic blocks; a 1x1 downsample where the width or stride changes."""
+def _resnet(layout: ClassifierLayout, in_channels: int, num_classes: int, norm: str, stem_kernel: int,
+            blocks: tuple[int, ...]) -> None:
+    """torchvision's ResNet-18/34: basic blocks per stage; a 1x1 downsample where the width or stride changes."""
     layout.conv("conv1", in_channels, 64, stem_kernel)
     layout.norm("bn1", 64, norm)
     planes_in = 64
-    for stage, planes in enumerate((64, 128, 256, 512), start=1):
-        for block in range(2):
+    for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
+        for block in range(count):
             prefix = f"layer{stage}.{block}"
             layout.conv(f"{prefix}.conv1", planes_in, planes, 3)
             layout.norm(f"{prefix}.bn1", planes, norm)
@@ -89,6 +98,36 @@ def _resnet18(layout: ClassifierLayout, in_channels: int, num_classes: int, norm
                 layout.norm(f"{prefix}.downsample.1", planes, norm)
             planes_in = planes
     layout.linear("fc", 512, num_classes)
+
+
+def _vgg11_bn(layout: ClassifierLayout, in_channels: int, num_classes: int, norm: str) -> None:
+    """conv(bias)-norm-relu per width, a max pool per "M" (Sequential indices count every module), linear head."""
+    index, c_in = 0, in_channels
+    for v in VGG11_LAYERS:
+        if v == "M":
+            index += 1
+            continue
+        layout.conv(f"features.{index}", c_in, int(v), 3, bias=True)
+        layout.norm(f"features.{index + 1}", int(v), norm)
+        index, c_in = index + 3, int(v)
+    layout.linear("classifier", c_in, num_classes)
+
+
+def _wrn(layout: ClassifierLayout, in_channels: int, num_classes: int, norm: str) -> None:
+    """WRN-16-2: pre-activation blocks (bn1, conv1, bn2, conv2, a 1x1 shortcut where the shape changes), final norm."""
+    layout.conv("conv1", in_channels, WRN_WIDTHS[0], 3)
+    for group, (c_in, c_out) in enumerate(zip(WRN_WIDTHS, WRN_WIDTHS[1:]), start=1):
+        for block in range(WRN_BLOCKS):
+            prefix, first = f"block{group}.{block}", block == 0
+            width_in = c_in if first else c_out
+            layout.norm(f"{prefix}.bn1", width_in, norm)
+            layout.conv(f"{prefix}.conv1", width_in, c_out, 3)
+            layout.norm(f"{prefix}.bn2", c_out, norm)
+            layout.conv(f"{prefix}.conv2", c_out, c_out, 3)
+            if first and (c_in != c_out or group > 1):
+                layout.conv(f"{prefix}.shortcut", c_in, c_out, 1)
+    layout.norm("bn", WRN_WIDTHS[-1], norm)
+    layout.linear("fc", WRN_WIDTHS[-1], num_classes)
 
 
 def _scatternet(layout: ClassifierLayout, in_channels: int, num_classes: int, norm: str) -> None:
@@ -124,6 +163,24 @@ def classifier_layout(architecture: str, in_channels: int, num_classes: int, nor
         _small_cnn(layout, in_channels, num_classes, norm)
     elif architecture == "scatternet":
         _scatternet(layout, in_channels, num_classes, norm)
+    elif architecture == "vgg11-bn":
+        _vgg11_bn(layout, in_channels, num_classes, norm)
+    elif architecture == "wrn-16-2":
+        _wrn(layout, in_channels, num_classes, norm)
     else:
-        _resnet18(layout, in_channels, num_classes, norm, 3 if architecture == "resnet18-cifar" else 7)
+        depth = architecture.removesuffix("-cifar")
+        _resnet(layout, in_channels, num_classes, norm, 3 if architecture.endswith("-cifar") else 7, RESNET_BLOCKS[depth])
     return layout
+
+
+def default_architecture(image_size: int) -> str:
+    """The classifier a site trains when its configuration names none, by MedMNIST+ size.
+
+    ResNet-18 throughout, as the method: the CIFAR-style stem (3x3, stride 1, no max pool) where the images are
+    small (28 and 64 px), torchvision's ImageNet stem (7x7, stride 2, max pool) at 128 and 224 px, the method's
+    224 px setting.
+
+    Raises:
+        ValueError: a size that is not a positive integer.
+    """
+    return "resnet18-cifar" if _positive("image_size", image_size) <= 64 else "resnet18"

@@ -61,7 +61,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from ..metrics import evaluate_model
-from .ensemble import Ensemble
+from .ensemble import Ensemble, batching_for
 from .execution import Execution
 from .sources import SiteGenerator, Snapshot, SnapshotSource, SynthesisMethod
 from .synthesis import FeatureStats, InversionConfig
@@ -161,7 +161,8 @@ def _adapted_teacher(site_models: Sequence[nn.Module], cfg: DistillConfig, execu
     """The noise-adapted copy, or ``None`` when it would equal the teacher (mode "none", or no BatchNorm)."""
     if cfg.noise_adapted == "none" or not _has_bn(site_models):
         return None
-    return execution.prepare(Ensemble(site_models, adapt_bn=True, batched=execution.use_batched, weights=weights))
+    batched = batching_for(execution.use_batched, site_models)
+    return execution.prepare(Ensemble(site_models, adapt_bn=True, batched=batched, weights=weights))
 
 
 @torch.no_grad()
@@ -254,7 +255,8 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
     execution = (execution or Execution()).for_models(site_models)
     torch.manual_seed(cfg.seed)
     execution.prepare(student)
-    teacher = execution.prepare(Ensemble(site_models, batched=execution.use_batched, weights=teacher_weights))
+    batched = batching_for(execution.use_batched, site_models)   # mixed architectures: batched per group
+    teacher = execution.prepare(Ensemble(site_models, batched=batched, weights=teacher_weights))
     adapted = _adapted_teacher(site_models, cfg, execution, teacher_weights)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # The compiled module shares the student's parameters: only the training step runs through it.

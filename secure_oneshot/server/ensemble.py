@@ -4,7 +4,10 @@ When every site shares one architecture (the usual case: five ResNet-18s), the
 sites' parameters and buffers are stacked (``torch.func.stack_module_state``)
 and a single skeleton module is run over them with ``functional_call`` +
 ``vmap``: one batched computation per step, no Python loop over sites.
-Heterogeneous sites fall back to a loop.
+Sites of different architectures (each site chooses its own) are split into
+groups of identical architecture (:func:`same_architecture`): a group of two
+or more sites runs batched, a site alone runs as itself, and the per-site
+outputs come back in site order whatever the grouping.
 
 The ensemble owns frozen copies of the site models (``requires_grad=False``,
 eval mode), so building one never changes the caller's models and synthesis
@@ -52,7 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-__all__ = ["Ensemble", "Probe", "same_architecture", "normalise_weights"]
+__all__ = ["Ensemble", "Probe", "architecture_groups", "batching_for", "same_architecture", "normalise_weights"]
 
 Probe = Callable[[Any], Tensor]
 """Called after one site's forward pass with that site's probe input; returns a scalar tensor."""
@@ -74,6 +77,20 @@ def same_architecture(models: Sequence[nn.Module]) -> bool:
     """
     first = _signature(models[0])
     return all(_signature(m) == first for m in models[1:])
+
+
+def batching_for(requested: bool | None, models: Sequence[nn.Module]) -> bool | None:
+    """The ``batched`` argument for these models: a request to batch (``True``) batches each group of identical
+    architecture when the sites differ (``None``), since one stacked computation needs one architecture."""
+    return None if requested and not same_architecture(models) else requested
+
+
+def architecture_groups(models: Sequence[nn.Module]) -> list[tuple[int, ...]]:
+    """Site indices grouped by identical architecture (:func:`same_architecture`), in order of each group's first site."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index, model in enumerate(models):
+        groups.setdefault(_signature(model), []).append(index)
+    return [tuple(g) for g in groups.values()]
 
 
 def normalise_weights(weights: Tensor, num_sites: int) -> Tensor:
@@ -126,8 +143,9 @@ class Ensemble(nn.Module):
 
     Args:
         models: the site classifiers (copied and frozen; the originals are untouched).
-        batched: ``True`` stacks the sites and runs them with ``vmap``; ``False`` loops;
-            ``None`` (default) batches when :func:`same_architecture` holds.
+        batched: ``True`` stacks the sites (one architecture) and runs them with ``vmap``; ``False`` loops;
+            ``None`` (default) stacks each group of two or more sites of identical architecture
+            (:func:`architecture_groups`) and runs the others as themselves.
         adapt_bn: run BatchNorm layers in train mode (FedISCA's noise-adapted teacher).
         weights: ``(S, K)`` per-site, per-class weights (normalised here; see the module docstring), or
             ``None``: the plain mean of logits (the method as published).
@@ -153,21 +171,44 @@ class Ensemble(nn.Module):
         if batched and not homogeneous:
             raise ValueError("batched=True needs site models of one architecture (same parameter names and shapes)")
         self.num_sites = len(copies)
-        self.batched = homogeneous if batched is None else batched
         self.adapt_bn = adapt_bn
-        if self.batched:
-            self._init_stacked(copies)
-        else:
-            self.sites = nn.ModuleList(copies)
+        # Runs: groups of identical architecture (batched=None: those of two or more sites stacked; batched=True:
+        # the one group stacked), or one site each (batched=False).
+        self._groups = architecture_groups(copies) if batched is None or batched else [(i,) for i in range(len(copies))]
+        self._param_names: dict[int, list[str]] = {}
+        self._buffer_names: dict[int, list[str]] = {}
+        self.__dict__["_skeletons"] = {}
+        for g, sites in enumerate(self._groups):
+            if len(sites) > 1 or batched:
+                self._init_stacked(g, [copies[s] for s in sites])
+        single = [g[0] for i, g in enumerate(self._groups) if i not in self.__dict__["_skeletons"]]
+        self.batched = len(self._groups) == 1 and 0 in self.__dict__["_skeletons"]   # one batched computation for all
+        self.sites = nn.ModuleList([copies[s] for s in single])   # every site when looped, the lone ones otherwise
+        self._single_index = {s: i for i, s in enumerate(single)}
         self.set_adapt_bn(adapt_bn)
 
-    def _init_stacked(self, copies: list[nn.Module]) -> None:
-        params, buffers = stack_module_state(copies)  # name -> (S, *shape)
-        self._param_names, self._buffer_names = list(params), list(buffers)
+    def _init_stacked(self, group: int, copies: list[nn.Module]) -> None:
+        params, buffers = stack_module_state(copies)  # name -> (S_group, *shape)
+        self._param_names[group], self._buffer_names[group] = list(params), list(buffers)
         for i, tensor in enumerate([*params.values(), *buffers.values()]):
-            self.register_buffer(f"_stacked{i}", tensor.detach())  # buffers: moved by .to(), never trained
+            self.register_buffer(f"_stacked{group}_{i}", tensor.detach())  # buffers: moved by .to(), never trained
         # The skeleton holds no data (meta tensors) and stays outside the module tree so .to() skips it.
-        self.__dict__["_skeleton"] = copies[0].to("meta")
+        self.__dict__["_skeletons"][group] = copies[0].to("meta")
+
+    def to(self, *args: Any, **kwargs: Any) -> Ensemble:
+        """As ``nn.Module.to``, except that a memory format applies to the site models run as themselves only.
+
+        Stacked weights are 5-D (a leading site dimension) and have no channels_last form.
+        """
+        memory_format = kwargs.pop("memory_format", None)
+        if args or kwargs:
+            super().to(*args, **kwargs)
+        if memory_format is not None:
+            if self.__dict__["_skeletons"]:
+                self.sites.to(memory_format=memory_format)
+            else:
+                super().to(memory_format=memory_format)
+        return self
 
     # --- modes and hooks ---------------------------------------------------------------------
 
@@ -183,19 +224,27 @@ class Ensemble(nn.Module):
         self.training = False
         return self.set_adapt_bn(self.adapt_bn) if hasattr(self, "adapt_bn") else self
 
-    def hook_modules(self) -> list[nn.Module]:
-        """The modules that actually run: the skeleton (batched) or each site model (loop).
+    def hook_groups(self) -> list[tuple[nn.Module, tuple[int, ...]]]:
+        """The modules that actually run, each with the sites it runs for (in site-group order).
 
-        Forward hooks registered on these fire once per site per forward pass
-        (inside ``vmap`` on the batched path, where the module's parameters and
-        buffers read as that site's).
+        A group's skeleton (batched: forward hooks on it fire once per site, inside ``vmap``, where its
+        parameters and buffers read as that site's), or a site model run as itself.
         """
-        return [self.__dict__["_skeleton"]] if self.batched else list(self.sites)
+        skeletons = self.__dict__["_skeletons"]
+        return [(skeletons[g] if g in skeletons else self.sites[self._single_index[sites[0]]], sites)
+                for g, sites in enumerate(self._groups)]
 
-    def _stacked_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        tensors = [getattr(self, f"_stacked{i}") for i in range(len(self._param_names) + len(self._buffer_names))]
-        n = len(self._param_names)
-        return dict(zip(self._param_names, tensors[:n])), dict(zip(self._buffer_names, tensors[n:]))
+    def hook_modules(self) -> list[nn.Module]:
+        """The modules of :meth:`hook_groups`: the skeleton (all batched) or each site model (loop), or a mix."""
+        return [module for module, _ in self.hook_groups()]
+
+    def _stacked_state(self, group: int | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """A batched group's stacked parameters and buffers (the first batched group by default)."""
+        group = min(self.__dict__["_skeletons"]) if group is None else group
+        names = self._param_names[group] + self._buffer_names[group]
+        tensors = [getattr(self, f"_stacked{group}_{i}") for i in range(len(names))]
+        n = len(self._param_names[group])
+        return dict(zip(self._param_names[group], tensors[:n])), dict(zip(self._buffer_names[group], tensors[n:]))
 
     # --- forward -----------------------------------------------------------------------------
 
@@ -236,25 +285,39 @@ class Ensemble(nn.Module):
         """
         if probe_inputs is not None and len(probe_inputs) != self.num_sites:
             raise ValueError(f"{len(probe_inputs)} probe inputs for {self.num_sites} sites")
-        logits, scalars = self._batched(x, probe, probe_inputs) if self.batched else self._looped(x, probe, probe_inputs)
-        return self._weighted(logits), scalars
+        if self.batched:   # one group, in site order already
+            logits_all, scalars_all = self._batched(0, x, probe, probe_inputs)
+            return self._weighted(logits_all), scalars_all
+        logits: list[Tensor | None] = [None] * self.num_sites
+        scalars: list[Tensor | None] = [None] * self.num_sites
+        for g, sites in enumerate(self._groups):
+            inputs = [probe_inputs[s] for s in sites] if probe_inputs else None
+            if g in self._skeletons:
+                group_logits, group_scalars = self._batched(g, x, probe, inputs)
+            else:
+                group_logits, group_scalars = self._single(sites[0], x, probe, inputs)
+            for i, s in enumerate(sites):
+                logits[s] = group_logits[i]
+                scalars[s] = group_scalars[i] if group_scalars is not None else None
+        stacked = torch.stack(logits)  # type: ignore[arg-type]  # (S, N, K) in site order
+        return self._weighted(stacked), (torch.stack(scalars) if probe is not None else None)  # type: ignore[arg-type]
 
-    def _batched(self, x: Tensor, probe: Probe | None, probe_inputs: Sequence[Any] | None) -> tuple[Tensor, Tensor | None]:
-        skeleton = self.__dict__["_skeleton"]
-        params, buffers = self._stacked_state()
+    def _batched(self, group: int, x: Tensor, probe: Probe | None,
+                 probe_inputs: Sequence[Any] | None) -> tuple[Tensor, Tensor | None]:
+        skeleton = self.__dict__["_skeletons"][group]
+        params, buffers = self._stacked_state(group)
         extra = _stack_probe_inputs(probe_inputs) if probe_inputs else {}
 
         def one_site(p: dict[str, Tensor], b: dict[str, Tensor], e: Any, inputs: Tensor) -> tuple[Tensor, Tensor]:
             logits = functional_call(skeleton, (p, b), (inputs,))  # (N, classes) for this site
             return logits, (probe(e) if probe is not None else logits.new_zeros(()))
 
-        logits, scalars = vmap(one_site, in_dims=(0, 0, 0, None))(params, buffers, extra, x)  # (S, N, K), (S,)
+        logits, scalars = vmap(one_site, in_dims=(0, 0, 0, None))(params, buffers, extra, x)  # (S_group, N, K), (S_group,)
         return logits, (scalars if probe is not None else None)
 
-    def _looped(self, x: Tensor, probe: Probe | None, probe_inputs: Sequence[Any] | None) -> tuple[Tensor, Tensor | None]:
-        logits, scalars = [], []
-        for s, model in enumerate(self.sites):
-            logits.append(model(x))
-            if probe is not None:
-                scalars.append(probe(probe_inputs[s] if probe_inputs else {}))
-        return torch.stack(logits), (torch.stack(scalars) if probe is not None else None)
+    def _single(self, site: int, x: Tensor, probe: Probe | None,
+                probe_inputs: Sequence[Any] | None) -> tuple[Tensor, Tensor | None]:
+        logits = self.sites[self._single_index[site]](x)
+        if probe is None:
+            return logits[None], None
+        return logits[None], probe(probe_inputs[0] if probe_inputs else {})[None]

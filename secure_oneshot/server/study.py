@@ -24,16 +24,17 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from .._internal.atomic import atomic_write_bytes
+from .._internal.termsafe import printable
 from ..bundle.arrays import to_torch
 from ..errors import ConfigError
 from ..keys import Identity, TrustStore
 from ..metrics import evaluate_model
-from ..models.classifier import ClassifierConfig, build_classifier
+from ..models.classifier import ARCHITECTURES, ClassifierConfig, build_classifier
 from ..policy.artifacts import load_model_dir
 from ..policy.model import IngestPolicy
 from .accepted import open_accepted
 from .distill import DistillConfig, distill, student_norm
-from .ensemble import Ensemble, normalise_weights, same_architecture
+from .ensemble import Ensemble, batching_for, normalise_weights, same_architecture
 from .execution import Execution
 from .ingest import IngestFolders
 from .sources import SiteGenerator, SynthesisMethod
@@ -67,11 +68,17 @@ class SiteModel:
     label_counts: torch.Tensor | None = None  # (classes,) DP-noised class counts the site released, if any
 
 
-def _classifier_config(meta: dict[str, Any]) -> ClassifierConfig:
+def _classifier_config(meta: dict[str, Any], name: str = "") -> ClassifierConfig:
+    """Each site's classifier is built from its own record: sites may train different architectures."""
     try:
-        return ClassifierConfig(str(meta["architecture"]), int(meta["in_channels"]), int(meta["num_classes"]), str(meta.get("norm", "batch")))
+        cfg = ClassifierConfig(str(meta["architecture"]), int(meta["in_channels"]), int(meta["num_classes"]), str(meta.get("norm", "batch")))
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"the classifier's metadata does not say how to build it ({e})") from e
+    if cfg.architecture not in ARCHITECTURES:
+        raise ConfigError(f"{printable(name, 80) + ': ' if name else ''}the classifier's metadata names an unknown architecture "
+                          f"'{printable(cfg.architecture, 60)}'",
+                          hint=f"known architectures: {', '.join(sorted(ARCHITECTURES))}")
+    return cfg
 
 
 def _coerce(value: Any, default: Any) -> Any:
@@ -134,7 +141,7 @@ def _label_counts(name: str, tensors: dict[str, torch.Tensor], num_classes: int)
 def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], generator_meta: dict[str, Any] | None = None,
                 bundle_id: str = "") -> SiteModel:
     tensors = {key: to_torch(tensor) for key, tensor in tensors.items()}  # received as NumPy arrays (bundle.arrays)
-    cfg = _classifier_config(meta)
+    cfg = _classifier_config(meta, name)
     model = build_classifier(cfg)
     weights = {k.removeprefix("classifier/"): v for k, v in tensors.items() if k.startswith("classifier/")}
     # strict=False only for BatchNorm running statistics a policy kept at the site; everything else must match.
@@ -333,7 +340,7 @@ def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig,
     probe = InversionConfig(**{**asdict(synth), "seed": synth.seed + 1_000_003, "steps": steps, "snapshot_every": steps})
     images, targets = synthesize_batch(models, None, probe, execution=execution, **prior_options(sites, student=None))
     execution = execution.for_models(models)
-    ensemble = execution.prepare(Ensemble(models, batched=execution.use_batched))
+    ensemble = execution.prepare(Ensemble(models, batched=batching_for(execution.use_batched, models)))
     with torch.no_grad(), execution.autocast():
         logits = ensemble.per_site_logits(execution.layout(images))
     return agreement_weights(logits, targets)

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import ConfigError
-from .ensemble import Ensemble
+from .ensemble import Ensemble, batching_for
 from .execution import Execution
 
 __all__ = [
@@ -158,12 +158,12 @@ class BNStatHooks:
     or call :meth:`remove`.
 
     Args:
-        ensemble: the teacher; hooks go on :meth:`Ensemble.hook_modules`.
+        ensemble: the teacher; hooks go on :meth:`Ensemble.hook_groups` (mixed architectures: each group's own).
         feature_stats: ``None``, or one entry per site (``None`` for a site without any).
 
     Raises:
-        ValueError: wrong number of entries, a named layer the model lacks, or (batched
-            ensemble) statistics that do not name the same layers for every site.
+        ValueError: wrong number of entries, a named layer the model lacks, or statistics that do
+            not name the same layers for every site of a batched group.
     """
 
     def __init__(self, ensemble: Ensemble, feature_stats: Sequence[FeatureStats | None] | None = None) -> None:
@@ -180,12 +180,16 @@ class BNStatHooks:
         self.layer_counts = self._register(stats)
 
     def _register(self, stats: list[dict[str, dict[str, Tensor]]]) -> list[int]:
-        modules = self.ensemble.hook_modules()
-        if self.ensemble.batched and any(set(s) != set(stats[0]) for s in stats):
-            raise ValueError("feature statistics must name the same layers for every site of a batched ensemble "
-                             "(or build the Ensemble with batched=False)")
-        per_module = [self._hook_module(m, stats[i]) for i, m in enumerate(modules)]
-        return per_module * self.ensemble.num_sites if self.ensemble.batched else per_module
+        """Hooks on each module that runs (a batched group's skeleton serves all its sites); layer count per site."""
+        counts = [0] * self.ensemble.num_sites
+        for module, sites in self.ensemble.hook_groups():
+            if any(set(stats[s]) != set(stats[sites[0]]) for s in sites):
+                raise ValueError("feature statistics must name the same layers for every site of a batched group "
+                                 "(or build the Ensemble with batched=False)")
+            layers = self._hook_module(module, stats[sites[0]])
+            for s in sites:
+                counts[s] = layers
+        return counts
 
     def _hook_module(self, model: nn.Module, stats: dict[str, dict[str, Tensor]]) -> int:
         named = dict(model.named_modules())
@@ -364,7 +368,9 @@ def synthesize_batch(models: Sequence[nn.Module], ensemble: Ensemble | None, cfg
         ValueError: BN-free sites with neither statistics nor a student (unless ``allow_ce_only``).
     """
     execution = (execution or Execution()).for_models(models)
-    ensemble = execution.prepare(ensemble if ensemble is not None else Ensemble(models, batched=execution.use_batched))
+    if ensemble is None:
+        ensemble = Ensemble(models, batched=batching_for(execution.use_batched, models))
+    ensemble = execution.prepare(ensemble)
     if ensemble.num_sites != len(models):
         raise ValueError(f"the ensemble has {ensemble.num_sites} sites but {len(models)} models were given")
     x, y, shifts = _initial_batch(cfg, execution.torch_device)
