@@ -492,3 +492,10 @@ def test_demo_identities_are_0600(tmp_path: Path) -> None:
 def test_wrong_passphrase_is_still_a_passphrase_error(site: Site) -> None:
     with pytest.raises(PassphraseError, match="wrong passphrase"):
         load_identity(site.key("site"), b"not the passphrase")
+
+
+def test_a_choice_among_integers_is_reported_not_crashed():
+    from secure_oneshot._internal.strict_toml import one_of
+
+    assert one_of((28, 64))(27) == "must be one of 28, 64; got 27"
+    assert one_of((28, 64))(64) is None

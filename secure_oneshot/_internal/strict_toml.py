@@ -100,7 +100,7 @@ def probability(v: Any) -> str | None:
 
 
 def one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
-    return lambda v: None if v in options else f"must be one of {', '.join(options)}; got {v!r}"
+    return lambda v: None if v in options else f"must be one of {', '.join(map(str, options))}; got {v!r}"
 
 
 def all_of(options: tuple[str, ...] | list[str]) -> Callable[[Any], str | None]:
