@@ -37,9 +37,10 @@ try:
 except SystemExit as stop:
     code = stop.code
 heavy = sorted({name.split(".")[0] for name in sys.modules} & set(%r))
+watched = sorted(set(sys.modules) & set(%r))
 with open(report, "w") as f:
-    json.dump({"code": code, "heavy": heavy, "numpy": "numpy" in sys.modules}, f)
-""" % (HEAVY,)
+    json.dump({"code": code, "heavy": heavy, "numpy": "numpy" in sys.modules, "watched": watched}, f)
+""" % (HEAVY, ("sqlite3", "secure_oneshot.bundle.seal", "secure_oneshot.bundle.ledger", "traceback"))
 
 
 def probe(cwd: Path, *argv: str | os.PathLike[str]) -> dict:
@@ -131,6 +132,22 @@ def test_the_transfer_path_end_to_end_imports_nothing_heavy(site: Path) -> None:
     assert "1 accepted" in ingested["out"]
     assert_lean(probe(site, "audit", "verify", "audit.jsonl", "--signer", VECTOR_KEYS / "site-a.pub"), numpy=False)
     assert_lean(probe(site, "audit", "verify", "server/audit.jsonl", "--signer", VECTOR_KEYS / "server.pub"), numpy=False)
+
+
+def test_verify_and_inspect_load_neither_the_writer_nor_sqlite(site: Path, tmp_path: Path) -> None:
+    """Start-up cost of the commands hospital IT runs most: no sealing code, no SQLite without --ledger, no traceback."""
+    bundle = tmp_path / "check.sob"
+    assert_lean(probe(site, "seal", site / "model" / "classifier.safetensors", "--key", VECTOR_KEYS / "site-a.key",
+                      "--to", VECTOR_KEYS / "server.pub", "--out", bundle))
+    inspected = probe(site, "inspect", bundle)
+    assert_lean(inspected, numpy=False)
+    assert inspected["watched"] == []
+    verified = probe(site, "verify", bundle, "--key", VECTOR_KEYS / "server.key", "--trust", "server-trust.toml")
+    assert_lean(verified)
+    assert verified["watched"] == []
+    with_ledger = probe(site, "verify", bundle, "--key", VECTOR_KEYS / "server.key", "--trust", "server-trust.toml",
+                        "--ledger", tmp_path / "ledger.sqlite")
+    assert with_ledger["code"] == 0 and "sqlite3" in with_ledger["watched"], with_ledger
 
 
 def test_a_refused_export_is_an_error_and_still_lean(site: Path) -> None:

@@ -39,7 +39,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .._internal.atomic import atomic_writer
 from .._internal.encoding import format_time, parse_time, utc_now
@@ -48,11 +48,13 @@ from ..keys.identity import Identity, PublicIdentity
 from ..keys.trust import TrustStore
 from .format import MAX_MANIFEST_LEN, SIGNATURE_SIZE, Header, Manifest, header_mac, signed_message, stream_key
 from .inspect import RawHeader, _open_file, read_header
-from .ledger import ReplayLedger
 from .recipients import unwrap_file_key
 from .payload_scan import PayloadScanner
 from .safetensors_strict import Layout, PayloadLimits, TensorPayload, parse_payload
 from .stream import Progress, decrypt_stream_to
+
+if TYPE_CHECKING:   # callers hand a ledger in; opening one (SQLite) is theirs to pay for
+    from .ledger import ReplayLedger
 
 __all__ = ["OpenedBundle", "VerifiedBundle", "VerifyOptions", "open_bundle", "verify_bundle", "check_freshness", "DEFAULT_MAX_PAYLOAD_BYTES"]
 

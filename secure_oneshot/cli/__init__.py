@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import sys
-import traceback
 import warnings
 from collections.abc import Sequence
 
@@ -86,6 +85,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _report_error(error: SecureOneshotError, as_json: bool, verbose: bool) -> int:
     if verbose:
+        import traceback   # only for -v: not every command's start-up
+
         traceback.print_exception(error, file=sys.stderr)
     print(f"{PROG}: error: {error.message}", file=sys.stderr)
     if error.hint:

@@ -13,11 +13,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ..bundle import Header, OpenedBundle, ReplayLedger, VerifiedBundle, VerifyOptions, inspect_bundle, open_bundle, seal_safetensors_file, verify_bundle
+from ..bundle.format import Header
+from ..bundle.inspect import inspect_bundle
 from ..bundle.recipients import check_recipients
 from ..bundle.format import MAX_PAYLOAD_SIZE
 from ..bundle.safetensors_strict import PayloadLimits
-from ..bundle.verify import DEFAULT_MAX_PAYLOAD_BYTES
+from ..bundle.verify import DEFAULT_MAX_PAYLOAD_BYTES, OpenedBundle, VerifiedBundle, VerifyOptions, open_bundle, verify_bundle
 from ..errors import ReplayError, ResourceError
 from ..keys import format_key_id, load_public, load_trust_store
 from .keys_cmd import add_trust_option, trust_path
@@ -72,6 +73,8 @@ def _valid_days(text: str) -> float:
 
 
 def _seal(args: argparse.Namespace) -> Result:
+    from ..bundle.seal import seal_safetensors_file   # here: the other commands never load the writer
+
     sender = load_private_identity(args.key, args.passphrase_env)
     recipients = check_recipients([load_public(path) for path in args.to])
     if args.trust or args.check_recipients:
@@ -139,9 +142,18 @@ def _content(bundle: OpenedBundle | VerifiedBundle) -> tuple[dict[str, Any], lis
     return data, lines
 
 
+def _ledger(path: str | None, *, read_only: bool) -> Any:
+    """The replay ledger at ``path`` (None without one); SQLite is imported only when a ledger is used."""
+    if not path:
+        return None
+    from ..bundle.ledger import ReplayLedger
+
+    return ReplayLedger.read_only(path) if read_only else ReplayLedger(path)
+
+
 def _verify(args: argparse.Namespace) -> Result:
     # verify writes nothing (not even the payload to a temporary file): the ledger, when given, is only read.
-    ledger = ReplayLedger.read_only(args.ledger) if args.ledger else None
+    ledger = _ledger(args.ledger, read_only=True)
     if ledger is not None:
         ledger.check(inspect_bundle(args.bundle).bundle_id)
     identity = load_private_identity(args.key, args.passphrase_env)
@@ -155,7 +167,7 @@ def _verify(args: argparse.Namespace) -> Result:
 def _open(args: argparse.Namespace) -> Result:
     if args.out == "-":
         raise ResourceError("refusing to write decrypted tensors to standard output", hint="pass --out FILE.safetensors (written atomically, mode 0600)")
-    ledger = ReplayLedger(args.ledger) if args.ledger else None
+    ledger = _ledger(args.ledger, read_only=False)
     if ledger is not None:
         ledger.check(inspect_bundle(args.bundle).bundle_id)
     opened = _open_verified(args, args.out)
