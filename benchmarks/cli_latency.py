@@ -7,6 +7,13 @@ process imports only the standard library and builds the fixtures in a child
 of its own.  Each row is the minimum of ``--runs`` runs.
 Prints a Markdown table.
 
+Bytecode: this checkout's environment sets ``PYTHONDONTWRITEBYTECODE=1``, so
+every run would compile the project's modules from source (about 0.05 CPU-s
+for ``verify``), a cost an installed package (pip byte-compiles wheels) does
+not pay.  By default the children therefore get a private bytecode cache
+(``PYTHONPYCACHEPREFIX`` in the temporary folder) and one unmeasured warm-up
+run per row; ``--no-bytecode-cache`` measures the compile-every-time case.
+
 Fixtures, built once in a temporary folder: the public test-vector identities
 (tests/vectors/keys) and the research policy (policies/research-study.toml,
 signed by the test ``dpo`` key), a demo-sized model directory (small-cnn, as
@@ -111,6 +118,8 @@ def fresh_inbox(work: Path, bundle: str) -> Callable[[int], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5, help="runs per command; the minimum is reported (default 5)")
+    parser.add_argument("--no-bytecode-cache", action="store_true",
+                        help="let every run compile the project's modules from source (as PYTHONDONTWRITEBYTECODE=1 does)")
     parser.add_argument("--only", metavar="TEXT", help="measure only the rows whose label contains TEXT")
     parser.add_argument("--build", metavar="DIR", help=argparse.SUPPRESS)   # internal: build the fixtures in DIR
     args = parser.parse_args()
@@ -125,6 +134,9 @@ def main() -> None:
         work = Path(tmp)
         env["SECURE_ONESHOT_TRUST"] = str(work / "site-trust.toml")
         subprocess.run([sys.executable, __file__, "--build", str(work)], env=env, check=True)
+        if not args.no_bytecode_cache:
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
         rows: list[tuple[str, list[str], Callable[[int], None] | None]] = [
             ("`python -c pass`", [sys.executable, "-c", "pass"], None),
             ("`python -c \"import torch\"`", [sys.executable, "-c", "import torch"], None),
@@ -151,11 +163,15 @@ def main() -> None:
         rows = [row for row in rows if args.only is None or args.only in row[0]]
         sizes = {name: (work / f"{name}.sob").stat().st_size for name in ("ten", "demo-model", "resnet-model")}
         print(f"bundles: 10 MB {sizes['ten']} bytes, small-cnn {sizes['demo-model']} bytes, resnet18-cifar {sizes['resnet-model']} bytes; "
-              f"min of {args.runs} runs\n")
+              f"min of {args.runs} runs; bytecode {'compiled every run' if args.no_bytecode_cache else 'cached'}\n")
         print("| command | CPU s (user+sys) | peak RSS MiB |")
         print("| --- | ---: | ---: |")
         for label, argv, prepare in rows:
             samples = []
+            if not args.no_bytecode_cache:   # warm-up: fills the bytecode cache, not measured
+                if prepare is not None:
+                    prepare(-1)
+                measure(argv, work, env)
             for run in range(args.runs):
                 if prepare is not None:
                     prepare(run)
