@@ -260,3 +260,41 @@ def test_verify_bundle_checks_everything_and_keeps_no_payload(parties, sealed: P
     nan = seal_tensors({"w": values}, tmp_path / "nan.sob", sender=parties.site, recipients=[parties.server.public], now=NOW)
     with pytest.raises(TensorPayloadError, match="NaN or infinite"):
         verify_bundle(nan.path, parties.server, parties.trust, now=NOW)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4, 5])
+def test_payload_ending_on_a_chunk_boundary_streams_with_the_trailer_as_the_final_chunk(parties, tmp_path: Path, chunks: int) -> None:
+    """Whole payload chunks are encrypted straight from the read window (never held back as a possible final
+    chunk): a payload of exactly ``chunks`` chunks, window-aligned or not, opens, and an independent decryption
+    finds the final flag on the trailer's chunk alone."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    from secure_oneshot.bundle import seal as seal_module
+    from secure_oneshot.bundle.format import TAG_SIZE
+    from secure_oneshot.bundle.stream import chunk_nonce
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}).encode()
+    n_floats = (chunks * SMALL_CHUNK - 8 - len(header) - 8) // 4  # header padded to 8 below: size = chunks * SMALL_CHUNK
+    header = json.dumps({"w": {"dtype": "F32", "shape": [n_floats], "data_offsets": [0, 4 * n_floats]}}).encode()
+    header += b" " * (-(8 + len(header) + 4 * n_floats) % SMALL_CHUNK)
+    source = tmp_path / "w.safetensors"
+    values = np.arange(n_floats, dtype=np.float32)
+    source.write_bytes(struct.pack("<Q", len(header)) + header + values.tobytes())
+    assert source.stat().st_size == chunks * SMALL_CHUNK
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(seal_module, "READ_WINDOW", 2 * SMALL_CHUNK)   # several windows, the last one full or partial
+        seal_safetensors_file(source, tmp_path / "b.sob", sender=parties.site, recipients=[parties.server.public],
+                              now=NOW, chunk_size=SMALL_CHUNK)
+    opened = open_bundle(tmp_path / "b.sob", parties.server, parties.trust, now=NOW, out=tmp_path / "out.safetensors")
+    assert np.array_equal(opened.tensors["w"], values)
+    assert (tmp_path / "out.safetensors").read_bytes() == source.read_bytes()
+    with open(tmp_path / "b.sob", "rb") as f:
+        raw = read_header(f)
+        aead = ChaCha20Poly1305(stream_key(unwrap_file_key(raw.header, parties.server), raw.header_bytes))
+        f.seek(raw.stream_offset)
+        sealed = f.read()
+    step = SMALL_CHUNK + TAG_SIZE
+    pieces = [sealed[i : i + step] for i in range(0, len(sealed), step)]
+    assert len(pieces) == chunks + 1   # the payload's chunks, then the trailer's
+    for index, piece in enumerate(pieces):
+        aead.decrypt(chunk_nonce(index, index == len(pieces) - 1), piece, None)  # raises InvalidTag on a wrong flag

@@ -62,8 +62,9 @@ PayloadWriter = Callable[[StreamWriter, BackgroundSha256], None]
 """Writes the payload into the stream and feeds the same bytes to the hash, in order."""
 
 READ_WINDOW = 4 << 20
-"""Bytes read from a source file per step (rounded to whole chunks): several chunks per AEAD
-call batch, so only one chunk in four is copied into the writer's held-back buffer."""
+"""Bytes read from a source file per step (rounded to whole chunks).  Every chunk is encrypted
+straight from the window it was read into (the trailer always follows the payload, so no payload
+chunk is held back as a possible final one)."""
 
 
 def _write_bundle(f: BinaryIO, header_bytes: bytes, file_key: bytes, chunk_size: int, write_payload: PayloadWriter,
@@ -86,7 +87,7 @@ def _segment_writer(segments: Sequence[memoryview]) -> PayloadWriter:
         for segment in segments:  # views of the tensors themselves: nothing is reused, so hash them all at once
             hasher.feed(segment)
         for segment in segments:
-            writer.write(segment)
+            writer.write(segment, more=True)  # the signed trailer follows the payload
 
     return write
 
@@ -121,7 +122,7 @@ def _file_writer(src: BinaryIO, size: int, limits: PayloadLimits, window: int, n
             scanner.feed(view)
             scanner.raise_if_failed()  # refuse to send what a receiver must refuse
             tickets[slot] = hasher.feed(view)
-            writer.write(view)
+            writer.write(view, more=True)  # the signed trailer follows the payload: no payload chunk is final
             position += len(view)
         scanner.finish()
         if src.read(1):

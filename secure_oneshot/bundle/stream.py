@@ -116,14 +116,21 @@ class StreamWriter:
         if self._progress is not None:
             self._progress(len(chunk))
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview, *, more: bool = False) -> None:
+        """Encrypt ``data`` as the stream's next bytes.
+
+        ``more=True`` promises that more data will follow (a payload before its
+        trailer): a whole chunk at the end of ``data`` is then known not to be
+        final and is encrypted straight from ``data`` instead of being copied
+        into the held-back buffer.
+        """
         view = memoryview(data).cast("B")
         pos, end, size = 0, len(view), self._size
         while pos < end:
             if self._fill == size:  # more data follows, so the held chunk is not final
                 self._emit(memoryview(self._buf), final=False)
                 self._fill = 0
-            if self._fill == 0 and end - pos > size:  # zero-copy fast path
+            if self._fill == 0 and (end - pos > size or (more and end - pos == size)):  # zero-copy fast path
                 self._emit(view[pos : pos + size], final=False)
                 pos += size
                 continue
