@@ -10,6 +10,11 @@ the whole process, interpreter and libraries included) and user + system CPU
 seconds.  Without ``/usr/bin/time`` the parent reaps the child with
 ``os.wait4`` itself and the table says so.
 
+``--repeat N`` runs N interleaved rounds (each command once per round) and
+reports each figure's minimum; ``--baseline CHECKOUT`` adds rows for the
+secure-oneshot commands of another checkout (``PYTHONPATH``), in the same
+rounds.  Children get a private bytecode cache in the work folder.
+
 Per payload size (MB = 10^6 bytes): a safetensors file of float32 values in
 [0, 1) (16 tensors; written by a helper child with NumPy), then
 
@@ -88,31 +93,46 @@ def make_keys(work: Path, env: dict[str, str]) -> None:
         subprocess.run(["age-keygen", "-o", str(work / "age.key")], check=True, capture_output=True)
 
 
-def measure_size(work: Path, size_mb: int, env: dict[str, str], have_age: bool) -> dict[str, dict[str, float]]:
+def _keep_min(rows: dict[str, dict[str, float]], name: str, result: dict[str, float]) -> None:
+    """Each figure's minimum over the repeats (CPU, wall and RSS taken separately)."""
+    rows[name] = {k: min(v, rows[name][k]) for k, v in result.items()} if name in rows else result
+
+
+def measure_size(work: Path, size_mb: int, env: dict[str, str], have_age: bool, repeat: int = 1,
+                 baseline: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """Every command ``repeat`` times, interleaved (one round runs each command once), minimum of each figure.
+
+    With ``baseline`` (an environment whose PYTHONPATH points at another checkout) the secure-oneshot
+    commands also run with that code, in the same rounds, on the same files.
+    """
     src, bundle, out = work / "in.safetensors", work / "b.sob", work / "out.safetensors"
     subprocess.run([sys.executable, "-c", GENERATE, str(src), str(size_mb * MB)], check=True)
     keys, trust = work / "keys", str(work / "trust.toml")
-    rows: dict[str, dict[str, float]] = {}
-    rows["secure-oneshot seal"] = run(cli("seal", str(src), "--key", str(keys / "site.key"), "--to", str(keys / "server.pub"),
-                                          "--out", str(bundle)), env)
     common = ["--key", str(keys / "server.key"), "--trust", trust]
-    rows["secure-oneshot verify"] = run(cli("verify", str(bundle), *common), env)
-    rows["secure-oneshot open"] = run(cli("open", str(bundle), *common, "--out", str(out)), env)
-    if out.read_bytes() != src.read_bytes():
-        raise SystemExit("the opened payload differs from the sealed file")
-    for f in (bundle, out):
-        f.unlink()
-    if have_age:
-        recipient = next(line.split(": ")[1] for line in (work / "age.key").read_text().splitlines() if "public key" in line)
-        rows["age -e"] = run(["age", "-r", recipient.strip(), "-o", str(bundle), str(src)])
-        rows["age -d"] = run(["age", "-d", "-i", str(work / "age.key"), "-o", str(out), str(bundle)])
+    versions = {"": env, " (baseline)": baseline} if baseline else {"": env}
+    key, iv = "11" * 32, "22" * 16
+    rows: dict[str, dict[str, float]] = {}
+    for _ in range(repeat):
+        for suffix, version_env in versions.items():
+            _keep_min(rows, f"secure-oneshot seal{suffix}", run(cli("seal", str(src), "--key", str(keys / "site.key"),
+                                                                   "--to", str(keys / "server.pub"), "--out", str(bundle)), version_env))
+            _keep_min(rows, f"secure-oneshot verify{suffix}", run(cli("verify", str(bundle), *common), version_env))
+            _keep_min(rows, f"secure-oneshot open{suffix}", run(cli("open", str(bundle), *common, "--out", str(out)), version_env))
+            if out.read_bytes() != src.read_bytes():
+                raise SystemExit("the opened payload differs from the sealed file")
+            for f in (bundle, out):
+                f.unlink()
+        if have_age:
+            recipient = next(line.split(": ")[1] for line in (work / "age.key").read_text().splitlines() if "public key" in line)
+            _keep_min(rows, "age -e", run(["age", "-r", recipient.strip(), "-o", str(bundle), str(src)]))
+            _keep_min(rows, "age -d", run(["age", "-d", "-i", str(work / "age.key"), "-o", str(out), str(bundle)]))
+            for f in (bundle, out):
+                f.unlink()
+        _keep_min(rows, "openssl enc -chacha20", run(["openssl", "enc", "-chacha20", "-K", key, "-iv", iv, "-in", str(src), "-out", str(bundle)]))
+        _keep_min(rows, "openssl enc -d -chacha20", run(["openssl", "enc", "-d", "-chacha20", "-K", key, "-iv", iv, "-in", str(bundle), "-out", str(out)]))
         for f in (bundle, out):
             f.unlink()
-    key, iv = "11" * 32, "22" * 16
-    rows["openssl enc -chacha20"] = run(["openssl", "enc", "-chacha20", "-K", key, "-iv", iv, "-in", str(src), "-out", str(bundle)])
-    rows["openssl enc -d -chacha20"] = run(["openssl", "enc", "-d", "-chacha20", "-K", key, "-iv", iv, "-in", str(bundle), "-out", str(out)])
-    for f in (src, bundle, out):
-        f.unlink()
+    src.unlink()
     return rows
 
 
@@ -120,6 +140,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="transfer.py --cli", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,1000", help="payload sizes in MB (10^6 bytes), comma-separated")
     parser.add_argument("--workdir", type=Path, help="folder for the files (default: a temporary one in /dev/shm)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every command, interleaved; the minimum is reported")
+    parser.add_argument("--baseline", metavar="CHECKOUT", type=Path,
+                        help="also run the secure-oneshot commands from this checkout (PYTHONPATH), in the same rounds")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -128,13 +151,17 @@ def main(argv: list[str]) -> int:
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(prefix="transfer-cli-", dir=args.workdir or shm) as tmp:
         work = Path(tmp)
+        # A private bytecode cache, as an installed package has (the environment may set PYTHONDONTWRITEBYTECODE).
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+        baseline = {**env, "PYTHONPATH": str(args.baseline.resolve())} if args.baseline else None
         make_keys(work, env)
         print(f"age: {shutil.which('age') or 'absent'}; openssl: {shutil.which('openssl') or 'absent'}; "
               f"rusage via {TIME or 'os.wait4 from the Python parent (RSS floor ~14 MiB)'}")
         print(f"| payload | command | wall s | CPU s | CPU s per GB | peak RSS MiB |")
         print("| ---: | --- | ---: | ---: | ---: | ---: |")
         for size in sizes:
-            for name, r in measure_size(work, size, env, have_age).items():
+            for name, r in measure_size(work, size, env, have_age, args.repeat, baseline).items():
                 print(f"| {size} MB | `{name}` | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['cpu_s'] / (size / 1000):.2f} "
                       f"| {r['peak_rss_mib']:.1f} |", flush=True)
     return 0
