@@ -42,7 +42,7 @@ from typing import Any
 
 from ..errors import PrivacyError
 
-__all__ = ["PACKAGE", "accountant_class", "prv_analysis", "opacus_version"]
+__all__ = ["PACKAGE", "accountant_class", "prv_analysis"]
 
 PACKAGE = "_secure_oneshot_opacus_accountants"
 """The private package name Opacus's ``accountants`` directory is loaded under."""
@@ -119,13 +119,3 @@ def accountant_class(name: str) -> Any:
 def prv_analysis() -> types.ModuleType:
     """Opacus's ``accountants.analysis.prv`` module (PRV discretisation helpers)."""
     return _load("analysis.prv")
-
-
-def opacus_version() -> str:
-    """The installed Opacus's version, from its metadata (no import)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("opacus")
-    except metadata.PackageNotFoundError as e:
-        raise PrivacyError("opacus is not installed", hint=_INSTALL_HINT) from e
