@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="runs per command; the minimum is reported (default 5)")
     parser.add_argument("--no-bytecode-cache", action="store_true",
                         help="let every run compile the project's modules from source (as PYTHONDONTWRITEBYTECODE=1 does)")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="also run each secure-oneshot row with this checkout's code (PYTHONPATH), alternating run by run")
     parser.add_argument("--only", metavar="TEXT", help="measure only the rows whose label contains TEXT")
     parser.add_argument("--build", metavar="DIR", help=argparse.SUPPRESS)   # internal: build the fixtures in DIR
     args = parser.parse_args()
@@ -166,18 +168,21 @@ def main() -> None:
               f"min of {args.runs} runs; bytecode {'compiled every run' if args.no_bytecode_cache else 'cached'}\n")
         print("| command | CPU s (user+sys) | peak RSS MiB |")
         print("| --- | ---: | ---: |")
+        versions = {"": env}
+        if args.baseline:
+            versions[" (baseline)"] = {**env, "PYTHONPATH": str(Path(args.baseline).resolve())}
         for label, argv, prepare in rows:
-            samples = []
-            if not args.no_bytecode_cache:   # warm-up: fills the bytecode cache, not measured
-                if prepare is not None:
-                    prepare(-1)
-                measure(argv, work, env)
-            for run in range(args.runs):
-                if prepare is not None:
-                    prepare(run)
-                cpu, rss, _ = measure(argv, work, env)
-                samples.append((cpu, rss))
-            print(f"| {label} | {min(s[0] for s in samples):.3f} | {min(s[1] for s in samples):.0f} |", flush=True)
+            ours = argv[:3] == cli
+            samples: dict[str, list[tuple[float, float]]] = {suffix: [] for suffix in (versions if ours else [""])}
+            for run in range(-1 if not args.no_bytecode_cache else 0, args.runs):   # run -1: warm-up, fills the bytecode cache
+                for suffix in samples:
+                    if prepare is not None:
+                        prepare(run)
+                    cpu, rss, _ = measure(argv, work, versions[suffix])
+                    if run >= 0:
+                        samples[suffix].append((cpu, rss))
+            for suffix, taken in samples.items():
+                print(f"| {label}{suffix} | {min(s[0] for s in taken):.3f} | {min(s[1] for s in taken):.0f} |", flush=True)
 
 
 if __name__ == "__main__":
