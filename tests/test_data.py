@@ -57,12 +57,6 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     assert "--data-root" in error.hint and "zenodo" in error.hint and error.exit_code == 15
 
 
-@pytest.mark.parametrize("flag, task", [("chestmnist", "multi-label")])
-def test_unsupported_tasks_are_refused(tmp_path: Path, flag: str, task: str) -> None:
-    with pytest.raises(DataError, match=task):
-        load_medmnist(flag, "train", root=tmp_path)
-
-
 def test_unknown_flag(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown MedMNIST flag"):
         load_medmnist("notamnist", "train", root=tmp_path)

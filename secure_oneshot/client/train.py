@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from .. import __version__
 from .._internal.atomic import atomic_write_bytes
 from ..data import MedMNISTSplit, Partition, SiteData, load_medmnist, load_npz, partition_indices, to_dataset
-from ..data.medmnist_data import task_note, trained_as
+from ..data.medmnist_data import is_multi_label, task_note, trained_as
+from .multi_label import MultiLabelBCE, check_multi_label
 from ..errors import ConfigError, PrivacyError
 from ..metrics import evaluate_model
 from ..models.classifier import ClassifierConfig, build_classifier
@@ -117,11 +118,19 @@ def _merged_train_val(cfg: DataConfig) -> MedMNISTSplit:
     return MedMNISTSplit(a.flag, "train+val", np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]), a.n_classes, a.n_channels, a.task)
 
 
+def _partition_key(labels: np.ndarray) -> np.ndarray:
+    """One class per record for the Dirichlet split: the label itself, or (multi-label) the first positive label
+    (``L`` for a record with none), so non-IID sites differ in which findings they hold."""
+    if labels.ndim == 1:
+        return labels
+    return np.where(labels.any(axis=1), labels.argmax(axis=1), labels.shape[1])
+
+
 def site_data(cfg: DataConfig, val_fraction: float = 0.1, seed: int = 0) -> SiteData:
     """The site's records (its partition of train+val, or its own file), a local validation slice, and the test split."""
     pool = _merged_train_val(cfg)
     if not cfg.file:
-        parts = partition_indices(pool.labels, cfg.partition)
+        parts = partition_indices(_partition_key(pool.labels), cfg.partition)
         if not 0 <= cfg.site < len(parts):
             raise ConfigError(f"site {cfg.site} does not exist in a {len(parts)}-site partition")
         pool = pool.subset(parts[cfg.site])
@@ -212,7 +221,7 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion:
     record contributes one clipped gradient whatever ``views`` is.  ``stepped`` is false for a physical batch
     on which Opacus's BatchMemoryManager only accumulated (the logical batch is not complete yet).
     """
-    x, y = augment_views(x, views, generator), y.repeat_interleave(max(1, views))
+    x, y = augment_views(x, views, generator), y.repeat_interleave(max(1, views), dim=0)
     optimizer.zero_grad(set_to_none=True)
     logits = model(x)
     loss = criterion(logits, y)
@@ -238,9 +247,16 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
             if len(y):  # the mean over an empty batch is NaN
                 n = len(logits)
                 loss_sum += float(loss) * n
-                correct += int((logits.argmax(1) == y.repeat_interleave(max(1, cfg.augment_views))).sum())
+                correct += _correct(logits, y.repeat_interleave(max(1, cfg.augment_views), dim=0))
                 total += n
     return {"loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1), "steps": steps}
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Correct predictions in a batch: argmax for one class per record, per-label (logit > 0) averaged for multi-label."""
+    if y.dim() == 2:
+        return float(((logits > 0) == y.bool()).float().mean(dim=1).sum())
+    return float((logits.argmax(1) == y).sum())
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -300,6 +316,8 @@ def _label_release(cfg: TrainConfig, data: SiteData) -> LabelRelease | None:
 def _training_criterion(loss: str, cfg: TrainConfig, data: SiteData, release: LabelRelease | None) -> nn.Module:
     """Cross-entropy, or cross-entropy on prior-adjusted logits; the prior is the released (noisy) histogram
     when there is one (post-processing of a DP release), else the exact counts of a non-DP site."""
+    if is_multi_label(data.train.task):
+        return MultiLabelBCE()
     if loss == "ce":
         return nn.CrossEntropyLoss()
     counts = release.counts if release is not None else np.bincount(data.train.labels.reshape(-1), minlength=data.train.n_classes)
@@ -337,6 +355,7 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
         PrivacyError: Opacus cannot reach the requested budget with these settings.
     """
     torch.manual_seed(cfg.seed)
+    check_multi_label(cfg, data.train.task)
     cfg = with_min_steps(cfg, len(data.train))
     loss_kind = resolve_loss(cfg)
     cfg = replace(cfg, loss=loss_kind, logit_adjust_tau=resolve_tau(cfg) if loss_kind == "logit-adjusted" else cfg.logit_adjust_tau)
@@ -422,8 +441,12 @@ def hyperparameter_source(cfg: TrainConfig) -> str:
 
 def training_record(result: TrainResult, data_cfg: DataConfig, cfg: TrainConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The site's JSON record: what was trained on what, how, with which guarantee (no images, no tensors)."""
-    counts = np.bincount(result.data.train.labels, minlength=result.data.train.n_classes).tolist()
-    artifacts = {"classifier": {**asdict(result.model_config), "image_size": int(result.data.train.images.shape[1])}}
+    train = result.data.train
+    multi_label = is_multi_label(train.task)
+    # Multi-label: positives per label; otherwise records per class.
+    counts = (train.labels.sum(axis=0) if multi_label else np.bincount(train.labels, minlength=train.n_classes)).tolist()
+    artifacts = {"classifier": {**asdict(result.model_config), "image_size": int(train.images.shape[1]),
+                                **({"task": "multi-label"} if multi_label else {})}}
     dp = {"classifier": result.dp.to_json()} if result.dp else {}
     return {
         "format": MODEL_RECORD_FORMAT,

@@ -10,7 +10,7 @@ out on its own, so downloading is opt-in (``download=True`` / ``--download``);
 a missing file is a :class:`DataError` naming the file, the folder and how to
 get it.  Ordinal-regression tasks (RetinaMNIST) are trained and evaluated as
 multi-class, as the MedMNIST benchmark does (:func:`trained_as`); multi-label
-tasks (ChestMNIST) are refused until the training code supports them.
+tasks (ChestMNIST) keep their labels as ``(N, L)`` 0/1 vectors (:func:`is_multi_label`).
 """
 
 from __future__ import annotations
@@ -27,19 +27,20 @@ from torch.utils.data import TensorDataset
 from ..errors import DataError
 
 __all__ = ["DATA_ENV", "SPLITS", "MedMNISTSplit", "SiteData", "load_medmnist", "load_npz", "to_dataset", "default_root", "num_classes",
-           "trained_as", "task_note"]
+           "trained_as", "task_note", "is_multi_label", "MULTI_LABEL"]
 
 DATA_ENV = "SECURE_ONESHOT_DATA"
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
-SUPPORTED_TASKS = ("binary-class", "multi-class", "ordinal-regression")
+MULTI_LABEL = "multi-label, binary-class"   # medmnist's name of the multi-label task type (ChestMNIST)
+SUPPORTED_TASKS = ("binary-class", "multi-class", "ordinal-regression", MULTI_LABEL)
 # The MedMNIST benchmark trains and evaluates its ordinal-regression sets as plain multi-class problems.
 _TRAINED_AS = {"ordinal-regression": "multi-class"}
 
 
 @dataclass(frozen=True)
 class MedMNISTSplit:
-    """One split: ``images`` uint8 (N, H, W) or (N, H, W, 3); ``labels`` int64 (N,)."""
+    """One split: ``images`` uint8 (N, H, W) or (N, H, W, 3); ``labels`` int64 (N,), or (N, L) 0/1 for multi-label."""
 
     flag: str
     split: str
@@ -93,9 +94,14 @@ def _info(flag: str) -> dict:
     if info["task"] not in SUPPORTED_TASKS:
         raise DataError(
             f"{flag} is a {info['task']} task, which this version does not train",
-            hint="use a binary-class, multi-class or ordinal-regression dataset such as pneumoniamnist, bloodmnist or retinamnist",
+            hint="use a binary-class, multi-class, ordinal-regression or multi-label dataset such as pneumoniamnist, bloodmnist, retinamnist or chestmnist",
         )
     return info
+
+
+def is_multi_label(task: str) -> bool:
+    """Labels are ``(N, L)`` 0/1 vectors (one binary decision per label), not one class per record."""
+    return task == MULTI_LABEL
 
 
 def trained_as(task: str) -> str:
@@ -128,11 +134,19 @@ def _missing(path: Path, flag: str, size: int) -> DataError:
 
 
 def _split_from_arrays(flag: str, split: str, images: np.ndarray, labels: np.ndarray, info: dict) -> MedMNISTSplit:
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)  # (N, 1) -> (N,)
+    n_classes = len(info["label"])
+    labels = np.asarray(labels)
+    if is_multi_label(info["task"]):
+        if labels.ndim != 2 or labels.shape[1] != n_classes:
+            raise DataError(f"{flag} {split}: multi-label labels must have shape (N, {n_classes}), got {labels.shape}")
+        labels = labels.astype(np.int64)
+        if labels.size and not np.isin(labels, (0, 1)).all():
+            raise DataError(f"{flag} {split}: multi-label labels must be 0 or 1")
+    else:
+        labels = labels.reshape(-1).astype(np.int64)  # (N, 1) -> (N,)
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
         raise DataError(f"{flag} {split}: images must be uint8 (N, H, W[, 3]) matching the labels")
-    n_classes = len(info["label"])
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise DataError(f"{flag} {split}: labels outside 0..{n_classes - 1}")
     return MedMNISTSplit(flag, split, images, labels, n_classes, int(info["n_channels"]), info["task"])
@@ -175,7 +189,7 @@ def load_npz(path: str | os.PathLike[str], flag: str, split: str) -> MedMNISTSpl
 
 
 def to_dataset(data: MedMNISTSplit) -> TensorDataset:
-    """Float images in [-1, 1] (mean 0.5, std 0.5 as in the method), NCHW, and int64 labels."""
+    """Float images in [-1, 1] (mean 0.5, std 0.5 as in the method), NCHW, and int64 labels ((N,) or (N, L))."""
     images = torch.from_numpy(np.ascontiguousarray(data.images)).float().div_(255.0)
     if images.ndim == 3:
         images = images.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)

@@ -40,6 +40,11 @@ re-estimated after each epoch as the plain average over the last fraction
 preset on 5 non-IID PneumoniaMNIST sites, epochs 9-13: test ACC 0.832-0.849
 with ``f = 0.25`` against 0.803-0.846 without, AUC unchanged (0.96).
 
+Multi-label sites (``synth.multi_label``): the teacher averages the sites'
+per-label probabilities, and ``KD`` is the per-label binary KL between
+``sigmoid(t/T)`` and ``sigmoid(s/T)``, summed over labels, times ``T**2``
+(:func:`per_image_kd` with ``multi_label=True``).
+
 The returned student is the **last** epoch's: no model selection on a test set
 (the authors select on the test set).  ``eval_set`` only reports metrics.
 
@@ -64,7 +69,7 @@ from ..metrics import evaluate_model
 from .ensemble import Ensemble, batching_for
 from .execution import Execution
 from .sources import SiteGenerator, Snapshot, SnapshotSource, SynthesisMethod
-from .synthesis import FeatureStats, InversionConfig
+from .synthesis import FeatureStats, InversionConfig, binary_kl
 
 __all__ = ["NOISE_ADAPTED", "DistillConfig", "DistillResult", "distill", "kd_loss", "per_image_kd", "learning_rate", "recalibrate_bn",
            "student_norm"]
@@ -125,8 +130,11 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     return per_image_kd(student_logits, teacher_logits, T).mean()
 
 
-def per_image_kd(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
-    """``(N,)``: each image's ``KL(softmax(t/T) || softmax(s/T)) * T**2``."""
+def per_image_kd(student_logits: Tensor, teacher_logits: Tensor, T: float, multi_label: bool = False) -> Tensor:
+    """``(N,)``: each image's ``KL(softmax(t/T) || softmax(s/T)) * T**2`` (multi-label: the per-label binary KL of
+    the sigmoids at ``T``, summed over labels, times ``T**2``)."""
+    if multi_label:
+        return binary_kl(student_logits, teacher_logits, T).sum(dim=1) * T * T
     log_p_student = F.log_softmax(student_logits / T, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits / T, dim=1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1) * T * T
@@ -157,12 +165,12 @@ def student_norm(site_models: Sequence[nn.Module]) -> str:
 
 
 def _adapted_teacher(site_models: Sequence[nn.Module], cfg: DistillConfig, execution: Execution,
-                     weights: Tensor | None = None) -> Ensemble | None:
+                     weights: Tensor | None = None, multi_label: bool = False) -> Ensemble | None:
     """The noise-adapted copy, or ``None`` when it would equal the teacher (mode "none", or no BatchNorm)."""
     if cfg.noise_adapted == "none" or not _has_bn(site_models):
         return None
     batched = batching_for(execution.use_batched, site_models)
-    return execution.prepare(Ensemble(site_models, adapt_bn=True, batched=batched, weights=weights))
+    return execution.prepare(Ensemble(site_models, adapt_bn=True, batched=batched, weights=weights, multi_label=multi_label))
 
 
 @torch.no_grad()
@@ -194,7 +202,7 @@ def recalibrate_bn(student: nn.Module, snapshots: Sequence[Snapshot], execution:
 
 
 def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | None, snapshots: Sequence[Snapshot],
-                   optimizer: torch.optim.Optimizer, T: float, execution: Execution) -> Tensor:
+                   optimizer: torch.optim.Optimizer, T: float, execution: Execution, multi_label: bool = False) -> Tensor:
     """One SGD step per snapshot; returns the mean loss (a device tensor: no sync per step).
 
     ``a`` (per image) weighs the teacher, ``1 - a`` the noise-adapted teacher: ``i / n`` for inversion snapshots
@@ -209,8 +217,8 @@ def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | No
                 t_logits = teacher(x).float()
                 n_logits = adapted(x).float() if adapted is not None else None
             s_logits = student(x).float()
-        kd = per_image_kd(s_logits, t_logits, T)
-        loss = (kd if n_logits is None else a * kd + (1 - a) * per_image_kd(s_logits, n_logits, T)).mean()
+        kd = per_image_kd(s_logits, t_logits, T, multi_label)
+        loss = (kd if n_logits is None else a * kd + (1 - a) * per_image_kd(s_logits, n_logits, T, multi_label)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -253,11 +261,15 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
     >>> result.history[-1]["loss"]                                                                       # doctest: +SKIP
     """
     execution = (execution or Execution()).for_models(site_models)
+    multi_label = synth.multi_label
+    if multi_label and (teacher_weights is not None or generators or (method is not None and method.method != "inversion")):
+        raise ConfigError("multi-label sites distil by model inversion with the equal teacher",
+                          hint="drop the teacher weighting and the generator method (both assume one class per image)")
     torch.manual_seed(cfg.seed)
     execution.prepare(student)
     batched = batching_for(execution.use_batched, site_models)   # mixed architectures: batched per group
-    teacher = execution.prepare(Ensemble(site_models, batched=batched, weights=teacher_weights))
-    adapted = _adapted_teacher(site_models, cfg, execution, teacher_weights)
+    teacher = execution.prepare(Ensemble(site_models, batched=batched, weights=teacher_weights, multi_label=multi_label))
+    adapted = _adapted_teacher(site_models, cfg, execution, teacher_weights, multi_label)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # The compiled module shares the student's parameters: only the training step runs through it.
     train_forward = torch.compile(student) if execution.compile else student
@@ -271,7 +283,8 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
         snapshots = source.epoch(epoch)
         if adapted is not None and cfg.noise_adapted == "eval":
             _refresh_running_stats(adapted, snapshots, execution)
-        loss = float(_distill_epoch(train_forward, teacher, adapted, snapshots, optimizer, cfg.temperature, execution))  # one sync per epoch
+        loss = float(_distill_epoch(train_forward, teacher, adapted, snapshots, optimizer, cfg.temperature, execution,
+                                    multi_label))  # one sync per epoch
         if cfg.recalibrate_bn > 0:
             recalibrate_bn(student, snapshots[-max(1, round(cfg.recalibrate_bn * len(snapshots))):], execution)
         del snapshots  # free the device memory before evaluation

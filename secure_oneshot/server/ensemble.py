@@ -41,6 +41,11 @@ it is computed (``forward``, and the synthesis code, which averages
 the same weights to the teacher and the noise-adapted teacher it builds, and
 synthesis uses that teacher.
 
+Multi-label sites (``multi_label=True``: one sigmoid output per label) are
+pooled by averaging their per-label probabilities, and the teacher returns the
+logit of that average (:meth:`Ensemble.pool`), so its consumers keep working
+on logits; per-class weights do not apply to them.
+
 What this module does not do: load weights, check trust, choose the weights, or
 train anything.
 """
@@ -149,6 +154,7 @@ class Ensemble(nn.Module):
         adapt_bn: run BatchNorm layers in train mode (FedISCA's noise-adapted teacher).
         weights: ``(S, K)`` per-site, per-class weights (normalised here; see the module docstring), or
             ``None``: the plain mean of logits (the method as published).
+        multi_label: the sites output one logit per label: pool per-label probabilities (:meth:`pool`).
 
     Raises:
         ValueError: no models, ``batched=True`` with differing architectures, or weights of the wrong shape.
@@ -159,10 +165,13 @@ class Ensemble(nn.Module):
     """
 
     def __init__(self, models: Sequence[nn.Module], *, batched: bool | None = None, adapt_bn: bool = False,
-                 weights: Tensor | None = None) -> None:
+                 weights: Tensor | None = None, multi_label: bool = False) -> None:
         super().__init__()
         if len(models) == 0:
             raise ValueError("an ensemble needs at least one site model")
+        if multi_label and weights is not None:
+            raise ValueError("per-class teacher weights do not apply to multi-label sites (their probabilities are averaged)")
+        self.multi_label = multi_label
         # S * w[s, c]: the factor per_site applies so that the mean over sites is the weighted pooling.
         scale = None if weights is None else normalise_weights(weights, len(models)) * len(models)
         self.register_buffer("_site_scale", scale)
@@ -254,8 +263,16 @@ class Ensemble(nn.Module):
         return None if self._site_scale is None else self._site_scale / self.num_sites
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W)`` -> ``(N, classes)``: the mean of the sites' logits (weighted: of their scaled log-probabilities)."""
-        return self.per_site_logits(x).mean(dim=0)
+        """``(N, C, H, W)`` -> ``(N, classes)``: the mean of the sites' logits (weighted: of their scaled log-probabilities;
+        multi-label: the logit of the mean of their per-label probabilities)."""
+        return self.pool(self.per_site_logits(x))
+
+    def pool(self, per_site: Tensor) -> Tensor:
+        """``(S, N, K)`` entries of :meth:`per_site` -> the teacher's ``(N, K)`` logits."""
+        if not self.multi_label:
+            return per_site.mean(dim=0)
+        probabilities = torch.sigmoid(per_site.float()).mean(dim=0)
+        return torch.logit(probabilities, eps=1e-6)   # finite where every site is certain
 
     def per_site_logits(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` -> ``(S, N, classes)``: each site's entry of the teacher (see :meth:`per_site`)."""

@@ -66,6 +66,7 @@ class SiteModel:
     generator: SiteGenerator | None = None
     bundle_id: str = ""
     label_counts: torch.Tensor | None = None  # (classes,) DP-noised class counts the site released, if any
+    multi_label: bool = False                 # one sigmoid output per label (the record's classifier "task")
 
 
 def _classifier_config(meta: dict[str, Any], name: str = "") -> ClassifierConfig:
@@ -151,7 +152,7 @@ def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     use_batch_statistics(model, missing)
     stats = {k.removeprefix("feature_stats/"): v for k, v in tensors.items() if k.startswith("feature_stats/")} or None
     return SiteModel(name, model.eval(), cfg, stats, _site_generator(name, tensors, generator_meta or {}), bundle_id,
-                     _label_counts(name, tensors, cfg.num_classes))
+                     _label_counts(name, tensors, cfg.num_classes), meta.get("task") == "multi-label")
 
 
 def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: TrustStore, policy: IngestPolicy | None = None) -> list[SiteModel]:
@@ -204,7 +205,8 @@ def baselines(sites: list[SiteModel], student: nn.Module | None, test_set: Any,
     With ``teacher_weights`` the teacher row is the weighted ensemble and the equal one is reported beside it.
     """
     rows = {s.name: evaluate_model(s.model, test_set) for s in sites}
-    rows["ensemble (teacher)"] = evaluate_model(Ensemble([s.model for s in sites], weights=teacher_weights), test_set)
+    rows["ensemble (teacher)"] = evaluate_model(Ensemble([s.model for s in sites], weights=teacher_weights,
+                                                         multi_label=is_multi_label(sites)), test_set)
     if teacher_weights is not None:
         rows["ensemble (equal weights)"] = evaluate_model(Ensemble([s.model for s in sites]), test_set)
     if same_architecture([s.model for s in sites]):
@@ -244,7 +246,7 @@ class DistillJob:
         overrides = {k: v for k, v in (("epochs", self.epochs), ("noise_adapted", self.noise_adapted)) if v is not None}
         cfg = sites[0].config
         synth = InversionConfig(image_size=self.image_size, channels=cfg.in_channels, num_classes=cfg.num_classes, seed=self.seed,
-                                **synth_options)
+                                multi_label=is_multi_label(sites), **synth_options)
         return synth, DistillConfig(seed=self.seed, **{**distill_options, **overrides})
 
 
@@ -324,6 +326,20 @@ def prior_options(sites: list[SiteModel], student: nn.Module | None) -> dict[str
     return options
 
 
+def is_multi_label(sites: list[SiteModel]) -> bool:
+    """Whether the sites' task is multi-label (their records say so); sites that disagree cannot form one teacher.
+
+    Raises:
+        ConfigError: some sites are multi-label and others are not.
+    """
+    kinds = {s.multi_label for s in sites}
+    if len(kinds) > 1:
+        names = ", ".join(s.name for s in sites if s.multi_label)
+        raise ConfigError(f"only some sites are multi-label ({printable(names, 200)}): they answer different questions",
+                          hint="distil sites of one task together")
+    return kinds == {True}
+
+
 def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig, execution: Execution) -> torch.Tensor | None:
     """The ``(S, K)`` teacher weights of ``scheme`` (:mod:`~secure_oneshot.server.weighting`); ``None`` for equal.
 
@@ -333,6 +349,9 @@ def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig,
     """
     if scheme == "equal" or len(sites) == 1:
         return None
+    if is_multi_label(sites):
+        raise ConfigError(f"teacher weighting {scheme!r} is per class; multi-label sites use the equal teacher",
+                          hint="pass --teacher-weighting equal")
     if scheme == "label-counts":
         return label_count_weights([s.label_counts for s in sites], synth.num_classes)
     models = [s.model for s in sites]
@@ -362,7 +381,9 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     student = build_classifier(student_cfg)
     prior = prior_options(sites, student)
     started = time.perf_counter()
-    weights = teacher_weights(sites, job.weighting, synth, job.execution)
+    # Multi-label sites have no per-class weighting: the preset's default scheme gives way to the equal teacher.
+    scheme = "equal" if synth.multi_label and job.teacher_weighting is None else job.weighting
+    weights = teacher_weights(sites, scheme, synth, job.execution)
     models = [s.model for s in sites]
     result = distill(student, models, synth, dcfg, execution=job.execution, eval_set=test_set, progress=progress,
                      on_epoch=on_epoch, feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
@@ -381,7 +402,8 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
                                                           "label_counts": s.label_counts is not None}
                                                          for s in sites],
               "preset": job.preset, "method": asdict(job.method), "execution": job.execution.for_models([s.model for s in sites]).describe(),
-              "teacher_weighting": {"scheme": job.weighting,
+              "task": "multi-label" if synth.multi_label else "one class per image",
+              "teacher_weighting": {"scheme": scheme,
                                     "weights": None if weights is None else [[round(float(w), 4) for w in row]
                                                                              for row in normalise_weights(weights, len(sites))]},
               "inversion": asdict(synth), "distill": asdict(dcfg), "seconds": round(seconds, 1), "history": result.history,

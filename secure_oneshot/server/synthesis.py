@@ -35,6 +35,14 @@ class (DENSE's mask, which keeps the images on their target class).  With
 neither statistics nor a student, :func:`synthesize_batch` refuses unless
 ``allow_ce_only=True``.
 
+Multi-label sites (``InversionConfig.multi_label``): the targets are label
+vectors, each label 0 for one half of the batch and 1 for the other (a random
+half per label, seeded: :func:`balanced_label_vectors`), CE becomes binary
+cross-entropy on the teacher's pooled per-label probabilities
+(:meth:`~secure_oneshot.server.ensemble.Ensemble.pool`), and the adversarial
+term is the per-label binary KL, masked per label where student and teacher
+agree on the side of 0.5.
+
 What this module does not do: keep snapshots (the caller decides), train the
 student, or touch disk.
 """
@@ -60,10 +68,12 @@ __all__ = [
     "BNStatHooks",
     "FeatureStats",
     "InversionConfig",
+    "balanced_label_vectors",
     "balanced_labels",
     "jitter",
     "normalize_feature_stats",
     "synthesize_batch",
+    "binary_kl",
     "total_variation",
 ]
 
@@ -97,6 +107,7 @@ class InversionConfig:
     channels: int = 1
     num_classes: int = 2
     adv_weight: float = 1.0          # only used when a student is passed (BN-free sites)
+    multi_label: bool = False        # targets are 0/1 vectors over num_classes labels (module docstring)
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "steps", "snapshot_every", "image_size", "channels", "num_classes")
@@ -108,6 +119,8 @@ class InversionConfig:
             problems.append(f"jitter must be an integer in [0, image_size), got {self.jitter!r}")
         if not _is_int(self.seed):
             problems.append(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.multi_label, bool):
+            problems.append(f"multi_label must be true or false, got {self.multi_label!r}")
         if problems:
             raise ConfigError("invalid inversion config: " + "; ".join(problems))
 
@@ -274,6 +287,14 @@ def balanced_labels(batch_size: int, num_classes: int, device: str | torch.devic
     return torch.arange(batch_size, device=device) % num_classes
 
 
+def balanced_label_vectors(batch_size: int, num_labels: int, generator: torch.Generator,
+                           device: str | torch.device = "cpu") -> Tensor:
+    """``(batch, L)`` float 0/1 targets: for each label, 1 on a random half of the batch (``batch // 2`` images)."""
+    halves = (torch.arange(batch_size) < batch_size // 2).float()
+    columns = [halves[torch.randperm(batch_size, generator=generator)] for _ in range(num_labels)]
+    return torch.stack(columns, dim=1).to(device)
+
+
 def total_variation(x: Tensor) -> Tensor:
     """Sum of the L2 norms of the horizontal, vertical and both diagonal neighbour differences."""
     diffs = (x[..., :, :-1] - x[..., :, 1:], x[..., :-1, :] - x[..., 1:, :],
@@ -296,14 +317,30 @@ def _adversarial(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return (kl.sum(dim=1) * agree).mean()
 
 
+def _adversarial_multi_label(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Per-label binary ``KL(p_teacher || p_student)`` (T = 1), masked per label where both are on the same side of 0.5."""
+    agree = ((student_logits > 0) == (teacher_logits > 0)).float()  # (N, L)
+    kl = binary_kl(student_logits, teacher_logits, 1.0)
+    return (kl * agree).sum(dim=1).mean()
+
+
+def binary_kl(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """``(N, L)``: each label's ``KL(Bernoulli(sigmoid(t/T)) || Bernoulli(sigmoid(s/T)))``."""
+    log_ps, log_qs = F.logsigmoid(student_logits / T), F.logsigmoid(-student_logits / T)   # log p, log (1 - p)
+    log_pt, log_qt = F.logsigmoid(teacher_logits / T), F.logsigmoid(-teacher_logits / T)
+    return log_pt.exp() * (log_pt - log_ps) + log_qt.exp() * (log_qt - log_qs)
+
+
 def _inversion_losses(hooks: BNStatHooks, x: Tensor, y: Tensor, cfg: InversionConfig,
                       student: nn.Module | None) -> dict[str, Tensor]:
     logits, bn = hooks.per_site(x)
-    teacher = logits.float().mean(dim=0)  # (S, N, K) -> (N, K), float32 whatever the autocast
-    losses = {"ce": F.cross_entropy(teacher, y), "bn": bn, "tv": total_variation(x)}
+    teacher = hooks.ensemble.pool(logits.float())  # (S, N, K) -> (N, K), float32 whatever the autocast
+    ce = F.binary_cross_entropy_with_logits(teacher, y) if cfg.multi_label else F.cross_entropy(teacher, y)
+    losses = {"ce": ce, "bn": bn, "tv": total_variation(x)}
     total = losses["ce"] + cfg.bn_weight * bn + cfg.tv_weight * losses["tv"]
     if student is not None:
-        losses["adv"] = _adversarial(student(x).float(), teacher)
+        adversarial = _adversarial_multi_label if cfg.multi_label else _adversarial
+        losses["adv"] = adversarial(student(x).float(), teacher)
         total = total - cfg.adv_weight * losses["adv"]
     losses["total"] = total
     return losses
@@ -362,14 +399,17 @@ def synthesize_batch(models: Sequence[nn.Module], ensemble: Ensemble | None, cfg
         allow_ce_only: accept BN-free sites with neither statistics nor a student.
 
     Returns:
-        ``(x, y)``: the final images ``(batch, C, H, W)`` and balanced labels ``(batch,)``, on ``device``.
+        ``(x, y)``: the final images ``(batch, C, H, W)`` and balanced labels ``(batch,)`` (multi-label:
+        ``(batch, L)`` 0/1 float vectors), on ``device``.
 
     Raises:
         ValueError: BN-free sites with neither statistics nor a student (unless ``allow_ce_only``).
     """
     execution = (execution or Execution()).for_models(models)
     if ensemble is None:
-        ensemble = Ensemble(models, batched=batching_for(execution.use_batched, models))
+        ensemble = Ensemble(models, batched=batching_for(execution.use_batched, models), multi_label=cfg.multi_label)
+    if ensemble.multi_label != cfg.multi_label:
+        raise ValueError("the ensemble and the inversion config disagree on whether the task is multi-label")
     ensemble = execution.prepare(ensemble)
     if ensemble.num_sites != len(models):
         raise ValueError(f"the ensemble has {ensemble.num_sites} sites but {len(models)} models were given")
@@ -395,4 +435,8 @@ def _initial_batch(cfg: InversionConfig, device: str | torch.device) -> tuple[Te
     noise = torch.Generator(device=device).manual_seed(cfg.seed)
     shape = (cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size)
     x = torch.randn(shape, generator=noise, device=device).requires_grad_(True)
-    return x, balanced_labels(cfg.batch_size, cfg.num_classes, device), torch.Generator().manual_seed(cfg.seed)
+    shifts = torch.Generator().manual_seed(cfg.seed)
+    if cfg.multi_label:
+        targets = balanced_label_vectors(cfg.batch_size, cfg.num_classes, torch.Generator().manual_seed(cfg.seed + 1), device)
+        return x, targets, shifts
+    return x, balanced_labels(cfg.batch_size, cfg.num_classes, device), shifts
