@@ -178,3 +178,12 @@ def test_one_inversion_step_and_one_distillation_epoch_run_mixed(mixed_sites) ->
     result = distill(student, mixed_sites, synth, DistillConfig(epochs=1), execution=execution)
     assert len(result.history) == 1 and torch.isfinite(torch.tensor(result.history[0]["loss"]))
     assert any(not torch.equal(before[k], v) for k, v in result.student.state_dict().items())
+
+
+def test_the_servers_student_architecture_is_checked_up_front() -> None:
+    from secure_oneshot.server.study import DistillJob
+
+    assert DistillJob(student_arch="wrn-16-2").student_arch == "wrn-16-2"
+    with pytest.raises(ConfigError, match="unknown student architecture 'vgg19'") as caught:
+        DistillJob(student_arch="vgg19")
+    assert "vgg11-bn" in caught.value.hint and caught.value.exit_code == 3

@@ -233,6 +233,9 @@ class DistillJob:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}", hint=f"use one of {', '.join(PRESETS)}")
+        if self.student_arch is not None and self.student_arch not in ARCHITECTURES:
+            raise ConfigError(f"unknown student architecture '{printable(self.student_arch, 60)}'",
+                              hint=f"use one of {', '.join(sorted(ARCHITECTURES))}")
         if self.teacher_weighting is not None and self.teacher_weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown teacher weighting {self.teacher_weighting!r}", hint=f"use one of {', '.join(WEIGHTINGS)}")
 
