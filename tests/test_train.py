@@ -8,6 +8,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from torch import nn
 
@@ -127,9 +128,11 @@ def test_dp_preset_site_model_beats_the_majority_class(small_site) -> None:
 
     Measured once before writing this (seed 0): test ACC 0.851, balanced ACC 0.835, AUC 0.926; the untuned
     recipe (cpu preset, logit-adjusted loss, no threshold) gave ACC 0.627, balanced ACC 0.50 on the same site.
+    The histogram's and threshold's noise is pinned (``noise_rng``): with OS-entropy noise the balanced ACC of
+    this site varies from draw to draw (0.689 was seen once), which is the recipe's spread, not a regression.
     """
     cfg = replace(PRESETS["dp"], dp_epsilon=8.0, label_counts_epsilon=0.1, threshold_epsilon=0.8)
-    result = train_classifier(ClassifierConfig("small-cnn"), cfg, small_site)
+    result = train_classifier(ClassifierConfig("small-cnn"), cfg, small_site, noise_rng=np.random.default_rng(0))
     test = result.metrics["test"]
     majority = max((small_site.test.labels == c).mean() for c in (0, 1))
     assert result.dp is not None and result.dp.epsilon <= 8.0

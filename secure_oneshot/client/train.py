@@ -301,7 +301,7 @@ def resolve_tau(cfg: TrainConfig) -> float:
     return DP_LOGIT_ADJUST_TAU if cfg.dp_epsilon is not None else 1.0
 
 
-def _label_release(cfg: TrainConfig, data: SiteData) -> LabelRelease | None:
+def _label_release(cfg: TrainConfig, data: SiteData, rng: np.random.Generator | None) -> LabelRelease | None:
     """The DP label histogram, released before training so the loss can use it; ``None`` when not asked for."""
     if not cfg.label_counts_epsilon:
         return None
@@ -310,7 +310,7 @@ def _label_release(cfg: TrainConfig, data: SiteData) -> LabelRelease | None:
         raise ConfigError(f"label_counts_epsilon {cfg.label_counts_epsilon:g} must be below dp_epsilon {cfg.dp_epsilon:g}",
                           hint="the histogram's budget is taken out of the classifier's")
     return noisy_label_counts(train.labels, train.n_classes, cfg.label_counts_epsilon, cfg.dp_delta,
-                              dataset_fingerprint=train.fingerprint())
+                              dataset_fingerprint=train.fingerprint(), rng=rng)
 
 
 def _training_criterion(loss: str, cfg: TrainConfig, data: SiteData, release: LabelRelease | None) -> nn.Module:
@@ -348,8 +348,12 @@ def _check_threshold(cfg: TrainConfig, num_classes: int) -> None:
                           hint="both releases are taken out of the classifier's budget")
 
 
-def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteData, *, progress: bool = False) -> TrainResult:
+def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteData, *, progress: bool = False,
+                     noise_rng: np.random.Generator | None = None) -> TrainResult:
     """Train on ``data.train``; validate each epoch on ``data.val``; test on ``data.test`` at the end.
+
+    ``noise_rng`` draws the noise of the DP label histogram and decision threshold; ``None`` (everything but
+    tests) draws from OS entropy, since a known seed would let anyone subtract the noise.
 
     Raises:
         PrivacyError: Opacus cannot reach the requested budget with these settings.
@@ -360,7 +364,7 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     loss_kind = resolve_loss(cfg)
     cfg = replace(cfg, loss=loss_kind, logit_adjust_tau=resolve_tau(cfg) if loss_kind == "logit-adjusted" else cfg.logit_adjust_tau)
     _check_threshold(cfg, data.train.n_classes)
-    release = _label_release(cfg, data)
+    release = _label_release(cfg, data, noise_rng)
     uses_release = release is not None and loss_kind == "logit-adjusted"
     dp = cfg.dp_epsilon is not None
     model = build_classifier(model_cfg)
@@ -399,7 +403,8 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     threshold = None
     if cfg.threshold_epsilon and dp:  # post-processing of a DP release over the training records (its step is recorded)
         train_images = to_dataset(data.train).tensors[0]
-        threshold = calibrate_threshold(plain, train_images, data.train.labels.reshape(-1), cfg.threshold_epsilon, cfg.dp_delta)
+        threshold = calibrate_threshold(plain, train_images, data.train.labels.reshape(-1), cfg.threshold_epsilon, cfg.dp_delta,
+                                        rng=noise_rng)
     metrics = {"val": evaluate_model(plain, val_set)}
     if data.test is not None:
         metrics["test"] = evaluate_model(plain, to_dataset(data.test))
