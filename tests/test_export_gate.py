@@ -77,7 +77,7 @@ def test_only_allow_listed_metadata_reaches_the_manifest(tmp_path: Path) -> None
     model = make_real_model_dir(tmp_path / "m", generator=True, feature_stats=True)
     report = export_model(request(tmp_path, model, research(tmp_path)))
     meta = open_bundle(report.bundle.path, CAST.server, CAST.server_trust(), now=NOW).manifest.meta
-    assert set(meta) == {"policy_version", "site", "artifacts", "recomputed_epsilon", "site_policy"}
+    assert set(meta) == {"policy_version", "site", "artifacts", "recomputed_epsilon", "site_policy", "privacy_statement"}
     assert set(meta["artifacts"]["generator"]) == {"architecture", "config"}  # training recipe, loss, schedule stay
     assert set(meta["artifacts"]["classifier"]) == {"architecture", "in_channels", "num_classes", "norm", "image_size"}
     outcomes = {f.path: f.outcome for f in report.evaluation.metadata.fields}

@@ -6,7 +6,12 @@ and count approver signatures -> look up the highest policy version used here
 (structure, metadata allow-list, DP, tensors) -> refuse (audit record, no
 bundle) or seal exactly the allowed tensors and allow-listed metadata, with the
 policy's hash, its exact text and its approvals in the signed manifest
-(``meta.site_policy``), then record it.  ``dry_run`` evaluates without writing
+(``meta.site_policy``) and the privacy statement (``meta.privacy_statement``,
+``bundle/PRIVACY_STATEMENT.md``: what leaves, under which guarantee, composed
+with the site's earlier releases of the same data read from the audit log,
+whose export records therefore carry the released DP records), then record
+it.  The policy's ``[privacy_statement]`` requirements are decisions like any
+other: unmet, the export is refused.  ``dry_run`` evaluates without writing
 a bundle or an audit record.
 
 Bundle and audit record are one act: the bundle is sealed under a temporary
@@ -22,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from typing import Any
 from .. import audit
 from .._internal.atomic import fsync_dir, temporary_beside
 from .._internal.encoding import utc_now
+from .privacy_statement import PRIVACY_AUDIT_FILE, build_statement, read_privacy_audit, requirement_decisions
 from ..bundle import SealResult, seal_tensors
 from ..errors import ConfigError, PolicyViolationError, PrivacyError, ResourceError, SecureOneshotError
 from ..keys import Identity, PublicIdentity, TrustStore
@@ -59,6 +65,7 @@ class ExportRequest:
     min_approvals: int = 0
     dry_run: bool = False
     now: datetime | None = None
+    privacy_audit: Path | None = None   # the audit-privacy JSON report; default MODEL_DIR/privacy_audit.json when present
 
 
 @dataclass
@@ -68,6 +75,7 @@ class ExportReport:
     tensors: list[str]
     bundle: SealResult | None = None
     epsilons: dict[str, float] = field(default_factory=dict)
+    statement: dict[str, Any] | None = None   # the privacy statement signed into the manifest
 
 
 def highest_policy_version(records: Sequence[audit.AuditRecord], policy_id: str) -> int | None:
@@ -89,7 +97,7 @@ def _refuse(req: ExportRequest, policy: ExportPolicy, ev: Evaluation) -> SecureO
     if not req.dry_run:
         denied = [d.to_json() for d in ev.denied]
         audit.append_event(req.audit_log, req.sender, _event(req, policy, "refused", summary, details={"denied": denied}), req.now)
-    error_class = PrivacyError if any(d.kind == "dp" for d in ev.denied) else PolicyViolationError
+    error_class = PrivacyError if any(d.kind in ("dp", "statement") for d in ev.denied) else PolicyViolationError
     return error_class(
         f"export refused by policy {policy.id} v{policy.version}: {summary}",
         hint="nothing was sent; fix the model or ask the privacy office about the policy (table below)",
@@ -120,7 +128,8 @@ def _read_policy(path: Path) -> _PolicySource:
     return _PolicySource(policy, raw, read_signature_entries(path))
 
 
-def _seal(req: ExportRequest, source: _PolicySource, candidate: ExportCandidate, ev: Evaluation, path: Path) -> SealResult:
+def _seal(req: ExportRequest, source: _PolicySource, candidate: ExportCandidate, ev: Evaluation, path: Path,
+          statement: dict[str, Any]) -> SealResult:
     policy = source.policy
     names = ev.allowed_tensors()
     assert ev.metadata is not None  # evaluate_export always reviews the metadata
@@ -129,6 +138,7 @@ def _seal(req: ExportRequest, source: _PolicySource, candidate: ExportCandidate,
         **ev.metadata.sent,
         "recomputed_epsilon": {k: repr(v) for k, v in ev.epsilons.items()},
         "site_policy": site_policy_meta(policy, source.raw, source.signatures),
+        "privacy_statement": statement,
     }
     return seal_tensors(
         {n: candidate.tensors[n] for n in names}, path, sender=req.sender, recipients=list(req.recipients),
@@ -142,12 +152,14 @@ def _seal_and_record(req: ExportRequest, source: _PolicySource, candidate: Expor
     out = Path(req.out)
     temporary = temporary_beside(out)
     try:
-        sealed = _seal(req, source, candidate, report.evaluation, temporary)
+        assert report.statement is not None
+        sealed = _seal(req, source, candidate, report.evaluation, temporary, report.statement)
         m = sealed.manifest
         audit.append_event(req.audit_log, req.sender, _event(
             req, source.policy, "ok", f"sent {len(report.tensors)} tensors ({m.payload_size} bytes)",
             bundle_id=m.bundle_id, payload_sha256=m.payload_sha256, dp={a: r["epsilon"] for a, r in m.dp.items()},
-            details={"tensors": len(report.tensors), "expires": m.expires, "out": out.name},
+            details={"tensors": len(report.tensors), "expires": m.expires, "out": out.name,
+                     "dp_records": m.dp},  # what later statements compose with (earlier releases of the same data)
         ), req.now)
         try:
             os.replace(temporary, out)
@@ -162,6 +174,24 @@ def _seal_and_record(req: ExportRequest, source: _PolicySource, candidate: Expor
     report.bundle = SealResult(out, sealed.header, sealed.manifest)
 
 
+def _statement(req: ExportRequest, policy: ExportPolicy, candidate: ExportCandidate, ev: Evaluation, now: datetime,
+               records: Sequence[audit.AuditRecord]) -> dict[str, Any] | None:
+    """Build the privacy statement and judge the policy's requirements on it (decisions of kind "statement")."""
+    audit_path = req.privacy_audit if req.privacy_audit is not None else Path(req.model_dir) / PRIVACY_AUDIT_FILE
+    report = read_privacy_audit(Path(audit_path))
+    if req.privacy_audit is not None and report is None:
+        raise ConfigError(f"privacy audit report {audit_path} not found", hint="run `secure-oneshot audit-privacy --out FILE.json` first")
+    try:
+        statement = build_statement(policy, candidate, ev, now=now, earlier=records, audit_report=report)
+    except PrivacyError as e:  # e.g. an earlier release's history the accountant cannot evaluate: refused, not a crash
+        ev.add("statement", "privacy_statement", "privacy_statement", False, f"cannot build the privacy statement: {e.message}")
+        return None
+    ev.add("statement", "privacy_statement", "privacy_statement", True, "built and valid against its schema")
+    for subject, rule, ok, reason in requirement_decisions(policy.privacy_statement, statement):
+        ev.add("statement", subject, rule, ok, reason)
+    return statement
+
+
 def export_model(req: ExportRequest) -> ExportReport:
     """Run the export (see module docstring).
 
@@ -171,6 +201,7 @@ def export_model(req: ExportRequest) -> ExportReport:
         PolicyViolationError / PrivacyError: something was denied (the error carries the decision table).
     """
     now = req.now or utc_now()
+    req = replace(req, now=now)   # the statement's export time and the bundle's `created` are the same second
     records = audit.verify_log(req.audit_log, req.sender.public) if os.path.exists(req.audit_log) else []
     source = _read_policy(Path(req.policy_path))
     policy = source.policy
@@ -178,9 +209,10 @@ def export_model(req: ExportRequest) -> ExportReport:
     candidate = load_model_dir(req.model_dir).without(set(req.without))
     ctx = ExportContext(now, tuple(r.key_id for r in req.recipients), approvals, highest_policy_version(records, policy.id), req.min_approvals)
     ev = evaluate_export(policy, candidate, ctx)
+    statement = _statement(req, policy, candidate, ev, now, records) if ev.allowed else None
     if not ev.allowed:
         raise _refuse(req, policy, ev)
-    report = ExportReport(policy, ev, ev.allowed_tensors(), epsilons=dict(ev.epsilons))
+    report = ExportReport(policy, ev, ev.allowed_tensors(), epsilons=dict(ev.epsilons), statement=statement)
     if req.dry_run:
         return report
     _seal_and_record(req, source, candidate, report)

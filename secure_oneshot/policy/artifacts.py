@@ -50,6 +50,7 @@ class ExportCandidate:
     dp: dict[str, DpRecord] = field(default_factory=dict)
     artifacts_meta: dict[str, Any] = field(default_factory=dict)   # record.json "artifacts", unreviewed (policy.metadata judges it)
     site: Any = ""
+    training: dict[str, Any] = field(default_factory=dict)   # record.json "training" (read for the privacy statement only)
     _classification: Classification | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -69,7 +70,8 @@ class ExportCandidate:
     def without(self, artifacts: set[str]) -> ExportCandidate:
         """A copy with whole artifacts left out (``export --without``): nothing is dropped silently."""
         kept = {n: t for n, t in self.tensors.items() if self.artifact_of(n) not in artifacts}
-        return ExportCandidate(kept, {a: r for a, r in self.dp.items() if a not in artifacts}, self.artifacts_meta, self.site)
+        return ExportCandidate(kept, {a: r for a, r in self.dp.items() if a not in artifacts}, self.artifacts_meta, self.site,
+                               self.training)
 
 
 def _read_record(path: Path) -> dict[str, Any]:
@@ -127,4 +129,6 @@ def load_model_dir(directory: str | os.PathLike[str]) -> ExportCandidate:
             tensors.update(_read_tensors(path, stem))
     if not isinstance(record.get("artifacts", {}), dict):
         raise ConfigError(f"{folder / 'record.json'}: 'artifacts' must be an object keyed by artifact")
-    return ExportCandidate(tensors, _dp_records(record.get("dp", {}), folder / "record.json"), record.get("artifacts", {}), record.get("site", ""))
+    training = record.get("training", {})
+    return ExportCandidate(tensors, _dp_records(record.get("dp", {}), folder / "record.json"), record.get("artifacts", {}), record.get("site", ""),
+                           training if isinstance(training, dict) else {})

@@ -249,7 +249,7 @@ def evaluate_export(policy: ExportPolicy, candidate: ExportCandidate, ctx: Expor
 # --- ingest ------------------------------------------------------------------------------------
 
 
-MANIFEST_META_KEYS = ("policy_version", "site", "artifacts", "recomputed_epsilon", "site_policy")
+MANIFEST_META_KEYS = ("policy_version", "site", "artifacts", "recomputed_epsilon", "site_policy", "privacy_statement")
 """The keys ``export`` writes into a manifest's ``meta``; a received bundle with any other key is refused."""
 
 

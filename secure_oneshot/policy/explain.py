@@ -8,7 +8,7 @@ from .evaluate import Decision, Evaluation
 
 __all__ = ["decision_table", "metadata_table", "evaluation_json", "denial_summary"]
 
-_ORDER = {"policy": 0, "recipient": 1, "artifact": 2, "structure": 3, "metadata": 4, "dp": 5, "tensor": 6, "bundle": 7}
+_ORDER = {"policy": 0, "recipient": 1, "artifact": 2, "structure": 3, "metadata": 4, "dp": 5, "statement": 6, "tensor": 7, "bundle": 8}
 
 
 def decision_table(decisions: Sequence[Decision]) -> list[str]:

@@ -28,6 +28,7 @@ from .model import (
     MIN_VALID_DAYS,
     DpLimit,
     ExportPolicy,
+    StatementRules,
     IngestPolicy,
     TensorRule,
 )
@@ -132,11 +133,26 @@ def _export_policy(root: Table) -> ExportPolicy:
     valid_days = bundle.get("valid_days", "number", check=_valid_days)
     bundle.finish()
     tensors = _read_tensor_rules(root)
+    statement = _read_statement_rules(root.table("privacy_statement", required=False))
     root.finish()
     return ExportPolicy(
         policy_id, version, owner, effective, expires, study_fields, required, approvers, allowed, artifacts,
-        tensors, {k: v for k, v in dp.items() if k != "composed"}, dp.get("composed"), max_bytes, valid_days,
+        tensors, {k: v for k, v in dp.items() if k != "composed"}, dp.get("composed"), max_bytes, valid_days, statement,
     )
+
+
+def _read_statement_rules(t: Table) -> StatementRules:
+    """``[privacy_statement]`` (optional): requirements on the statement every export carries."""
+    k = t.get("max_images_per_patient", "integer", 0, check=lambda v: None if 0 <= v <= 100_000 else "must be between 0 (not declared) and 100000")
+    rules = StatementRules(
+        require_privacy_audit=t.get("require_privacy_audit", "boolean", False),
+        max_composed_epsilon=t.get("max_composed_epsilon", "number", None, check=positive),
+        max_images_per_patient=k or None,
+        share_record_count=t.get("share_record_count", "boolean", False),
+        share_utility=t.get("share_utility", "boolean", False),
+    )
+    t.finish()
+    return rules
 
 
 def _ingest_policy(root: Table) -> IngestPolicy:

@@ -21,6 +21,7 @@ __all__ = [
     "INGEST_SCHEMA",
     "TensorRule",
     "DpLimit",
+    "StatementRules",
     "ExportPolicy",
     "IngestPolicy",
 ]
@@ -61,6 +62,19 @@ class DpLimit:
 
 
 @dataclass(frozen=True)
+class StatementRules:
+    """``[privacy_statement]``: what the bundle's privacy statement must show, and what of the site it may state.
+
+    Absent table: no requirement, nothing optional shared (the statement still travels in every export)."""
+
+    require_privacy_audit: bool = False          # refuse an export without the site's audit-privacy results
+    max_composed_epsilon: float | None = None    # over this bundle and earlier releases of the same data
+    max_images_per_patient: int | None = None    # declared k: the statement gives the patient-level bound
+    share_record_count: bool = False             # may the statement give delta x N (N = training records)?
+    share_utility: bool = False                  # may it give the validation-slice metrics (computed without DP)?
+
+
+@dataclass(frozen=True)
 class ExportPolicy:
     """A site export policy (schema ``secure-oneshot/site-export-policy/v1``)."""
 
@@ -79,6 +93,7 @@ class ExportPolicy:
     composed_dp: DpLimit | None
     max_bundle_bytes: int
     valid_days: float               # at least MIN_VALID_DAYS (one hour), at most 365
+    privacy_statement: StatementRules = field(default_factory=StatementRules)
     sha256: str = field(default="", compare=False)
     source: str = field(default="", compare=False)
 

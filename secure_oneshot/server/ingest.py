@@ -61,10 +61,12 @@ from .._internal.termsafe import printable, printable_name
 from ..bundle import OpenedBundle, ReplayLedger, VerifyOptions, inspect_bundle, open_bundle
 from ..errors import BundleFormatError, ConfigError, PolicyViolationError, PrivacyError, SecureOneshotError
 from ..keys import Identity, TrustStore
-from ..policy.dp import DpRecord, check_bundle_history
+from ..policy.dp import DpRecord, check_bundle_history, composed_epsilon, group_by_dataset
 from ..policy.evaluate import Evaluation, evaluate_ingest
 from ..policy.explain import denial_summary
 from ..policy.model import IngestPolicy
+from ..policy.privacy_statement import check_statement
+from ..policy.structure import classify_tensors
 from ..policy.site_policy import check_site_policy
 from .registry import StagedFile, bundle_file_limit, generated_name, private_dir, server_lock, stage_copy, write_private_json
 
@@ -123,7 +125,35 @@ def _check_policy(policy: IngestPolicy, opened: OpenedBundle, trust: TrustStore 
                     data={"decisions": [d.to_json() for d in ev.decisions]})
     # The site's own signed export policy, carried in the bundle (require_site_policy; approvals against `trust`).
     check_site_policy(policy, opened.manifest, opened.tensors, dp, trust, now)
+    check_privacy_statement(opened, dp, ev.epsilons)
     return ev
+
+
+def check_privacy_statement(opened: OpenedBundle, dp: dict[str, DpRecord], epsilons: dict[str, float]) -> None:
+    """The site's signed privacy statement must agree with the bundle's own tensors and DP records.
+
+    A bundle without one (written by ``seal``, or before statements existed) passes here; the ingest policy's other
+    rules still apply.  The compositions the statement gives for this bundle are recomputed (bounded: the DP
+    histories were counted by :func:`check_bundle_history`).
+
+    Raises:
+        PrivacyError: the statement breaks its schema or disagrees with the bundle (every disagreement listed).
+    """
+    meta = opened.manifest.meta if isinstance(opened.manifest.meta, dict) else {}
+    if "privacy_statement" not in meta:
+        return
+    manifest = opened.manifest.to_json()
+    artifacts = classify_tensors(opened.tensors, meta.get("artifacts", {})).artifacts
+    composed = {"+".join(names): composed_epsilon([dp[n] for n in names], sum(dp[n].delta for n in names))
+                for names in group_by_dataset(dp).values() if len(names) >= 2}
+    problems = check_statement(meta["privacy_statement"], manifest=manifest, tensor_artifacts=artifacts,
+                               tensor_bytes={n: int(t.nbytes) for n, t in opened.tensors.items()}, dp=dp, epsilons=epsilons,
+                               composed=composed)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise PrivacyError(f"privacy statement disagrees with the bundle: {'; '.join(problems[:3])}{more}",
+                           hint="the site's statement does not describe what it sent; ask the site to check its export",
+                           data={"statement_problems": problems})
 
 
 def check_ingest_policy(policy: IngestPolicy, opened: OpenedBundle, trust: TrustStore | None = None, now: datetime | None = None) -> Evaluation:
