@@ -11,7 +11,7 @@ audit logs, all under one run folder::
       sites/NAME/      model/ (trained model directory), outbox/NAME.sob, audit.jsonl
       server/          inbox/, accepted/, quarantine/, ledger.db, audit.jsonl
       server/global/   global.safetensors, report.json, report.md, synthetic.png
-      results.json, results.md
+      results.json, results.md, report.html (one self-contained page for reviewers; plots/ holds its label chart)
 
 Steps: identities and trust -> policies (signed) -> partition -> train each site
 -> export (policy-checked, signed, encrypted, audited) -> transfer to the
@@ -54,6 +54,7 @@ from .metrics import evaluate_model
 from .models.classifier import ClassifierConfig
 from .policy.load import load_export_policy, load_ingest_policy
 from .policy.signatures import sign_policy
+from .research.html_study import write_demo_report
 from .server.execution import Execution
 from .server.ingest import BundleOutcome, IngestFolders, ingest_inbox
 from .server.study import DistillJob, DistillRun, load_accepted, metrics_markdown, run_distillation
@@ -469,6 +470,7 @@ def _write_results(run: Path, metrics: dict[str, dict[str, float]], outcomes: li
     text = (f"# secure-oneshot demo: {cfg.flag}, {preset.sites} hospitals, Dirichlet alpha {cfg.alpha}, preset {cfg.preset_name}\n\n"
             + "\n".join(rows) + "\n\nThe global model is the last epoch's; the test split is only evaluated.\n")
     atomic_write_bytes(run / "results.md", text.encode("utf-8"))
+    write_demo_report(run)  # report.html: the same results, releases, labels, synthesis and privacy position for reviewers
 
 
 def summary_lines(result: DemoResult) -> list[str]:

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from ..audit import GENESIS_PREV, AuditRecord, head, read_log, verify_log
-from ..errors import ResourceError
+from ..errors import AuditLogError, ResourceError
 from ..keys import format_key_id, load_public
 from .output import Result
 
@@ -93,12 +93,43 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 def _show(args: argparse.Namespace) -> Result:
     _require_log(args.log)
-    records = read_log(args.log)
+    status, records, failure = _read_for_show(args)
     shown = records[-args.last:] if args.last else records
-    data: dict[str, Any] = {"log": args.log, "total": len(records), "records": [r.to_dict() for r in shown], "verified": False}
-    lines = [*_table([_row(r) for r in shown]),
-             f"{len(shown)} of {len(records)} records shown; NOT verified: run `secure-oneshot audit verify {args.log} --signer FILE.pub`"]
+    if args.html:
+        from ..research.html_audit import write_audit_log
+
+        write_audit_log(args.html, args.log, shown, status, total=len(records))
+    if failure is not None:
+        raise failure  # the page says so too; the exit status must not read as success
+    verified = status.verified is True
+    data: dict[str, Any] = {"log": args.log, "total": len(records), "records": [r.to_dict() for r in shown], "verified": verified}
+    if args.html:
+        data["html"] = args.html
+    note = (f"verified against {status.signer}: chain intact" if verified else
+            f"NOT verified: run `secure-oneshot audit verify {args.log} --signer FILE.pub`")
+    lines = [*_table([_row(r) for r in shown]), f"{len(shown)} of {len(records)} records shown; {note}",
+             *([f"report: {args.html}"] if args.html else [])]
     return Result(data, lines)
+
+
+def _read_for_show(args: argparse.Namespace) -> tuple[Any, list[AuditRecord], AuditLogError | None]:
+    """The records and what is known of their integrity: verified with ``--signer``, else only read.  A log that fails
+    verification is still read (when it parses) so that the HTML page can show what it holds beside the failure."""
+    from ..research.html_audit import LogStatus
+
+    if not args.signer:
+        return LogStatus(None), read_log(args.log), None
+    signer = load_public(args.signer)
+    who = f"{signer.name} ({format_key_id(signer.key_id)})"
+    try:
+        records = verify_log(args.log, signer)
+    except AuditLogError as e:
+        try:
+            readable = read_log(args.log)
+        except AuditLogError:
+            readable = []
+        return LogStatus(False, who, e.message), readable, e
+    return LogStatus(True, who, last_hash=records[-1].hash if records else GENESIS_PREV), records, None
 
 
 def _head(args: argparse.Namespace) -> Result:
@@ -125,9 +156,12 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     verify.add_argument("--expect-hash", type=_sha256_hex, metavar="HEX", help="last hash written down with that count")
     verify.set_defaults(handler=functools.partial(_verify, verify))  # the parser, for its usage error
 
-    show = sub.add_parser("show", help="print the records as a table (not verified)", parents=[common])
+    show = sub.add_parser("show", help="print the records as a table (verified only with --signer)", parents=[common])
     show.add_argument("log", metavar="LOG")
     show.add_argument("--last", type=_positive, metavar="N", help="only the newest N records")
+    show.add_argument("--signer", metavar="FILE.pub", help="also verify the log against its writer's public identity")
+    show.add_argument("--html", metavar="OUT.html",
+                      help="also write a self-contained page for reviewers (verification status first, every event readable)")
     show.set_defaults(handler=_show)
 
     head_cmd = sub.add_parser("head", help="print the record count and last hash, to write down elsewhere", parents=[common])

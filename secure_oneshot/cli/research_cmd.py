@@ -19,7 +19,11 @@ def _audit_privacy(args: argparse.Namespace) -> Result:
     pairs = str(Path(args.out).with_name(Path(args.out).stem + "-closest-pairs.png")) if args.out else None
     report = audit_model_dir(args.model, data_root=args.data_root, shadows=args.shadows, seed=args.seed,
                              inversion_steps=args.inversion_steps, pairs_png=pairs)
-    if args.out:
+    if args.out and args.out.endswith(".html"):
+        from ..research.html_audit import write_privacy_audit
+
+        write_privacy_audit(Path(args.out), report, Path(pairs) if pairs else None)
+    elif args.out:
         text = markdown_report(report) if args.out.endswith(".md") else json.dumps(report, indent=2) + "\n"
         atomic_write_bytes(Path(args.out), text.encode("utf-8"))
     eps = report["accountant_epsilon"]
@@ -48,6 +52,7 @@ def _experiment(args: argparse.Namespace) -> Result:
     import sys
 
     from ..research.experiment import load_study, run_study
+    from ..research.html_study import write_study_report
     from ..research.plots import label_distribution, label_distribution_name, study_plots
 
     study = load_study(args.config)
@@ -58,9 +63,10 @@ def _experiment(args: argparse.Namespace) -> Result:
     for partition in sorted((out / "cache").glob("*/partition.json")):  # site sets differing only in DP share a name: one plot
         plots += label_distribution(partition, out / "plots" / label_distribution_name(partition))
     plots += _trajectories(out)
+    write_study_report(out, study.name, rows, plots, privacy_audit=study.privacy_audit)
     total = len(study.cells())
     lines = [f"study {study.name}: {len(rows)} of {total} (cell, seed) runs finished -> {out}",
-             *(f"  {name:12s} {out / name}" for name in ("results.csv", "results.json", "report.md")),
+             *(f"  {name:12s} {out / name}" for name in ("results.csv", "results.json", "report.md", "report.html")),
              *(f"  plot         {p}" for p in plots if p.suffix == ".png")]
     if len(rows) < total:
         lines.append("  not finished: run the same command again to resume")
@@ -92,7 +98,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     audit.add_argument("--inversion-steps", type=int, default=0, metavar="N",
                        help="also invert the model (N steps, with and without the BN prior) and compare with the training images")
     audit.add_argument("--seed", type=int, default=0)
-    audit.add_argument("--out", metavar="FILE", help="write the report: FILE.md as a page for a DPIA, anything else as JSON")
+    audit.add_argument("--out", metavar="FILE", help="write the report: FILE.html (self-contained page) or FILE.md as a page for a DPIA, anything else as JSON")
     audit.set_defaults(handler=_audit_privacy)
 
     experiment = commands.add_parser("experiment", help="run a privacy-utility study grid through the real pipeline (resumable)",
