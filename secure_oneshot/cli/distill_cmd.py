@@ -7,14 +7,22 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..server.execution import Execution
-from ..server.sources import METHODS, SynthesisMethod
-from ..server.study import PRESETS, DistillJob
-from ..server.weighting import WEIGHTINGS
-from .output import Result
+from .._internal.threads import add_threads_option, apply_threads, prefer_passive_openmp
 
-__all__ = ["register"]
+prefer_passive_openmp()   # before the imports below load torch: OpenMP reads it once, at load (see _internal/threads.py)
+
+from ..errors import ConfigError  # noqa: E402
+from ..server.execution import Execution  # noqa: E402
+from ..server.sources import METHODS, SynthesisMethod  # noqa: E402
+from ..server.study import PRESETS, DistillJob  # noqa: E402
+from ..server.weighting import WEIGHTINGS  # noqa: E402
+from .output import Result  # noqa: E402
+
+__all__ = ["register", "PRESET_HELP"]
+
+PRESET_HELP = ("auto: gpu on CUDA, else cpu. gpu is a REDUCED preset (200 inversion steps, every 2nd snapshot, 40 epochs), "
+               "not the published method; paper: the method's own settings (500 steps, every snapshot, 100 epochs; "
+               "GPU-sized); cpu: minutes on 2 cores")
 
 
 def _execution(args: argparse.Namespace) -> Execution:
@@ -48,12 +56,14 @@ def _distill(args: argparse.Namespace) -> Result:
     from ..data import load_medmnist, to_dataset
     from ..server.study import run_distillation
 
+    apply_threads(args.threads)
     sites, audit_to = _sites(args)
     execution = _execution(args)
     preset = args.preset if args.preset != "auto" else ("gpu" if execution.torch_device.type == "cuda" else "cpu")
     job = DistillJob(preset=preset, student_arch=args.student, execution=execution, seed=args.seed, epochs=args.epochs,
                      noise_adapted=args.noise_adapted, image_size=args.image_size, teacher_weighting=args.teacher_weighting,
-                     method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps))
+                     method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps),
+                     imagenet_weights=args.imagenet_weights or "")
     test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval else None
     out = Path(args.out) if args.out else (Path(args.server_dir) / "global" if args.server_dir else Path("global"))
     _say(f"distilling from {len(sites)} site models ({', '.join(s.name for s in sites)}): preset {preset}, "
@@ -74,6 +84,7 @@ def _distill(args: argparse.Namespace) -> Result:
 def _demo(args: argparse.Namespace) -> Result:
     from ..demo import DemoConfig, run_demo, summary_lines
 
+    apply_threads(args.threads)
     out = Path(args.out) if args.out else Path(f"secure-oneshot-demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
     cfg = DemoConfig(out=out, flag=args.flag, data_root=args.data_root, preset=args.preset, sites=args.sites, alpha=args.alpha,
                      seed=args.seed, tamper=not args.no_tamper, centralised=not args.no_centralised, execution=_execution(args),
@@ -94,6 +105,7 @@ def _add_execution_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batched", choices=("auto", "on", "off"), default="auto",
                        help="run same-architecture site models as one vmap computation (auto: on CUDA only)")
     group.add_argument("--compile", action="store_true", help="torch.compile the student's training step (slow to start)")
+    add_threads_option(group)
 
 
 def _add_weighting_option(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +130,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                          help="with --server-dir: the ingest policy every accepted bundle must pass again (default: the policy file "
                               "that accepted each bundle, as recorded in the registry; refused if that file changed since)")
     distill.add_argument("--out", metavar="DIR", help="output folder (default SERVER_DIR/global, or ./global)")
-    distill.add_argument("--preset", choices=("auto", *PRESETS), default="auto", help="auto: gpu on CUDA, else cpu")
+    distill.add_argument("--preset", choices=("auto", *PRESETS), default="auto", help=PRESET_HELP)
     distill.add_argument("--synthesis", choices=METHODS, default="inversion", help="where the images come from (default inversion)")
     distill.add_argument("--generator-share", type=float, default=0.5, help="mixed: fraction of each batch from the generators")
     distill.add_argument("--generator-steps", type=int, default=25, help="DDIM steps per generator sample")
@@ -128,7 +140,13 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     _add_weighting_option(distill)
     distill.add_argument("--eval", metavar="FLAG", help="report metrics on this MedMNIST set's test split each epoch (never selects)")
     distill.add_argument("--data-root", metavar="DIR", help="MedMNIST folder for --eval")
-    distill.add_argument("--image-size", type=int, default=28)
+    distill.add_argument("--image-size", type=int, default=28,
+                         help="image size of the site models (default 28); paper above 128 px: 50 images per batch, 1,000 "
+                              "inversion steps, jitter 30 px and an ImageNet-initialised student, as published")
+    distill.add_argument("--imagenet-weights", metavar="FILE.safetensors",
+                         help="initialise the student from this local file of ImageNet weights (torchvision's resnet18 state "
+                              "dict saved as safetensors; required by paper above 128 px). Nothing is downloaded at run time: "
+                              "make the file once on a machine with internet access (README, \"224 px\")")
     distill.add_argument("--seed", type=int, default=0)
     _add_execution_options(distill)
     add_trust_option(distill)
@@ -141,7 +159,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     demo.add_argument("--out", metavar="DIR", help="run folder (default ./secure-oneshot-demo-<UTC time>); must not exist or be empty")
     demo.add_argument("--flag", default="pneumoniamnist", help="MedMNIST dataset (default pneumoniamnist)")
     demo.add_argument("--preset", choices=("auto", "smoke", "cpu", "gpu", "paper"), default="auto",
-                      help="auto: gpu on CUDA else cpu; smoke: about a minute; paper: the method's full settings (GPU)")
+                      help="smoke: about a minute; " + PRESET_HELP.replace("paper: ", "paper: sites with the published recipe "
+                                                                           "(100 epochs, best-validation checkpoint) and "))
     demo.add_argument("--sites", type=int, help="number of hospitals (default: the preset's, 5)")
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split (default 0.5)")
     demo.add_argument("--seed", type=int, default=0)

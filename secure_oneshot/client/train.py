@@ -25,12 +25,16 @@ from torch.utils.data import DataLoader
 
 from .. import __version__
 from .._internal.atomic import atomic_write_bytes
+from .._internal.json_values import strict_json_values
+from .._internal.schedule import rate_factor
 from ..data import MedMNISTSplit, Partition, SiteData, load_medmnist, load_npz, partition_indices, to_dataset
 from ..data.medmnist_data import is_multi_label, task_note, trained_as
 from .multi_label import MultiLabelBCE, check_multi_label
+from .checkpoint_choice import CheckpointChooser
 from ..errors import ConfigError, PrivacyError
 from ..metrics import evaluate_model
-from ..models.classifier import ClassifierConfig, build_classifier
+from ..models.classifier import ClassifierConfig
+from ..models.imagenet_init import initial_classifier
 from ..policy.artifacts import MODEL_RECORD_FORMAT
 from ..policy.dp import DpRecord, dp_record_from_opacus
 from .dp_recipe import WeightAverage, augment_views, average_view_grad_samples
@@ -48,7 +52,7 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    milestones: tuple[float, ...] = (0.5, 0.75)   # fractions of the epochs: 50 and 75 of 100
+    milestones: tuple[float, ...] = (0.5, 0.75)   # lr x gamma from 1-based epochs 50 and 75 of 100 on (as published)
     gamma: float = 0.1
     batch_size: int = 128
     seed: int = 0
@@ -66,10 +70,12 @@ class TrainConfig:
     augment_views: int = 1                         # augmented views per record, averaged before clipping (1: no augmentation)
     ema_decay: float = 0.0                         # exponential moving average of the weights (0: off); post-processing
     threshold_epsilon: float | None = None         # under DP, binary: move the decision to a DP-measured balanced threshold
+    checkpoint: str = "last"                       # "last" | "best-val" (own validation slice; refused under DP): checkpoint_choice
+    imagenet_weights: str = ""                     # a local safetensors file of ImageNet weights to start from ("": random init)
 
 
 PRESETS: dict[str, TrainConfig] = {
-    "fedisca": TrainConfig(),
+    "fedisca": TrainConfig(checkpoint="best-val"),   # the published code hands over each site's best.pth
     # About a minute per site on 2 CPU cores with small-cnn at 28 px.  min_steps stays off here: raising the
     # 14-record one-class PneumoniaMNIST demo site from 15 to 150 steps made it a confident class-0 voter and
     # the distilled model's ACC fell from 0.888 to 0.739 (AUC 0.965 -> 0.960); see benchmarks/RESULTS.md.
@@ -107,6 +113,7 @@ class TrainResult:
     config: TrainConfig | None = None   # as run (epochs raised by min_steps, loss resolved)
     label_counts: LabelRelease | None = None   # the DP label histogram, when one was released
     threshold: ThresholdRelease | None = None  # the DP decision threshold, when one was measured
+    checkpoint: dict[str, Any] | None = None   # the epoch handed over (CheckpointChooser.record)
 
 
 def _merged_train_val(cfg: DataConfig) -> MedMNISTSplit:
@@ -150,9 +157,8 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.MultiStepLR:
-    milestones = sorted({max(1, int(round(f * cfg.epochs))) for f in cfg.milestones})
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: rate_factor(e, cfg.epochs, cfg.milestones, cfg.gamma))
 
 
 def _fix_for_dp(model: nn.Module) -> nn.Module:
@@ -367,7 +373,8 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     release = _label_release(cfg, data, noise_rng)
     uses_release = release is not None and loss_kind == "logit-adjusted"
     dp = cfg.dp_epsilon is not None
-    model = build_classifier(model_cfg)
+    chooser = CheckpointChooser(cfg.checkpoint, dp)
+    model = initial_classifier(model_cfg, cfg.imagenet_weights)
     if dp:
         model = _fix_for_dp(model)
     train_set = to_dataset(data.train)
@@ -393,13 +400,14 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
         for epoch in range(cfg.epochs):
             row = {"epoch": epoch + 1, **_train_epoch(model, loader, optimizer, cfg, criterion, average, views)}
             row.update({f"val_{k}": v for k, v in evaluate_model(average.model(model), val_set).items()})
+            chooser.observe(epoch + 1, row["val_acc"], average.model(model))
             scheduler.step()
             history.append(row)
             if bar:
                 bar.update(task, advance=1, description=f"epoch {epoch + 1} loss {row['loss']:.3f} val acc {row['val_acc']:.3f}")
     # Opacus's hooks off: left on, the returned model fails on any later backward pass (model inversion).
     plain = model.to_standard_module() if hasattr(model, "to_standard_module") else model
-    plain = average.model(plain)
+    plain = chooser.choose(average.model(plain))  # only the site's validation slice chooses, never the test split
     threshold = None
     if cfg.threshold_epsilon and dp:  # post-processing of a DP release over the training records (its step is recorded)
         train_images = to_dataset(data.train).tensors[0]
@@ -417,7 +425,7 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
         if threshold is not None:
             record = with_threshold_release(record, threshold)
     return TrainResult(plain, replace(model_cfg, norm="group" if dp else model_cfg.norm), history, metrics, record, data, cfg, release,
-                       threshold)
+                       threshold, chooser.record)
 
 
 def classifier_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -465,7 +473,7 @@ def training_record(result: TrainResult, data_cfg: DataConfig, cfg: TrainConfig,
                                             "label_counts": counts, "task": result.data.train.task,
                                             "trained_as": trained_as(result.data.train.task),
                                             **({"note": task_note(result.data.train.task)} if task_note(result.data.train.task) else {})},
-            "history": result.history, "metrics": result.metrics, "versions": _versions(),
+            "history": result.history, "metrics": result.metrics, "versions": _versions(), "checkpoint": result.checkpoint,
             **({"decision_threshold": {"margin": result.threshold.threshold, "epsilon": result.threshold.epsilon}} if result.threshold else {}),
             **({"hyperparameters": hyperparameter_source(result.config or cfg)} if result.dp else {}),
             **(extra or {}),
@@ -481,18 +489,7 @@ def write_model_dir(directory: str | Path, tensors_by_file: dict[str, dict[str, 
     folder.mkdir(parents=True, exist_ok=True)
     for stem, tensors in tensors_by_file.items():
         atomic_write_bytes(folder / f"{stem}.safetensors", save(tensors))
-    text = json.dumps(_strict_json_values(record), indent=2, sort_keys=True, allow_nan=False)
+    text = json.dumps(strict_json_values(record), indent=2, sort_keys=True, allow_nan=False)
     atomic_write_bytes(folder / "record.json", (text + "\n").encode("utf-8"))
     return folder
 
-
-def _strict_json_values(value: Any) -> Any:
-    """NaN/Infinity become ``null``: records are read back with a strict JSON parser that refuses them
-    (an AUC is undefined on a validation slice holding one class)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict_json_values(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json_values(v) for v in value]
-    return value

@@ -12,7 +12,8 @@ Per epoch (:func:`distill`):
 2. for snapshot ``i`` of ``n``: ``loss = a * KD(student, teacher) + (1 - a) *
    KD(student, noise-adapted teacher)``, ``a = i / n``, one SGD step each, with
    ``KD`` = :func:`kd_loss` at temperature ``T``;
-3. the learning rate drops x0.1 at each milestone (fractions of ``epochs``).
+3. the learning rate drops x0.1 at each milestone (fractions of ``epochs``), at the milestone epoch itself
+   counted from 1, as the published loop does (:func:`learning_rate`).
 
 Noise-adapted teacher (``DistillConfig.noise_adapted``):
 
@@ -64,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .._internal.schedule import rate_factor
 from ..errors import ConfigError
 from ..metrics import evaluate_model
 from .ensemble import Ensemble, batching_for
@@ -89,7 +91,7 @@ class DistillConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    milestones: tuple[float, ...] = (0.5, 0.75)   # fractions of epochs where lr is multiplied by 0.1
+    milestones: tuple[float, ...] = (0.5, 0.75)   # fractions of epochs: lr x 0.1 from 1-based epoch round(m * epochs) on
     temperature: float = 20.0
     noise_adapted: str = "train-mode"             # "train-mode" | "eval" | "none" (module docstring)
     recalibrate_bn: float = 0.0                   # > 0: re-estimate the student's BN statistics on this last fraction
@@ -141,8 +143,10 @@ def per_image_kd(student_logits: Tensor, teacher_logits: Tensor, T: float, multi
 
 
 def learning_rate(cfg: DistillConfig, epoch: int) -> float:
-    """The rate of 0-based ``epoch``: ``cfg.lr`` x 0.1 per milestone ``round(m * epochs)`` reached."""
-    return cfg.lr * 0.1 ** sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+    """The rate of 0-based ``epoch``, as the published loop sets it: ``cfg.lr`` x 0.1 from each 1-based milestone
+    epoch ``round(m * cfg.epochs)`` on (epochs 1-49 at ``lr``, 50-74 at ``lr / 10``, 75-100 at ``lr / 100`` of 100;
+    :mod:`~secure_oneshot._internal.schedule`)."""
+    return cfg.lr * rate_factor(epoch, cfg.epochs, cfg.milestones)
 
 
 def _has_bn(models: Sequence[nn.Module]) -> bool:

@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from ..keys import Identity, TrustStore
 from ..metrics import evaluate_model
 from ..models.classifier import ARCHITECTURES, ClassifierConfig, build_classifier
+from ..models.imagenet_init import initial_classifier
 from ..policy.artifacts import load_model_dir
 from ..policy.model import IngestPolicy
 from .accepted import open_accepted
@@ -50,11 +51,17 @@ __all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines
 # non-IID PneumoniaMNIST sites: the teacher labels 52% of the images as their target class at 10,
 # 98% at 0.1, while the BN loss itself ends only 12% higher: 21.3 vs 19.1).  See benchmarks/RESULTS.md.
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "paper": ({}, {}),
+    "paper": ({}, {}),   # at more than 128 px: PAPER_LARGE as well (DistillJob.configs)
     "gpu": ({"steps": 200, "snapshot_every": 2}, {"epochs": 40, "milestones": (0.5, 0.75)}),
     "cpu": ({"batch_size": 64, "steps": 100, "bn_weight": 0.1}, {"epochs": 16, "recalibrate_bn": 0.25}),
     "smoke": ({"batch_size": 32, "steps": 12, "snapshot_every": 2, "bn_weight": 0.1}, {"epochs": 2, "recalibrate_bn": 0.25}),
 }
+# The method's 224 px runs: 50 images per batch and 1,000 inversion steps (its README's commands), a jitter of
+# +/-30 px (its code switches from 2 to 30 above 128 px), and an ImageNet-initialised student ("--pretrained"; its
+# site models are ImageNet-initialised too).  Every snapshot is kept, as at 28 px: 50 x 3 x 224 x 224 float32 x
+# 1,000 steps is about 30 GB of device memory.
+LARGE_IMAGE = 128   # px: above this, "paper" follows the published 224 px settings
+PAPER_LARGE: dict[str, Any] = {"batch_size": 50, "steps": 1000, "jitter": 30}
 
 
 @dataclass
@@ -229,8 +236,14 @@ class DistillJob:
     epochs: int | None = None
     noise_adapted: str | None = None
     teacher_weighting: str | None = None      # None: weighting.default_weighting(preset)
+    imagenet_weights: str = ""                # a local safetensors file to initialise the student from ("": random)
 
     def __post_init__(self) -> None:
+        if self.preset == "paper" and self.image_size > LARGE_IMAGE and not self.imagenet_weights:
+            raise ConfigError(f"the paper preset at {self.image_size} px starts the student from ImageNet weights, as the "
+                              "published method does, and they cannot be downloaded here",
+                              hint="pass --imagenet-weights FILE (torchvision's resnet18 as safetensors; README \"224 px\"), "
+                                   "or run another preset")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}", hint=f"use one of {', '.join(PRESETS)}")
         if self.student_arch is not None and self.student_arch not in ARCHITECTURES:
@@ -246,6 +259,8 @@ class DistillJob:
 
     def configs(self, sites: list[SiteModel]) -> tuple[InversionConfig, DistillConfig]:
         synth_options, distill_options = PRESETS[self.preset]
+        if self.preset == "paper" and self.image_size > LARGE_IMAGE:
+            synth_options = {**synth_options, **PAPER_LARGE}
         overrides = {k: v for k, v in (("epochs", self.epochs), ("noise_adapted", self.noise_adapted)) if v is not None}
         cfg = sites[0].config
         synth = InversionConfig(image_size=self.image_size, channels=cfg.in_channels, num_classes=cfg.num_classes, seed=self.seed,
@@ -381,7 +396,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     torch.manual_seed(job.seed)
     student_cfg = ClassifierConfig(job.student_arch or sites[0].config.architecture, synth.channels, synth.num_classes,
                                   student_norm([s.model for s in sites]))  # the sites' normalisation (see student_norm)
-    student = build_classifier(student_cfg)
+    student = initial_classifier(student_cfg, job.imagenet_weights)
     prior = prior_options(sites, student)
     started = time.perf_counter()
     # Multi-label sites have no per-class weighting: the preset's default scheme gives way to the equal teacher.
@@ -409,6 +424,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
               "teacher_weighting": {"scheme": scheme,
                                     "weights": None if weights is None else [[round(float(w), 4) for w in row]
                                                                              for row in normalise_weights(weights, len(sites))]},
+              "student_init": f"ImageNet ({Path(job.imagenet_weights).name})" if job.imagenet_weights else "random",
               "inversion": asdict(synth), "distill": asdict(dcfg), "seconds": round(seconds, 1), "history": result.history,
               "metrics": metrics, "global_sha256": hashlib.sha256(global_bytes).hexdigest(), "selection": SELECTION}
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode("utf-8"))
