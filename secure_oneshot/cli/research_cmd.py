@@ -103,7 +103,10 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
     experiment = commands.add_parser("experiment", help="run a privacy-utility study grid through the real pipeline (resumable)",
                                      parents=[common])
-    experiment.add_argument("config", metavar="STUDY.toml", help="study config (examples/study-quick-cpu.toml)")
+    experiment.add_argument("config", metavar="STUDY.toml",
+                            help="study config (examples/study-quick-cpu.toml). Its [server] preset is cpu by default; gpu "
+                                 "is a reduced preset (200 inversion steps, 40 epochs), not the published method: only "
+                                 "paper (with [site] preset fedisca) runs the published recipe")
     experiment.add_argument("--out", metavar="DIR", help="study folder (default studies/NAME); rerun to resume")
     experiment.add_argument("--data-root", metavar="DIR", help="MedMNIST folder (overrides the config)")
     experiment.add_argument("--max-cells", type=int, metavar="N", help="stop after N newly computed runs (resume later)")
