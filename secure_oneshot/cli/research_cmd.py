@@ -8,12 +8,15 @@ import json
 from pathlib import Path
 
 from .._internal.atomic import atomic_write_bytes
+from .._internal.threads import add_threads_option, apply_threads, prefer_passive_openmp
 from .output import Result
 
 __all__ = ["register"]
 
 
 def _audit_privacy(args: argparse.Namespace) -> Result:
+    prefer_passive_openmp()   # before torch loads (see _internal/threads.py)
+    apply_threads(args.threads)
     from ..research.privacy_audit import audit_model_dir, markdown_report
 
     pairs = str(Path(args.out).with_name(Path(args.out).stem + "-closest-pairs.png")) if args.out else None
@@ -51,6 +54,8 @@ def _audit_privacy(args: argparse.Namespace) -> Result:
 def _experiment(args: argparse.Namespace) -> Result:
     import sys
 
+    prefer_passive_openmp()   # before torch loads (see _internal/threads.py)
+    apply_threads(args.threads)
     from ..research.experiment import load_study, run_study
     from ..research.html_study import write_study_report
     from ..research.plots import label_distribution, label_distribution_name, study_plots
@@ -99,6 +104,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                        help="also invert the model (N steps, with and without the BN prior) and compare with the training images")
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--out", metavar="FILE", help="write the report: FILE.html (self-contained page) or FILE.md as a page for a DPIA, anything else as JSON")
+    add_threads_option(audit)
     audit.set_defaults(handler=_audit_privacy)
 
     experiment = commands.add_parser("experiment", help="run a privacy-utility study grid through the real pipeline (resumable)",
@@ -110,4 +116,5 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     experiment.add_argument("--out", metavar="DIR", help="study folder (default studies/NAME); rerun to resume")
     experiment.add_argument("--data-root", metavar="DIR", help="MedMNIST folder (overrides the config)")
     experiment.add_argument("--max-cells", type=int, metavar="N", help="stop after N newly computed runs (resume later)")
+    add_threads_option(experiment)
     experiment.set_defaults(handler=_experiment)

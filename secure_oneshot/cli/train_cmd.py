@@ -7,14 +7,18 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
+from .._internal.threads import add_threads_option, apply_threads, prefer_passive_openmp
 
-from .._internal.atomic import atomic_write_bytes
-from ..client.site_config import load_site_config, with_dp
-from ..data import Partition, load_medmnist, partition_indices
-from ..data.partition import label_counts
-from .data_cmd import add_source_options, source_from_options
-from .output import Result
+prefer_passive_openmp()   # before the imports below load torch: OpenMP reads it once, at load (see _internal/threads.py)
+
+import numpy as np  # noqa: E402
+
+from .._internal.atomic import atomic_write_bytes  # noqa: E402
+from ..client.site_config import load_site_config, with_dp  # noqa: E402
+from ..data import Partition, load_medmnist, partition_indices  # noqa: E402
+from ..data.partition import label_counts  # noqa: E402
+from .data_cmd import add_source_options, source_from_options  # noqa: E402
+from .output import Result  # noqa: E402
 
 __all__ = ["register"]
 
@@ -22,6 +26,7 @@ __all__ = ["register"]
 def _train(args: argparse.Namespace) -> Result:
     from ..client.site import run_site
 
+    apply_threads(args.threads)
     cfg = load_site_config(args.config, root_override=args.data_root)
     if args.out:
         cfg = replace(cfg, out=Path(args.out))
@@ -88,6 +93,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     train.add_argument("--epochs", type=int)
     train.add_argument("--download", action="store_true", help="let medmnist download a missing file (needs internet access)")
     add_source_options(train)
+    add_threads_option(train)
     train.set_defaults(handler=_train)
 
     part = commands.add_parser("partition", help="split train+val of a MedMNIST set among sites (IID or Dirichlet)", parents=[common])
