@@ -227,3 +227,34 @@ def test_public_summary_leaves_out_what_gives_the_record_count(statement: dict) 
     summary = json.dumps(public_summary(statement))
     for private in ("sample_rate", "steps", "epochs", "data_fingerprint", "delta_times_n", statement["provenance"]["data_fingerprint"]):
         assert private not in summary
+
+
+def test_verify_and_inspect_cli_show_the_statement_and_never_the_private_key(tmp_path: Path, capsys) -> None:
+    from secure_oneshot.cli import main
+
+    from .ingest_helpers import server_cli_args
+    from .policy_helpers import VECTOR_KEYS
+
+    _, _, report = exported(tmp_path)
+    assert main(["inspect", str(report.bundle.path)]) == 0
+    shown = capsys.readouterr().out
+    assert "privacy statement is signed and encrypted inside the bundle" in shown
+    assert main(["verify", str(report.bundle.path), *server_cli_args(tmp_path), "--json"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(out)
+    assert data["privacy_statement"]["dp"]["classifier"]["epsilon"] == report.statement["dp"]["classifier"]["epsilon"]
+    assert "data_fingerprint" not in json.dumps(data["privacy_statement"])
+    secret = next(line for line in (VECTOR_KEYS / "server.key").read_text().splitlines() if line.startswith("secret"))
+    assert secret.split("=", 1)[1].strip().strip('"') not in out
+    assert main(["verify", str(report.bundle.path), *server_cli_args(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "privacy statement (signed by the site):" in text and "NO patient-level guarantee" in text
+
+
+def test_ingest_outcome_carries_the_statement_summary(tmp_path: Path) -> None:
+    root = tmp_path / "server"
+    (root / "inbox").mkdir(parents=True)
+    exported(tmp_path, out="server/inbox/site.sob")
+    _, outcomes = run_ingest(root)
+    eps = float(outcomes[0].privacy_summary.split("classifier eps ")[1].split(";")[0])
+    assert eps == pytest.approx(compute_epsilon("rdp", [(1.1, 0.01, 1000)], 1e-5), rel=1e-2)

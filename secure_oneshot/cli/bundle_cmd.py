@@ -91,7 +91,8 @@ def _seal(args: argparse.Namespace) -> Result:
 
 def _inspect(args: argparse.Namespace) -> Result:
     header = inspect_bundle(args.bundle)
-    lines = [*_header_lines(header), "(public header only: nothing is verified until `secure-oneshot verify`)"]
+    lines = [*_header_lines(header), "(the site's privacy statement is signed and encrypted inside the bundle: `secure-oneshot verify` shows it)",
+             "(public header only: nothing is verified until `secure-oneshot verify`)"]
     return Result({"header": _header_data(header), "verified": False}, lines)
 
 
@@ -139,6 +140,13 @@ def _content(bundle: OpenedBundle | VerifiedBundle) -> tuple[dict[str, Any], lis
     ]
     if len(tensors) > 20:
         lines.append(f"  ... and {len(tensors) - 20} more (use --json for all)")
+    statement = bundle.manifest.meta.get("privacy_statement") if isinstance(bundle.manifest.meta, dict) else None
+    if statement is not None:
+        from ..policy.privacy_statement import parse_statement, public_summary, summary_lines
+
+        parse_statement(statement)   # shown only once it parses: a malformed one is an error, not a half-printed table
+        data["privacy_statement"] = public_summary(statement)
+        lines += summary_lines(statement)
     return data, lines
 
 

@@ -13,6 +13,7 @@ from ..keys import format_key_id, load_public, load_trust_store
 from ..policy.explain import decision_table, evaluation_json, metadata_table
 from ..policy.load import load_ingest_policy
 from ..policy.model import ARTIFACTS
+from ..policy.privacy_statement import summary_lines
 from ..server.ingest import BundleOutcome, IngestFolders, ingest_inbox
 from .keys_cmd import add_trust_option, trust_path
 from .output import Result, byte_size
@@ -28,6 +29,7 @@ def _export(args: argparse.Namespace) -> Result:
         model_dir=Path(args.model), policy_path=Path(args.policy), sender=sender, recipients=recipients,
         out=Path(args.out), audit_log=Path(args.audit), trust=load_trust_store(trust_path(args)),
         without=frozenset(args.without or []), min_approvals=args.min_approvals, dry_run=args.dry_run,
+        privacy_audit=Path(args.privacy_audit) if args.privacy_audit else None,
     )
     report = export_model(request)
     ev = report.evaluation
@@ -43,6 +45,9 @@ def _export(args: argparse.Namespace) -> Result:
         lines += [f"  bundle    {report.bundle.path} (id {m.bundle_id})", f"  sha256    {m.payload_sha256}", f"  expires   {m.expires}",
                   f"  audit     recorded in {args.audit}"]
         data.update({"bundle": str(report.bundle.path), "bundle_id": m.bundle_id, "payload_sha256": m.payload_sha256, "expires": m.expires})
+    if report.statement is not None:
+        lines += summary_lines(report.statement)
+        data["privacy_statement"] = report.statement
     if args.dry_run or args.explain:
         lines += metadata_table(ev)  # exactly which model-record fields would leave
     if args.explain:
@@ -62,6 +67,8 @@ def _ingest_line(o: BundleOutcome) -> str:
         line += f"  [{o.reason_file}]"
     if o.left_in_inbox:
         line += "  (left in the inbox)"
+    if o.privacy_summary:
+        line += f"  privacy: {o.privacy_summary}"
     return line
 
 
@@ -89,6 +96,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     export.add_argument("--without", action="append", choices=ARTIFACTS, help="leave this artifact out (e.g. bn_statistics)")
     export.add_argument("--min-approvals", type=int, default=0, metavar="N",
                         help="the site's floor for approver signatures on the policy, whatever the policy says (default 0)")
+    export.add_argument("--privacy-audit", metavar="REPORT.json",
+                        help="the audit-privacy JSON report to state (default: MODEL/privacy_audit.json when present)")
     export.add_argument("--dry-run", action="store_true", help="evaluate everything, write nothing")
     export.add_argument("--explain", action="store_true", help="also print the full decision table")
     add_trust_option(export)

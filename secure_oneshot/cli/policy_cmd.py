@@ -24,8 +24,18 @@ def _summary(policy) -> list[str]:  # type: ignore[no-untyped-def]
     if isinstance(policy, ExportPolicy):
         lines += [f"  in force {policy.effective:%Y-%m-%d} .. {policy.expires:%Y-%m-%d}",
                   "  artifacts: " + ", ".join(f"{a}={m}" for a, m in policy.artifacts.items()),
-                  f"  recipients: {len(policy.recipients)}; tensor rules: {len(policy.tensors)}; approvals required: {policy.approvals_required}"]
+                  f"  recipients: {len(policy.recipients)}; tensor rules: {len(policy.tensors)}; approvals required: {policy.approvals_required}",
+                  _statement_rules(policy)]
     return lines
+
+
+def _statement_rules(policy: ExportPolicy) -> str:
+    r = policy.privacy_statement
+    k = r.max_images_per_patient
+    return (f"  privacy statement: audit {'required' if r.require_privacy_audit else 'not required'}; "
+            f"max composed epsilon (with earlier releases) {r.max_composed_epsilon if r.max_composed_epsilon is not None else 'none'}; "
+            f"images per patient {k if k else 'not declared (no patient-level guarantee)'}; "
+            f"record count {'shared' if r.share_record_count else 'withheld'}; utility {'shared' if r.share_utility else 'withheld'}")
 
 
 def _check(args: argparse.Namespace) -> Result:
@@ -45,7 +55,8 @@ def _explain(args: argparse.Namespace) -> Result:
     candidate = load_model_dir(args.model).without(set(args.without or []))
     ev = evaluate_export(policy, candidate, ExportContext(utc_now(), tuple(args.recipient or policy.recipients), approvals, None))
     verdict = "everything listed would be ALLOWED" if ev.allowed else f"{len(ev.denied)} decision(s) DENY: export would be refused"
-    lines = [f"policy {policy.id} v{policy.version} on {args.model}: {verdict}", *decision_table(ev.decisions), *metadata_table(ev)]
+    lines = [f"policy {policy.id} v{policy.version} on {args.model}: {verdict}", _statement_rules(policy).strip(),
+             *decision_table(ev.decisions), *metadata_table(ev)]
     return Result({"policy_id": policy.id, "version": policy.version, **evaluation_json(ev)}, lines)
 
 

@@ -25,7 +25,7 @@ from ..errors import PrivacyError
 from .dp import DpRecord, decode_real, encode_real
 
 __all__ = ["SCHEMA", "MAX_STATEMENT_BYTES", "MAX_STATEMENT_DEPTH", "parse_statement", "check_statement",
-           "group_privacy", "GROUP_PRIVACY_FORMULA", "public_summary", "summary_lines", "epsilon_of", "encode"]
+           "group_privacy", "GROUP_PRIVACY_FORMULA", "public_summary", "summary_lines", "summary_line", "epsilon_of", "encode"]
 
 SCHEMA = "secure-oneshot/privacy-statement/v1"
 MAX_STATEMENT_BYTES = 64 * 1024   # a statement is a few kilobytes; canonical JSON bytes
@@ -362,6 +362,18 @@ def summary_lines(statement: Mapping[str, Any]) -> list[str]:
     else:
         lines.append("  audit        no privacy audit results")
     return lines
+
+
+def summary_line(statement: Mapping[str, Any]) -> str:
+    """One line: each DP artifact's epsilon, the widest composition, and what has no DP."""
+    parts = [f"{a} eps {_real(e['epsilon']):.3g}" for a, e in sorted(statement["dp"].items())]
+    widest = _worst(dict(statement))
+    if widest is not None and len(parts) + len(statement["composed"]["with_earlier_releases"]) > 1:
+        parts.append(f"composed eps {widest[0]:.3g}")
+    undp = [a["artifact"] for a in statement["released"]["artifacts"] if not a["dp"]]
+    if undp:
+        parts.append("no DP: " + "+".join(undp))
+    return "; ".join(parts) or "nothing released"
 
 
 def epsilon_of(value: str) -> float:

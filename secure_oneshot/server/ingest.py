@@ -65,7 +65,7 @@ from ..policy.dp import DpRecord, check_bundle_history, composed_epsilon, group_
 from ..policy.evaluate import Evaluation, evaluate_ingest
 from ..policy.explain import denial_summary
 from ..policy.model import IngestPolicy
-from ..policy.privacy_statement import check_statement
+from ..policy.privacy_statement import check_statement, summary_line
 from ..policy.structure import classify_tensors
 from ..policy.site_policy import check_site_policy
 from .registry import StagedFile, bundle_file_limit, generated_name, private_dir, server_lock, stage_copy, write_private_json
@@ -110,6 +110,7 @@ class BundleOutcome:
     stored_as: str = ""      # where the bytes went, relative to the server folder ("" if they stayed in the inbox)
     reason_file: str = ""    # quarantine/<name>.reason.json, relative to the server folder
     left_in_inbox: bool = False
+    privacy_summary: str = ""  # the accepted bundle's privacy statement in one line (escaped)
 
 
 def _check_policy(policy: IngestPolicy, opened: OpenedBundle, trust: TrustStore | None = None, now: datetime | None = None) -> Evaluation:
@@ -278,7 +279,10 @@ def _accept(entry: _Entry, opened: OpenedBundle, ev: Evaluation, ctx: _Context) 
         raise
     entry.staged = None
     left = not _remove_from_inbox(entry, ctx)
-    return BundleOutcome(entry.shown, "accepted", bundle_id, opened.header.sender, stored_as=f"accepted/{stored.name}", left_in_inbox=left)
+    statement = opened.manifest.meta.get("privacy_statement") if isinstance(opened.manifest.meta, dict) else None
+    summary = printable(summary_line(statement), 200) if statement is not None else "no privacy statement"
+    return BundleOutcome(entry.shown, "accepted", bundle_id, opened.header.sender, stored_as=f"accepted/{stored.name}", left_in_inbox=left,
+                         privacy_summary=summary)
 
 
 def _describe(error: BaseException) -> dict[str, Any]:
