@@ -6,6 +6,9 @@ The published loops count epochs from 1 and call ``adjust_learning_rate(epoch)``
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -215,3 +218,10 @@ def test_site_training_can_start_from_imagenet_weights(imagenet_file: Path) -> N
     loaded = load_file(str(imagenet_file))
     trained = result.model.state_dict()
     assert torch.equal(trained["conv1.weight"], loaded["conv1.weight"])   # lr 0: the ImageNet weights themselves
+
+
+@pytest.mark.parametrize("command", ["distill", "demo", "experiment"])
+def test_help_says_gpu_is_reduced_and_not_the_published_method(command: str) -> None:
+    text = subprocess.run([sys.executable, "-m", "secure_oneshot", command, "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "400"}, check=True).stdout
+    assert "reduced preset" in text.lower() and "not the published method" in text, text
