@@ -175,7 +175,9 @@ footer { margin-top: 2.5rem; font-size: .85rem; color: #444; border-top: 1px sol
   tr { break-inside: avoid; page-break-inside: avoid; }
   thead { display: table-header-group; }
   .table-wrap { overflow: visible; }
-  table { font-size: 8.5pt; }
+  table { font-size: 8pt; }
+  th, td { padding: .15rem .25rem; }
+  .num, .nowrap { white-space: normal; }  /* wide study tables wrap inside the page instead of running off it */
   .banner { background: none !important; }
   img { max-height: 22cm; }
 }
