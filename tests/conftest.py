@@ -109,3 +109,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_calibration_cache(tmp_path_factory):
+    """Distillations measure precision and layout and cache the choice: in a folder of this test session, not ~/.cache."""
+    previous = os.environ.get("SECURE_ONESHOT_CACHE")
+    os.environ["SECURE_ONESHOT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SECURE_ONESHOT_CACHE", None)
+    else:
+        os.environ["SECURE_ONESHOT_CACHE"] = previous

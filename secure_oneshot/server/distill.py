@@ -68,6 +68,7 @@ from torch.utils.data import Dataset
 from .._internal.schedule import rate_factor
 from ..errors import ConfigError
 from ..metrics import evaluate_model
+from .calibration import calibrate_for_synthesis
 from .ensemble import Ensemble, batching_for
 from .execution import Execution
 from .sources import SiteGenerator, Snapshot, SnapshotSource, SynthesisMethod
@@ -306,7 +307,8 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
     >>> result = distill(student, sites, InversionConfig(), DistillConfig(), execution=Execution("cuda"))  # doctest: +SKIP
     >>> result.history[-1]["loss"]                                                                       # doctest: +SKIP
     """
-    execution = (execution or Execution()).for_models(site_models)
+    # Precision and layout left open are measured here (cached per device), unless the caller calibrated already.
+    execution = calibrate_for_synthesis(execution or Execution(), site_models, student, synth).for_models(site_models)
     multi_label = synth.multi_label
     if multi_label and (teacher_weights is not None or generators or (method is not None and method.method != "inversion")):
         raise ConfigError("multi-label sites distil by model inversion with the equal teacher",

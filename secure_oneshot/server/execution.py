@@ -1,7 +1,7 @@
 """How the server's synthesis and distillation run: device, precision, memory layout, batching.
 
 The computation is the same whatever is chosen here; only its speed and its
-rounding change.  Measured on this project's 2-core CPU VM (5 small-cnn sites,
+rounding change.  Measured on an earlier 2-core (Intel) CPU VM (5 small-cnn sites,
 forward + input-gradient of the ensemble, 64 images at 28 px;
 ``benchmarks/distill.py`` has the end-to-end numbers):
 
@@ -12,10 +12,20 @@ loop, channels_last                 49 ms
 loop, channels_last, bf16 autocast  32 ms
 ==================================  =========
 
-So ``auto`` means: bf16 autocast where the device has bf16 arithmetic (CUDA
-with bf16 support, or a CPU with AVX-512 BF16 / AMX), channels_last always,
-and the ``vmap`` batched ensemble on CUDA only (where 28 px images leave the
-GPU idle between small per-site kernels) -- the Python loop on CPU.
+But the ranking depends on the device: on one AMD EPYC core under load the same
+ensemble ran NCHW fp32 548 ms, NCHW bf16 4,286 ms, channels_last fp32 638 ms,
+channels_last bf16 4,561 ms.  So for a distillation, ``precision="auto"`` and
+``channels_last=True`` (layout left open) are settled by a short measurement of
+the real work at the real batch shape, cached per device model
+(:mod:`~secure_oneshot.server.calibration`); the measured choice is stored in
+:attr:`Execution.calibration` and reported.  ``channels_last=False`` forces NCHW
+(``--no-channels-last``), an explicit precision forces that precision.
+
+Without a calibration (direct calls of the synthesis code), ``auto`` falls back
+to a guess: bf16 autocast where the device has bf16 arithmetic (CUDA with bf16
+support, or a CPU with AVX-512 BF16 / AMX), channels_last except for GroupNorm
+models on CPU.  The ``vmap`` batched ensemble runs on CUDA only (where 28 px
+images leave the GPU idle between small per-site kernels) -- the Python loop on CPU.
 
 channels_last is safe here: the server computes input gradients of frozen
 models and plain gradients of the student, never Opacus per-sample gradients
@@ -31,7 +41,7 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -86,6 +96,8 @@ class Execution:
     channels_last: bool = True
     batched: str = "auto"           # vmap over stacked site models: "auto" (CUDA only) | "on" | "off"
     compile: bool = False           # torch.compile the student's training step (slow to start; pays off on long GPU runs)
+    # Set by calibration.calibrate: {"choice", "timings_ms", "cached"}; precision and layout are then the measured ones.
+    calibration: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -133,12 +145,14 @@ class Execution:
         return module
 
     def for_models(self, models: Sequence[nn.Module]) -> Execution:
-        """These settings, with channels_last dropped for GroupNorm models on CPU.
+        """These settings, with channels_last dropped for GroupNorm models on CPU (unless calibrated).
 
         Measured (5 GroupNorm small-cnn sites, 64 images, forward + input gradient): NCHW fp32 90 ms,
         NCHW bf16 64 ms, channels_last fp32 81 ms, channels_last bf16 294 ms -- PyTorch's CPU GroupNorm
         has no fast channels_last bf16 path.  (BatchNorm models are fastest with channels_last + bf16.)
         """
+        if self.calibration is not None:
+            return self   # measured on these models: the measurement wins over the rule below
         group_norm = any(isinstance(m, nn.GroupNorm) for model in models for m in model.modules())
         if self.channels_last and group_norm and self.torch_device.type == "cpu":
             return dataclasses.replace(self, channels_last=False)
@@ -146,8 +160,11 @@ class Execution:
 
     def describe(self) -> dict[str, Any]:
         """The resolved choices, for reports."""
-        return {"device": str(self.torch_device), "precision": "bf16" if self.use_bf16 else "fp32",
-                "channels_last": self.channels_last, "batched": self.batched, "compile": self.compile}
+        described = {"device": str(self.torch_device), "precision": "bf16" if self.use_bf16 else "fp32",
+                     "channels_last": self.channels_last, "batched": self.batched, "compile": self.compile}
+        if self.calibration is not None:
+            described["calibration"] = self.calibration
+        return described
 
 
 PLAIN_LOOP = Execution(precision="fp32", channels_last=False, batched="off")

@@ -36,6 +36,7 @@ from ..policy.model import IngestPolicy
 from .accepted import open_accepted
 from .distill import DistillConfig, distill, student_norm
 from .ensemble import Ensemble, batching_for, normalise_weights, same_architecture
+from .calibration import calibrate_for_synthesis
 from .execution import Execution
 from .ingest import IngestFolders
 from .sources import SiteGenerator, SynthesisMethod
@@ -401,9 +402,10 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     started = time.perf_counter()
     # Multi-label sites have no per-class weighting: the preset's default scheme gives way to the equal teacher.
     scheme = "equal" if synth.multi_label and job.teacher_weighting is None else job.weighting
-    weights = teacher_weights(sites, scheme, synth, job.execution)
     models = [s.model for s in sites]
-    result = distill(student, models, synth, dcfg, execution=job.execution, eval_set=test_set, progress=progress,
+    execution = calibrate_for_synthesis(job.execution, models, student, synth)   # measured once, used by every step below
+    weights = teacher_weights(sites, scheme, synth, execution)
+    result = distill(student, models, synth, dcfg, execution=execution, eval_set=test_set, progress=progress,
                      on_epoch=on_epoch, feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
                      method=job.method, generators=[s.generator for s in sites if s.generator is not None], teacher_weights=weights)
     seconds = time.perf_counter() - started
@@ -413,13 +415,13 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     global_bytes = safetensors_save(state, metadata={"format": "secure-oneshot-global/v1", "architecture": student_cfg.architecture})
     atomic_write_bytes(out / "global.safetensors", global_bytes)
-    _trajectory_grid(sites, synth, job.execution, out / "synthetic.png", job.method, weights)
+    _trajectory_grid(sites, synth, execution, out / "synthetic.png", job.method, weights)
     report = {"student": asdict(student_cfg), "sites": [{"name": s.name, "bundle_id": s.bundle_id, "architecture": s.config.architecture,
                                                           "generator": s.generator is not None, "feature_stats": s.feature_stats is not None,
                                                           "bn_statistics": bn_statistics_released(s.model),
                                                           "label_counts": s.label_counts is not None}
                                                          for s in sites],
-              "preset": job.preset, "method": asdict(job.method), "execution": job.execution.for_models([s.model for s in sites]).describe(),
+              "preset": job.preset, "method": asdict(job.method), "execution": execution.for_models(models).describe(),
               "task": "multi-label" if synth.multi_label else "one class per image",
               "teacher_weighting": {"scheme": scheme,
                                     "weights": None if weights is None else [[round(float(w), 4) for w in row]
