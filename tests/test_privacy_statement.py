@@ -258,3 +258,31 @@ def test_ingest_outcome_carries_the_statement_summary(tmp_path: Path) -> None:
     _, outcomes = run_ingest(root)
     eps = float(outcomes[0].privacy_summary.split("classifier eps ")[1].split(";")[0])
     assert eps == pytest.approx(compute_epsilon("rdp", [(1.1, 0.01, 1000)], 1e-5), rel=1e-2)
+
+
+def test_distill_report_states_each_sites_guarantee_and_the_post_processing_position(statement: dict) -> None:
+    from secure_oneshot.server.privacy_position import POST_PROCESSING, position_markdown, privacy_position
+
+    position = privacy_position([("hospital-1", "b1", statement), ("hospital-2", "b2", None)])
+    first, second = position["sites"]
+    assert position["global_model"] == POST_PROCESSING
+    assert first["worst_epsilon"] == pytest.approx(float(statement["dp"]["classifier"]["epsilon"]))
+    assert first["statement"] == public_summary(statement) and first["dp"] is True
+    assert second["statement"] is None and position["sites_without_dp"] == ["hospital-2"]
+    text = "\n".join(position_markdown(position))
+    assert "## Privacy position" in text and "- hospital-2: no privacy statement" in text
+    assert "data_fingerprint" not in json.dumps(position)
+    nothing = privacy_position([("hospital-2", "b2", None)])
+    assert "nothing is claimed" in nothing["global_model"]
+
+
+def test_the_server_loads_each_accepted_bundles_statement(tmp_path: Path) -> None:
+    from secure_oneshot.server.study import load_accepted
+
+    root = tmp_path / "server"
+    (root / "inbox").mkdir(parents=True)
+    _, _, report = exported(tmp_path, out="server/inbox/site.sob")
+    folders, outcomes = run_ingest(root)
+    assert [o.outcome for o in outcomes] == ["accepted"]
+    (site,) = load_accepted(folders, CAST.server, CAST.server_trust())
+    assert site.privacy_statement == report.statement

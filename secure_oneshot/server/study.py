@@ -33,11 +33,13 @@ from ..models.classifier import ARCHITECTURES, ClassifierConfig, build_classifie
 from ..models.imagenet_init import initial_classifier
 from ..policy.artifacts import load_model_dir
 from ..policy.model import IngestPolicy
+from ..policy.privacy_statement import parse_statement
 from .accepted import open_accepted
 from .distill import DistillConfig, distill, student_norm
 from .ensemble import Ensemble, batching_for, normalise_weights, same_architecture
 from .calibration import calibrate_for_synthesis
 from .execution import Execution
+from .privacy_position import position_markdown, privacy_position
 from .ingest import IngestFolders
 from .sources import SiteGenerator, SynthesisMethod
 from .synthesis import InversionConfig, synthesize_batch, tracks_running_stats
@@ -74,6 +76,7 @@ class SiteModel:
     generator: SiteGenerator | None = None
     bundle_id: str = ""
     label_counts: torch.Tensor | None = None  # (classes,) DP-noised class counts the site released, if any
+    privacy_statement: dict[str, Any] | None = None  # the bundle's signed statement (policy.privacy_statement), if any
     multi_label: bool = False                 # one sigmoid output per label (the record's classifier "task")
 
 
@@ -179,8 +182,11 @@ def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: Tru
     for bundle in open_accepted(folders, identity, trust, policy):
         opened = bundle.opened
         artifacts = opened.manifest.meta.get("artifacts", {})
-        models.append(_site_model(opened.sender.name, dict(opened.tensors), artifacts.get("classifier", {}),
-                                  artifacts.get("generator"), opened.header.bundle_id))
+        site = _site_model(opened.sender.name, dict(opened.tensors), artifacts.get("classifier", {}),
+                           artifacts.get("generator"), opened.header.bundle_id)
+        statement = opened.manifest.meta.get("privacy_statement")
+        site.privacy_statement = parse_statement(statement) if statement is not None else None  # checked at ingest
+        models.append(site)
     if not models:
         raise ConfigError(f"no accepted bundles in {folders.accepted}", hint="run `secure-oneshot ingest` first")
     return sorted(models, key=lambda s: (s.name, s.bundle_id))  # bundle ids are random: order by site
@@ -428,7 +434,8 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
                                                                              for row in normalise_weights(weights, len(sites))]},
               "student_init": f"ImageNet ({Path(job.imagenet_weights).name})" if job.imagenet_weights else "random",
               "inversion": asdict(synth), "distill": asdict(dcfg), "seconds": round(seconds, 1), "history": result.history,
-              "metrics": metrics, "global_sha256": hashlib.sha256(global_bytes).hexdigest(), "selection": SELECTION}
+              "metrics": metrics, "global_sha256": hashlib.sha256(global_bytes).hexdigest(), "selection": SELECTION,
+              "privacy": privacy_position([(s.name, s.bundle_id, s.privacy_statement) for s in sites])}
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode("utf-8"))
     atomic_write_bytes(out / "report.md", markdown_report(metrics, report).encode("utf-8"))
     run = DistillRun(student, result.history, metrics, synth, dcfg, report=report)
@@ -466,4 +473,6 @@ def markdown_report(metrics: dict[str, dict[str, float]], report: dict[str, Any]
         lines += ["", f"Preset `{report['preset']}`, synthesis `{report['method']['method']}`, "
                       f"{report['distill']['epochs']} epochs in {report['seconds']} s on {report['execution']['device']} "
                       f"({report['execution']['precision']})."]
+        if "privacy" in report:
+            lines += ["", *position_markdown(report["privacy"])]
     return "\n".join(lines) + f"\n\nModel selection: {SELECTION}.\n"
