@@ -77,12 +77,12 @@ def fake_demo_run(run: Path, *, dp: bool = False) -> Path:
     return run
 
 
-def fake_rows() -> list[dict[str, Any]]:
+def fake_rows(method: str = HOSTILE) -> list[dict[str, Any]]:
     rows = []
     for eps in ("inf", 8.0, 2.0):
         for seed in (0, 1):
             row: dict[str, Any] = {f: None for f in ROW_FIELDS}
-            row.update(flag="pneumoniamnist", alpha=0.5, epsilon=eps, generator_epsilon="none", withheld="none", method=HOSTILE, seed=seed)
+            row.update(flag="pneumoniamnist", alpha=0.5, epsilon=eps, generator_epsilon="none", withheld="none", method=method, seed=seed)
             for model in ("sites", "ensemble", "ensemble_equal", "fedavg", "global"):
                 for metric in ("acc", "auc", "balanced_acc"):
                     row[f"{model}_{metric}"] = 0.7 + 0.01 * seed + (0.1 if eps == "inf" else 0.0)
@@ -406,3 +406,35 @@ def test_browser_checks_catch_a_page_that_fetches_and_logs(rendered: dict[str, t
     assert not result.layout["images"][0]["natural_width"]
     with pytest.raises(AssertionError):
         assert_clean_render(rendered["bad"][0], result, 1)
+
+
+# --- the commands that write the pages (their heavy work replaced by fixed results) ---------------
+
+
+def test_audit_privacy_out_html(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from secure_oneshot.cli import main
+    from secure_oneshot.research import privacy_audit
+
+    out = tmp_path / "dpia.html"
+    (tmp_path / "dpia-closest-pairs.png").write_bytes(png())  # what the generator audit draws beside the report
+    monkeypatch.setattr(privacy_audit, "audit_model_dir", lambda *a, **k: fake_audit())
+    assert main(["audit-privacy", "--model", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    check_structure(text)
+    assert "Membership inference" in text and text.count("<img ") == 1 and str(out) in capsys.readouterr().out
+
+
+def test_experiment_writes_report_html(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from secure_oneshot.cli import main
+    from secure_oneshot.research import experiment
+
+    study = SimpleNamespace(name="tiny", privacy_audit=True, cells=lambda: [None] * 6)
+    monkeypatch.setattr(experiment, "load_study", lambda path: study)
+    monkeypatch.setattr(experiment, "run_study", lambda *a, **k: fake_rows("inversion"))  # a real method: it names the plot files
+    assert main(["experiment", str(tmp_path / "study.toml"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    check_structure(text)
+    assert "Study tiny" in text and "Privacy-utility trade-off" in text
+    assert text.count("<img ") == 1 and 'alt="pneumoniamnist-a0.5-inversion: test AUC (left) and ACC (right)' in text  # drawn by plots
