@@ -66,7 +66,13 @@ def fake_demo_run(run: Path, *, dp: bool = False) -> Path:
               "sites": [{"name": "hospital-1", "bundle_id": "ab" * 16, "architecture": "small-cnn", "generator": False, "feature_stats": dp,
                          "bn_statistics": not dp, "label_counts": True},
                         {"name": HOSTILE, "bundle_id": "cd" * 16, "architecture": "small-cnn", "generator": True, "feature_stats": False,
-                         "bn_statistics": None, "label_counts": False}]}
+                         "bn_statistics": None, "label_counts": False}],
+              "privacy": {"global_model": "The global model is computed from the site releases alone (post-processing).",
+                          "sites": [{"site": "hospital-1", "bundle_id": "ab" * 16, "summary": "record-level DP, epsilon 8", "dp": True,
+                                     "worst_epsilon": 8.0},
+                                    {"site": HOSTILE, "bundle_id": "cd" * 16, "summary": f"no DP {HOSTILE}", "dp": False,
+                                     "worst_epsilon": None}],
+                          "sites_without_dp": [HOSTILE]}}
     partition = {"flag": "pneumoniamnist", "partition": {"n_sites": 2, "scheme": "dirichlet", "alpha": 0.5, "seed": 0},
                  "sites": [{"site": 0, "records": 30, "label_counts": [10, 20]}, {"site": 1, "records": 25, "label_counts": [20, 5]}]}
     (run / "server" / "global").mkdir(parents=True)
@@ -236,6 +242,7 @@ def test_demo_report_structure_and_escaping(tmp_path: Path) -> None:
     assert [h for _, h in s.headings[1:]] == ["Results", "Settings", "What each hospital released", "Labels held by each hospital",
                                               "Synthetic images: from noise to realistic", "Privacy position", "Files of this run"]
     assert "No differential privacy in this run" in text and "1 bundle(s) accepted, 1 quarantined" in text
+    assert "signed privacy statement" in text and "record-level DP, epsilon 8" in text and "(post-processing)." in text
     assert text.count("<img ") == 1  # the synthetic grid (label plot off)
 
 

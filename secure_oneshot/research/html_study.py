@@ -109,6 +109,13 @@ def _privacy_position(results: dict[str, Any], report: dict[str, Any] | None) ->
     words.append(paragraph(f"Every bundle was signed by its hospital, encrypted to the server and checked against the signed export "
                            f"policy. {len(outcomes) - len(quarantined)} bundle(s) accepted, {len(quarantined)} quarantined"
                            + (" (including the deliberately tampered copy the demo delivers)." if quarantined else ".")))
+    position = (report or {}).get("privacy")
+    if isinstance(position, dict) and position.get("sites"):  # the sites' signed privacy statements, as the server read them
+        rows = [(p.get("site", "?"), p.get("summary", "-"), "-" if p.get("worst_epsilon") is None else f"{float(p['worst_epsilon']):g}",
+                 "yes" if p.get("dp") else "no") for p in position["sites"]]
+        words += [table("Each hospital's signed privacy statement, as the server read it",
+                        ["hospital", "statement", "largest epsilon", "DP on everything released"], rows, numeric=(2,)),
+                  paragraph(position.get("global_model", ""))]
     return section("Privacy position", head, *words)
 
 
