@@ -160,3 +160,13 @@ def test_a_far_slower_option_is_not_repeated():
     assert min(timings, key=timings.__getitem__) == "fp32 NCHW"
     assert timer.calls.count("fp32 NCHW") == 4 and timer.calls.count("fp32 channels_last") == 4
     assert timer.calls.count("bf16 NCHW") == 1 and timer.calls.count("bf16 channels_last") == 1
+
+
+def test_a_probe_screens_out_an_option_without_running_it_at_full_size():
+    full, small = FakeTimer(TIMINGS), FakeTimer({name: seconds / 8 for name, seconds in TIMINGS.items()})
+    options = [Execution("cpu", precision=p, channels_last=cl) for p in ("fp32", "bf16") for cl in (False, True)]
+    timings = calibration.measure(options, full, budget_s=1e6, repeats=2, probe=small, probe_scale=8.0)
+    assert full.calls.count("bf16 NCHW") == 0 and full.calls.count("bf16 channels_last") == 0
+    assert timings["bf16 NCHW"] == pytest.approx(TIMINGS["bf16 NCHW"])
+    assert full.calls.count("fp32 channels_last") == 3   # close to the best: measured at full size
+    assert min(timings, key=timings.__getitem__) == "fp32 NCHW"

@@ -12,6 +12,9 @@ gradient of the site ensemble with the BatchNorm-statistics hooks, and a forward
 backward of the student -- at the real batch shape for each candidate (bf16 only
 where the device has bf16 at all; NCHW only when channels_last is switched off),
 takes the minimum of a few repeats within a bounded time, and picks the fastest.
+On CPU a step is timed in process CPU time, not wall time: on a shared, loaded
+machine the wall time of the same step varies several-fold with the neighbours'
+load (measured: 2.4 s wall for a step of about 0.5 CPU-s), CPU time far less.
 The choice is cached per (device model name, torch version, threads, architecture
 set, batch shape) in ``calibration.json`` under ``$SECURE_ONESHOT_CACHE`` (default
 ``~/.cache/secure-oneshot``), written atomically; an unreadable cache is ignored
@@ -47,9 +50,11 @@ from .synthesis import BNStatHooks
 __all__ = ["BUDGET_S", "CACHE_FILE", "calibrate", "calibrate_for_synthesis", "cache_dir", "cache_key", "candidates", "device_name", "measure"]
 
 CACHE_FILE = "calibration.json"
-BUDGET_S = {"cpu": 3.0, "cuda": 2.0}
+BUDGET_S = {"cpu": 2.0, "cuda": 2.0}
 """Time for measuring all candidates (each gets a warm-up step and then repeats while its share lasts)."""
-REPEATS = 3
+REPEATS = 2
+PROBE_DIVISOR = 8
+"""Options after the first are screened on 1/8 of the batch first (:func:`measure`)."""
 
 Timer = Callable[[Execution], float]
 """Seconds of one step under these settings (injectable for tests)."""
@@ -110,18 +115,27 @@ def _name(execution: Execution) -> str:
     return f"{execution.precision} {'channels_last' if execution.channels_last else 'NCHW'}"
 
 
-def measure(options: Sequence[Execution], timer: Timer, budget_s: float, repeats: int = REPEATS) -> dict[str, float]:
+def measure(options: Sequence[Execution], timer: Timer, budget_s: float, repeats: int = REPEATS,
+            probe: Timer | None = None, probe_scale: float = 1.0) -> dict[str, float]:
     """Seconds per step of each option: the minimum of up to ``repeats`` timed steps after one warm-up step,
     fewer when the option's share of ``budget_s`` runs out.
 
-    An option whose warm-up step alone took over 3x the best time so far is clearly not the fastest: its
-    warm-up time is recorded and it is not repeated (on a CPU where bf16 is emulated one step is 8x slower,
-    and repeating it would cost seconds to learn nothing).
+    An option that is clearly not the fastest is not run at full size: after the first option, each is
+    first timed by ``probe`` (a step on a fraction of the batch, ``probe_scale`` = full / probe cost);
+    if that, scaled, exceeds 3x the best time so far, the scaled probe time is recorded and the option is
+    skipped.  (On a CPU where bf16 is emulated one step is 8x slower: running it at full size would cost
+    seconds to learn nothing.)
     """
     share = budget_s / max(1, len(options))
     timings: dict[str, float] = {}
     for option in options:
         started = time.perf_counter()
+        if timings and probe is not None:
+            probe(option)   # warm-up at the small size
+            estimate = probe(option) * probe_scale
+            if estimate > 3 * min(timings.values()):
+                timings[_name(option)] = estimate
+                continue
         warm_up = timer(option)   # first-call allocation and kernel selection
         if timings and warm_up > 3 * min(timings.values()):
             timings[_name(option)] = warm_up
@@ -144,7 +158,8 @@ def _step_timer(models: Sequence[nn.Module], student: nn.Module | None, batch_sh
         pupil = execution.prepare(copy.deepcopy(student)).train() if student is not None else None
         x = torch.randn(*batch_shape, device=device, requires_grad=True)
         _sync(device)
-        started = time.perf_counter()
+        clock = time.perf_counter if device.type == "cuda" else time.process_time
+        started = clock()
         with BNStatHooks(ensemble) as hooks, execution.autocast():
             logits, bn = hooks.per_site(execution.layout(x))
             loss = logits.float().mean() + bn
@@ -152,7 +167,7 @@ def _step_timer(models: Sequence[nn.Module], student: nn.Module | None, batch_sh
                 loss = loss + pupil(execution.layout(x.detach())).float().mean()
         loss.backward()
         _sync(device)
-        return time.perf_counter() - started
+        return clock() - started
 
     return step
 
@@ -205,7 +220,12 @@ def calibrate(execution: Execution, models: Sequence[nn.Module], student: nn.Mod
     cached = _valid_entry(entry, set(names))
     if not cached:
         budget = BUDGET_S.get(execution.torch_device.type, BUDGET_S["cpu"])
-        timings = measure(options, timer or _step_timer(models, student, batch_shape), budget)
+        if timer is None:
+            small = (max(1, batch_shape[0] // PROBE_DIVISOR), *batch_shape[1:])
+            timings = measure(options, _step_timer(models, student, batch_shape), budget,
+                              probe=_step_timer(models, student, small), probe_scale=batch_shape[0] / small[0])
+        else:
+            timings = measure(options, timer, budget)
         entry = {"choice": min(timings, key=timings.__getitem__),
                  "timings_ms": {name: round(seconds * 1e3, 3) for name, seconds in timings.items()}}
         stored[key] = entry
