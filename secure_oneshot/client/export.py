@@ -40,7 +40,7 @@ from ..bundle import SealResult, seal_tensors
 from ..errors import ConfigError, PolicyViolationError, PrivacyError, ResourceError, SecureOneshotError
 from ..keys import Identity, PublicIdentity, TrustStore
 from ..policy.artifacts import ExportCandidate, load_model_dir
-from ..policy.evaluate import Evaluation, ExportContext, evaluate_export
+from ..policy.evaluate import REQUEST_ID_RE, Evaluation, ExportContext, evaluate_export
 from ..policy.explain import decision_table, denial_summary, evaluation_json, metadata_table
 from ..policy.load import policy_from_bytes, read_policy_bytes
 from ..policy.model import ExportPolicy
@@ -66,6 +66,7 @@ class ExportRequest:
     dry_run: bool = False
     now: datetime | None = None
     privacy_audit: Path | None = None   # the audit-privacy JSON report; default MODEL_DIR/privacy_audit.json when present
+    request_id: str = ""                # a requester's id bound into the manifest (meta.request_id, FORMAT.md 4.4); "" for none
 
 
 @dataclass
@@ -139,6 +140,7 @@ def _seal(req: ExportRequest, source: _PolicySource, candidate: ExportCandidate,
         "recomputed_epsilon": {k: repr(v) for k, v in ev.epsilons.items()},
         "site_policy": site_policy_meta(policy, source.raw, source.signatures),
         "privacy_statement": statement,
+        **({"request_id": req.request_id} if req.request_id else {}),
     }
     return seal_tensors(
         {n: candidate.tensors[n] for n in names}, path, sender=req.sender, recipients=list(req.recipients),
@@ -158,7 +160,7 @@ def _seal_and_record(req: ExportRequest, source: _PolicySource, candidate: Expor
         audit.append_event(req.audit_log, req.sender, _event(
             req, source.policy, "ok", f"sent {len(report.tensors)} tensors ({m.payload_size} bytes)",
             bundle_id=m.bundle_id, payload_sha256=m.payload_sha256, dp={a: r["epsilon"] for a, r in m.dp.items()},
-            details={"tensors": len(report.tensors), "expires": m.expires, "out": out.name,
+            details={"tensors": len(report.tensors), "expires": m.expires, "out": out.name, "request_id": req.request_id,
                      "dp_records": m.dp},  # what later statements compose with (earlier releases of the same data)
         ), req.now)
         try:
@@ -200,6 +202,8 @@ def export_model(req: ExportRequest) -> ExportReport:
         ConfigError: invalid policy or model record.
         PolicyViolationError / PrivacyError: something was denied (the error carries the decision table).
     """
+    if req.request_id and not REQUEST_ID_RE.fullmatch(req.request_id):
+        raise ConfigError(f"request id {req.request_id!r} is not 1..64 characters of [A-Za-z0-9._:-]")
     now = req.now or utc_now()
     req = replace(req, now=now)   # the statement's export time and the bundle's `created` are the same second
     records = audit.verify_log(req.audit_log, req.sender.public) if os.path.exists(req.audit_log) else []

@@ -9,6 +9,7 @@ with a denial (``export`` refuses; ``policy explain`` prints the table).
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -249,7 +250,8 @@ def evaluate_export(policy: ExportPolicy, candidate: ExportCandidate, ctx: Expor
 # --- ingest ------------------------------------------------------------------------------------
 
 
-MANIFEST_META_KEYS = ("policy_version", "site", "artifacts", "recomputed_epsilon", "site_policy", "privacy_statement")
+MANIFEST_META_KEYS = ("policy_version", "site", "artifacts", "recomputed_epsilon", "site_policy", "privacy_statement", "request_id")
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # meta.request_id: the id of the request a bundle answers
 """The keys ``export`` writes into a manifest's ``meta``; a received bundle with any other key is refused."""
 
 
@@ -271,6 +273,8 @@ def evaluate_ingest(policy: IngestPolicy, sender: str, tensors: Mapping[str, Any
     ev.add("policy", sender, "senders.allowed", sender in policy.senders, "listed" if sender in policy.senders else "sender not in senders.allowed")
     for key in sorted(set(meta) - set(MANIFEST_META_KEYS)):
         ev.add("metadata", f"meta.{key}", "metadata", False, "not a field export writes")
+    if "request_id" in meta and not (isinstance(meta["request_id"], str) and REQUEST_ID_RE.fullmatch(meta["request_id"])):
+        ev.add("metadata", "meta.request_id", "metadata", False, "not 1..64 characters of [A-Za-z0-9._:-]")
     classification = classify_tensors(tensors, meta.get("artifacts", {}))
     _check_structure(ev, classification)
     present = sorted(set(classification.artifacts.values()))
