@@ -225,3 +225,16 @@ def test_help_says_gpu_is_reduced_and_not_the_published_method(command: str) -> 
     text = subprocess.run([sys.executable, "-m", "secure_oneshot", command, "--help"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "400"}, check=True).stdout
     assert "reduced preset" in text.lower() and "not the published method" in text, text
+
+
+def test_cpu_and_dp_site_presets_keep_the_drops_they_were_measured_with() -> None:
+    """The dp preset's accuracy floor (test_train) was measured with drops from 0-based epochs 8 and 11 of 15."""
+    for name in ("cpu", "dp"):
+        cfg = TRAIN_PRESETS[name]
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler, rates = _scheduler(optimizer, cfg), []
+        for _ in range(cfg.epochs):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert np.allclose(rates, [1.0] * 8 + [0.1] * 3 + [0.01] * 4), (name, rates)

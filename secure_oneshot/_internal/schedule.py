@@ -20,8 +20,9 @@ __all__ = ["milestone_epochs", "rate_factor"]
 
 
 def milestone_epochs(milestones: Sequence[float], epochs: int) -> list[int]:
-    """The 1-based epochs at which the rate drops (``[50, 75]`` for ``(0.5, 0.75)`` of 100)."""
-    return sorted(round(m * epochs) for m in milestones)
+    """The 1-based epochs at which the rate drops (``[50, 75]`` for ``(0.5, 0.75)`` of 100); never before epoch 2,
+    so that a short run (2 epochs, say) still starts at the base rate."""
+    return sorted(max(2, round(m * epochs)) for m in milestones)
 
 
 def rate_factor(epoch: int, epochs: int, milestones: Sequence[float], gamma: float = 0.1) -> float:

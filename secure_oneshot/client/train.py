@@ -74,18 +74,19 @@ class TrainConfig:
     imagenet_weights: str = ""                     # a local safetensors file of ImageNet weights to start from ("": random init)
 
 
+MEASURED_DROPS = (0.6, 0.8)   # cpu/dp: drops from epochs 9 and 12 of 15, the schedule these presets were measured with
 PRESETS: dict[str, TrainConfig] = {
     "fedisca": TrainConfig(checkpoint="best-val"),   # the published code hands over each site's best.pth
     # About a minute per site on 2 CPU cores with small-cnn at 28 px.  min_steps stays off here: raising the
     # 14-record one-class PneumoniaMNIST demo site from 15 to 150 steps made it a confident class-0 voter and
     # the distilled model's ACC fell from 0.888 to 0.739 (AUC 0.965 -> 0.960); see benchmarks/RESULTS.md.
     # Tiny sites (BreastMNIST) should set it ([train] min_steps = 300).
-    "cpu": TrainConfig(epochs=15, lr=0.02, batch_size=64),
+    "cpu": TrainConfig(epochs=15, lr=0.02, batch_size=64, milestones=MEASURED_DROPS),
     # Chosen on a public proxy, never on a site's records: all of BreastMNIST train+val as one DP site (epsilon 8,
     # its validation slice; benchmarks/dp_recipe.py, benchmarks/RESULTS.md).  Logical batches of 256 (lr 0.2-0.5,
     # 20 epochs) and 2-4 augmented views per record ranked below these settings there at a CPU budget; the
     # weight average helped.  Pair it with threshold_epsilon on binary tasks (client/threshold.py).
-    "dp": TrainConfig(epochs=15, lr=0.02, batch_size=64, max_physical_batch_size=64, ema_decay=0.9),
+    "dp": TrainConfig(epochs=15, lr=0.02, batch_size=64, max_physical_batch_size=64, ema_decay=0.9, milestones=MEASURED_DROPS),
 }
 
 
