@@ -238,3 +238,14 @@ def test_cpu_and_dp_site_presets_keep_the_drops_they_were_measured_with() -> Non
             optimizer.step()
             scheduler.step()
         assert np.allclose(rates, [1.0] * 8 + [0.1] * 3 + [0.01] * 4), (name, rates)
+
+
+def test_the_server_cpu_preset_keeps_the_drops_its_studies_were_measured_with() -> None:
+    from secure_oneshot.server.distill import DistillConfig, learning_rate
+    from secure_oneshot.server.study import PRESETS
+
+    options = PRESETS["cpu"][1]
+    six = DistillConfig(**{**options, "epochs": 6})
+    assert [round(learning_rate(six, e) / six.lr, 4) for e in range(6)] == [1, 1, 1, 0.1, 0.01, 0.01]
+    sixteen = DistillConfig(**options)
+    assert [round(learning_rate(sixteen, e) / sixteen.lr, 4) for e in range(16)] == [1] * 9 + [0.1] * 3 + [0.01] * 4
