@@ -1,40 +1,55 @@
-"""Server speed: synthesis + distillation images/s, this implementation vs a plain per-site loop, in one run.
+"""Server speed: synthesis + distillation images per CPU-second, against a plain loop or another checkout, in one run.
 
-Both run the same computation on the same models and settings: one epoch of
-FedISCA inversion (``--steps`` steps of ``--batch-size`` images through every
-site model, forward + input gradient) followed by one student step per kept
-snapshot.  "plain" is a Python loop over the sites in float32, NCHW
-(``Execution(precision="fp32", channels_last=False, batched="off")``);
-"implementation" is ``Execution()`` with its ``auto`` choices on this device
-(see ``secure_oneshot/server/execution.py``).  Timed: best of ``--repeat``
-epochs after one warm-up epoch.
+One timed unit is one epoch of FedISCA (``--steps`` inversion steps of ``--batch-size``
+images through every site model, forward + input gradient, then one student step per
+kept snapshot) on random site models with non-trivial BatchNorm statistics, after one
+warm-up epoch.  Each measurement runs in its own process with ``--threads`` torch threads
+(default 1), and the versions alternate run by run (``--repeat`` rounds); the minimum over
+rounds is reported, as wall seconds and CPU seconds (``time.process_time``: on a shared,
+loaded machine CPU time is the steadier measure of the work done).
 
-Also printed: the FLOPs of one epoch (``torch.utils.flop_counter``), the
-achieved FLOP rate, and that rate as a fraction of this machine's measured
-matmul peak (2048 x 2048 ``torch.mm``, float32 and bf16), and peak GPU memory
-on CUDA.  The last line is the speed-up ratio.  Goals: >= 1.3x on CPU, >= 5x on a GPU.
+Versions compared:
+
+* ``--baseline CHECKOUT``: the same epoch run by another checkout's ``secure_oneshot``
+  (e.g. ``git archive <commit> | tar -x -C /tmp/base``) with its own defaults, beside this
+  checkout's;
+* otherwise the plain loop (``Execution(precision="fp32", channels_last=False, batched="off")``)
+  beside this implementation's ``Execution(device=--device)`` (measured precision/layout).
+
+"Fraction of FP32 peak" divides the achieved FLOP rate (FLOPs of the epoch counted once on
+the float32 path with ``torch.utils.flop_counter``) by a peak computed from the CPU's
+specification, never measured under the same load: threads x clock x FP32 FLOPs per cycle.
+Assumptions (printed): the clock is ``/proc/cpuinfo``'s ``cpu MHz`` (or ``--clock-ghz``);
+FLOPs per cycle from the flags: AVX-512 64 on Intel (two 512-bit FMA ports), 32 on AMD (Zen 4
+runs 512-bit FMAs on 256-bit units); AVX2 + FMA 32 (two 256-bit FMA units: Haswell and later,
+Zen 2 and later; Zen 1 has half); AVX 16; else 8.  Override with ``--peak-gflops``.  On CUDA
+the GPU's peak is not modelled (pass ``--peak-gflops``).  The last line is the ratio of
+images per CPU-second (new / baseline).
 
     python benchmarks/distill.py [--sites 5] [--architecture small-cnn] [--batch-size 64] [--steps 20]
-                                 [--image-size 28] [--device auto] [--repeat 2]
+                                 [--image-size 28] [--device cpu] [--repeat 3] [--threads 1] [--baseline CHECKOUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
-import warnings
+from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
-from secure_oneshot.server.distill import DistillConfig, distill
-from secure_oneshot.server.execution import Execution
-from secure_oneshot.server.synthesis import InversionConfig
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
 
 
-def sites(cfg: ClassifierConfig, n: int) -> list[torch.nn.Module]:
+def sites(cfg, n: int):  # type: ignore[no-untyped-def]
     """Random site models with non-trivial BatchNorm statistics (speed does not depend on training)."""
+    import torch
+
+    from secure_oneshot.models.classifier import build_classifier
+
     models = []
     for seed in range(n):
         torch.manual_seed(seed)
@@ -47,46 +62,95 @@ def sites(cfg: ClassifierConfig, n: int) -> list[torch.nn.Module]:
     return models
 
 
-def one_epoch(models, cfg: ClassifierConfig, synth: InversionConfig, execution: Execution) -> None:
+def _setup(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from secure_oneshot.models.classifier import ClassifierConfig
+    from secure_oneshot.server.synthesis import InversionConfig
+
+    cfg = ClassifierConfig(args.architecture, 1, 2)
+    synth = InversionConfig(batch_size=args.batch_size, steps=args.steps, image_size=args.image_size,
+                            jitter=min(2, args.image_size - 1))
+    return cfg, sites(cfg, args.sites), synth
+
+
+def one_epoch(models, cfg, synth, execution) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from secure_oneshot.models.classifier import build_classifier
+    from secure_oneshot.server.distill import DistillConfig, distill
+
     torch.manual_seed(0)
     distill(build_classifier(cfg), models, synth, DistillConfig(epochs=1), execution=execution)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def worker(args: argparse.Namespace) -> None:
+    """One measurement (in its own process): a warm-up epoch, then one timed epoch; prints JSON."""
+    import torch
+
+    import secure_oneshot
+    from secure_oneshot.server.execution import Execution
+
+    torch.set_num_threads(args.threads)
+    execution = (Execution(device=args.device, precision="fp32", channels_last=False, batched="off") if args.worker == "plain"
+                 else Execution(device=args.device))
+    cfg, models, synth = _setup(args)
+    one_epoch(models, cfg, synth, execution)   # warm-up (and, where the code calibrates, its measurement: then cached)
+    sync = torch.cuda.synchronize if execution.torch_device.type == "cuda" else (lambda: None)
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    one_epoch(models, cfg, synth, execution)
+    sync()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(json.dumps({"wall": wall, "cpu": cpu, "code": str(Path(secure_oneshot.__file__).parents[1])}))
 
 
-def epoch_seconds(models, cfg, synth, execution: Execution, repeat: int) -> float:
-    times = []
-    for _ in range(repeat + 1):
-        sync(execution.torch_device)
-        start = time.perf_counter()
-        one_epoch(models, cfg, synth, execution)
-        sync(execution.torch_device)
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+def cpu_peak(threads: int, clock_ghz: float | None) -> tuple[float, str]:
+    """FP32 FLOP/s of ``threads`` cores from the CPU's specification, and the assumption stated."""
+    info = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").exists() else ""
+    field = lambda key: next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(key)), "")  # noqa: E731
+    model, flags = field("model name") or "unknown CPU", set(field("flags").split())
+    clock = clock_ghz or (float(field("cpu MHz")) / 1e3 if field("cpu MHz") else 0.0)
+    amd = "AMD" in model
+    if "avx512f" in flags:
+        per_cycle, why = (32, "AVX-512 on AMD: 512-bit FMAs on 256-bit units") if amd else (64, "AVX-512: two 512-bit FMA ports")
+    elif {"avx2", "fma"} <= flags:
+        per_cycle, why = 32, "AVX2 + FMA: two 256-bit FMA units (Haswell+, Zen 2+)"
+    elif "avx" in flags:
+        per_cycle, why = 16, "AVX without FMA"
+    else:
+        per_cycle, why = 8, "SSE"
+    peak = threads * clock * 1e9 * per_cycle
+    return peak, f"{model}: {threads} core(s) x {clock:.3f} GHz x {per_cycle} FP32 FLOP/cycle ({why}) = {peak / 1e9:.1f} GFLOP/s"
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeat: int = 10) -> float:
-    """FLOP/s of a square matmul (best of ``repeat``)."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(repeat + 1):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+def epoch_flops(args: argparse.Namespace) -> float:
+    """FLOPs of one epoch: counted on the float32 NCHW path for 2 steps and scaled (each step costs the same)."""
+    import dataclasses
 
+    from torch.utils.flop_counter import FlopCounterMode
 
-def epoch_flops(models, cfg, synth) -> int:
-    """FLOPs of one epoch, counted once on the plain float32 path (the same arithmetic either way)."""
+    from secure_oneshot.server.execution import Execution
+
+    cfg, models, synth = _setup(args)
     counter = FlopCounterMode(display=False)
     with counter:
-        one_epoch(models, cfg, synth, Execution(device="cpu", precision="fp32", channels_last=False, batched="off"))
-    return counter.get_total_flops()
+        one_epoch(models, cfg, dataclasses.replace(synth, steps=2),
+                  Execution(device="cpu", precision="fp32", channels_last=False, batched="off"))
+    return counter.get_total_flops() * args.steps / 2
+
+
+def measure(args: argparse.Namespace, version: str, pythonpath: str, worker_kind: str) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(args.threads)}
+    command = [sys.executable, str(HERE), "--worker", worker_kind, *_shared(args)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{version}: the worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _shared(args: argparse.Namespace) -> list[str]:
+    return ["--sites", str(args.sites), "--architecture", args.architecture, "--batch-size", str(args.batch_size),
+            "--steps", str(args.steps), "--image-size", str(args.image_size), "--device", args.device,
+            "--threads", str(args.threads)]
 
 
 def main() -> None:
@@ -96,35 +160,43 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--image-size", type=int, default=28)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; each version runs once per round (alternating)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--baseline", metavar="CHECKOUT", help="another checkout's root (its secure_oneshot package) to compare with")
+    parser.add_argument("--clock-ghz", type=float, help="the CPU clock for the peak (default /proc/cpuinfo's cpu MHz)")
+    parser.add_argument("--peak-gflops", type=float, help="the FP32 peak to compare with, instead of the CPU model's")
+    parser.add_argument("--worker", choices=("plain", "implementation"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    fast = Execution(device=args.device)
-    plain = Execution(device=args.device, precision="fp32", channels_last=False, batched="off")
-    device = fast.torch_device
-    cfg = ClassifierConfig(args.architecture, 1, 2)
-    models = sites(cfg, args.sites)
-    synth = InversionConfig(batch_size=args.batch_size, steps=args.steps, image_size=args.image_size, jitter=min(2, args.image_size - 1))
-    images = args.batch_size * args.steps  # inversion images per epoch (each also feeds one student step)
-    flops = epoch_flops(models, cfg, synth)
-    peak32, peak16 = matmul_peak(device, torch.float32), matmul_peak(device, torch.bfloat16)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch threads {torch.get_num_threads()}")
-    print(f"{args.sites} x {args.architecture} at {args.image_size} px, {args.batch_size} images x {args.steps} steps; "
-          f"{flops / 1e9:.1f} GFLOP per epoch")
-    print(f"matmul peak: float32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
-    results = {}
-    for name, execution in (("plain loop", plain), ("implementation", fast)):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = epoch_seconds(models, cfg, synth, execution, args.repeat)
-        results[name] = seconds
-        rate = flops / seconds
-        peak = peak16 if execution.use_bf16 else peak32
-        memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
-        print(f"{name:15s} {execution.describe()}: {seconds:.2f} s/epoch, {images / seconds:.0f} images/s, "
-              f"{rate / 1e9:.0f} GFLOP/s = {rate / peak:.2f} of the {'bf16' if execution.use_bf16 else 'float32'} matmul peak{memory}")
-    print(f"speed-up (implementation / plain loop): {results['plain loop'] / results['implementation']:.2f}x")
+    if args.worker:
+        worker(args)
+        return
+
+    versions = ([("baseline", str(Path(args.baseline).resolve()), "implementation"), ("this checkout", str(ROOT), "implementation")]
+                if args.baseline else [("plain loop", str(ROOT), "plain"), ("implementation", str(ROOT), "implementation")])
+    images = args.batch_size * args.steps   # inversion images per epoch (each also feeds one student step)
+    flops = epoch_flops(args)
+    if args.peak_gflops:
+        peak, assumption = args.peak_gflops * 1e9, f"given: {args.peak_gflops:.1f} GFLOP/s"
+    else:
+        peak, assumption = cpu_peak(args.threads, args.clock_ghz)
+    print(f"{args.sites} x {args.architecture} at {args.image_size} px, {args.batch_size} images x {args.steps} steps on "
+          f"{args.device}, {args.threads} thread(s); {flops / 1e9:.1f} GFLOP per epoch")
+    print(f"FP32 peak from the specification: {assumption}")
+    best: dict[str, dict[str, float]] = {}
+    for round_ in range(args.repeat):
+        for name, path, kind in versions:
+            got = measure(args, name, path, kind)
+            print(f"  round {round_ + 1} {name:14s} wall {got['wall']:6.2f} s  cpu {got['cpu']:6.2f} s  ({got['code']})", flush=True)
+            previous = best.get(name)
+            best[name] = {k: min(got[k], previous[k]) if previous else got[k] for k in ("wall", "cpu")}
+    for name, _, _ in versions:
+        wall, cpu = best[name]["wall"], best[name]["cpu"]
+        print(f"{name:14s} min wall {wall:.2f} s, min CPU {cpu:.2f} s per epoch: {images / cpu:.1f} images per CPU-second, "
+              f"{images / wall:.1f} images/s; {flops / cpu / 1e9:.1f} GFLOP per CPU-second = {flops / cpu / peak:.2f} of the FP32 peak")
+    (old, _, _), (new, _, _) = versions
+    print(f"images per CPU-second, {new} / {old}: {best[old]['cpu'] / best[new]['cpu']:.2f}x "
+          f"(wall: {best[old]['wall'] / best[new]['wall']:.2f}x)")
 
 
 if __name__ == "__main__":
