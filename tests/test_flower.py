@@ -320,3 +320,114 @@ def test_node_without_site_config_refuses_with_one_line(tmp_path):
     report = run_round(LoopbackGrid(nodes), server_context(study))
     assert report.counts() == {"accepted": 2, "refused": 1}
     assert next(r for r in report.results if r.node_id == 1001).reason.startswith("ConfigError: this node has no site-config")
+
+
+def test_flower_simulation_engine(tmp_path, monkeypatch):
+    """Flower's own simulation engine (Ray) with 3 virtual SuperNodes: their node config holds only partition-id,
+    so each virtual site reads site-<partition-id>.toml from the site-side folder named by the environment."""
+    pytest.importorskip("ray", reason="Flower's simulation engine needs Ray: pip install \"flwr[simulation]\"")
+    from flwr.simulation import run_simulation
+
+    from secure_oneshot.integrations.flower.client_app import app as client_app
+    from secure_oneshot.integrations.flower.server_app import SERVER_CONFIG_ENV
+    from secure_oneshot.integrations.flower.server_app import app as server_app
+
+    study = make_study(tmp_path, refusing="hospital-3")
+    sites = tmp_path / "simulation-sites"
+    sites.mkdir()
+    for i, name in enumerate(NAMES):
+        site = study.site_configs[name].parent   # relative paths in a settings file are relative to the file: make them absolute
+        text = study.site_configs[name].read_text().replace('"audit.jsonl"', f'"{site}/audit.jsonl"').replace('"outbox"', f'"{site}/outbox"')
+        (sites / f"site-{i}.toml").write_text(text)
+    monkeypatch.setenv(SIMULATION_SITES_ENV, str(sites))
+    monkeypatch.setenv(SERVER_CONFIG_ENV, str(study.server_config))
+    monkeypatch.setenv("RAY_DISABLE_USAGE_STATS", "1")
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}})
+    saved = study.report()
+    assert saved["counts"] == {"accepted": 2, "refused": 1}
+    assert all(r["request_id_bound"] for r in saved["results"] if r["status"] == "delivered")
+    for name in NAMES:
+        outcomes = [e.outcome for e in study.audit_events(name) if e.action == "export"]
+        assert outcomes == (["refused"] if name == "hospital-3" else ["ok"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate: Callable[[], bool], seconds: float, what: str, logs: list[Path]) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in logs if p.exists())
+            pytest.fail(f"{what} not within {seconds:.0f} s\n{tails}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_real_superlink_and_three_supernodes_on_loopback(tmp_path):
+    """A real deployment: a SuperLink and 3 SuperNodes as separate processes on loopback, each SuperNode with its
+    own node config, the app submitted with ``flwr run``; hospital-3's policy refuses.  Every process is stopped."""
+    import os
+    import shutil
+    import signal
+
+    for tool in ("flower-superlink", "flower-supernode", "flwr"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not on PATH")
+    study = make_study(tmp_path, refusing="hospital-3")
+    port = _free_port()
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    procs: list[subprocess.Popen] = []
+    logs: list[Path] = []
+
+    def start(name: str, *argv: str) -> None:
+        log = tmp_path / f"{name}.log"
+        logs.append(log)
+        with open(log, "wb") as out:
+            procs.append(subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                          start_new_session=True, stdin=subprocess.DEVNULL))
+
+    try:
+        # the app's code is the installed secure_oneshot: no per-run environment (Flower would try to install it with uv);
+        # a state file, not ":memory:" (Flower 1.42's in-memory SQLite state fails under concurrent pulls)
+        start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+              "--port", str(port), "--database", str(tmp_path / "superlink-state.db"))
+        _wait_for(lambda: b"Uvicorn running" in logs[0].read_bytes(), 120, "the SuperLink", logs)
+        for i, name in enumerate(NAMES):
+            start(name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+                  "--node-config", f"site-config='{study.site_configs[name]}'")
+        app = tmp_path / "app"
+        shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "flower", app)
+        submitted = subprocess.run(["flwr", "run", str(app), "loopback", "--run-config", f"server-config='{study.server_config}'"],
+                                   env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        report = tmp_path / "server" / REPORT_NAME
+        _wait_for(report.exists, 300, "the round report", logs)
+        saved = study.report()
+        assert saved["counts"] == {"accepted": 2, "refused": 1}
+        refused, = [r for r in saved["results"] if r["status"] == "refused"]
+        assert refused["reason"].startswith("PolicyViolationError: export refused by policy")
+        assert all(r["request_id_bound"] for r in saved["results"] if r["status"] == "delivered")
+        for log in logs:
+            assert "Traceback" not in log.read_text(errors="replace"), log.name
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)

@@ -10,6 +10,7 @@ with something that is not a bundle is reported and does not stop the round.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from pathlib import Path
@@ -23,9 +24,11 @@ from . import QUERY_ACTION
 from .server import NodeResult, RoundReport, ServerSettings, deliver, distill_accepted, ingest_round, load_server_settings, one_line, write_report
 from .wire import bundle_bytes, request_content
 
-__all__ = ["app", "run_round", "SERVER_CONFIG_KEY"]
+__all__ = ["app", "run_round", "SERVER_CONFIG_KEY", "SERVER_CONFIG_ENV"]
 
 SERVER_CONFIG_KEY = "server-config"
+SERVER_CONFIG_ENV = "SECURE_ONESHOT_FLOWER_SERVER"
+"""Where the run config has no ``server-config`` (Flower's ``run_simulation`` passes none): the server's settings file."""
 log = logging.getLogger(__name__)
 
 
@@ -74,7 +77,7 @@ def _collect(settings: ServerSettings, grid: Grid, nodes: list[int]) -> RoundRep
 
 def run_round(grid: Grid, context: Context) -> RoundReport:
     """The whole round (module docstring); returns the report it also writes to ``<server_dir>/flower-round.json``."""
-    named = context.run_config.get(SERVER_CONFIG_KEY)
+    named = context.run_config.get(SERVER_CONFIG_KEY) or os.environ.get(SERVER_CONFIG_ENV)
     if not isinstance(named, str) or not named:
         raise ConfigError(f"the run config has no {SERVER_CONFIG_KEY}", hint=f"flwr run ... --run-config \"{SERVER_CONFIG_KEY}='/path/flower-server.toml'\"")
     settings = load_server_settings(Path(named))
