@@ -277,6 +277,7 @@ def test_twice_garbage_and_offline_do_not_stop_the_round(tmp_path):
     assert len(by_status["accepted"]) == 1 and len(by_status["malformed"]) == 1 and len(by_status["no reply"]) == 1
     replay, = by_status["quarantined"]
     assert replay.node_id == 1000 and replay.ingest["error"] == "ReplayError"
+    assert replay.copy == 1 and replay.request_id == by_status["accepted"][0].request_id
     assert "not a bundle array" in by_status["malformed"][0].reason
 
 

@@ -93,6 +93,7 @@ class NodeResult:
     wire_bytes: int = 0          # the bundle's bytes as received
     ingest: dict[str, Any] = field(default_factory=dict)   # the BundleOutcome, when delivered
     request_id_bound: bool | None = None   # accepted bundles: does the signed manifest carry the id sent?
+    copy: int = 0                # 1, 2, ...: a further reply from the same node to the same request
 
 
 @dataclass
@@ -121,7 +122,7 @@ def one_line(text: str) -> str:
 def deliver(folders: IngestFolders, result: NodeResult, data: bytes) -> None:
     """Write one reply's bytes into the inbox, atomically, under a name built only from numbers the server chose."""
     folders.inbox.mkdir(parents=True, exist_ok=True)
-    name = f"flower-{result.node_id}-{result.request_id}.sob"
+    name = f"flower-{result.node_id}-{result.request_id}-{result.copy:03d}.sob"   # ingest takes them in this order
     atomic_write_bytes(folders.inbox / name, data)
     result.inbox_file, result.wire_bytes = name, len(data)
 

@@ -57,9 +57,10 @@ def _collect(settings: ServerSettings, grid: Grid, nodes: list[int]) -> RoundRep
         first = sent.get(str(node))
         if first is None:
             continue  # a reply from a node that was not asked
-        result = first if first.status == "no reply" else NodeResult(node, first.request_id, "no reply")
-        if result is not first:
-            extra.append(result)  # a second answer: delivered too, so that the replay ledger judges it
+        result = first
+        if first.status != "no reply":  # a further answer: delivered too, so that the replay ledger judges it
+            result = NodeResult(node, first.request_id, "no reply", copy=1 + sum(r.node_id == node for r in extra))
+            extra.append(result)
         if reply.has_error():
             result.status, result.reason = "refused", one_line(reply.error.reason or f"error code {reply.error.code}")
             continue
@@ -69,8 +70,6 @@ def _collect(settings: ServerSettings, grid: Grid, nodes: list[int]) -> RoundRep
             result.status, result.reason = "malformed", one_line(str(e))
             continue
         result.status, result.reason = "delivered", ""
-        if result is not first:
-            result.request_id = f"{first.request_id}-{len(extra)}"  # a distinct inbox name for the second copy
         deliver(folders, result, data)
     return RoundReport(settings.nodes, len(nodes), [*sent.values(), *extra])
 
