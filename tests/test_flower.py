@@ -432,3 +432,16 @@ def test_real_superlink_and_three_supernodes_on_loopback(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_round_can_distil_the_accepted_bundles(tmp_path):
+    """``distill = true``: after ingest the same ``run_distillation`` as ``secure-oneshot distill`` runs on accepted/
+    (about a minute on 2 CPU cores, mostly synthesis, whatever the epochs)."""
+    study = make_study(tmp_path, refusing="hospital-2")
+    with open(study.server_config, "a") as f:
+        f.write('distill = true\ndistill_preset = "smoke"\ndistill_epochs = 1\n')
+    report = run_round(LoopbackGrid(node_configs(study)), server_context(study))
+    assert report.counts() == {"accepted": 2, "refused": 1}
+    assert report.distilled and (Path(report.distilled) / "global.safetensors").is_file()
+    assert study.report()["distilled"] == report.distilled

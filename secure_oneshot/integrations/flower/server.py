@@ -46,6 +46,7 @@ class ServerSettings:
     passphrase_env: str = ""
     distill: bool = False
     distill_preset: str = "cpu"
+    distill_epochs: int | None = None   # None: the preset's
 
     def identity(self) -> Identity:
         passphrase = None
@@ -76,7 +77,7 @@ def load_server_settings(path: Path) -> ServerSettings:
         ingest_policy=where(t.get("ingest_policy", "string")), nodes=t.get("nodes", "integer", 1, positive),
         wait_seconds=float(t.get("wait_seconds", "number", 60.0, positive)), reply_seconds=float(t.get("reply_seconds", "number", 600.0, positive)),
         passphrase_env=t.get("passphrase_env", "string", ""), distill=t.get("distill", "boolean", False),
-        distill_preset=t.get("distill_preset", "string", "cpu"),
+        distill_preset=t.get("distill_preset", "string", "cpu"), distill_epochs=t.get("distill_epochs", "integer", None, positive),
     )
     t.finish()
     problems.raise_if_any()
@@ -160,5 +161,5 @@ def distill_accepted(settings: ServerSettings, identity: Identity) -> str:
     folders = IngestFolders.under(settings.server_dir)
     sites = load_accepted(folders, identity, load_trust_store(settings.trust))
     out = Path(settings.server_dir) / "global"
-    run_distillation(sites, out, DistillJob(preset=settings.distill_preset), audit_to=(folders.audit_log, identity))
+    run_distillation(sites, out, DistillJob(preset=settings.distill_preset, epochs=settings.distill_epochs), audit_to=(folders.audit_log, identity))
     return str(out)
