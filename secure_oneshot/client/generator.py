@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -210,7 +211,9 @@ def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     errors = ModuleValidator.validate(model, strict=False)
     if errors:  # a config change introduced a layer Opacus cannot clip per sample
         raise PrivacyError(f"Opacus cannot train this generator with DP: {errors}", hint="use a preset without such layers")
-    engine = PrivacyEngine(accountant=train.accountant)
+    with warnings.catch_warnings():  # "Secure RNG turned off": the README's DP paragraph says it once
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=train.accountant)
     try:
         model, optimizer, loader = engine.make_private_with_epsilon(
             module=model, optimizer=optimizer, data_loader=loader, target_epsilon=train.dp_epsilon,

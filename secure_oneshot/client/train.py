@@ -178,7 +178,9 @@ def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     """Opacus: validate and fix (BatchNorm -> GroupNorm) first, then DP-SGD with Poisson sampling at a stated budget."""
     from opacus import PrivacyEngine
 
-    engine = PrivacyEngine(accountant=cfg.accountant)
+    with warnings.catch_warnings():  # "Secure RNG turned off": said once, in the README's DP paragraph, not per site
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=cfg.accountant)
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     wrapped = engine.make_private_with_epsilon(
         module=model, optimizer=optimizer, data_loader=loader, target_epsilon=cfg.dp_epsilon, target_delta=cfg.dp_delta,
