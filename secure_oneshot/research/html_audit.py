@@ -8,13 +8,12 @@ only, so that reading an audit log never loads numpy or torch.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .html_report import Markup, banner, definition_list, image, page, paragraph, section, table, write_page
+from .html_report import Markup, banner, number, definition_list, image, page, paragraph, section, table, write_page
 
 __all__ = ["privacy_audit_html", "write_privacy_audit", "LogStatus", "audit_log_html", "write_audit_log", "attack_verdict"]
 
@@ -22,13 +21,6 @@ WEAK_AUC, CLEAR_AUC = 0.55, 0.6
 """Attack AUC bands for the plain-words verdict: below WEAK_AUC close to guessing, from CLEAR_AUC a clear signal."""
 DETAIL_CHARS = 300
 
-
-def _num(value: Any, digits: int = 3) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return "-" if math.isnan(number) else f"{number:.{digits}f}"
 
 
 def attack_verdict(auc: float) -> tuple[str, str]:
@@ -66,8 +58,8 @@ def privacy_audit_html(report: dict[str, Any], pairs_png: Path | None = None) ->
         ("accountant epsilon (classifier)", "none (no DP)" if eps is None else f"{float(eps):.3g}"), ("delta", delta if delta is not None else "-"),
         ("members (training images tested)", report.get("members", "?")), ("non-members (never trained on)", report.get("non_members", "?")),
         ("protocol", report.get("protocol", "-"))])))
-    rows = [(f"{target}: {a.get('name', '?')}", _num(a.get("auc")), _num(a.get("tpr_at_1pct_fpr")), _num(a.get("tpr_at_01pct_fpr")),
-             _num(a.get("epsilon_lower_bound"), 2)) for target, a in attacks]
+    rows = [(f"{target}: {a.get('name', '?')}", number(a.get("auc")), number(a.get("tpr_at_1pct_fpr")), number(a.get("tpr_at_01pct_fpr")),
+             number(a.get("epsilon_lower_bound"), 2)) for target, a in attacks]
     parts.append(section("Membership inference", table(
         "Membership-inference attacks against the released model(s)",
         ["target and attack", "AUC", "TPR at 1% FPR", "TPR at 0.1% FPR", "empirical epsilon >="], rows, numeric=(1, 2, 3, 4), cls="main"),
@@ -78,7 +70,7 @@ def privacy_audit_html(report: dict[str, Any], pairs_png: Path | None = None) ->
     if generator and generator.get("lira_skipped"):
         parts.append(paragraph(f"Generator LiRA not run: {generator['lira_skipped']}.", cls="note"))
     if report.get("inversion"):
-        inv = [(r.get("prior", "?"), r.get("images", "?"), _num(r.get("median_train_distance")), _num(r.get("median_ratio_train_to_unseen"), 2),
+        inv = [(r.get("prior", "?"), r.get("images", "?"), number(r.get("median_train_distance")), number(r.get("median_ratio_train_to_unseen"), 2),
                 r.get("near_copies", "?")) for r in report["inversion"]]
         parts.append(section("Model inversion by the server", table(
             "Reconstructions by model inversion compared with the site's training images",
@@ -91,7 +83,7 @@ def privacy_audit_html(report: dict[str, Any], pairs_png: Path | None = None) ->
         gen_parts: list[object] = [paragraph(
             f"{m.get('near_copies', '?')} of {m.get('images', '?')} generator samples are near-copies of a training image "
             f"(distance below {m.get('copy_distance', '?')} and ratio below {m.get('ratio', '?')}); median distance "
-            f"{_num(m.get('median_train_distance'))}, median ratio to unseen images {_num(m.get('median_ratio'), 2)}.")]
+            f"{number(m.get('median_train_distance'))}, median ratio to unseen images {number(m.get('median_ratio'), 2)}.")]
         if pairs_png is not None and Path(pairs_png).is_file():
             gen_parts.append(image(Path(pairs_png), "Pairs of images: each generator sample beside its nearest training image",
                                    "Generator samples (left of each pair) beside their nearest training images."))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -34,6 +35,15 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'n
 
 class Markup(str):
     """HTML built by this module: inserted without escaping.  Any other ``str`` is escaped."""
+
+
+def number(value: object, digits: int = 3) -> str:
+    """A metric as text: ``digits`` decimals, ``-`` for a missing, non-numeric or NaN value."""
+    try:
+        value = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def esc(value: object) -> Markup:

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .html_report import Markup, banner, definition_list, image, page, paragraph, section, table, write_page
+from .html_report import Markup, banner, number, definition_list, image, page, paragraph, section, table, write_page
 
 __all__ = ["demo_report_html", "write_demo_report", "study_report_html", "write_study_report", "plot_alt_text"]
 
@@ -27,13 +27,6 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _num(value: Any, digits: int = 3) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return "-" if math.isnan(number) else f"{number:.{digits}f}"
-
 
 def _yes(value: Any) -> str:
     return {True: "yes", False: "no"}.get(value, "unknown")
@@ -43,7 +36,7 @@ def _yes(value: Any) -> str:
 
 
 def _metrics_table(metrics: dict[str, dict[str, float]], caption: str) -> Markup:
-    rows = [(name, _num(m.get("acc")), _num(m.get("auc")), _num(m.get("balanced_acc"))) for name, m in metrics.items()]
+    rows = [(name, number(m.get("acc")), number(m.get("auc")), number(m.get("balanced_acc"))) for name, m in metrics.items()]
     return table(caption, ["model", "ACC", "AUC", "balanced ACC"], rows, numeric=(1, 2, 3), cls="main")
 
 
