@@ -113,11 +113,18 @@ def one_torch_thread():
 
 @pytest.fixture(autouse=True, scope="session")
 def private_calibration_cache(tmp_path_factory):
-    """Distillations measure precision and layout and cache the choice: in a folder of this test session, not ~/.cache."""
-    previous = os.environ.get("SECURE_ONESHOT_CACHE")
+    """Distillations measure precision and layout and cache the choice: in a folder of this test session, not ~/.cache.
+
+    And they do not measure at all (``SECURE_ONESHOT_CALIBRATE=off``): a measured choice can flip between layouts
+    of near-equal speed with the machine's load, and the real-data tests must compute the same numbers on every
+    run.  ``tests/test_calibration.py`` switches it back on where it tests the measured path.
+    """
+    saved = {name: os.environ.get(name) for name in ("SECURE_ONESHOT_CACHE", "SECURE_ONESHOT_CALIBRATE")}
     os.environ["SECURE_ONESHOT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["SECURE_ONESHOT_CALIBRATE"] = "off"
     yield
-    if previous is None:
-        os.environ.pop("SECURE_ONESHOT_CACHE", None)
-    else:
-        os.environ["SECURE_ONESHOT_CACHE"] = previous
+    for name, previous in saved.items():
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous

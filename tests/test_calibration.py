@@ -170,3 +170,21 @@ def test_a_probe_screens_out_an_option_without_running_it_at_full_size():
     assert timings["bf16 NCHW"] == pytest.approx(TIMINGS["bf16 NCHW"])
     assert full.calls.count("fp32 channels_last") == 3   # close to the best: measured at full size
     assert min(timings, key=timings.__getitem__) == "fp32 NCHW"
+
+
+def test_a_distillation_measures_unless_switched_off_and_reports_the_choice(tmp_path, monkeypatch):
+    from secure_oneshot.models.classifier import ClassifierConfig
+    from secure_oneshot.server.calibration import CALIBRATE_ENV
+    from secure_oneshot.server.study import DistillJob, SiteModel, run_distillation
+
+    cfg = ClassifierConfig("small-cnn", 1, 2, "batch")
+    sites = [SiteModel(f"hospital-{i}", site(i), cfg) for i in range(2)]
+    monkeypatch.setattr(calibration, "measure", lambda options, timer, budget, **_: {
+        calibration._name(o): (0.1 if not o.channels_last else 0.2) for o in options})
+    monkeypatch.delenv(CALIBRATE_ENV, raising=False)
+    measured = run_distillation(sites, tmp_path / "on", DistillJob(preset="smoke", execution=Execution(precision="fp32")))
+    assert measured.report["execution"]["calibration"]["choice"] == "fp32 NCHW"
+    assert measured.report["execution"]["channels_last"] is False
+    monkeypatch.setenv(CALIBRATE_ENV, "off")
+    fixed = run_distillation(sites, tmp_path / "off", DistillJob(preset="smoke", execution=Execution(precision="fp32")))
+    assert fixed.report["execution"].get("calibration") is None and fixed.report["execution"]["channels_last"] is True
