@@ -78,8 +78,8 @@ class SiteModel:
     generator: SiteGenerator | None = None
     bundle_id: str = ""
     label_counts: torch.Tensor | None = None  # (classes,) DP-noised class counts the site released, if any
-    privacy_statement: dict[str, Any] | None = None  # the bundle's signed statement (policy.privacy_statement), if any
     multi_label: bool = False                 # one sigmoid output per label (the record's classifier "task")
+    privacy_statement: dict[str, Any] | None = None  # the bundle's signed statement (policy.privacy_statement), if any
 
 
 def _classifier_config(meta: dict[str, Any], name: str = "") -> ClassifierConfig:
@@ -165,7 +165,7 @@ def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     use_batch_statistics(model, missing)
     stats = {k.removeprefix("feature_stats/"): v for k, v in tensors.items() if k.startswith("feature_stats/")} or None
     return SiteModel(name, model.eval(), cfg, stats, _site_generator(name, tensors, generator_meta or {}), bundle_id,
-                     _label_counts(name, tensors, cfg.num_classes), meta.get("task") == "multi-label")
+                     _label_counts(name, tensors, cfg.num_classes), multi_label=meta.get("task") == "multi-label")
 
 
 def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: TrustStore, policy: IngestPolicy | None = None) -> list[SiteModel]:
