@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..._internal.atomic import atomic_write_bytes
-from ..._internal.strict_toml import Problems, Table, positive
+from ..._internal.strict_toml import positive
 from ..._internal.termsafe import printable
 from ...errors import ConfigError
 from ...keys import Identity, load_identity, load_trust_store
 from ...keys.keyfile import UnsafePlaintextKeyWarning
 from ...policy.load import load_ingest_policy
 from ...server.ingest import IngestFolders, ingest_inbox
+from .site import read_settings
 
 __all__ = ["ServerSettings", "load_server_settings", "NodeResult", "RoundReport", "deliver", "ingest_round", "REPORT_NAME"]
 
@@ -62,15 +62,7 @@ class ServerSettings:
 
 def load_server_settings(path: Path) -> ServerSettings:
     """Read the server settings strictly (unknown keys are errors); relative paths are relative to the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text)
-    except OSError as e:
-        raise ConfigError(f"cannot read the server settings {path}: {e.strerror}", hint="check the run config's server-config") from e
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from e
-    problems = Problems(str(path), text)
-    t = Table(data, "", problems)
+    t, problems = read_settings(path, "server settings", "check the run config's server-config")
     where = lambda v: path.parent / (v or "")  # noqa: E731
     settings = ServerSettings(
         server_dir=where(t.get("server_dir", "string")), key=where(t.get("key", "string")), trust=where(t.get("trust", "string")),

@@ -55,17 +55,26 @@ class SiteSettings:
     min_approvals: int = 0
 
 
-def load_site_settings(path: Path) -> SiteSettings:
-    """Read a site settings file strictly (unknown keys are errors); relative paths are relative to the file."""
+
+def read_settings(path: Path, what: str, hint: str) -> tuple[Table, Problems]:
+    """The top-level table of the TOML settings file ``path``, for strict reading (unknown keys become problems).
+
+    Raises:
+        ConfigError: the file cannot be read, or is not UTF-8 TOML (naming ``what`` and ``path``).
+    """
     try:
         text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text)
     except OSError as e:
-        raise ConfigError(f"cannot read the site settings {path}: {e.strerror}", hint="check the node config's site-config") from e
+        raise ConfigError(f"cannot read the {what} {path}: {e.strerror}", hint=hint) from e
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from e
     problems = Problems(str(path), text)
-    t = Table(data, "", problems)
+    return Table(data, "", problems), problems
+
+def load_site_settings(path: Path) -> SiteSettings:
+    """Read a site settings file strictly (unknown keys are errors); relative paths are relative to the file."""
+    t, problems = read_settings(path, "site settings", "check the node config's site-config")
     base = path.parent
 
     def where(value: str | None) -> Path:
@@ -79,7 +88,7 @@ def load_site_settings(path: Path) -> SiteSettings:
         min_approvals=t.get("min_approvals", "integer", 0),
     )
     t.finish()
-    if not settings.recipients and "recipients" in data:
+    if not settings.recipients and "recipients" in t.data:
         problems.add("recipients", "must name at least one recipient public key")
     problems.raise_if_any()
     return settings
