@@ -443,25 +443,38 @@ def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> f
     return float(accountant.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
 
 
-def _prv_cells(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    """Discretisation points x entries the PRV accountant would allocate (Opacus 1.6 ``_get_domain``)."""
-    analysis = prv_analysis()
-    delta_error = delta * PRV_DELTA_ERROR_RATIO
-    steps = [n for _, _, n in history]
-    prvs = [analysis.PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history]
-    half_width = analysis.compute_safe_domain_size(prvs, steps, eps_error=PRV_EPS_ERROR, delta_error=delta_error)
-    mesh = PRV_EPS_ERROR / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
-    return (2 * half_width / mesh) * len(history)
-
-
 def _prv_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    cells = _prv_cells(history, delta)
+    """Opacus's PRV upper bound, refused before any allocation when the discretisation would exceed the cell cap.
+
+    The cap needs the discretisation domain first, and Opacus's ``get_epsilon`` computes
+    that domain again (an RDP evaluation per history entry, the larger half of the work
+    for a short history).  The accountant computes it once, with Opacus's own
+    ``_get_domain``; ``get_epsilon`` then receives that very domain when it asks with
+    the same arguments, and computes a new one for anything else.
+    """
+    delta_error = delta * PRV_DELTA_ERROR_RATIO
+    accountant = accountant_class("prv")()
+    accountant.history = list(history)
+    analysis = prv_analysis()
+    steps = [n for _, _, n in history]
+    arguments = {"prvs": [analysis.PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history],
+                 "num_self_compositions": steps, "eps_error": PRV_EPS_ERROR, "delta_error": delta_error}
+    compute_domain = accountant._get_domain
+    domain = compute_domain(**arguments)
+    cells = domain.size * len(history)   # discretisation points x entries: the float64 arrays Opacus allocates
     if not cells <= MAX_PRV_CELLS:
         raise PrivacyError(f"the PRV accountant would need {cells:.3g} cells (limit {MAX_PRV_CELLS}) for this history "
                            "(noise too small or training too long)", hint="recompute with the 'rdp' accountant")
-    accountant = accountant_class("prv")()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta, eps_error=PRV_EPS_ERROR, delta_error=delta * PRV_DELTA_ERROR_RATIO))
+    pairs = [(p.noise_multiplier, p.sample_rate) for p in arguments["prvs"]]
+
+    def same_domain(*, prvs: Any, num_self_compositions: Any, eps_error: float, delta_error: float) -> Any:
+        asked = ([(p.noise_multiplier, p.sample_rate) for p in prvs], list(num_self_compositions), eps_error, delta_error)
+        if asked == (pairs, steps, PRV_EPS_ERROR, arguments["delta_error"]):
+            return domain
+        return compute_domain(prvs=prvs, num_self_compositions=num_self_compositions, eps_error=eps_error, delta_error=delta_error)
+
+    accountant._get_domain = same_domain
+    return float(accountant.get_epsilon(delta, eps_error=PRV_EPS_ERROR, delta_error=delta_error))
 
 
 def compute_epsilon(accountant: str, history: Iterable[Sequence[Any]], delta: float) -> float:

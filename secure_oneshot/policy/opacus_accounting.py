@@ -23,15 +23,28 @@ checks that epsilons equal, bit for bit, those of ``opacus.accountants``
 imported normally.
 
 What this still imports: NumPy and SciPy (``scipy.special`` for RDP; also
-``scipy.integrate``, ``scipy.fft`` and ``scipy.signal`` for PRV), which Opacus's
-analysis itself imports.  Nothing is registered under the ``opacus`` name, so a
-later ``import opacus`` (training) gets the real package.
+``scipy.integrate`` and ``scipy.fft`` for PRV), which Opacus's analysis itself
+imports.  One import is deferred: ``analysis/prv/compose.py`` imports
+``scipy.signal`` for ``convolve`` alone, which only a history of two or more
+distinct (noise multiplier, sample rate) pairs calls, and importing
+``scipy.signal`` costs more CPU than the rest of SciPy's PRV needs together
+(it pulls in ``scipy.stats``, ``interpolate``, ``optimize``).  The loaded
+modules see ``scipy.signal.convolve`` as a forwarder that imports the real
+``scipy.signal`` on its first call and passes its arguments through unchanged
+(:data:`DEFERRED_IMPORTS`), so the numerics are SciPy's own.  The deferral lives
+in the loaded modules' own ``__builtins__`` (their ``__import__``); nothing is
+registered under ``scipy`` or changed for any other module.
+
+Nothing is registered under the ``opacus`` name, so a later ``import opacus``
+(training) gets the real package.
 """
 
 from __future__ import annotations
 
 import abc
+import builtins
 import importlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
@@ -42,10 +55,13 @@ from typing import Any
 
 from ..errors import PrivacyError
 
-__all__ = ["PACKAGE", "accountant_class", "prv_analysis"]
+__all__ = ["PACKAGE", "DEFERRED_IMPORTS", "accountant_class", "prv_analysis"]
 
 PACKAGE = "_secure_oneshot_opacus_accountants"
 """The private package name Opacus's ``accountants`` directory is loaded under."""
+
+DEFERRED_IMPORTS: dict[str, frozenset[str]] = {"scipy.signal": frozenset({"convolve"})}
+"""Module -> functions that Opacus's accounting files import by name but that are imported on first call."""
 
 _LOCK = threading.Lock()
 _INSTALL_HINT = "install the project's dependencies (pip install opacus) on the machine that checks DP claims"
@@ -60,6 +76,53 @@ class IAccountant(abc.ABC):
 
     def __init__(self) -> None:
         self.history: list[tuple[float, float, int]] = []
+
+
+class _DeferredFunction:
+    """Stands for ``module.name``: imports ``module`` on the first call and calls the real function."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._module, self._name = module, name
+        self._function: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._function is None:
+            self._function = getattr(importlib.import_module(self._module), self._name)
+        return self._function(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<deferred {self._module}.{self._name}>"
+
+
+def _deferring_import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
+    """``__import__`` of the loaded accounting modules: ``from M import f`` of a deferred ``M.f`` imports nothing yet."""
+    deferred = DEFERRED_IMPORTS.get(name) if level == 0 else None
+    if deferred is not None and fromlist and set(fromlist) <= deferred:
+        return types.SimpleNamespace(**{f: _DeferredFunction(name, f) for f in fromlist})
+    return builtins.__import__(name, globals, locals, fromlist, level)
+
+
+_BUILTINS = {**builtins.__dict__, "__import__": _deferring_import}
+
+
+class _AccountingLoader(importlib.machinery.SourceFileLoader):
+    """Opacus's source file, run with :data:`_BUILTINS` as its builtins (the deferring ``__import__``)."""
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__dict__["__builtins__"] = _BUILTINS
+        super().exec_module(module)
+
+
+class _AccountingFinder(importlib.abc.MetaPathFinder):
+    """Finds the private package's submodules in Opacus's directory, with :class:`_AccountingLoader`."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.startswith(PACKAGE + "."):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and type(spec.loader) is importlib.machinery.SourceFileLoader:
+            spec.loader = _AccountingLoader(spec.loader.name, spec.loader.path)
+        return spec
 
 
 def _opacus_root() -> Path:
@@ -91,6 +154,8 @@ def _package() -> types.ModuleType:
         base.IAccountant = IAccountant  # type: ignore[attr-defined]
         sys.modules[f"{PACKAGE}.accountant"] = base   # before any accountant module runs `from .accountant import`
         sys.modules[PACKAGE] = package
+        if not any(isinstance(finder, _AccountingFinder) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _AccountingFinder())   # answers for PACKAGE's submodules only
         return package
 
 
