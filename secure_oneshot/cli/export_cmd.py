@@ -1,28 +1,36 @@
-"""``secure-oneshot export`` (site) and ``secure-oneshot ingest`` (server)."""
+"""``secure-oneshot export`` (site) and ``secure-oneshot ingest`` (server).
+
+Each command imports its own side's module when it runs (the site's export
+pipeline is not loaded to ingest, nor the server's ingest to export).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..bundle.recipients import check_recipients
 from .._internal.termsafe import printable, shorten
-from ..client.export import ExportRequest, export_model
 from ..errors import QuarantinedBundlesError
 from ..keys import format_key_id, load_public, load_trust_store
 from ..policy.explain import decision_table, evaluation_json, metadata_table
 from ..policy.load import load_ingest_policy
 from ..policy.model import ARTIFACTS
 from ..policy.privacy_statement import summary_lines
-from ..server.ingest import BundleOutcome, IngestFolders, ingest_inbox
 from .keys_cmd import add_trust_option, trust_path
 from .output import Result, byte_size
 from .secrets import add_passphrase_option, load_private_identity
+
+if TYPE_CHECKING:
+    from ..server.ingest import BundleOutcome
 
 __all__ = ["register"]
 
 
 def _export(args: argparse.Namespace) -> Result:
+    from ..client.export import ExportRequest, export_model
+
     sender = load_private_identity(args.key, args.passphrase_env)
     recipients = check_recipients([load_public(p) for p in args.to])  # refused before the model is read
     request = ExportRequest(
@@ -73,6 +81,8 @@ def _ingest_line(o: BundleOutcome) -> str:
 
 
 def _ingest(args: argparse.Namespace) -> Result:
+    from ..server.ingest import IngestFolders, ingest_inbox
+
     identity = load_private_identity(args.key, args.passphrase_env)
     policy = load_ingest_policy(args.policy)
     folders = IngestFolders.under(Path(args.server_dir), Path(args.inbox) if args.inbox else None)
