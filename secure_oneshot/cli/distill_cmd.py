@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._internal.threads import add_threads_option, apply_threads, prefer_passive_openmp
 
@@ -17,6 +19,11 @@ from ..server.sources import METHODS, SynthesisMethod  # noqa: E402
 from ..server.study import PRESETS, DistillJob  # noqa: E402
 from ..server.weighting import WEIGHTINGS  # noqa: E402
 from .output import Result  # noqa: E402
+
+if TYPE_CHECKING:
+    from ..keys import Identity
+    from ..server.distributed import Distributed
+    from ..server.study import SiteModel
 
 __all__ = ["register", "PRESET_HELP"]
 
@@ -53,22 +60,60 @@ def _sites(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _distill(args: argparse.Namespace) -> Result:
+    from ..server.distributed import Distributed
+
+    apply_threads(args.threads)
+    dist = Distributed.from_env(args.ddp_mode)   # torchrun's environment; a world of one otherwise
+    out = _run_folder(args)
+    sites, audit_to = _sites(args)
+    execution = _execution(args)
+    if dist.active:
+        execution = dataclasses.replace(execution, device=dist.device(args.device))
+        dist.start(execution.torch_device)
+    try:
+        return _distill_job(args, dist, out, sites, audit_to, execution)
+    finally:
+        dist.stop()
+
+
+def _run_folder(args: argparse.Namespace) -> Path:
+    """``--out`` (default SERVER_DIR/global, or ./global); ``--resume RUN_DIR`` names it too, and must agree."""
+    out = Path(args.out) if args.out else (Path(args.server_dir) / "global" if args.server_dir else Path("global"))
+    if args.resume:   # "" (no folder given): the --out folder
+        if args.out and Path(args.resume).resolve() != out.resolve():
+            raise ConfigError(f"--resume {args.resume} and --out {args.out} name different run folders", hint="give one of them")
+        out = Path(args.resume)
+        if not out.is_dir():
+            raise ConfigError(f"no run folder {out} to resume", hint="give the --out folder of the run to continue")
+    return out
+
+
+class _SilentResult(Result):
+    """A result that prints nothing: under torchrun only rank 0 speaks (one report, one JSON object on stdout)."""
+
+    def print(self, as_json: bool) -> None:
+        pass
+
+
+def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: list[SiteModel],
+                 audit_to: tuple[Path, Identity] | None, execution: Execution) -> Result:
     from ..data import load_medmnist, to_dataset
     from ..server.study import run_distillation
 
-    apply_threads(args.threads)
-    sites, audit_to = _sites(args)
-    execution = _execution(args)
     preset = args.preset if args.preset != "auto" else ("gpu" if execution.torch_device.type == "cuda" else "cpu")
     job = DistillJob(preset=preset, student_arch=args.student, execution=execution, seed=args.seed, epochs=args.epochs,
                      noise_adapted=args.noise_adapted, image_size=args.image_size, teacher_weighting=args.teacher_weighting,
                      method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps),
                      imagenet_weights=args.imagenet_weights or "")
-    test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval else None
-    out = Path(args.out) if args.out else (Path(args.server_dir) / "global" if args.server_dir else Path("global"))
-    _say(f"distilling from {len(sites)} site models ({', '.join(s.name for s in sites)}): preset {preset}, "
-         f"synthesis {args.synthesis}, {execution.describe()}")
-    run = run_distillation(sites, out, job, test_set=test, progress=not args.json, audit_to=audit_to)
+    test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval and dist.is_main else None
+    if dist.is_main:
+        _say(f"distilling from {len(sites)} site models ({', '.join(s.name for s in sites)}): preset {preset}, "
+             f"synthesis {args.synthesis}, {execution.describe()}"
+             + (f", {dist.world_size} ranks ({dist.mode})" if dist.active else ""))
+    run = run_distillation(sites, out, job, test_set=test, progress=not args.json, audit_to=audit_to if dist.is_main else None,
+                           resume=args.resume is not None, distributed=dist)
+    if not dist.is_main:
+        return _SilentResult({"rank": dist.rank})   # rank 0 reports (and wrote everything)
     lines = [f"global model -> {run.outputs['global.safetensors']} (sha256 {run.report['global_sha256'][:16]}...)"]
     if run.metrics:
         from ..demo import metrics_table
@@ -148,6 +193,12 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                               "dict saved as safetensors; required by paper above 128 px). Nothing is downloaded at run time: "
                               "make the file once on a machine with internet access (README, \"224 px\")")
     distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
+                         help="continue the run in RUN_DIR (default: the --out folder) from its newest complete checkpoint "
+                              "(none yet: from the start); the same options and site models are required (fingerprint)")
+    distill.add_argument("--ddp-mode", choices=("faithful", "throughput"), default="faithful",
+                         help="under torchrun: faithful splits the method's batch over the ranks (same global batch and "
+                              "schedule), throughput gives every rank the full batch (README, \"several GPUs\")")
     _add_execution_options(distill)
     add_trust_option(distill)
     add_passphrase_option(distill)

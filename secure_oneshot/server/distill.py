@@ -49,7 +49,16 @@ per-label probabilities, and ``KD`` is the per-label binary KL between
 The returned student is the **last** epoch's: no model selection on a test set
 (the authors select on the test set).  ``eval_set`` only reports metrics.
 
-What this module does not do: load bundles, save checkpoints, or choose data.
+Checkpoints (:class:`TrainingState`): ``resume`` may restore the state of an
+earlier run before the first epoch (and say from which epoch to go on), and
+``on_epoch_end`` sees the state after every epoch, on every process of a
+distributed run; :mod:`~secure_oneshot.server.checkpoint` saves and restores it.
+Everything else an epoch depends on is recomputed from the seeds: each epoch's
+synthesis is seeded by the run seed and the epoch, the teachers never change
+(except the noise-adapted teacher's BatchNorm statistics, which are part of the
+state).
+
+What this module does not do: load bundles, write files, or choose data.
 """
 
 from __future__ import annotations
@@ -74,8 +83,8 @@ from .execution import Execution
 from .sources import SiteGenerator, Snapshot, SnapshotSource, SynthesisMethod
 from .synthesis import FeatureStats, InversionConfig, binary_kl
 
-__all__ = ["NOISE_ADAPTED", "DistillConfig", "DistillResult", "distill", "kd_loss", "per_image_kd", "learning_rate", "recalibrate_bn",
-           "student_norm"]
+__all__ = ["NOISE_ADAPTED", "DistillConfig", "DistillResult", "TrainingState", "distill", "kd_loss", "per_image_kd", "learning_rate",
+           "recalibrate_bn", "student_norm"]
 
 NOISE_ADAPTED = ("train-mode", "eval", "none")
 
@@ -126,6 +135,22 @@ class DistillResult:
 
     student: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainingState:
+    """What an epoch boundary leaves behind: with the seeds, enough to continue the run exactly.
+
+    ``epochs_done`` epochs are finished; ``last_images`` is the last epoch's last (most realistic) synthetic batch
+    of this process (``None`` before the first epoch).
+    """
+
+    epochs_done: int
+    history: list[dict[str, float]]
+    student: nn.Module
+    optimizer: torch.optim.Optimizer
+    adapted: Ensemble | None
+    last_images: Tensor | None = None
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
@@ -278,7 +303,9 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
             on_epoch: Callable[[dict[str, float]], None] | None = None,
             feature_stats: Sequence[FeatureStats | None] | None = None, adversarial: bool = False,
             allow_ce_only: bool = False, method: SynthesisMethod | None = None,
-            generators: Sequence[SiteGenerator] = (), teacher_weights: Tensor | None = None) -> DistillResult:
+            generators: Sequence[SiteGenerator] = (), teacher_weights: Tensor | None = None,
+            resume: Callable[[TrainingState], None] | None = None, on_epoch_end: Callable[[TrainingState], None] | None = None,
+            wrap_student: Callable[[nn.Module], nn.Module] | None = None) -> DistillResult:
     """Train ``student`` (in place) from the site models alone, FedISCA style.
 
     Args:
@@ -296,6 +323,11 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
         generators: the sites' released generators (for ``generator`` and ``mixed``).
         teacher_weights: ``(sites, classes)`` per-class site weights for the teacher, the noise-adapted teacher
             and so the inversion (:class:`Ensemble`); ``None``: the plain mean of logits (the published method).
+        resume: called once before the first epoch with the fresh :class:`TrainingState`; it may load an earlier
+            run's state into it (``epochs_done`` epochs are then skipped).
+        on_epoch_end: called with the :class:`TrainingState` after each epoch (before ``on_epoch``).
+        wrap_student: wraps the student for its training steps (e.g. ``DistributedDataParallel``); the student
+            itself is what synthesis, recalibration, evaluation and the state see.
 
     Returns:
         :class:`DistillResult` with the last epoch's student and the per-epoch history.
@@ -319,12 +351,16 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
     teacher = execution.prepare(Ensemble(site_models, batched=batched, weights=teacher_weights, multi_label=multi_label))
     adapted = _adapted_teacher(site_models, cfg, execution, teacher_weights, multi_label)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    # The compiled module shares the student's parameters: only the training step runs through it.
-    train_forward = torch.compile(student) if execution.compile else student
+    # The wrapped and compiled modules share the student's parameters: only the training step runs through them.
+    train_forward = wrap_student(student) if wrap_student is not None else student
+    train_forward = torch.compile(train_forward) if execution.compile else train_forward
     source = SnapshotSource(site_models, teacher, synth, method or SynthesisMethod(), execution, generators,
                             feature_stats=feature_stats, student=student if adversarial else None, allow_ce_only=allow_ce_only)
-    history: list[dict[str, float]] = []
-    for epoch in range(cfg.epochs):
+    state = TrainingState(0, [], student, optimizer, adapted)
+    if resume is not None:
+        resume(state)   # last: it restores the random number generators too
+    history = state.history
+    for epoch in range(state.epochs_done, cfg.epochs):
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, epoch)
@@ -335,11 +371,16 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
                                     multi_label))  # one sync per epoch
         if cfg.recalibrate_bn > 0:
             recalibrate_bn(student, snapshots[-max(1, round(cfg.recalibrate_bn * len(snapshots))):], execution)
+        last_images = snapshots[-1][0]
         del snapshots  # free the device memory before evaluation
         seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch), "loss": loss, "seconds": seconds,
                   "images_per_s": synth.batch_size * synth.steps / seconds}
         history.append(_with_metrics(record, student, eval_set, execution))
+        state.epochs_done, state.last_images = epoch + 1, last_images
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+        state.last_images = None
         _report(history[-1], cfg.epochs, progress, on_epoch)
     return DistillResult(student=student, history=history)
 

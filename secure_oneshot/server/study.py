@@ -12,6 +12,7 @@ test set.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import time
@@ -35,7 +36,9 @@ from ..policy.artifacts import load_model_dir
 from ..policy.model import IngestPolicy
 from ..policy.privacy_statement import parse_statement
 from .accepted import open_accepted
-from .distill import DistillConfig, distill, student_norm
+from .checkpoint import Checkpoint, check_fingerprint, clear_checkpoints, load_latest, model_digest, restore, save_checkpoint
+from .distill import DistillConfig, TrainingState, distill, student_norm
+from .distributed import Distributed
 from .ensemble import Ensemble, batching_for, normalise_weights, same_architecture
 from .calibration import calibrate_for_synthesis
 from .execution import Execution
@@ -393,14 +396,24 @@ def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig,
 
 
 def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None = None, *, test_set: Any = None, progress: bool = False,
-                     on_epoch: Any = None, audit_to: tuple[Path, Identity] | None = None) -> DistillRun:
+                     on_epoch: Any = None, audit_to: tuple[Path, Identity] | None = None, resume: bool = False,
+                     distributed: Distributed | None = None) -> DistillRun:
     """Distil a global model from ``sites`` and write it with its report into ``out``.
 
-    Writes ``global.safetensors``, ``report.json``, ``report.md`` and ``synthetic.png`` (each atomically) and,
-    with ``audit_to = (log, server identity)``, appends a ``distill`` record naming the bundles used and the
-    global model's SHA-256.  ``test_set`` is only evaluated, never used to select (the last epoch is kept).
+    Writes ``global.safetensors``, ``report.json``, ``report.md`` and ``synthetic.png`` (each atomically, after
+    the last epoch) and, with ``audit_to = (log, server identity)``, appends a ``distill`` record naming the
+    bundles used and the global model's SHA-256.  ``test_set`` is only evaluated, never used to select (the last
+    epoch is kept).  After every epoch a checkpoint goes to ``out/checkpoint``
+    (:mod:`~secure_oneshot.server.checkpoint`); ``resume`` continues from the newest complete one (none: from
+    the start).  Under ``distributed`` (:mod:`~secure_oneshot.server.distributed`) every rank trains and only
+    rank 0 writes; the others return a run without outputs.
+
+    Raises:
+        ConfigError: ``out`` holds an unfinished run's checkpoint and ``resume`` is off, or a checkpoint of
+            another job (fingerprint).
     """
     job = job or DistillJob()
+    dist = distributed or Distributed()
     synth, dcfg = job.configs(sites)
     torch.manual_seed(job.seed)
     student_cfg = ClassifierConfig(job.student_arch or sites[0].config.architecture, synth.channels, synth.num_classes,
@@ -411,11 +424,28 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     # Multi-label sites have no per-class weighting: the preset's default scheme gives way to the equal teacher.
     scheme = "equal" if synth.multi_label and job.teacher_weighting is None else job.weighting
     models = [s.model for s in sites]
-    execution = calibrate_for_synthesis(job.execution, models, student, synth)   # measured once, used by every step below
-    weights = teacher_weights(sites, scheme, synth, execution)
-    result = distill(student, models, synth, dcfg, execution=execution, eval_set=test_set, progress=progress,
-                     on_epoch=on_epoch, feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
-                     method=job.method, generators=[s.generator for s in sites if s.generator is not None], teacher_weights=weights)
+    fields = _fingerprint_fields(job, synth, dcfg, scheme, student_cfg, sites, dist)
+    checkpoint = _checkpoint_to_resume(out, resume, fields, dcfg.epochs, dist.is_main)
+    rank_synth = dist.inversion(synth)
+    # measured once, used by every step below (a resumed run keeps the measured choice of its first start)
+    execution = _resumed_execution(job.execution, checkpoint) or calibrate_for_synthesis(job.execution, models, student, rank_synth)
+    weights = checkpoint.teacher_weights if checkpoint is not None else teacher_weights(sites, scheme, synth, execution)
+    rank_images: list[list[str]] = list(checkpoint.meta.get("rank_image_sha256", [])) if checkpoint is not None else []
+
+    def on_epoch_end(state: TrainingState) -> None:
+        rank_images.append(dist.gather_digests(state.last_images))   # a collective: every rank, every epoch
+        if dist.is_main:
+            save_checkpoint(out, state, fields, teacher_weights=weights,
+                            extra={"execution": _execution_choice(execution), "rank_image_sha256": rank_images})
+
+    result = distill(student, models, rank_synth, dcfg, execution=execution, eval_set=test_set if dist.is_main else None,
+                     progress=progress and dist.is_main, on_epoch=on_epoch if dist.is_main else None,
+                     feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
+                     method=job.method, generators=[s.generator for s in sites if s.generator is not None], teacher_weights=weights,
+                     resume=None if checkpoint is None else lambda state: restore(checkpoint, state),
+                     on_epoch_end=on_epoch_end, wrap_student=dist.wrap)
+    if not dist.is_main:
+        return DistillRun(result.student, result.history, {}, synth, dcfg)
     seconds = time.perf_counter() - started
     student = result.student.cpu().to(memory_format=torch.contiguous_format).eval()
     metrics = baselines(sites, student, test_set, weights) if test_set is not None else {}
@@ -437,7 +467,8 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
               "student_init": f"ImageNet ({Path(job.imagenet_weights).name})" if job.imagenet_weights else "random",
               "inversion": asdict(synth), "distill": asdict(dcfg), "seconds": round(seconds, 1), "history": result.history,
               "metrics": metrics, "global_sha256": hashlib.sha256(global_bytes).hexdigest(), "selection": SELECTION,
-              "privacy": privacy_position([(s.name, s.bundle_id, s.privacy_statement) for s in sites])}
+              "privacy": privacy_position([(s.name, s.bundle_id, s.privacy_statement) for s in sites]),
+              "distributed": {**dist.describe(synth), "rank_image_sha256": rank_images}}
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode("utf-8"))
     atomic_write_bytes(out / "report.md", markdown_report(metrics, report).encode("utf-8"))
     run = DistillRun(student, result.history, metrics, synth, dcfg, report=report)
@@ -445,6 +476,46 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     if audit_to is not None:
         _audit_distill(audit_to, run, sites)
     return run
+
+
+def _fingerprint_fields(job: DistillJob, synth: InversionConfig, dcfg: DistillConfig, scheme: str, student_cfg: ClassifierConfig,
+                        sites: list[SiteModel], dist: Distributed) -> dict[str, Any]:
+    """What decides a run's result, for the checkpoint's fingerprint (:mod:`~secure_oneshot.server.checkpoint`)."""
+    return {"inversion": asdict(synth), "distill": asdict(dcfg), "method": asdict(job.method), "teacher_weighting": scheme,
+            "student": asdict(student_cfg), "student_init": Path(job.imagenet_weights).name if job.imagenet_weights else "random",
+            "distributed": dist.describe(synth),
+            "sites": {f"{i}:{s.name}": {"bundle_id": s.bundle_id, "weights_sha256": model_digest(s.model)} for i, s in enumerate(sites)}}
+
+
+def _checkpoint_to_resume(out: Path, resume: bool, fields: dict[str, Any], epochs: int, is_main: bool) -> Checkpoint | None:
+    """The checkpoint to continue from (``resume``), after the fingerprint check; a fresh run refuses to replace
+    an unfinished run's checkpoints and clears a finished run's."""
+    checkpoint = load_latest(out)
+    if resume:
+        if checkpoint is not None:
+            check_fingerprint(checkpoint, fields)
+        return checkpoint
+    if checkpoint is not None and checkpoint.epochs_done < int(checkpoint.meta.get("fingerprint_fields", {}).get("distill", {}).get("epochs", 0)):
+        raise ConfigError(f"{out} holds the checkpoint of an unfinished run ({checkpoint.epochs_done} epochs done)",
+                          hint=f"pass --resume to continue it, or remove {checkpoint.path.parent} to start over")
+    if is_main:
+        clear_checkpoints(out)
+    return None
+
+
+def _execution_choice(execution: Execution) -> dict[str, Any] | None:
+    """A measured precision and layout, kept in the checkpoint so that a resumed run computes alike."""
+    if execution.calibration is None:
+        return None
+    return {"precision": execution.precision, "channels_last": execution.channels_last}
+
+
+def _resumed_execution(requested: Execution, checkpoint: Checkpoint | None) -> Execution | None:
+    choice = checkpoint.meta.get("execution") if checkpoint is not None else None
+    if not isinstance(choice, dict):
+        return None
+    return dataclasses.replace(requested, precision=str(choice["precision"]), channels_last=bool(choice["channels_last"]),
+                               calibration={"choice": "kept from the checkpoint", "timings_ms": {}, "cached": True})
 
 
 SELECTION = "last epoch; no model selection (the test set is only evaluated)"

@@ -1,0 +1,175 @@
+"""The distillation on several processes (``torchrun``): one rank per device, the student under DDP.
+
+``torchrun --nproc-per-node N -m secure_oneshot distill ...`` starts ``N``
+copies of the command; each reads its place from the environment torchrun
+sets (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, :meth:`Distributed.from_env`).
+Every rank loads and verifies the site models itself, inverts **its own**
+synthetic batch each epoch and replays its own snapshots, noise -> realistic,
+one SGD step each; the student is wrapped in ``DistributedDataParallel``, so
+each step's gradients are averaged over the ranks.  Every rank takes the same
+number of steps per epoch (``steps // snapshot_every``), so the all-reduces
+line up.  The teachers need no synchronised BatchNorm: the inversion's
+BatchNorm-statistics loss is per batch.
+
+Seeds: rank 0 inverts exactly the batches of the single-process command (run
+seed + epoch); rank ``r`` shifts the run seed by ``r * RANK_SEED_STRIDE``, so
+no two (rank, epoch) pairs share a batch.  A world of size 1 is the plain
+command: no process group, no DDP wrapper, the same numbers bit for bit.
+
+Modes (``--ddp-mode``), for a method batch of ``B`` images and ``W`` ranks:
+
+* ``faithful``: each rank inverts ``B / W`` images (``B`` must be divisible by
+  ``W``), so every step sees ``B`` images in all, its gradient is the mean over
+  those ``B`` (DDP averages the ranks' means of equal-sized batches), and the
+  learning rate, steps per epoch and epochs are the method's: the global batch
+  and the schedule equal the single-process run.  What differs: each rank's
+  inversion matches BatchNorm statistics on its ``B / W`` images, and the
+  student's BatchNorm normalises each rank's snapshot alone (no SyncBatchNorm),
+  as data-parallel training usually does.
+* ``throughput``: each rank inverts ``B`` images: ``W * B`` images per step,
+  the same learning rate and number of steps, so ``W`` times the images per
+  epoch in about the time of one rank's epoch.
+
+Only rank 0 writes (global model, reports, image grid, checkpoints, audit
+record); every rank reads the checkpoint on resume.  ``gloo`` on CPU, ``nccl``
+on CUDA (rank ``r`` on ``cuda:LOCAL_RANK``).
+
+What this module does not do: start processes (torchrun does), or restart
+them (torchrun's ``--max-restarts`` with ``distill --resume``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .synthesis import InversionConfig
+
+__all__ = ["DDP_MODES", "RANK_SEED_STRIDE", "Distributed", "image_digest"]
+
+DDP_MODES = ("faithful", "throughput")
+RANK_SEED_STRIDE = 1_000_000_007
+"""Rank ``r``'s inversion seeds are the run's shifted by ``r`` times this (more than any run's epochs)."""
+
+
+def image_digest(images: Tensor | None) -> str:
+    """SHA-256 of a batch of images (float32 bytes in NCHW order), or ``""`` for none."""
+    if images is None:
+        return ""
+    return hashlib.sha256(images.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"${name} must be an integer, got {value[:20]!r}", hint="launch with torchrun, which sets it") from None
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a distributed run (world size 1: the plain command).
+
+    Raises:
+        ConfigError: an unknown mode, or a rank outside the world.
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    mode: str = "faithful"
+
+    def __post_init__(self) -> None:
+        if self.mode not in DDP_MODES:
+            raise ConfigError(f"unknown DDP mode {self.mode!r}", hint=f"use one of {', '.join(DDP_MODES)}")
+        if not (self.world_size >= 1 and 0 <= self.rank < self.world_size and self.local_rank >= 0):
+            raise ConfigError(f"rank {self.rank} / local rank {self.local_rank} does not fit a world of {self.world_size}",
+                              hint="launch with torchrun, which sets WORLD_SIZE, RANK and LOCAL_RANK")
+
+    @classmethod
+    def from_env(cls, mode: str = "faithful") -> Distributed:
+        """From torchrun's ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (absent: a world of one)."""
+        return cls(_env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), mode)
+
+    @property
+    def active(self) -> bool:
+        """More than one process: a process group and DDP are needed."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes."""
+        return self.rank == 0
+
+    def device(self, requested: str) -> str:
+        """This rank's device: ``cuda`` / ``auto`` with a GPU become ``cuda:LOCAL_RANK`` when several ranks run."""
+        if self.active and (requested == "cuda" or (requested == "auto" and torch.cuda.is_available())):
+            return f"cuda:{self.local_rank}"
+        return requested
+
+    def start(self, device: torch.device) -> None:
+        """Join the process group (``nccl`` on CUDA, ``gloo`` on CPU); nothing for a world of one."""
+        if not self.active or torch.distributed.is_initialized():
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def stop(self) -> None:
+        if self.active and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def inversion(self, synth: InversionConfig) -> InversionConfig:
+        """This rank's inversion: its batch size (by mode) and its seeds (rank 0: the plain command's).
+
+        Raises:
+            ConfigError: faithful mode with a batch that does not split evenly over the ranks.
+        """
+        if not self.active:
+            return synth
+        batch = synth.batch_size
+        if self.mode == "faithful":
+            if batch % self.world_size:
+                raise ConfigError(f"faithful mode splits the batch of {batch} images over {self.world_size} ranks, "
+                                  "which does not divide evenly",
+                                  hint="use a number of processes that divides the batch, or --ddp-mode throughput")
+            batch //= self.world_size
+        return dataclasses.replace(synth, batch_size=batch, seed=synth.seed + self.rank * RANK_SEED_STRIDE)
+
+    def wrap(self, student: nn.Module) -> nn.Module:
+        """The student under ``DistributedDataParallel`` (identity for a world of one)."""
+        if not self.active:
+            return student
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(student.parameters()).device
+        return DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def gather_digests(self, images: Tensor | None) -> list[str]:
+        """Every rank's :func:`image_digest` of ``images``, in rank order (a collective: every rank calls it)."""
+        mine = image_digest(images)
+        if not self.active:
+            return [mine]
+        device = images.device if images is not None else torch.device("cpu")
+        local = torch.tensor(list(bytes.fromhex(mine)) if mine else [0] * 32, dtype=torch.uint8, device=device)
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, local)
+        return [bytes(t.cpu().tolist()).hex() for t in gathered]
+
+    def describe(self, synth: InversionConfig) -> dict[str, Any]:
+        """For the report and the fingerprint: world size, mode, and the per-rank and global batch."""
+        if not self.active:
+            return {"world_size": 1}
+        per_rank = self.inversion(synth).batch_size
+        return {"world_size": self.world_size, "mode": self.mode, "per_rank_batch": per_rank,
+                "global_batch": per_rank * self.world_size}
