@@ -27,7 +27,8 @@
     # size = 28                    # images are centre-cropped to a square and resized to this
 
     [model]
-    architecture = "small-cnn"   # resnet18-cifar | resnet18 | small-cnn | scatternet
+    architecture = "small-cnn"   # resnet18-cifar | resnet18 | resnet34(-cifar) | vgg11-bn | wrn-16-2 | small-cnn | scatternet
+                                 # omitted: small-cnn at 28 px, resnet18-cifar at 64 px, resnet18 (ImageNet stem) at 128/224 px
 
     [train]
     preset = "dp"                # cpu | dp | fedisca (default: dp with dp_epsilon, else cpu); fields below override it
@@ -64,6 +65,7 @@ from ..data.image_files import SourceConfig
 from ..data.source_config import SIZES, int_in, own_source
 from ..errors import ConfigError
 from ..models.classifier import ARCHITECTURES, ClassifierConfig
+from ..models.specs import config_default_architecture
 from .train import LOSSES, PRESETS, DataConfig, TrainConfig
 
 __all__ = ["SiteConfig", "load_site_config", "site_config_from_text", "default_preset", "with_dp"]
@@ -158,7 +160,8 @@ def site_config_from_text(text: str, source: str = "<site config>", *, root_over
     root = Table(doc, "", problems)
     data, source = _data_config(root.table("data", required=False), root_override, problems)
     model_t = root.table("model", required=False)
-    architecture = model_t.get("architecture", "string", "small-cnn", check=one_of(tuple(ARCHITECTURES)))
+    # A config that names no architecture gets the one for its image size (small-cnn at 28 px, ResNet-18 above).
+    architecture = model_t.get("architecture", "string", None, check=one_of(tuple(ARCHITECTURES))) or config_default_architecture(data.size)
     model_t.finish()
     train, train_preset, train_overrides = _train_config(root.table("train", required=False))
     generator = _optional_table(root, "generator", {"preset": "string", "epochs": "integer", "batch_size": "integer", "lr": "number",

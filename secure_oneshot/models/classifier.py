@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from .scatternet import ScatterNet
-from .specs import RESNET_BLOCKS, VGG11_LAYERS, WRN_BLOCKS, WRN_WIDTHS, default_architecture
+from .specs import RESNET_BLOCKS, VGG11_LAYERS, WRN_BLOCKS, WRN_WIDTHS, config_default_architecture, default_architecture
 
-__all__ = ["ClassifierConfig", "ARCHITECTURES", "build_classifier", "default_architecture", "has_batchnorm"]
+__all__ = ["ClassifierConfig", "ARCHITECTURES", "build_classifier", "config_default_architecture", "default_architecture", "has_batchnorm"]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-__all__ = ["ClassifierLayout", "LayoutEntry", "CLASSIFIER_ARCHITECTURES", "classifier_layout", "default_architecture"]
+__all__ = ["ClassifierLayout", "LayoutEntry", "CLASSIFIER_ARCHITECTURES", "classifier_layout", "default_architecture", "config_default_architecture"]
 
 CLASSIFIER_ARCHITECTURES = ("resnet18", "resnet18-cifar", "resnet34", "resnet34-cifar", "scatternet", "small-cnn",
                             "vgg11-bn", "wrn-16-2")
@@ -174,7 +174,7 @@ def classifier_layout(architecture: str, in_channels: int, num_classes: int, nor
 
 
 def default_architecture(image_size: int) -> str:
-    """The classifier a site trains when its configuration names none, by MedMNIST+ size.
+    """The method's classifier for a MedMNIST+ size.
 
     ResNet-18 throughout, as the method: the CIFAR-style stem (3x3, stride 1, no max pool) where the images are
     small (28 and 64 px), torchvision's ImageNet stem (7x7, stride 2, max pool) at 128 and 224 px, the method's
@@ -184,3 +184,16 @@ def default_architecture(image_size: int) -> str:
         ValueError: a size that is not a positive integer.
     """
     return "resnet18-cifar" if _positive("image_size", image_size) <= 64 else "resnet18"
+
+
+def config_default_architecture(image_size: int) -> str:
+    """The classifier a site trains when its configuration names none.
+
+    ``small-cnn`` at 28 px: the model the ``cpu`` and ``dp`` training presets were measured with (a ResNet-18 at
+    28 px takes many times its CPU time for the same records).  Larger images need the depth and the downsampling
+    of a ResNet, so above 28 px it is :func:`default_architecture` (the ImageNet stem at 128 and 224 px).
+
+    Raises:
+        ValueError: a size that is not a positive integer.
+    """
+    return "small-cnn" if _positive("image_size", image_size) <= 28 else default_architecture(image_size)
