@@ -93,3 +93,64 @@ def test_a_missing_opacus_is_a_privacy_error(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(opacus_accounting.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(PrivacyError, match="opacus is not installed"):
         opacus_accounting._opacus_root()
+
+
+def test_scipy_signal_is_imported_only_when_a_heterogeneous_history_convolves() -> None:
+    """A one-pair history never calls ``convolve``: its check must not pay for ``scipy.signal``; two pairs must get SciPy's own."""
+    code = (
+        "import json, sys\n"
+        "from secure_oneshot.policy import opacus_accounting\n"
+        "from secure_oneshot.policy.dp import compute_epsilon\n"
+        "one = compute_epsilon('prv', [(1.1, 0.01, 1000)], 1e-5)\n"
+        "before = 'scipy.signal' in sys.modules\n"
+        "two = compute_epsilon('prv', [(1.0, 0.01, 1000), (1.5, 0.02, 300)], 1e-5)\n"
+        "compose = sys.modules[opacus_accounting.PACKAGE + '.analysis.prv.compose']\n"
+        "import scipy.signal\n"
+        "print(json.dumps({'one': one, 'two': two, 'before': before, 'after': 'scipy.signal' in sys.modules,\n"
+        "                  'forwards_to_scipy': compose.convolve._function is scipy.signal.convolve}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["before"] is False
+    assert report["after"] is True and report["forwards_to_scipy"] is True
+    assert report["one"] == _opacus_epsilon("prv", ((1.1, 0.01, 1000),), 1e-5)
+    assert report["two"] == _opacus_epsilon("prv", ((1.0, 0.01, 1000), (1.5, 0.02, 300)), 1e-5)
+
+
+def test_the_deferral_touches_no_other_module() -> None:
+    """Only the loaded Opacus files see the deferring ``__import__``; everyone else's imports are Python's own."""
+    import builtins
+
+    import numpy as np
+    import scipy.signal
+
+    opacus_accounting.prv_analysis()
+    compose = sys.modules[opacus_accounting.PACKAGE + ".analysis.prv.compose"]
+    assert builtins.__import__ is not opacus_accounting._deferring_import
+    assert compose.__dict__["__builtins__"]["__import__"] is opacus_accounting._deferring_import
+    assert sys.modules["scipy.signal"] is scipy.signal and callable(scipy.signal.convolve)
+    left, right = np.random.default_rng(0).random(64), np.random.default_rng(1).random(64)
+    assert np.array_equal(compose.convolve(left, right, mode="same"), scipy.signal.convolve(left, right, mode="same"))
+    assert not any(isinstance(f, type(compose.convolve)) for f in vars(scipy.signal).values())
+
+
+def test_prv_derives_its_domain_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cell cap and get_epsilon share one domain: Opacus's RDP-based domain search runs once per recomputation."""
+    opacus_accounting.accountant_class("prv")
+    real = opacus_accounting.prv_analysis().compute_safe_domain_size
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    holders = [m for name, m in list(sys.modules.items())   # every loaded module that imported the function by name
+               if name.startswith(opacus_accounting.PACKAGE) and getattr(m, "compute_safe_domain_size", None) is real]
+    assert len(holders) >= 2   # the analysis package and prv.py at least
+    for module in holders:
+        monkeypatch.setattr(module, "compute_safe_domain_size", counting)
+    history = ((1.0, 0.01, 1000), (1.5, 0.02, 300))
+    assert compute_epsilon("prv", history, 1e-5) == _opacus_epsilon("prv", history, 1e-5)
+    assert len(calls) == 1
