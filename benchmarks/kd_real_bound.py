@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("models", nargs="+", type=Path, help="site model directories")
     parser.add_argument("--flag", default="pneumoniamnist")
     parser.add_argument("--split", default="val", help="the split whose images (labels unused) replace the synthetic ones")
+    parser.add_argument("--images-flag", default=None,
+                        help="take the images from this MedMNIST set instead of --flag (another modality as the proxy)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--teacher-weighting", default=None)
@@ -57,7 +59,7 @@ def main() -> None:
     weights = teacher_weights(sites, job.weighting, synth, Execution())
     teacher = Ensemble([s.model for s in sites], weights=weights, batched=False).eval()
     test = to_dataset(load_medmnist(args.flag, "test", root=args.data_root))
-    images = to_dataset(load_medmnist(args.flag, args.split, root=args.data_root)).tensors[0]
+    images = to_dataset(load_medmnist(args.images_flag or args.flag, args.split, root=args.data_root)).tensors[0]
     print(f"teacher ({job.weighting})  {_rounded(evaluate_model(teacher, test))}")
 
     cfg = sites[0].config
@@ -74,7 +76,7 @@ def main() -> None:
         optimizer.step()
         if step % args.every == 0 or step == args.steps:
             student.eval()
-            print(f"student, {step} KD steps on {len(images)} real {args.split} images (T {dcfg.temperature:g}, "
+            print(f"student, {step} KD steps on {len(images)} real {args.images_flag or args.flag} {args.split} images (T {dcfg.temperature:g}, "
                   f"{time.process_time() - started:.0f} CPU-s)  {_rounded(evaluate_model(student, test))}", flush=True)
             student.train()
 

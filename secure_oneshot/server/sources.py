@@ -15,7 +15,13 @@ curriculum (``a`` on the teacher, ``1 - a`` on the noise-adapted teacher; see
   them);
 * ``mixed``: each step's batch is an inversion snapshot (``(1 - share) * B``
   images, its own ``a``) concatenated with the generator batch (``share * B``
-  images, ``a = 1``).
+  images, ``a = 1``);
+* ``proxy``: each step a fresh random batch of ``B`` public, unlabelled images
+  held by the server (:mod:`secure_oneshot.data.proxy_images`), jittered, with
+  ``a = 1``; no inversion;
+* ``inversion+proxy``: each step's batch is an inversion snapshot
+  (``(1 - proxy_share) * B`` images) concatenated with ``proxy_share * B``
+  fresh proxy images (``a = 1``).
 
 ``n = steps // snapshot_every`` for every method, so they give the student the
 same number of steps per epoch and compare fairly.
@@ -39,9 +45,10 @@ from .ensemble import Ensemble
 from .execution import Execution
 from .synthesis import InversionConfig, balanced_labels, jitter, synthesize_batch
 
-__all__ = ["METHODS", "SynthesisMethod", "SiteGenerator", "Snapshot", "SnapshotSource"]
+__all__ = ["METHODS", "PROXY_METHODS", "SynthesisMethod", "SiteGenerator", "Snapshot", "SnapshotSource"]
 
-METHODS = ("inversion", "generator", "mixed")
+METHODS = ("inversion", "generator", "mixed", "proxy", "inversion+proxy")
+PROXY_METHODS = ("proxy", "inversion+proxy")
 
 Snapshot = tuple[Tensor, Tensor]
 """``(images (N, C, H, W), a (N,))`` on the device."""
@@ -58,13 +65,16 @@ class SynthesisMethod:
     method: str = "inversion"
     generator_share: float = 0.5     # mixed: the fraction of each batch drawn from the generators
     generator_steps: int = 25        # DDIM steps per sample
+    proxy_share: float = 0.5         # inversion+proxy: the fraction of each batch drawn from the proxy images
 
     def __post_init__(self) -> None:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        if not isinstance(self.generator_share, (int, float)) or not 0 < self.generator_share < 1:
-            problems.append(f"generator_share must be in (0, 1), got {self.generator_share!r}")
+        for name in ("generator_share", "proxy_share"):
+            share = getattr(self, name)
+            if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share < 1:
+                problems.append(f"{name} must be in (0, 1), got {share!r}")
         if not isinstance(self.generator_steps, int) or self.generator_steps < 1:
             problems.append(f"generator_steps must be an integer >= 1, got {self.generator_steps!r}")
         if problems:
@@ -72,11 +82,24 @@ class SynthesisMethod:
 
     def generator_count(self, batch_size: int) -> int:
         """How many of an epoch's ``batch_size`` images come from the generators."""
-        if self.method == "inversion":
-            return 0
         if self.method == "generator":
             return batch_size
-        return min(batch_size - 1, max(1, round(self.generator_share * batch_size)))
+        if self.method == "mixed":
+            return _share(self.generator_share, batch_size)
+        return 0
+
+    def proxy_count(self, batch_size: int) -> int:
+        """How many of each step's ``batch_size`` images are proxy images."""
+        if self.method == "proxy":
+            return batch_size
+        if self.method == "inversion+proxy":
+            return _share(self.proxy_share, batch_size)
+        return 0
+
+
+def _share(share: float, batch_size: int) -> int:
+    """``round(share * batch)``, leaving at least one image to each part."""
+    return min(batch_size - 1, max(1, round(share * batch_size)))
 
 
 @dataclass
@@ -104,14 +127,24 @@ class SnapshotSource:
     """
 
     def __init__(self, site_models: Sequence[nn.Module], teacher: Ensemble, inversion: InversionConfig, method: SynthesisMethod,
-                 execution: Execution, generators: Sequence[SiteGenerator] = (), **inversion_options: Any) -> None:
+                 execution: Execution, generators: Sequence[SiteGenerator] = (), proxy_images: Tensor | None = None,
+                 **inversion_options: Any) -> None:
         self.site_models, self.teacher, self.inversion = site_models, teacher, inversion
         self.method, self.execution, self.generators = method, execution, list(generators)
         self.inversion_options = inversion_options
         self.n_generated = method.generator_count(inversion.batch_size)
+        self.n_proxy = method.proxy_count(inversion.batch_size)
         if self.n_generated and not self.generators:
             raise ConfigError(f"synthesis method {method.method!r} needs site generators, but no site released one",
                               hint="use --synthesis inversion, or have sites export their generator artifact")
+        if self.n_proxy and (proxy_images is None or len(proxy_images) == 0):
+            raise ConfigError(f"synthesis method {method.method!r} needs proxy images, but none were given",
+                              hint="pass --proxy-images FLAG:SPLIT or a folder of public images")
+        expected = (inversion.channels, inversion.image_size, inversion.image_size)
+        if self.n_proxy and tuple(proxy_images.shape[1:]) != expected:  # type: ignore[union-attr]
+            raise ConfigError(f"proxy images are {tuple(proxy_images.shape[1:])}, the sites take {expected}",  # type: ignore[union-attr]
+                              hint="load them at the sites' image size and channel count")
+        self.proxy_images = proxy_images if self.n_proxy else None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -120,7 +153,10 @@ class SnapshotSource:
     def epoch(self, epoch: int) -> list[Snapshot]:
         """The student's batches for ``epoch`` (0-based), reproducible from the seeds."""
         device = self.execution.torch_device
-        inverted = self._inverted(epoch) if self.n_generated < self.inversion.batch_size else []
+        extra = self.n_generated + self.n_proxy
+        inverted = self._inverted(epoch) if extra < self.inversion.batch_size else []
+        if self.n_proxy:
+            return self._with_proxy(epoch, inverted)
         if not self.n_generated:
             return inverted
         generated = self._generated(epoch).to(device)
@@ -135,10 +171,30 @@ class SnapshotSource:
                 batches.append((rolled, ones))
         return batches
 
+    def _with_proxy(self, epoch: int, inverted: list[Snapshot]) -> list[Snapshot]:
+        """Each step: a fresh draw of proxy images (without replacement within the draw), jittered, ``a = 1``,
+        after the step's inversion snapshot if there is one."""
+        assert self.proxy_images is not None
+        device = self.execution.torch_device
+        draws = torch.Generator().manual_seed(_sample_seed(self.inversion.seed, epoch, -1))
+        ones = torch.ones(self.n_proxy, device=device)
+        batches = []
+        for i in range(self.steps_per_epoch):
+            pick = torch.randperm(len(self.proxy_images), generator=draws)[:self.n_proxy]
+            drawn = self.proxy_images[pick]
+            if len(drawn) < self.n_proxy:  # a proxy set smaller than the batch: draw it again
+                drawn = self.proxy_images[torch.randint(len(self.proxy_images), (self.n_proxy,), generator=draws)]
+            x = self.execution.layout(jitter(drawn, self.inversion.jitter, draws).to(device))
+            if inverted:
+                batches.append((torch.cat([inverted[i][0], x]), torch.cat([inverted[i][1], ones])))
+            else:
+                batches.append((x, ones))
+        return batches
+
     def _inverted(self, epoch: int) -> list[Snapshot]:
         images: list[Tensor] = []
         cfg = dataclasses.replace(self.inversion, seed=self.inversion.seed + epoch,  # a fresh batch every epoch
-                                  batch_size=self.inversion.batch_size - self.n_generated)
+                                  batch_size=self.inversion.batch_size - self.n_generated - self.n_proxy)
         synthesize_batch(self.site_models, self.teacher, cfg, execution=self.execution,
                          on_snapshot=lambda step, x: images.append(self.execution.layout(x)), **self.inversion_options)
         n = len(images)
