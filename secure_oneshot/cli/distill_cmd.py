@@ -103,8 +103,8 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
     preset = args.preset if args.preset != "auto" else ("gpu" if execution.torch_device.type == "cuda" else "cpu")
     job = DistillJob(preset=preset, student_arch=args.student, execution=execution, seed=args.seed, epochs=args.epochs,
                      noise_adapted=args.noise_adapted, image_size=args.image_size, teacher_weighting=args.teacher_weighting,
-                     method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps),
-                     imagenet_weights=args.imagenet_weights or "")
+                     method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps, args.proxy_share),
+                     imagenet_weights=args.imagenet_weights or "", proxy_images=args.proxy_images or "", data_root=args.data_root)
     test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval and dist.is_main else None
     if dist.is_main:
         _say(f"distilling from {len(sites)} site models ({', '.join(s.name for s in sites)}): preset {preset}, "
@@ -179,12 +179,16 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     distill.add_argument("--synthesis", choices=METHODS, default="inversion", help="where the images come from (default inversion)")
     distill.add_argument("--generator-share", type=float, default=0.5, help="mixed: fraction of each batch from the generators")
     distill.add_argument("--generator-steps", type=int, default=25, help="DDIM steps per generator sample")
+    distill.add_argument("--proxy-images", metavar="FLAG:SPLIT|DIR",
+                         help="proxy, inversion+proxy: public unlabelled images the server holds (a MedMNIST set under "
+                              "--data-root, e.g. breastmnist:train, or a folder of PNG/JPEG/TIFF); labelled by the site models")
+    distill.add_argument("--proxy-share", type=float, default=0.5, help="inversion+proxy: fraction of each batch from the proxy images")
     distill.add_argument("--student", metavar="ARCH", help="student architecture (default: the sites')")
     distill.add_argument("--epochs", type=int, help="override the preset's epochs")
     distill.add_argument("--noise-adapted", choices=("train-mode", "eval", "none"), help="override the noise-adapted teacher")
     _add_weighting_option(distill)
     distill.add_argument("--eval", metavar="FLAG", help="report metrics on this MedMNIST set's test split each epoch (never selects)")
-    distill.add_argument("--data-root", metavar="DIR", help="MedMNIST folder for --eval")
+    distill.add_argument("--data-root", metavar="DIR", help="MedMNIST folder for --eval and a MedMNIST --proxy-images set")
     distill.add_argument("--image-size", type=int, default=28,
                          help="image size of the site models (default 28); paper above 128 px: 50 images per batch, 1,000 "
                               "inversion steps, jitter 30 px and an ImageNet-initialised student, as published")

@@ -304,6 +304,7 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
             feature_stats: Sequence[FeatureStats | None] | None = None, adversarial: bool = False,
             allow_ce_only: bool = False, method: SynthesisMethod | None = None,
             generators: Sequence[SiteGenerator] = (), teacher_weights: Tensor | None = None,
+            proxy_images: Tensor | None = None,
             resume: Callable[[TrainingState], None] | None = None, on_epoch_end: Callable[[TrainingState], None] | None = None,
             wrap_student: Callable[[nn.Module], nn.Module] | None = None) -> DistillResult:
     """Train ``student`` (in place) from the site models alone, FedISCA style.
@@ -323,6 +324,8 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
         generators: the sites' released generators (for ``generator`` and ``mixed``).
         teacher_weights: ``(sites, classes)`` per-class site weights for the teacher, the noise-adapted teacher
             and so the inversion (:class:`Ensemble`); ``None``: the plain mean of logits (the published method).
+        proxy_images: public unlabelled images ``(N, C, H, W)`` in [-1, 1] on the CPU (for ``proxy`` and
+            ``inversion+proxy``; :mod:`~secure_oneshot.data.proxy_images`).
         resume: called once before the first epoch with the fresh :class:`TrainingState`; it may load an earlier
             run's state into it (``epochs_done`` epochs are then skipped).
         on_epoch_end: called with the :class:`TrainingState` after each epoch (before ``on_epoch``).
@@ -342,8 +345,8 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
     # Precision and layout left open are measured here (cached per device), unless the caller calibrated already.
     execution = calibrate_for_synthesis(execution or Execution(), site_models, student, synth).for_models(site_models)
     multi_label = synth.multi_label
-    if multi_label and (teacher_weights is not None or generators or (method is not None and method.method != "inversion")):
-        raise ConfigError("multi-label sites distil by model inversion with the equal teacher",
+    if multi_label and (teacher_weights is not None or generators or (method is not None and method.method in ("generator", "mixed"))):
+        raise ConfigError("multi-label sites distil by model inversion (and proxy images) with the equal teacher",
                           hint="drop the teacher weighting and the generator method (both assume one class per image)")
     torch.manual_seed(cfg.seed)
     execution.prepare(student)
@@ -354,7 +357,7 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
     # The wrapped and compiled modules share the student's parameters: only the training step runs through them.
     train_forward = wrap_student(student) if wrap_student is not None else student
     train_forward = torch.compile(train_forward) if execution.compile else train_forward
-    source = SnapshotSource(site_models, teacher, synth, method or SynthesisMethod(), execution, generators,
+    source = SnapshotSource(site_models, teacher, synth, method or SynthesisMethod(), execution, generators, proxy_images,
                             feature_stats=feature_stats, student=student if adversarial else None, allow_ce_only=allow_ce_only)
     state = TrainingState(0, [], student, optimizer, adapted)
     if resume is not None:

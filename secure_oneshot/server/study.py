@@ -27,6 +27,7 @@ from torch import nn
 from .._internal.atomic import atomic_write_bytes
 from .._internal.termsafe import printable
 from ..bundle.arrays import to_torch
+from ..data.proxy_images import ProxyImages, load_proxy_images
 from ..errors import ConfigError
 from ..keys import Identity, TrustStore
 from ..metrics import evaluate_model
@@ -44,7 +45,7 @@ from .calibration import calibrate_for_synthesis
 from .execution import Execution
 from .privacy_position import position_markdown, privacy_position
 from .ingest import IngestFolders
-from .sources import SiteGenerator, SynthesisMethod
+from .sources import PROXY_METHODS, SiteGenerator, SynthesisMethod
 from .synthesis import InversionConfig, synthesize_batch, tracks_running_stats
 from .weighting import PROBE_MIN_STEPS, WEIGHTINGS, agreement_weights, default_weighting, label_count_weights
 
@@ -249,6 +250,8 @@ class DistillJob:
     noise_adapted: str | None = None
     teacher_weighting: str | None = None      # None: weighting.default_weighting(preset)
     imagenet_weights: str = ""                # a local safetensors file to initialise the student from ("": random)
+    proxy_images: str = ""                    # public unlabelled images for the proxy methods (data.proxy_images)
+    data_root: str | None = None              # where a MedMNIST proxy set is found
 
     def __post_init__(self) -> None:
         if self.preset == "paper" and self.image_size > LARGE_IMAGE and not self.imagenet_weights:
@@ -261,6 +264,9 @@ class DistillJob:
         if self.student_arch is not None and self.student_arch not in ARCHITECTURES:
             raise ConfigError(f"unknown student architecture '{printable(self.student_arch, 60)}'",
                               hint=f"use one of {', '.join(sorted(ARCHITECTURES))}")
+        if self.method.method in PROXY_METHODS and not self.proxy_images:
+            raise ConfigError(f"synthesis {self.method.method!r} needs public proxy images",
+                              hint="pass --proxy-images FLAG:SPLIT (a MedMNIST set no site holds) or a folder of images")
         if self.teacher_weighting is not None and self.teacher_weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown teacher weighting {self.teacher_weighting!r}", hint=f"use one of {', '.join(WEIGHTINGS)}")
 
@@ -301,7 +307,7 @@ def _trajectory_grid(sites: list[SiteModel], synth: InversionConfig, execution: 
     from torchvision.utils import save_image
 
     generators = [s.generator for s in sites if s.generator is not None]
-    n_generated = {"inversion": 0, "generator": 8, "mixed": 4}[method.method] if generators else 0
+    n_generated = {"generator": 8, "mixed": 4}.get(method.method, 0) if generators else 0  # proxy images are not drawn
     columns = []
     if n_generated < 8:
         columns.append(_inversion_trajectory(sites, synth, execution, 8 - n_generated, weights))
@@ -424,7 +430,9 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     # Multi-label sites have no per-class weighting: the preset's default scheme gives way to the equal teacher.
     scheme = "equal" if synth.multi_label and job.teacher_weighting is None else job.weighting
     models = [s.model for s in sites]
-    fields = _fingerprint_fields(job, synth, dcfg, scheme, student_cfg, sites, dist)
+    proxy = load_proxy_images(job.proxy_images, size=synth.image_size, channels=synth.channels, data_root=job.data_root) \
+        if job.method.method in PROXY_METHODS else None
+    fields = {**_fingerprint_fields(job, synth, dcfg, scheme, student_cfg, sites, dist), "proxy": None if proxy is None else proxy.record()}
     checkpoint = _checkpoint_to_resume(out, resume, fields, dcfg.epochs, dist.is_main)
     rank_synth = dist.inversion(synth)
     # measured once, used by every step below (a resumed run keeps the measured choice of its first start)
@@ -442,6 +450,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
                      progress=progress and dist.is_main, on_epoch=on_epoch if dist.is_main else None,
                      feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
                      method=job.method, generators=[s.generator for s in sites if s.generator is not None], teacher_weights=weights,
+                     proxy_images=None if proxy is None else proxy_tensor(proxy),
                      resume=None if checkpoint is None else lambda state: restore(checkpoint, state),
                      on_epoch_end=on_epoch_end, wrap_student=dist.wrap)
     if not dist.is_main:
@@ -459,7 +468,8 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
                                                           "bn_statistics": bn_statistics_released(s.model),
                                                           "label_counts": s.label_counts is not None}
                                                          for s in sites],
-              "preset": job.preset, "method": asdict(job.method), "execution": execution.for_models(models).describe(),
+              "preset": job.preset, "method": asdict(job.method), "proxy_images": None if proxy is None else proxy.record(),
+              "execution": execution.for_models(models).describe(),
               "task": "multi-label" if synth.multi_label else "one class per image",
               "teacher_weighting": {"scheme": scheme,
                                     "weights": None if weights is None else [[round(float(w), 4) for w in row]
@@ -476,6 +486,13 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     if audit_to is not None:
         _audit_distill(audit_to, run, sites)
     return run
+
+
+def proxy_tensor(proxy: ProxyImages) -> torch.Tensor:
+    """The proxy images as the sites see their own: float ``(N, C, H, W)`` in [-1, 1] (``data.to_dataset``'s scaling)."""
+    images = torch.from_numpy(proxy.images).float().div_(255.0)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
+    return images.sub_(0.5).div_(0.5)
 
 
 def _fingerprint_fields(job: DistillJob, synth: InversionConfig, dcfg: DistillConfig, scheme: str, student_cfg: ClassifierConfig,
