@@ -27,6 +27,8 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, choices=(1, 3), help="1: grey, 3: RGB")
     parser.add_argument("--path-column", metavar="NAME")
     parser.add_argument("--label-column", metavar="NAME")
+    parser.add_argument("--label-columns", metavar="A,B,...", help="multi-label manifests: one 0/1 column per label, comma-separated "
+                        "(the label names; instead of --classes and --label-column)")
 
 
 def source_from_options(source: SourceConfig | None, args: argparse.Namespace, size: int = 28) -> SourceConfig | None:
@@ -34,11 +36,21 @@ def source_from_options(source: SourceConfig | None, args: argparse.Namespace, s
     kind = args.source or (source.kind if source else "medmnist")
     if kind == "medmnist":
         return None
-    base = source if source is not None and source.kind == kind else SourceConfig(kind, source.classes if source else (), size=size)
+    base = source if source is not None and source.kind == kind else SourceConfig(kind, source.classes if source else (), size=size,
+                                                                                  label_columns=source.label_columns if source else ())
+    label_columns = tuple(c.strip() for c in args.label_columns.split(",")) if getattr(args, "label_columns", None) else None
+    if label_columns is not None and (args.classes or args.label_column):
+        raise ConfigError("--label-columns names the labels of a multi-label manifest; it does not go with --classes or --label-column",
+                          hint="pass either --label-columns A,B,... (multi-label) or --classes and --label-column (one class per record)")
     changes = {"root": args.data_root, "manifest": args.manifest, "channels": args.channels, "path_column": args.path_column,
-               "label_column": args.label_column,
-               "classes": tuple(c.strip() for c in args.classes.split(",")) if args.classes else None}
+               "label_column": args.label_column, "label_columns": label_columns, "classes": label_columns or
+               (tuple(c.strip() for c in args.classes.split(",")) if args.classes else None)}
+    if args.classes and base.multi_label:
+        changes["label_columns"] = ()   # --classes over a multi-label config: one class per record from now on
     out = replace(base, **{k: v for k, v in changes.items() if v is not None})
+    if out.multi_label and kind == "folder":
+        raise ConfigError("a folder source holds one class per record; multi-label labels come from a manifest's columns",
+                          hint="use --source manifest (or dicom) with --label-columns")
     if len(out.classes) < 2 or len(set(out.classes)) != len(out.classes):
         raise ConfigError(f"source {kind} needs a label map of at least two distinct class names",
                           hint='set [data] classes = ["normal", "pneumonia"] in the site config, or pass --classes normal,pneumonia')

@@ -23,6 +23,7 @@
     # path_column = "path"
     # label_column = "label"
     # classes = ["normal", "pneumonia"]   # the label map: index i is classes[i], the same at every site
+    # label_columns = ["effusion", "nodule"]   # multi-label manifests instead: one 0/1 column per label (no classes)
     # channels = 1                 # 1: grey, 3: RGB
     # size = 28                    # images are centre-cropped to a square and resized to this
 

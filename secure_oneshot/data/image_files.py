@@ -2,7 +2,7 @@
 
 What it does: lists the records of a ``folder`` source (``root/<class name>/...``, classes mapped to indices by
 the config's explicit ``classes`` list) or of a ``manifest``/``dicom`` source (a CSV with a path column and a
-label column, paths relative to the CSV's folder); reads each file through one guarded path (no symbolic link,
+label column, or one 0/1 column per label for a multi-label task, paths relative to the CSV's folder); reads each file through one guarded path (no symbolic link,
 no FIFO or device, no path leaving the manifest's folder, a byte cap); decodes PNG/JPEG/TIFF with Pillow under a
 pixel cap (decompression bombs) and DICOM through :mod:`.dicom_files`; converts to grey or RGB and fits the
 image to ``size`` x ``size`` (centre crop to a square, then resize).
@@ -51,15 +51,21 @@ class SourceConfig:
     label_column: str = "label"
     size: int = 28
     channels: int = 1                # 1: grey, 3: RGB
+    label_columns: tuple[str, ...] = ()   # multi-label manifests: one 0/1 column per label (then classes = these names)
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.label_columns)
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One record to decode: the name shown to people (relative, escaped), the file, its label index."""
+    """One record to decode: the name shown to people (relative, escaped), the file, its label index (multi-label:
+    its 0/1 value per label)."""
 
     shown: str
     path: Path
-    label: int
+    label: int | tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -180,11 +186,13 @@ def _manifest_entries(cfg: SourceConfig) -> tuple[list[Entry], list[Finding]]:
     if not rows:
         raise DataError(f"{shown}: empty manifest", hint=f"the first row names the columns, e.g. {cfg.path_column},{cfg.label_column}")
     header = [h.strip() for h in rows[0]]
-    missing = [c for c in (cfg.path_column, cfg.label_column) if c not in header]
+    label_columns = cfg.label_columns or (cfg.label_column,)
+    missing = [c for c in (cfg.path_column, *label_columns) if c not in header]
     if missing:
-        raise DataError(f"{shown}: no column {missing[0]!r} (columns: {printable(', '.join(header), 200)})",
-                        hint="set [data] path_column / label_column to the manifest's column names")
-    p, l = header.index(cfg.path_column), header.index(cfg.label_column)
+        raise DataError(f"{shown}: no column {printable(missing[0], 100)!r} (columns: {printable(', '.join(header), 200)})",
+                        hint="set [data] path_column / label_column (label_columns) to the manifest's column names")
+    p, columns = header.index(cfg.path_column), [header.index(c) for c in label_columns]
+    l = columns[0]
     base = manifest.parent
     entries: list[Entry] = []
     findings: list[Finding] = []
@@ -192,13 +200,22 @@ def _manifest_entries(cfg: SourceConfig) -> tuple[list[Entry], list[Finding]]:
         if not any(cell.strip() for cell in row):
             continue  # a blank line
         where = f"{shown} line {number}"
-        if len(row) <= max(p, l):
+        if len(row) <= max(p, *columns):
             findings.append(Finding("layout", where, f"has {len(row)} cells, fewer than the header's"))
             continue
         cell = row[p].strip()
         path, why = _manifest_path(base, cell)
         if path is None:
             findings.append(Finding("unreadable", f"{where} ({_shown(cell)})", why or "bad path"))
+            continue
+        if cfg.multi_label:
+            values = [row[c].strip() for c in columns]
+            bad = next((i for i, v in enumerate(values) if v not in ("0", "1")), None)
+            if bad is not None:
+                findings.append(Finding("label", f"{where} ({_shown(cell)})", f"column {_shown(label_columns[bad])!r}: value "
+                                        f"{_shown(values[bad])!r} is not 0 or 1 (multi-label columns hold 0 or 1)"))
+                continue
+            entries.append(Entry(_shown(cell), path, tuple(int(v) for v in values)))
             continue
         label = row[l].strip()
         if label not in cfg.classes:

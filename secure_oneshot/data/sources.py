@@ -24,18 +24,28 @@ import numpy as np
 from ..errors import DataError
 from .image_files import CHECK_HINT, SOURCES, Entry, Finding, SourceConfig, decode_file, list_entries
 
-__all__ = ["SOURCES", "SourceConfig", "LoadedSource", "CheckReport", "load_source", "check_source", "source_site_data", "source_record"]
+# medmnist's name of the multi-label task type (medmnist_data.MULTI_LABEL; not imported from there, which loads torch).
+MULTI_LABEL = "multi-label, binary-class"
+
+__all__ = ["source_task", "SOURCES", "SourceConfig", "LoadedSource", "CheckReport", "load_source", "check_source", "source_site_data", "source_record"]
 
 
 @dataclass(frozen=True)
 class LoadedSource:
     images: np.ndarray        # uint8 (N, size, size) or (N, size, size, 3)
-    labels: np.ndarray        # int64 (N,)
+    labels: np.ndarray        # int64 (N,); multi-label: (N, L) 0/1
     config: SourceConfig
 
     @property
     def task(self) -> str:
-        return "binary-class" if len(self.config.classes) == 2 else "multi-class"
+        return source_task(self.config)
+
+
+def source_task(cfg: SourceConfig) -> str:
+    """The task type of a source, in MedMNIST's names (multi-label: ChestMNIST's)."""
+    if cfg.multi_label:
+        return MULTI_LABEL
+    return "binary-class" if len(cfg.classes) == 2 else "multi-class"
 
 
 def load_source(cfg: SourceConfig) -> LoadedSource:
@@ -52,7 +62,8 @@ def load_source(cfg: SourceConfig) -> LoadedSource:
     images = np.empty((len(entries), *shape), dtype=np.uint8)
     for i, entry in enumerate(entries):
         images[i] = decode_file(entry, cfg)[0]
-    return LoadedSource(images, np.array([e.label for e in entries], dtype=np.int64), cfg)
+    labels = np.array([e.label for e in entries], dtype=np.int64).reshape(len(entries), -1 if cfg.multi_label else 1)
+    return LoadedSource(images, labels if cfg.multi_label else labels[:, 0], cfg)
 
 
 def source_site_data(cfg: SourceConfig, val_fraction: float = 0.1, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -68,20 +79,22 @@ def source_site_data(cfg: SourceConfig, val_fraction: float = 0.1, seed: int = 0
 
 def source_record(cfg: SourceConfig) -> dict[str, Any]:
     """What the training record says about the source: its kind and label map, never a path or a header value."""
-    return {"source": cfg.kind, "classes": list(cfg.classes), "size": cfg.size, "channels": cfg.channels}
+    return {"source": cfg.kind, "classes": list(cfg.classes), "size": cfg.size, "channels": cfg.channels,
+            **({"task": "multi-label"} if cfg.multi_label else {})}
 
 
 @dataclass
 class CheckReport:
     source: str
     classes: list[str]
-    counts: dict[str, int]
+    counts: dict[str, int]                      # records per class; multi-label: records positive for each label
     sizes: dict[str, int]                       # "W x H" as found in the files -> records
     records: int = 0
     unreadable: list[Finding] = field(default_factory=list)
     labels: list[Finding] = field(default_factory=list)
     layout: list[Finding] = field(default_factory=list)
     duplicates: list[dict[str, list[str]]] = field(default_factory=list)   # same file bytes: files and their labels
+    multi_label: bool = False
 
     @property
     def problems(self) -> int:
@@ -90,12 +103,17 @@ class CheckReport:
     def to_json(self) -> dict[str, Any]:
         found = lambda items: [{"file": f.file, "problem": f.problem} for f in items]  # noqa: E731
         return {"source": self.source, "classes": self.classes, "records": self.records, "counts": self.counts, "sizes": self.sizes,
+                "task": "multi-label" if self.multi_label else "one class per record",
                 "unreadable": found(self.unreadable), "labels_outside_map": found(self.labels), "layout": found(self.layout),
                 "duplicates": self.duplicates, "problems": self.problems}
 
     def lines(self) -> list[str]:
-        out = [f"{self.source} source: {self.records} readable records, {len(self.classes)} classes"]
-        out += [f"  class {name:20s} {self.counts[name]:7d}" for name in self.classes]
+        if self.multi_label:
+            out = [f"{self.source} source: {self.records} readable records, {len(self.classes)} labels (multi-label; positives per label)"]
+            out += [f"  label {name:20s} {self.counts[name]:7d}" for name in self.classes]
+        else:
+            out = [f"{self.source} source: {self.records} readable records, {len(self.classes)} classes"]
+            out += [f"  class {name:20s} {self.counts[name]:7d}" for name in self.classes]
         out += ["image sizes (width x height, before fitting):"] + [f"  {s:15s} {n:7d}" for s, n in sorted(self.sizes.items())]
         for title, items in (("unreadable files", self.unreadable), ("labels outside the label map", self.labels),
                              ("layout problems", self.layout)):
@@ -111,7 +129,7 @@ class CheckReport:
 def check_source(cfg: SourceConfig) -> CheckReport:
     """Read every record and report; never raises for a problem in a record (only when nothing can be listed)."""
     entries, findings = list_entries(cfg)
-    report = CheckReport(cfg.kind, list(cfg.classes), {name: 0 for name in cfg.classes}, {})
+    report = CheckReport(cfg.kind, list(cfg.classes), {name: 0 for name in cfg.classes}, {}, multi_label=cfg.multi_label)
     for f in findings:
         (report.labels if f.kind == "label" else report.unreadable if f.kind == "unreadable" else report.layout).append(f)
     sizes: Counter[str] = Counter()
@@ -123,11 +141,19 @@ def check_source(cfg: SourceConfig) -> CheckReport:
             report.unreadable.append(Finding("unreadable", entry.shown, e.message.removeprefix(f"{entry.shown}: ")))
             continue
         report.records += 1
-        report.counts[cfg.classes[entry.label]] += 1
+        for name in _label_names(entry, cfg):
+            report.counts[name] += 1
         sizes[f"{width} x {height}"] += 1
         by_hash.setdefault(hashlib.sha256(blob).hexdigest(), []).append(entry)
     report.sizes = dict(sizes)
     for group in by_hash.values():
         if len(group) > 1:
-            report.duplicates.append({"files": [e.shown for e in group], "labels": [cfg.classes[e.label] for e in group]})
+            report.duplicates.append({"files": [e.shown for e in group], "labels": ["+".join(_label_names(e, cfg)) or "(no label)" for e in group]})
     return report
+
+
+def _label_names(entry: Entry, cfg: SourceConfig) -> list[str]:
+    """The class of a record, or (multi-label) the labels it is positive for."""
+    if isinstance(entry.label, tuple):
+        return [name for name, value in zip(cfg.classes, entry.label) if value]
+    return [cfg.classes[entry.label]]
