@@ -122,11 +122,11 @@ def test_the_transfer_path_end_to_end_imports_nothing_heavy(site: Path) -> None:
     assert_lean(probe(site, "inspect", bundle), numpy=False)
     server = ["--key", VECTOR_KEYS / "server.key", "--trust", "server-trust.toml"]
     verified = probe(site, "--json", "verify", bundle, *server)
-    assert_lean(verified)
+    assert_lean(verified, numpy=False)   # the value checks of a small payload read the bytes (bundle/finite_bits.py)
     assert json.loads(verified["out"])["tensors"]["classifier/head.weight"] == {"dtype": "float32", "shape": [2, 128]}
     assert_lean(probe(site, "open", bundle, *server, "--out", "payload.safetensors"))
     assert_lean(probe(site, "seal", "payload.safetensors", "--key", VECTOR_KEYS / "site-a.key", "--to", VECTOR_KEYS / "server.pub",
-                      "--out", "resealed.sob"))
+                      "--out", "resealed.sob"), numpy=False)
     ingested = probe(site, "ingest", "--server-dir", "server", "--policy", "ingest.toml", *server)
     assert_lean(ingested)
     assert "1 accepted" in ingested["out"]

@@ -9,6 +9,12 @@ bytes and, when asked, the NaN/Inf rule over each tensor's bytes as they arrive.
 A floating-point element split across two pieces is carried over (at most 7
 bytes).  Memory: the header plus a temporary the size of one piece.
 
+The element checks read the bytes: BOOL bytes must be 0 or 1; a float is NaN
+or infinite when its exponent bits are all set.  Payloads up to
+:data:`.finite_bits.BIT_CHECK_MAX_BYTES` are checked with Python integers
+(:mod:`.finite_bits`), larger ones with NumPy, whose import costs more than
+the integer passes over a small payload.
+
 The first failure is kept, not raised: a reader must not report a payload rule
 before the signature and digest have passed (FORMAT.md 7, step 12 comes after
 steps 10-11), so it raises :attr:`PayloadScanner.error` at step 12.  A writer may
@@ -20,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import TensorPayloadError
+from .finite_bits import BIT_CHECK_MAX_BYTES, all_bool_bytes, all_finite_bytes
 from .safetensors_strict import DTYPE_SIZES, Layout, PayloadLimits, header_length, read_layout
 
 __all__ = ["PayloadScanner"]
@@ -40,6 +47,7 @@ class PayloadScanner:
         self.error: TensorPayloadError | None = None
         self._tensor = 0                # index into layout.entries of the tensor being scanned
         self._carry = bytearray()       # bytes of an element split across pieces
+        self._numpy = size > BIT_CHECK_MAX_BYTES   # check elements with NumPy (large payloads) or finite_bits
         if size < 8:
             self.error = TensorPayloadError("payload rejected: shorter than the 8-byte header length")
 
@@ -101,12 +109,8 @@ class PayloadScanner:
             at = stop
 
     def _check(self, entry: Any, piece: memoryview) -> None:
-        import numpy as np
-
-        from .arrays import DTYPES, all_finite
-
         if entry.dtype == "BOOL":
-            if len(piece) and int(np.frombuffer(piece, dtype=np.uint8).max()) > 1:
+            if not all_bool_bytes(piece):
                 raise TensorPayloadError(f"payload rejected: tensor {entry.name!r}: BOOL bytes other than 0 and 1")
             return
         if entry.dtype not in _FLOAT_CODES or not self._limits.reject_nonfinite:
@@ -118,14 +122,21 @@ class PayloadScanner:
             piece = piece[take:]
             if len(self._carry) == size:
                 element, self._carry = bytes(self._carry), bytearray()
-                self._finite(entry, np.frombuffer(element, dtype=DTYPES[entry.dtype]), all_finite)
+                self._finite(entry, element)
         whole = len(piece) - len(piece) % size
         if whole:
-            self._finite(entry, np.frombuffer(piece[:whole], dtype=DTYPES[entry.dtype]), all_finite)
+            self._finite(entry, piece[:whole])
         if whole < len(piece):
             self._carry += piece[whole:]
 
-    @staticmethod
-    def _finite(entry: Any, values: Any, all_finite: Any) -> None:
-        if not all_finite(values, entry.dtype):
+    def _finite(self, entry: Any, data: bytes | memoryview) -> None:
+        if self._numpy:
+            import numpy as np
+
+            from .arrays import DTYPES, all_finite
+
+            finite = all_finite(np.frombuffer(data, dtype=DTYPES[entry.dtype]), entry.dtype)
+        else:
+            finite = all_finite_bytes(data, entry.dtype)
+        if not finite:
             raise TensorPayloadError(f"payload rejected: tensor {entry.name!r} contains NaN or infinite values")
