@@ -182,3 +182,19 @@ def test_distill_command_with_a_proxy_folder_records_the_set(tmp_path: Path, cap
     assert main([*args[:10], "--out", str(tmp_path / "other")]) == 3   # no --proxy-images: a one-line config error
     err = capsys.readouterr().err
     assert "needs public proxy images" in err and "Traceback" not in err
+
+
+# --- studies ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_study_names_a_proxy_set_per_flag_and_never_the_hospitals_own() -> None:
+    from secure_oneshot.research.experiment import study_from_text
+
+    base = '[study]\nname = "p"\nflags = ["pneumoniamnist"]\n[server]\nmethods = ["inversion", "inversion+proxy"]\n'
+    study = study_from_text(base + 'proxy_images = { pneumoniamnist = "breastmnist:train" }\n')
+    assert dict(study.proxy_images) == {"pneumoniamnist": "breastmnist:train"}
+    assert {c.method for c in study.cells()} == {"inversion", "inversion+proxy"}
+    with pytest.raises(ConfigError, match="needs server.proxy_images for pneumoniamnist"):
+        study_from_text(base)
+    with pytest.raises(ConfigError, match="the hospitals' own data set"):
+        study_from_text(base + 'proxy_images = { pneumoniamnist = "pneumoniamnist:val" }\n')

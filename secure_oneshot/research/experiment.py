@@ -33,6 +33,8 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     [server]
     preset = "cpu"                 # a server.study preset
     methods = ["inversion"]        # inversion | generator | mixed (these two need [generator], not withheld)
+                                   # | proxy | inversion+proxy (these two need proxy_images)
+    proxy_images = { pneumoniamnist = "breastmnist:train" }   # per flag: a public set no hospital of that flag holds
     epochs = 16                    # optional override
     teacher_weighting = "equal"    # equal | label-counts | agreement (server.weighting; default: the preset's)
 
@@ -83,7 +85,7 @@ from ..keys.keyfile import UnsafePlaintextKeyWarning
 from ..policy.load import load_ingest_policy
 from ..server.execution import Execution
 from ..server.ingest import IngestFolders, ingest_inbox
-from ..server.sources import METHODS, SynthesisMethod
+from ..server.sources import METHODS, PROXY_METHODS, SynthesisMethod
 from ..server.study import PRESETS as SERVER_PRESETS
 from ..server.study import DistillJob, load_accepted, run_distillation
 from ..server.weighting import WEIGHTINGS
@@ -121,6 +123,7 @@ class Study:
     site_dp_preset: str = "dp"                              # the sites' recipe in DP cells (site_preset in the others)
     threshold_epsilon: float | None = None                  # DP binary cells: decision threshold budget; None: demo's share
     centralised: bool = False                               # also train one model on all records pooled (same recipe, epsilon)
+    proxy_images: tuple[tuple[str, str], ...] = ()           # (flag, public proxy set) for the proxy methods
 
     def cells(self) -> list[Cell]:
         generator_epsilons: tuple[float | None, ...] = self.generator_epsilons if self.generator is not None else (None,)
@@ -141,6 +144,14 @@ class Study:
                                   hint="add a [generator] table (preset, epochs, epsilons)")
             if any("generator" in w for w in self.withhold):
                 raise ConfigError(f"server.methods: {method!r} needs the generator, which policy.withhold leaves at the sites")
+        proxies = dict(self.proxy_images)
+        for flag in self.flags if set(self.methods) & set(PROXY_METHODS) else ():
+            if flag not in proxies:
+                raise ConfigError(f"server.methods: a proxy method needs server.proxy_images for {flag}",
+                                  hint=f'e.g. proxy_images = {{ {flag} = "OTHER_FLAG:train" }}: a public set no hospital holds')
+            if proxies[flag].partition(":")[0] == flag:   # every split of the study's own set is a site's or the test's
+                raise ConfigError(f"server.proxy_images: {proxies[flag]!r} for {flag} is the hospitals' own data set",
+                                  hint="name another MedMNIST set or a folder of public images")
         return self
 
 
@@ -232,6 +243,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             site_dp_preset=_choice(site.get("dp_preset", "dp"), TRAIN_PRESETS, "site.dp_preset"),
             threshold_epsilon=None if site.get("threshold_epsilon") is None else float(site["threshold_epsilon"]),
             centralised=bool(study.get("centralised", False)),
+            proxy_images=tuple((str(flag), str(spec)) for flag, spec in dict(server.get("proxy_images", {})).items()),
         ).check()
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML ({e})") from e
@@ -385,7 +397,9 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     test = to_dataset(load_medmnist(cell.flag, "test", root=data_root))
     job = DistillJob(preset=study.server_preset, seed=cell.seed, method=SynthesisMethod(cell.method),
                      epochs=int(study.server_epochs) if study.server_epochs is not None else None,
-                     teacher_weighting=study.teacher_weighting)
+                     teacher_weighting=study.teacher_weighting,
+                     proxy_images=dict(study.proxy_images).get(cell.flag, "") if cell.method in PROXY_METHODS else "",
+                     data_root=data_root)
     sites = load_accepted(server.accepted, ids["server"], trust)  # what the server holds: withheld artifacts are absent
     result = run_distillation(sites, run / "server" / "global", job, test_set=test, audit_to=(server.audit_log, ids["server"]))
     row = _row(cell, result.metrics, names, model_dirs, bytes_sent, time.perf_counter() - started)
@@ -427,8 +441,18 @@ def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str
     reports = []
     for directory in model_dirs:
         site = directory.parent.name  # cache/<key>/sites/<site>/model
-        report = audit_model_dir(directory, data_root=data_root, seed=cell.seed, shadows=shadows, generator=released_generator,
-                                 pairs_png=str(pages / f"{site}-closest-pairs.png") if released_generator else None)
+        # The audit depends only on the (cached) site model and these settings, not on what the cell releases of
+        # it or on the server side: cells sharing the site models share one audit, kept beside the model.
+        cached = directory.parent / f"audit-s{cell.seed}-shadows{shadows}-generator{int(released_generator)}.json"
+        cached_png = cached.with_suffix(".png")
+        if cached.is_file():
+            report = json.loads(cached.read_text())
+        else:
+            report = audit_model_dir(directory, data_root=data_root, seed=cell.seed, shadows=shadows, generator=released_generator,
+                                     pairs_png=str(cached_png) if released_generator else None)
+            atomic_write_bytes(cached, (json.dumps(report, indent=2) + "\n").encode())
+        if released_generator and cached_png.is_file():  # the generator's samples beside their closest records
+            atomic_write_bytes(pages / f"{site}-closest-pairs.png", cached_png.read_bytes())
         atomic_write_bytes(pages / f"{site}.json", (json.dumps(report, indent=2) + "\n").encode())
         atomic_write_bytes(pages / f"{site}.md", markdown_report(report).encode())
         reports.append(report)
