@@ -4,7 +4,8 @@ The hospital declares it in its own ``local/privacy.json`` (NVFlare's privacy sc
 
     {"scopes": [{"name": "secure-oneshot",
                  "task_result_filters": [{"path": "secure_oneshot.integrations.nvflare.site_filter.BundleResultFilter",
-                                          "args": {"site_config": "/etc/secure-oneshot/nvflare-site.toml"}}]}],
+                                          "args": {"site_config": "/etc/secure-oneshot/nvflare-site.toml"},
+                                          "direction": "out"}]}],
      "default_scope": "secure-oneshot"}
 
 The checks are :func:`~secure_oneshot.integrations.nvflare.result_check.check_result`; a blocked result raises
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.filter import ContentBlockedException, Filter
+from nvflare.apis.fl_constant import ProcessType
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
@@ -40,6 +42,10 @@ class BundleResultFilter(Filter):
         return Path(self.site_config) if self.site_config else site_config_path(fl_ctx.get_identity_name())
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if fl_ctx.get_process_type() in (ProcessType.SERVER_PARENT, ProcessType.SERVER_JOB):
+            # a site's filter guards what leaves the site; at the server (the simulator copies one local/ folder to
+            # every participant) it has nothing of the site's to guard, and the server's ingest judges the bytes
+            return shareable
         try:
             settings = load_site_settings(self._settings_path(fl_ctx))
         except SecureOneshotError as e:
@@ -56,6 +62,8 @@ class BundleResultFilter(Filter):
             raise ContentBlockedException(f"{type(e).__name__}: {e.message}") from None
         # what leaves is rebuilt from what was checked; NVFlare's own headers (task id, round) are kept
         DXO(DataKind.WEIGHTS, data=clean_params, meta=clean_meta).update_shareable(shareable)
+        what = f"bundle {clean_meta.get('bundle_id')}" if clean_meta.get("status") == "bundle" else "a refusal"
+        self.log_info(fl_ctx, f"secure-oneshot result filter: {what} may leave this site")
         return shareable
 
     def _record(self, settings, reason: str) -> None:
