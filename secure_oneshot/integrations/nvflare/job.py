@@ -3,7 +3,8 @@
 ``python -m secure_oneshot.integrations.nvflare.job --server-config /srv/nvflare-server.toml --export /tmp/jobs``
 writes the job folder ``/tmp/jobs/secure-oneshot-transfer`` for ``nvflare simulator`` or ``nvflare job submit``.
 The job asks for the privacy scope ``secure-oneshot``: each site's ``local/privacy.json`` declares that scope with the
-site's own result filter (``site_filter``), and a site without the scope refuses the job.
+site's own result filter (``site_filter``); NVFlare makes a site whose ``privacy.json`` lacks the scope refuse the
+job, while a site with no ``privacy.json`` at all runs it without the filter.
 """
 
 from __future__ import annotations
