@@ -13,7 +13,8 @@ The element checks read the bytes: BOOL bytes must be 0 or 1; a float is NaN
 or infinite when its exponent bits are all set.  Payloads up to
 :data:`.finite_bits.BIT_CHECK_MAX_BYTES` are checked with Python integers
 (:mod:`.finite_bits`), larger ones with NumPy, whose import costs more than
-the integer passes over a small payload.
+the integer passes over a small payload; a caller that imports NumPy anyway
+(one that builds arrays of the payload) asks for NumPy whatever the size.
 
 The first failure is kept, not raised: a reader must not report a payload rule
 before the signature and digest have passed (FORMAT.md 7, step 12 comes after
@@ -37,7 +38,8 @@ _FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 class PayloadScanner:
     """Feed the ``size`` bytes of a payload in order with :meth:`feed`; then read :attr:`error` / :attr:`layout`."""
 
-    def __init__(self, size: int, limits: PayloadLimits = PayloadLimits()) -> None:
+    def __init__(self, size: int, limits: PayloadLimits = PayloadLimits(), *, numpy: bool | None = None) -> None:
+        """``numpy``: check values with NumPy (True: the caller imports it anyway), or not; None: by payload size."""
         self._size = size
         self._limits = limits
         self._position = 0              # payload bytes fed so far
@@ -47,7 +49,7 @@ class PayloadScanner:
         self.error: TensorPayloadError | None = None
         self._tensor = 0                # index into layout.entries of the tensor being scanned
         self._carry = bytearray()       # bytes of an element split across pieces
-        self._numpy = size > BIT_CHECK_MAX_BYTES   # check elements with NumPy (large payloads) or finite_bits
+        self._numpy = size > BIT_CHECK_MAX_BYTES if numpy is None else numpy   # NumPy, or finite_bits
         if size < 8:
             self.error = TensorPayloadError("payload rejected: shorter than the 8-byte header length")
 

@@ -274,7 +274,8 @@ def _steps_before_stream(src: BinaryIO, identity: Identity, trust: TrustStore, l
 def _decrypt_checked(src: BinaryIO, stream_length: int, key: bytes, header: Header, sender: PublicIdentity,
                      options: VerifyOptions, sink: BinaryIO | None, progress: Progress | None) -> tuple[Manifest, Layout]:
     """Steps 8-12: decrypt into ``sink`` (None: discard), checking the payload as it passes."""
-    scanner = PayloadScanner(header.payload_size, options.limits)
+    # with a sink the payload becomes NumPy arrays (open_bundle): NumPy's checks then cost no import
+    scanner = PayloadScanner(header.payload_size, options.limits, numpy=True if sink is not None else None)
 
     def consume(piece: memoryview) -> None:
         if sink is not None:
