@@ -45,7 +45,7 @@ def test_label_columns_make_a_multi_label_source(tmp_path):
     data = source_site_data(cfg.source, 0.25, seed=0)
     assert (data.train.task, data.train.n_classes) == (MULTI_LABEL, 3)
     assert data.train.labels.shape == (6, 3) and data.val.labels.shape == (2, 3)
-    assert source_record(cfg.source)["task"] == "multi-label"
+    assert source_record(cfg.source)["classes"] == list(LABELS)
 
 
 def test_data_check_reports_positives_per_label(tmp_path, capsys):

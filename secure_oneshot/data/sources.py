@@ -79,8 +79,7 @@ def source_site_data(cfg: SourceConfig, val_fraction: float = 0.1, seed: int = 0
 
 def source_record(cfg: SourceConfig) -> dict[str, Any]:
     """What the training record says about the source: its kind and label map, never a path or a header value."""
-    return {"source": cfg.kind, "classes": list(cfg.classes), "size": cfg.size, "channels": cfg.channels,
-            **({"task": "multi-label"} if cfg.multi_label else {})}
+    return {"source": cfg.kind, "classes": list(cfg.classes), "size": cfg.size, "channels": cfg.channels}   # task: the training record's
 
 
 @dataclass
