@@ -64,6 +64,16 @@ def test_a_bad_torchrun_environment_is_a_config_error(monkeypatch: pytest.Monkey
         Distributed.from_env()
 
 
+def test_ranks_of_one_machine_share_its_cpus_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import secure_oneshot._internal.threads as threads
+
+    monkeypatch.setattr(threads, "available_cpus", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert Distributed(4, 1, 1).threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert Distributed(32, 1, 1).threads() == 1
+
+
 @pytest.mark.slow
 def test_world_size_one_under_torchrun_is_the_plain_run_bit_for_bit(site_options: list[str], tmp_path: Path) -> None:
     options = [*site_options, "--preset", "smoke", "--device", "cpu", "--threads", "1"]

@@ -62,8 +62,8 @@ def _sites(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _distill(args: argparse.Namespace) -> Result:
     from ..server.distributed import Distributed
 
-    apply_threads(args.threads)
     dist = Distributed.from_env(args.ddp_mode)   # torchrun's environment; a world of one otherwise
+    apply_threads(args.threads if args.threads is not None or not dist.active else dist.threads())
     out = _run_folder(args)
     sites, audit_to = _sites(args)
     execution = _execution(args)
@@ -134,7 +134,7 @@ def _demo(args: argparse.Namespace) -> Result:
     cfg = DemoConfig(out=out, flag=args.flag, data_root=args.data_root, preset=args.preset, sites=args.sites, alpha=args.alpha,
                      seed=args.seed, tamper=not args.no_tamper, centralised=not args.no_centralised, execution=_execution(args),
                      dp_epsilon=args.dp_epsilon, stats_epsilon=args.stats_epsilon, teacher_weighting=args.teacher_weighting,
-                     threshold_epsilon=args.threshold_epsilon)
+                     threshold_epsilon=args.threshold_epsilon, public_fraction=args.public_fraction, synthesis=args.synthesis)
     result = run_demo(cfg, say=_say)
     data = {"run": str(result.out), "metrics": result.metrics, "seconds": result.seconds, "paths": result.paths,
             "outcomes": [o.__dict__ for o in result.outcomes]}
@@ -227,6 +227,11 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     demo.add_argument("--stats-epsilon", type=float, metavar="EPS",
                       help="with --dp-epsilon: budget of the released DP feature statistics, taken out of it "
                            "(default a tenth of it)")
+    demo.add_argument("--public-fraction", type=float, default=0.0, metavar="F",
+                      help="set this fraction of the records aside, held by no hospital, as the server's public unlabelled "
+                           "images (a simulation of a public set of the same modality; the distillation then uses them)")
+    demo.add_argument("--synthesis", choices=METHODS, help="the server's images (default: proxy with --public-fraction, "
+                                                           "else inversion; generator methods need hospital generators)")
     demo.add_argument("--no-tamper", action="store_true", help="do not deliver the tampered bundle copy")
     demo.add_argument("--no-centralised", action="store_true", help="skip the pooled-data reference training")
     _add_weighting_option(demo)

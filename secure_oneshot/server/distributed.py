@@ -111,6 +111,13 @@ class Distributed:
         """Rank 0: the one process that writes."""
         return self.rank == 0
 
+    def threads(self) -> int:
+        """Default torch threads per rank: this process's CPUs shared by the ranks of this machine (``LOCAL_WORLD_SIZE``),
+        so that N ranks do not each start a thread per CPU."""
+        from .._internal.threads import available_cpus
+
+        return max(1, available_cpus() // max(1, _env_int("LOCAL_WORLD_SIZE", 1)))
+
     def device(self, requested: str) -> str:
         """This rank's device: ``cuda`` / ``auto`` with a GPU become ``cuda:LOCAL_RANK`` when several ranks run."""
         if self.active and (requested == "cuda" or (requested == "auto" and torch.cuda.is_available())):
