@@ -23,6 +23,7 @@ split, which is only evaluated: the global model is the last epoch's.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -46,7 +47,7 @@ from .client.train import PRESETS as TRAIN_PRESETS
 from .client.train import DataConfig, TrainConfig, site_data, train_classifier
 from .data import Partition, load_medmnist, partition_indices, to_dataset
 from .data.medmnist_data import num_classes
-from .data.partition import label_counts
+from .data.partition import label_counts, public_indices
 from .errors import ConfigError
 from .keys import Identity, TrustEntry, TrustStore, load_trust_store, save_identity, save_trust_store
 from .keys.keyfile import UnsafePlaintextKeyWarning
@@ -57,6 +58,7 @@ from .policy.signatures import sign_policy
 from .research.html_study import write_demo_report
 from .server.execution import Execution
 from .server.ingest import BundleOutcome, IngestFolders, ingest_inbox
+from .server.sources import PROXY_METHODS, SynthesisMethod
 from .server.study import DistillJob, DistillRun, load_accepted, metrics_markdown, run_distillation
 
 __all__ = ["DemoConfig", "DemoResult", "DEMO_PRESETS", "run_demo", "metrics_table", "summary_lines", "create_identities",
@@ -106,6 +108,12 @@ class DemoConfig:
     generator: dict[str, Any] | None = None  # sites also train a diffusion generator: SiteConfig [generator] options
     execution: Execution = field(default_factory=Execution)
     teacher_weighting: str | None = None  # the server's teacher (server.weighting); None: the preset's default
+    public_fraction: float = 0.0     # set this fraction of the records aside as the server's public unlabelled images
+    synthesis: str | None = None     # server.sources method; None: "proxy" with a public set, else "inversion"
+
+    @property
+    def resolved_synthesis(self) -> str:
+        return self.synthesis or ("proxy" if self.public_fraction > 0 else "inversion")
 
     def __post_init__(self) -> None:
         self.training_epsilon  # noqa: B018 -- refuse a budget the statistics take whole before anything is written
@@ -294,15 +302,27 @@ def write_policies(run: Path, ids: dict[str, Identity], site_names: list[str]) -
 def demo_partition(cfg: DemoConfig, preset: DemoPreset, run: Path) -> Partition:
     # alpha -> infinity is the even split (studies write it "iid"); Partition ignores alpha there.
     scheme = "iid" if math.isinf(cfg.alpha) else "dirichlet"
-    partition = Partition(n_sites=preset.sites, scheme=scheme, alpha=cfg.alpha if scheme == "dirichlet" else Partition.alpha, seed=cfg.seed)
+    partition = Partition(n_sites=preset.sites, scheme=scheme, alpha=cfg.alpha if scheme == "dirichlet" else Partition.alpha, seed=cfg.seed,
+                          public_fraction=cfg.public_fraction)
     splits = [load_medmnist(cfg.flag, s, root=cfg.data_root) for s in ("train", "val")]
     labels = np.concatenate([s.labels for s in splits])
     parts = partition_indices(labels, partition)
-    summary = {"flag": cfg.flag, "partition": partition.__dict__,
+    public = public_indices(len(labels), partition)
+    summary = {"flag": cfg.flag, "partition": partition.__dict__, "public_records": len(public),
                "sites": [{"site": i, "records": len(p), "label_counts": c} for i, (p, c) in
                          enumerate(zip(parts, label_counts(labels, parts, splits[0].n_classes)))]}
     atomic_write_bytes(run / "partition.json", (json.dumps(summary, indent=2) + "\n").encode("ascii"))
+    if len(public):   # the server's public images (labels dropped): records no hospital holds
+        images = np.concatenate([s.images for s in splits])[public]
+        buffer = io.BytesIO()
+        np.savez(buffer, images=images)
+        public_images_path(run).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(public_images_path(run), buffer.getvalue())
     return partition
+
+
+def public_images_path(run: Path) -> Path:
+    return run / "server" / "public-images.npz"
 
 
 def _data_config(cfg: DemoConfig, partition: Partition, site: int) -> DataConfig:
@@ -438,11 +458,14 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     for o in outcomes:
         say(f"  {o.outcome:11s} {o.file}{'  (' + o.error + ': ' + o.reason + ')' if o.error else ''}")
     lap("ingest")
-    say(f"[5/6] distil a global model from the accepted bundles (preset {preset.server}, "
+    public = f", {cfg.resolved_synthesis} with {cfg.public_fraction:g} of the records as public images" if cfg.public_fraction else ""
+    say(f"[5/6] distil a global model from the accepted bundles (preset {preset.server}{public}, "
         f"{cfg.execution.describe()['device']}, {cfg.execution.describe()['precision']})")
     sites = load_accepted(server.accepted, ids["server"], trust)
     test = to_dataset(load_medmnist(cfg.flag, "test", root=cfg.data_root))
-    job = DistillJob(preset=preset.server, execution=cfg.execution, seed=cfg.seed, teacher_weighting=cfg.teacher_weighting)
+    proxy = str(public_images_path(run)) if cfg.public_fraction > 0 else ""
+    job = DistillJob(preset=preset.server, execution=cfg.execution, seed=cfg.seed, teacher_weighting=cfg.teacher_weighting,
+                     method=SynthesisMethod(cfg.resolved_synthesis), proxy_images=proxy if cfg.resolved_synthesis in PROXY_METHODS else "")
     run_result = run_distillation(sites, run / "server" / "global", job, test_set=test, progress=True,
                                   audit_to=(server.audit_log, ids["server"]))
     lap("distill")

@@ -198,3 +198,49 @@ def test_a_study_names_a_proxy_set_per_flag_and_never_the_hospitals_own() -> Non
         study_from_text(base)
     with pytest.raises(ConfigError, match="the hospitals' own data set"):
         study_from_text(base + 'proxy_images = { pneumoniamnist = "pneumoniamnist:val" }\n')
+
+
+# --- a public set carved out of the pool (demo --public-fraction) ---------------------------------------------------
+
+
+def test_public_records_go_to_no_site_and_leave_the_site_draw_alone_when_none_are_taken() -> None:
+    from secure_oneshot.data.partition import Partition, _site_indices, partition_indices, public_indices
+
+    labels = np.random.default_rng(3).integers(0, 2, 2000)
+    plain = Partition(n_sites=5, scheme="dirichlet", alpha=0.5, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(partition_indices(labels, plain), _site_indices(labels, plain)))
+    carved = Partition(n_sites=5, scheme="dirichlet", alpha=0.5, seed=4, public_fraction=0.1)
+    parts, public = partition_indices(labels, carved), public_indices(len(labels), carved)
+    assert len(public) == 200 and np.array_equal(public, public_indices(len(labels), carved))   # fixed by the seed
+    held = np.concatenate(parts)
+    assert len(np.intersect1d(held, public)) == 0 and len(held) + len(public) == len(labels) and len(np.unique(held)) == len(held)
+    with pytest.raises(ConfigError, match="public_fraction"):
+        Partition(public_fraction=1.0)
+
+
+def test_the_demo_writes_the_public_records_images_only_and_the_server_reads_them(tmp_path: Path, data_root) -> None:  # noqa: F811
+    from secure_oneshot.data.partition import public_indices
+    from secure_oneshot.demo import DemoConfig, demo_partition, public_images_path
+
+    cfg = DemoConfig(out=tmp_path, data_root=str(data_root), preset="smoke", public_fraction=0.05)
+    partition = demo_partition(cfg, cfg.resolved_preset(), tmp_path)
+    with np.load(data_root / "pneumoniamnist.npz") as npz:
+        pool = np.concatenate([npz["train_images"], npz["val_images"]])
+    expected = pool[public_indices(len(pool), partition)]
+    with np.load(public_images_path(tmp_path), allow_pickle=False) as npz:
+        assert npz.files == ["images"]                                  # no labels reach the server
+    proxy = load_proxy_images(str(public_images_path(tmp_path)), size=28, channels=1)
+    assert np.array_equal(proxy.images, expected) and proxy.source == "file public-images.npz"
+    assert json.loads((tmp_path / "partition.json").read_text())["public_records"] == len(expected) == round(0.05 * len(pool))
+    assert cfg.resolved_synthesis == "proxy"
+
+
+@pytest.mark.parametrize("arrays, message", [({"images": np.zeros((2, 28, 28), np.float32)}, "expected uint8"),
+                                             ({"images": np.zeros((2, 14, 14), np.uint8)}, "expected uint8"),
+                                             ({"pixels": np.zeros((2, 28, 28), np.uint8)}, "not a proxy image file"),
+                                             ({"images": np.array([{"a": 1}], dtype=object)}, "not a proxy image file")])
+def test_a_bad_proxy_file_is_refused(tmp_path: Path, arrays, message: str) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=message):
+        load_proxy_images(str(path), size=28, channels=1)

@@ -11,7 +11,10 @@ Two kinds of source, both resized to the sites' image size and channel count:
 * ``FLAG`` or ``FLAG:SPLIT`` -- a MedMNIST set under the data root (``pneumoniamnist:val``; default split
   ``train``).  In a study, the *other* MedMNIST set is a public set that no simulated hospital holds.
 * a directory -- every PNG, JPEG and TIFF file below it (links, devices and hidden files skipped, files read
-  through the same guarded reader as a hospital's own images: size caps, decompression-bomb guard).
+  through the same guarded reader as a hospital's own images: size caps, decompression-bomb guard);
+* a ``.npz`` file with one uint8 array ``images`` of shape ``(N, H, W)`` or ``(N, H, W, 3)`` at the sites' size
+  (what ``demo --public-fraction`` writes: records set aside from the hospitals' pool, a simulation of public
+  images of the same modality).
 
 What this module does not do: choose whether proxy images are used (``distill --synthesis``), or import torch
 (the caller turns the uint8 array into tensors).
@@ -58,6 +61,8 @@ def load_proxy_images(spec: str, *, size: int, channels: int, data_root: str | o
     path = Path(spec)
     if path.is_dir():
         images, source = _directory(path, size, channels), f"directory {path.name}"
+    elif path.suffix == ".npz" and path.is_file():
+        images, source = _npz(path, size, channels), f"file {path.name}"
     else:
         images, source = _medmnist(spec, size, channels, data_root)
     if len(images) == 0:
@@ -81,6 +86,27 @@ def _medmnist(spec: str, size: int, channels: int, data_root: str | os.PathLike[
     if len(images) > MAX_PROXY_IMAGES:
         raise DataError(f"the proxy set {spec} has {len(images)} images, over {MAX_PROXY_IMAGES}", hint="use a smaller split")
     return _fit_channels(images, channels), f"{flag}:{split}"
+
+
+def _npz(path: Path, size: int, channels: int) -> np.ndarray:
+    from .image_files import read_regular_file
+
+    import io
+
+    limit = MAX_PROXY_IMAGES * size * size * 3 + (1 << 20)
+    blob = read_regular_file(path, path.name, limit=limit)
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            if npz.zip.getinfo("images.npy").file_size > limit:   # a compressed member is bounded before it is inflated
+                raise DataError(f"{path.name}: the images array is over {limit} bytes", hint="subsample it first")
+            images = npz["images"]
+    except (KeyError, ValueError, OSError) as e:
+        raise DataError(f"{path.name} is not a proxy image file ({e})", hint="it needs one uint8 array named images") from e
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[1:3] != (size, size) \
+            or (images.ndim == 4 and images.shape[3] != 3) or len(images) > MAX_PROXY_IMAGES:
+        raise DataError(f"{path.name}: images are {images.dtype} {images.shape}; expected uint8 (N, {size}, {size}[, 3]), "
+                        f"N <= {MAX_PROXY_IMAGES}", hint="write the images at the sites' size")
+    return _fit_channels(images, channels)
 
 
 def _fit_channels(images: np.ndarray, channels: int) -> np.ndarray:
