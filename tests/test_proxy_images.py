@@ -244,3 +244,20 @@ def test_a_bad_proxy_file_is_refused(tmp_path: Path, arrays, message: str) -> No
     np.savez(path, **arrays)
     with pytest.raises(DataError, match=message):
         load_proxy_images(str(path), size=28, channels=1)
+
+
+def test_a_study_can_take_its_public_set_from_the_pool_and_its_sites_are_cached_apart() -> None:
+    from dataclasses import replace
+
+    from secure_oneshot.research.experiment import _cache_key, _site_setup, study_from_text
+
+    text = ('[study]\nname = "p"\nflags = ["pneumoniamnist"]\npublic_fraction = 0.1\n'
+            '[site]\nepsilons = [8.0]\n[server]\nmethods = ["inversion", "proxy"]\n')
+    study = study_from_text(text)
+    cell = study.cells()[0]
+    cfg, preset = _site_setup(study, cell, None)
+    assert cfg.public_fraction == 0.1
+    without = replace(cfg, public_fraction=0.0)
+    assert _cache_key(cfg, preset) != _cache_key(without, preset)      # other site models
+    plain, plain_preset = _site_setup(study_from_text(text.replace("public_fraction = 0.1\n", "").replace(', "proxy"', "")), cell, None)
+    assert _cache_key(plain, plain_preset) == _cache_key(without, preset)   # fraction 0 is a study without a public set

@@ -10,6 +10,8 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     seeds = [0, 1, 2]
     data_root = "../shared/data/medmnist"   # optional (else --data-root / $SECURE_ONESHOT_DATA)
     centralised = true             # optional: a reference trained on all records pooled, same recipe and epsilon
+    public_fraction = 0.1          # optional: this fraction of the records goes to no hospital: the server's public
+                                   # unlabelled images for the proxy methods (demo --public-fraction)
 
     [site]
     architecture = "small-cnn"
@@ -35,6 +37,7 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     methods = ["inversion"]        # inversion | generator | mixed (these two need [generator], not withheld)
                                    # | proxy | inversion+proxy (these two need proxy_images)
     proxy_images = { pneumoniamnist = "breastmnist:train" }   # per flag: a public set no hospital of that flag holds
+                                   # (default with study.public_fraction: the records set aside)
     epochs = 16                    # optional override
     teacher_weighting = "equal"    # equal | label-counts | agreement (server.weighting; default: the preset's)
 
@@ -47,7 +50,8 @@ runs identities ->
 partition -> train each site -> policy-checked signed encrypted export ->
 ingest -> distil -> baselines on the test split (the last epoch's model; the
 test split is only evaluated).  Site models are cached under
-``OUT/cache/<key>`` and shared by cells that differ only in what is released or in the server side;
+``OUT/cache/<key>`` and shared by cells that differ only in what is released or in the server side (so are
+their privacy audits, kept beside each model);
 each finished (cell, seed) writes ``OUT/cells/<id>/result.json`` atomically
 and is skipped when the study runs again, so an interrupted study resumes
 where it stopped.  ``results.csv`` / ``results.json`` (one row per cell and
@@ -77,7 +81,7 @@ from .._internal.atomic import atomic_write_bytes
 from .._internal.compat import tomllib
 from ..client.train import PRESETS as TRAIN_PRESETS
 from ..data import Partition, load_medmnist, to_dataset
-from ..demo import (DemoConfig, DemoPreset, centralised_reference, create_identities, demo_partition, export_all, train_sites,
+from ..demo import (DemoConfig, public_images_path, DemoPreset, centralised_reference, create_identities, demo_partition, export_all, train_sites,
                     write_policies)
 from ..errors import ConfigError
 from ..keys import load_identity, load_trust_store
@@ -124,6 +128,7 @@ class Study:
     threshold_epsilon: float | None = None                  # DP binary cells: decision threshold budget; None: demo's share
     centralised: bool = False                               # also train one model on all records pooled (same recipe, epsilon)
     proxy_images: tuple[tuple[str, str], ...] = ()           # (flag, public proxy set) for the proxy methods
+    public_fraction: float = 0.0                            # records set aside as the server's public images
 
     def cells(self) -> list[Cell]:
         generator_epsilons: tuple[float | None, ...] = self.generator_epsilons if self.generator is not None else (None,)
@@ -146,10 +151,10 @@ class Study:
                 raise ConfigError(f"server.methods: {method!r} needs the generator, which policy.withhold leaves at the sites")
         proxies = dict(self.proxy_images)
         for flag in self.flags if set(self.methods) & set(PROXY_METHODS) else ():
-            if flag not in proxies:
+            if flag not in proxies and self.public_fraction == 0:
                 raise ConfigError(f"server.methods: a proxy method needs server.proxy_images for {flag}",
                                   hint=f'e.g. proxy_images = {{ {flag} = "OTHER_FLAG:train" }}: a public set no hospital holds')
-            if proxies[flag].partition(":")[0] == flag:   # every split of the study's own set is a site's or the test's
+            if flag in proxies and proxies[flag].partition(":")[0] == flag:   # every split of the study's own set is a site's or the test's
                 raise ConfigError(f"server.proxy_images: {proxies[flag]!r} for {flag} is the hospitals' own data set",
                                   hint="name another MedMNIST set or a folder of public images")
         return self
@@ -242,7 +247,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
                                                                                      "server.teacher_weighting"),
             site_dp_preset=_choice(site.get("dp_preset", "dp"), TRAIN_PRESETS, "site.dp_preset"),
             threshold_epsilon=None if site.get("threshold_epsilon") is None else float(site["threshold_epsilon"]),
-            centralised=bool(study.get("centralised", False)),
+            centralised=bool(study.get("centralised", False)), public_fraction=float(study.get("public_fraction", 0.0)),
             proxy_images=tuple((str(flag), str(spec)) for flag, spec in dict(server.get("proxy_images", {})).items()),
         ).check()
     except tomllib.TOMLDecodeError as e:
@@ -275,7 +280,8 @@ def _site_setup(study: Study, cell: Cell, data_root: str | None) -> tuple[DemoCo
             generator["dp_epsilon"] = cell.generator_epsilon
     cfg = DemoConfig(out=Path("."), flag=cell.flag, data_root=data_root, sites=study.sites, alpha=cell.alpha, seed=cell.seed,
                      dp_epsilon=None if math.isinf(cell.epsilon) else cell.epsilon, stats_epsilon=study.stats_epsilon,
-                     generator=generator, execution=Execution(), threshold_epsilon=study.threshold_epsilon)
+                     generator=generator, execution=Execution(), threshold_epsilon=study.threshold_epsilon,
+                     public_fraction=study.public_fraction)
     return cfg, DemoPreset(study.sites, study.architecture, train, study.server_preset, dp_train)
 
 
@@ -283,6 +289,8 @@ def _cache_key(cfg: DemoConfig, preset: DemoPreset) -> str:
     """What determines the site models (not the server side)."""
     key = {"flag": cfg.flag, "alpha": cfg.alpha, "seed": cfg.seed, "dp": cfg.dp_epsilon, "stats": cfg.resolved_stats_epsilon,
            "sites": preset.sites, "architecture": preset.architecture, "train": asdict(preset.train), "generator": cfg.generator}
+    if cfg.public_fraction:   # (absent otherwise, so that the keys of studies without a public set stay as they were)
+        key["public_fraction"] = cfg.public_fraction
     if cfg.dp_epsilon is not None:  # the recipe DP sites actually train with
         key |= {"train": asdict(preset.dp_train), "threshold": cfg.resolved_threshold_epsilon, "label_counts": cfg.label_counts_epsilon}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -309,7 +317,7 @@ def centralised_row(out: Path, study: Study, cell: Cell, data_root: str | None) 
     if path.is_file():
         metrics = json.loads(path.read_text())
     else:
-        partition = Partition(n_sites=study.sites, scheme="iid", seed=cell.seed)
+        partition = Partition(n_sites=study.sites, scheme="iid", seed=cell.seed, public_fraction=study.public_fraction)
         metrics = centralised_reference(cfg, preset, partition, private=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(metrics).encode())
@@ -398,7 +406,7 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     job = DistillJob(preset=study.server_preset, seed=cell.seed, method=SynthesisMethod(cell.method),
                      epochs=int(study.server_epochs) if study.server_epochs is not None else None,
                      teacher_weighting=study.teacher_weighting,
-                     proxy_images=dict(study.proxy_images).get(cell.flag, "") if cell.method in PROXY_METHODS else "",
+                     proxy_images=_proxy_images(study, cell, out, data_root) if cell.method in PROXY_METHODS else "",
                      data_root=data_root)
     sites = load_accepted(server.accepted, ids["server"], trust)  # what the server holds: withheld artifacts are absent
     result = run_distillation(sites, run / "server" / "global", job, test_set=test, audit_to=(server.audit_log, ids["server"]))
@@ -409,6 +417,15 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
         row.update(_membership(model_dirs, result.student, cell, data_root, study.audit_shadows, run / "audit"))
         row.update(_synthetic_memorisation(sites, cell, data_root, result.synth))
     return row
+
+
+def _proxy_images(study: Study, cell: Cell, out: Path, data_root: str | None) -> str:
+    """The cell's public set: the one named for its flag, else the records its site partition set aside."""
+    named = dict(study.proxy_images).get(cell.flag)
+    if named:
+        return named
+    cfg, preset = _site_setup(study, cell, data_root)
+    return str(public_images_path(out / "cache" / _cache_key(cfg, preset)))
 
 
 def _synthetic_memorisation(sites: list[Any], cell: Cell, data_root: str | None, synth: Any) -> dict[str, float]:
