@@ -261,3 +261,27 @@ def test_a_study_can_take_its_public_set_from_the_pool_and_its_sites_are_cached_
     assert _cache_key(cfg, preset) != _cache_key(without, preset)      # other site models
     plain, plain_preset = _site_setup(study_from_text(text.replace("public_fraction = 0.1\n", "").replace(', "proxy"', "")), cell, None)
     assert _cache_key(plain, plain_preset) == _cache_key(without, preset)   # fraction 0 is a study without a public set
+
+
+def test_a_stopped_cell_starts_over_instead_of_meeting_its_old_bundles(tmp_path: Path, monkeypatch) -> None:
+    """A distillation checkpoint is fingerprinted with the accepted bundles, and a rerun exports new ones: the cell's
+    leftovers (inbox, ledger, checkpoint) go, so the rerun neither trips over them nor mixes them in."""
+    from secure_oneshot.research import experiment
+
+    study = experiment.study_from_text('[study]\nname = "p"\nflags = ["pneumoniamnist"]\nsites = 2\n')
+    cell = study.cells()[0]
+    leftover = tmp_path / "cells" / cell.id / "server" / "global" / "checkpoint" / "epoch-000001" / "state.json"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("{}")
+    monkeypatch.setattr(experiment, "_cached_sites", lambda *a: [tmp_path / "a", tmp_path / "b"])
+
+    class Stop(Exception):
+        pass
+
+    def export_all(*args, **kwargs):
+        assert not leftover.exists()
+        raise Stop
+
+    monkeypatch.setattr(experiment, "export_all", export_all)
+    with pytest.raises(Stop):
+        experiment.run_cell(study, cell, tmp_path, None, say=lambda line: None)

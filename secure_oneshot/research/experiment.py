@@ -67,6 +67,7 @@ import io
 import itertools
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -394,6 +395,9 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     cfg, preset = _site_setup(study, cell, data_root)
     model_dirs = _cached_sites(out, cfg, preset, names, say)
     run = out / "cells" / cell.id
+    # A cell is run whole: what a stopped attempt left (bundles, ledger, a distillation checkpoint fingerprinted
+    # with its bundles) is removed.  Finished cells never get here (run_study skips them); site models are cached.
+    shutil.rmtree(run, ignore_errors=True)
     server = IngestFolders.under(run / "server")
     delivered = export_all(names, model_dirs, ids, export_policy, trust_file, server.inbox, run, say, without=frozenset(cell.withheld))
     bytes_sent = sum(p.stat().st_size for p in delivered)
