@@ -26,8 +26,20 @@ Zen 2 and later; Zen 1 has half); AVX 16; else 8.  Override with ``--peak-gflops
 the GPU's peak is not modelled (pass ``--peak-gflops``).  The last line is the ratio of
 images per CPU-second (new / baseline).
 
-    python benchmarks/distill.py [--sites 5] [--architecture small-cnn] [--batch-size 64] [--steps 20]
-                                 [--image-size 28] [--device cpu] [--repeat 3] [--threads 1] [--baseline CHECKOUT]
+Every measurement also reports the peak memory of its timed epoch: on CPU the process's peak
+resident set (``VmHWM``, reset before the epoch through ``/proc/self/clear_refs``; where that
+is not possible, the process's lifetime peak ``ru_maxrss``), on CUDA
+``torch.cuda.max_memory_allocated`` (reset before the epoch).  ``--memory-steps 4,16`` runs
+only this implementation, once per step count, and prints the peaks side by side: with the
+inversion's snapshots streamed to the student, memory does not grow with the step count.
+
+``--size`` (``--image-size``) is the MedMNIST+ size; the site models are the architecture a
+site config that names none trains at that size (small-cnn at 28 px, ResNet-18 above, with
+the ImageNet stem at 128 and 224 px) unless ``--architecture`` names one.
+
+    python benchmarks/distill.py [--sites 5] [--architecture ARCH] [--batch-size 64] [--steps 20]
+                                 [--size 28] [--device cpu] [--repeat 3] [--threads 1] [--baseline CHECKOUT]
+                                 [--memory-steps 4,16]
 """
 
 from __future__ import annotations
@@ -82,6 +94,25 @@ def one_epoch(models, cfg, synth, execution) -> None:  # type: ignore[no-untyped
     distill(build_classifier(cfg), models, synth, DistillConfig(epochs=1), execution=execution)
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak resident set of this process (Linux ``clear_refs`` 5); False where not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes(was_reset: bool) -> tuple[int, str]:
+    if was_reset:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "peak RSS of the timed epoch"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process"   # Linux: KiB
+
+
 def worker(args: argparse.Namespace) -> None:
     """One measurement (in its own process): a warm-up epoch, then one timed epoch; prints JSON."""
     import torch
@@ -94,13 +125,18 @@ def worker(args: argparse.Namespace) -> None:
                  else Execution(device=args.device))
     cfg, models, synth = _setup(args)
     one_epoch(models, cfg, synth, execution)   # warm-up (and, where the code calibrates, its measurement: then cached)
-    sync = torch.cuda.synchronize if execution.torch_device.type == "cuda" else (lambda: None)
+    cuda = execution.torch_device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    was_reset = False if cuda else _reset_peak_rss()
     wall, cpu = time.perf_counter(), time.process_time()
     one_epoch(models, cfg, synth, execution)
     sync()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(json.dumps({"wall": wall, "cpu": cpu, "code": str(Path(secure_oneshot.__file__).parents[1])}))
+    peak, kind = (torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated") if cuda else _peak_rss_bytes(was_reset)
+    print(json.dumps({"wall": wall, "cpu": cpu, "peak_bytes": peak, "peak_kind": kind, "code": str(Path(secure_oneshot.__file__).parents[1])}))
 
 
 def cpu_peak(threads: int, clock_ghz: float | None) -> tuple[float, str]:
@@ -153,13 +189,28 @@ def _shared(args: argparse.Namespace) -> list[str]:
             "--threads", str(args.threads)]
 
 
+def memory_by_steps(args: argparse.Namespace, step_counts: list[int]) -> None:
+    """This implementation's peak memory per epoch at each inversion step count (one run each)."""
+    print(f"{args.sites} x {args.architecture} at {args.image_size} px, {args.batch_size} images per step on {args.device}, "
+          f"{args.threads} thread(s): peak memory of one epoch by inversion steps")
+    peaks = []
+    for steps in step_counts:
+        got = measure(argparse.Namespace(**{**vars(args), "steps": steps}), "implementation", str(ROOT), "implementation")
+        images = args.batch_size * steps
+        peaks.append(got["peak_bytes"])
+        print(f"  steps {steps:4d}: peak {got['peak_bytes'] / 2**20:8.1f} MiB ({got['peak_kind']}); wall {got['wall']:.2f} s, "
+              f"{images / got['wall']:.2f} images/s, {images / got['cpu']:.2f} images per CPU-second", flush=True)
+    print(f"peak at {step_counts[-1]} steps / peak at {step_counts[0]} steps: {peaks[-1] / peaks[0]:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=5)
-    parser.add_argument("--architecture", default="small-cnn")
+    parser.add_argument("--architecture", help="site and student architecture (default: a site config's default at --size)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--image-size", "--size", dest="image_size", type=int, default=28, help="image size in pixels (28, 64, 128, 224)")
+    parser.add_argument("--memory-steps", metavar="A,B,...", help="only: this implementation's peak memory at each inversion step count")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; each version runs once per round (alternating)")
     parser.add_argument("--threads", type=int, default=1)
@@ -168,8 +219,16 @@ def main() -> None:
     parser.add_argument("--peak-gflops", type=float, help="the FP32 peak to compare with, instead of the CPU model's")
     parser.add_argument("--worker", choices=("plain", "implementation"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.architecture is None:
+        sys.path.insert(0, str(ROOT))
+        from secure_oneshot.models.specs import config_default_architecture
+
+        args.architecture = config_default_architecture(args.image_size)
     if args.worker:
         worker(args)
+        return
+    if args.memory_steps:
+        memory_by_steps(args, [int(s) for s in args.memory_steps.split(",")])
         return
 
     versions = ([("baseline", str(Path(args.baseline).resolve()), "implementation"), ("this checkout", str(ROOT), "implementation")]
@@ -190,10 +249,13 @@ def main() -> None:
             print(f"  round {round_ + 1} {name:14s} wall {got['wall']:6.2f} s  cpu {got['cpu']:6.2f} s  ({got['code']})", flush=True)
             previous = best.get(name)
             best[name] = {k: min(got[k], previous[k]) if previous else got[k] for k in ("wall", "cpu")}
+            best[name] |= {"peak_bytes": max(got.get("peak_bytes", 0), previous["peak_bytes"] if previous else 0),
+                           "peak_kind": got.get("peak_kind", "not measured (baseline)")}
     for name, _, _ in versions:
         wall, cpu = best[name]["wall"], best[name]["cpu"]
         print(f"{name:14s} min wall {wall:.2f} s, min CPU {cpu:.2f} s per epoch: {images / cpu:.1f} images per CPU-second, "
-              f"{images / wall:.1f} images/s; {flops / cpu / 1e9:.1f} GFLOP per CPU-second = {flops / cpu / peak:.2f} of the FP32 peak")
+              f"{images / wall:.1f} images/s; {flops / cpu / 1e9:.1f} GFLOP per CPU-second = {flops / cpu / peak:.2f} of the FP32 peak; "
+              f"peak memory {best[name]['peak_bytes'] / 2**20:.1f} MiB ({best[name]['peak_kind']}, largest over rounds)")
     (old, _, _), (new, _, _) = versions
     print(f"images per CPU-second, {new} / {old}: {best[old]['cpu'] / best[new]['cpu']:.2f}x "
           f"(wall: {best[old]['wall'] / best[new]['wall']:.2f}x)")
