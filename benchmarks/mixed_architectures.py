@@ -53,8 +53,8 @@ def main(argv: list[str]) -> None:
     ids, trust_file = create_identities(run, names)
     export_policy, ingest_policy = write_policies(run, ids, names)
     # The demo's ingest policy lists the architectures the demo trains; this study adds the others it names.
-    text = ingest_policy.read_text()
-    ingest_policy.write_text(text.replace('architectures = [', f'architectures = [{", ".join(repr(a).replace(chr(39), chr(34)) for a in sorted(ARCHITECTURES))}, ', 1))
+    listed = ", ".join(f'"{a}"' for a in sorted(ARCHITECTURES))
+    ingest_policy.write_text(ingest_policy.read_text().replace("architectures = [", f"architectures = [{listed}, ", 1))
     partition = demo_partition(cfg, preset, run)
     dirs = []
     for i, (name, arch) in enumerate(zip(names, architectures)):

@@ -2,10 +2,11 @@
 
 What it does: lists the records of a ``folder`` source (``root/<class name>/...``, classes mapped to indices by
 the config's explicit ``classes`` list) or of a ``manifest``/``dicom`` source (a CSV with a path column and a
-label column, or one 0/1 column per label for a multi-label task, paths relative to the CSV's folder); reads each file through one guarded path (no symbolic link,
-no FIFO or device, no path leaving the manifest's folder, a byte cap); decodes PNG/JPEG/TIFF with Pillow under a
-pixel cap (decompression bombs) and DICOM through :mod:`.dicom_files`; converts to grey or RGB and fits the
-image to ``size`` x ``size`` (centre crop to a square, then resize).
+label column, or one 0/1 column per label for a multi-label task, paths relative to the CSV's folder); reads each
+file through one guarded path (no symbolic link, no FIFO or device, no path leaving the manifest's folder, a byte
+cap); decodes PNG/JPEG/TIFF with Pillow under a pixel cap (decompression bombs) and DICOM through
+:mod:`.dicom_files`; converts to grey or RGB and fits the image to ``size`` x ``size`` (centre crop to a square,
+then resize).
 
 What it does not do: import torch (``secure-oneshot data check`` runs without it), follow links, or guess a label
 map from directory order: every hospital names its classes in the same order in its config.

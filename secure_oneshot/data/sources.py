@@ -27,7 +27,8 @@ from .image_files import CHECK_HINT, SOURCES, Entry, Finding, SourceConfig, deco
 # medmnist's name of the multi-label task type (medmnist_data.MULTI_LABEL; not imported from there, which loads torch).
 MULTI_LABEL = "multi-label, binary-class"
 
-__all__ = ["source_task", "SOURCES", "SourceConfig", "LoadedSource", "CheckReport", "load_source", "check_source", "source_site_data", "source_record"]
+__all__ = ["source_task", "SOURCES", "SourceConfig", "LoadedSource", "CheckReport", "load_source", "check_source", "source_site_data",
+           "source_record"]
 
 
 @dataclass(frozen=True)
