@@ -10,7 +10,8 @@ from secure_oneshot.errors import ConfigError
 from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
 from secure_oneshot.server.ensemble import Ensemble, normalise_weights
 from secure_oneshot.server.execution import Execution
-from secure_oneshot.server.study import DistillJob, SiteModel, _label_counts, teacher_weights
+from secure_oneshot.server.site_models import _label_counts
+from secure_oneshot.server.study import DistillJob, SiteModel, teacher_weights
 from secure_oneshot.server.synthesis import InversionConfig
 from secure_oneshot.server.weighting import LABEL_COUNT_FLOOR, agreement_weights, cohen_kappa, label_count_weights
 

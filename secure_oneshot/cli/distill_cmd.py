@@ -23,7 +23,7 @@ from .output import Result  # noqa: E402
 if TYPE_CHECKING:
     from ..keys import Identity
     from ..server.distributed import Distributed
-    from ..server.study import SiteModel
+    from ..server.site_models import SiteModel
 
 __all__ = ["register", "PRESET_HELP"]
 
@@ -45,7 +45,7 @@ def _sites(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ..keys import load_trust_store
     from ..policy.load import load_ingest_policy
     from ..server.ingest import IngestFolders
-    from ..server.study import load_accepted, load_model_dirs
+    from ..server.site_models import load_accepted, load_model_dirs
     from .keys_cmd import trust_path
     from .secrets import load_private_identity
 

@@ -45,7 +45,7 @@ from ..client.train import DataConfig, TrainConfig, site_data, train_classifier
 from ..data import Partition, to_dataset
 from ..errors import ConfigError, DataError
 from ..models.classifier import ClassifierConfig
-from ..server.study import load_model_dirs
+from ..server.site_models import load_model_dirs
 from .membership import lira_offline, loss_attack
 
 __all__ = ["audit_model_dir"]
