@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from secure_oneshot.errors import PrivacyError
-from secure_oneshot.policy import opacus_accounting
+from secure_oneshot.policy import dp, opacus_accounting
 from secure_oneshot.policy.dp import PRV_DELTA_ERROR_RATIO, PRV_EPS_ERROR, RDP_ORDERS, compute_epsilon
 
 HISTORIES = [
@@ -152,5 +152,6 @@ def test_prv_derives_its_domain_once(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in holders:
         monkeypatch.setattr(module, "compute_safe_domain_size", counting)
     history = ((1.0, 0.01, 1000), (1.5, 0.02, 300))
+    dp._epsilon_of.cache_clear()   # a history recomputed earlier in this process would be remembered, not recomputed
     assert compute_epsilon("prv", history, 1e-5) == _opacus_epsilon("prv", history, 1e-5)
     assert len(calls) == 1

@@ -40,6 +40,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
@@ -503,7 +504,14 @@ def compute_epsilon(accountant: str, history: Iterable[Sequence[Any]], delta: fl
     name = _check_accountant(accountant)
     entries = _check_history(history, "history")
     target = _check_delta(delta)
-    entries = _check_recomputable(entries)
+    return _epsilon_of(name, _check_recomputable(entries), target)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_of(name: str, entries: tuple[tuple[float, float, int], ...], target: float) -> float:
+    """:func:`compute_epsilon` of a checked history, remembered: a pure function of its arguments (the whole
+    history is the key), and every DP record is verified several times in one process (each export's policy
+    check, each ingest, each load of an accepted bundle), at seconds of accounting each.  Errors are not kept."""
     try:
         import numpy as np   # with the accountants, not with every policy read
 
