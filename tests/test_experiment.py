@@ -219,6 +219,7 @@ def test_withheld_bn_statistics_never_reach_the_server(generator_study) -> None:
     assert [s["bn_statistics"] for s in sites("breastmnist-a1-epsinf-gen8-no_bn_statistics-mixed-s0")] == [False, False]
     assert [s["bn_statistics"] for s in sites("breastmnist-a1-eps8-gen8-no_bn_statistics-mixed-s0")] == [None, None]  # DP: GroupNorm
     assert len(list((out / "cache").iterdir())) == 2  # release variants share the site models
+    assert len(list((out / "cache").glob("*/sites/*/audit-*.json"))) == 4  # and their audits: one per site model, not per cell
     pairs = out / "cells" / "breastmnist-a1-epsinf-gen8-mixed-s0" / "audit" / "hospital-2-closest-pairs.png"
     assert pairs.read_bytes()[:4] == b"\x89PNG"  # generator samples beside their nearest training images
     report = (out / "report.md").read_text()
