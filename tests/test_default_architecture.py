@@ -37,7 +37,7 @@ def test_a_medmnist_config_without_architecture_gets_the_size_default(size, expe
 
 
 def test_an_own_images_config_at_224_px_gets_the_imagenet_stem(tmp_path):
-    text = f'[data]\nsource = "folder"\nroot = "{tmp_path}"\nclasses = ["normal", "pneumonia"]\nsize = 128\n'
+    text = f'[data]\nsource = "folder"\nroot = "{tmp_path}"\nclasses = ["normal", "pneumonia"]\nsize = 224\n'
     assert site_config_from_text(text).model.architecture == "resnet18"
     assert site_config_from_text(text.replace("size = 224\n", "")).model.architecture == "small-cnn"   # 28 px, as before
 
