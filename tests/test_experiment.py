@@ -142,7 +142,7 @@ def test_bad_study_configs_are_config_errors() -> None:
 
 
 @pytest.mark.parametrize("name", ["study-quick-cpu.toml", "study-release-cpu.toml", "study-skew-cpu.toml", "study-paper-gpu.toml",
-                                  "study-utility-cpu.toml"])
+                                  "study-utility-cpu.toml", "study-public-cpu.toml"])
 def test_example_studies_parse(name: str) -> None:
     from secure_oneshot.research.experiment import load_study
 
