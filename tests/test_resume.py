@@ -191,3 +191,16 @@ def test_killed_mid_run_then_resumed_matches_the_uninterrupted_run(site_dirs: li
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     _assert_identical(_state(straight), _state(out))
+
+
+def test_the_global_model_file_is_written_in_one_byte_order(straight: Path) -> None:
+    """The same model must have one SHA-256 (it is in the report and the audit log): tensors by name, metadata keys
+    in a fixed order (safetensors' own writer orders the metadata by a per-call hash: two byte strings measured)."""
+    from secure_oneshot.bundle.safetensors_strict import serialize_tensors
+
+    data = (straight / "global.safetensors").read_bytes()
+    state = _state(straight)
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    expected = b"".join(serialize_tensors(state, metadata=header["__metadata__"]))
+    assert data == expected and list(header["__metadata__"]) == ["architecture", "format"]
+    assert [k for k in header if k != "__metadata__"] == sorted(state)

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from .._internal.atomic import atomic_write_bytes
 from .._internal.termsafe import printable
+from ..bundle.safetensors_strict import serialize_tensors
 from ..data.proxy_images import ProxyImages, load_proxy_images
 from ..errors import ConfigError
 from ..keys import Identity
@@ -276,7 +276,11 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     metrics = baselines(sites, student, test_set, weights) if test_set is not None else {}
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    global_bytes = safetensors_save(state, metadata={"format": "secure-oneshot-global/v1", "architecture": student_cfg.architecture})
+    # The project's own writer, not safetensors.torch.save: safetensors 0.8 writes the metadata keys in a per-call
+    # hash order (two orders measured for the same tensors), so the same model got two SHA-256s; here tensors are
+    # sorted by name and the metadata keys are written in this fixed order.
+    global_bytes = b"".join(serialize_tensors(state, metadata={"architecture": student_cfg.architecture,
+                                                               "format": "secure-oneshot-global/v1"}))
     atomic_write_bytes(out / "global.safetensors", global_bytes)
     _trajectory_grid(sites, synth, execution, out / "synthetic.png", job.method, weights)
     report = {"student": asdict(student_cfg), "sites": [{"name": s.name, "bundle_id": s.bundle_id, "architecture": s.config.architecture,
