@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ flwr = pytest.importorskip("flwr", reason="the Flower extra is not installed: pi
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
-from secure_oneshot import audit  # noqa: E402
 from secure_oneshot.demo import create_identities, write_policies  # noqa: E402
 from secure_oneshot.integrations.flower import BUNDLE_STYPE  # noqa: E402
 from secure_oneshot.integrations.flower.client_app import make_client_app  # noqa: E402
@@ -34,24 +32,12 @@ from secure_oneshot.integrations.flower.site import SIMULATION_SITES_ENV  # noqa
 from secure_oneshot.server.ingest import IngestFolders  # noqa: E402
 
 from .model_helpers import make_real_model_dir  # noqa: E402
+from .platform_helpers import PlatformStudy  # noqa: E402
 
 NAMES = ["hospital-1", "hospital-2", "hospital-3"]
 
 
-@dataclass
-class Study:
-    root: Path
-    site_configs: dict[str, Path]   # hospital -> its flower-site.toml
-    server_config: Path
-    ids: dict
-
-    def audit_events(self, name: str) -> list[audit.AuditEvent]:
-        return [r.event for r in audit.verify_log(self.root / "sites" / name / "audit.jsonl", self.ids[name].public)]
-
-    @property
-    def folders(self) -> IngestFolders:
-        return IngestFolders.under(self.root / "server")
-
+class Study(PlatformStudy):
     def report(self) -> dict:
         return json.loads((self.root / "server" / REPORT_NAME).read_text())
 

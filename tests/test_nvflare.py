@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,6 @@ from nvflare.apis.fl_context import FLContext  # noqa: E402
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType  # noqa: E402
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils  # noqa: E402
 
-from secure_oneshot import audit  # noqa: E402
 from secure_oneshot.demo import create_identities, write_policies  # noqa: E402
 from secure_oneshot.integrations.nvflare import BUNDLE_PARAM, REQUEST_META, SITES_DIR_ENV  # noqa: E402
 from secure_oneshot.integrations.nvflare.client import answer  # noqa: E402
@@ -35,26 +33,14 @@ from secure_oneshot.integrations.nvflare.controller import BundleController  # n
 from secure_oneshot.integrations.nvflare.server import REPORT_NAME, RoundReport, SiteResult, write_report  # noqa: E402
 from secure_oneshot.integrations.nvflare.site_filter import BundleResultFilter  # noqa: E402
 from secure_oneshot.integrations.flower.server import ingest_round, load_server_settings  # noqa: E402
-from secure_oneshot.server.ingest import IngestFolders  # noqa: E402
 
 from .model_helpers import make_real_model_dir  # noqa: E402
+from .platform_helpers import PlatformStudy  # noqa: E402
 
 NAMES = ["hospital-1", "hospital-2", "hospital-3"]
 
 
-@dataclass
-class Study:
-    root: Path
-    site_configs: dict[str, Path]
-    server_config: Path
-    ids: dict
-
-    def audit_events(self, name: str) -> list[audit.AuditEvent]:
-        return [r.event for r in audit.verify_log(self.root / "sites" / name / "audit.jsonl", self.ids[name].public)]
-
-    @property
-    def folders(self) -> IngestFolders:
-        return IngestFolders.under(self.root / "server")
+Study = PlatformStudy
 
 
 def make_study(root: Path, monkeypatch, refusing: str | None = None) -> Study:
