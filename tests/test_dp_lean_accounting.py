@@ -6,8 +6,6 @@ DP claim does not import PyTorch; these tests hold it to Opacus imported the nor
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import pytest
 from secure_oneshot.errors import PrivacyError
 from secure_oneshot.policy import dp, opacus_accounting
 from secure_oneshot.policy.dp import PRV_DELTA_ERROR_RATIO, PRV_EPS_ERROR, RDP_ORDERS, compute_epsilon
+
+from .subprocess_helpers import json_from_fresh_python
 
 HISTORIES = [
     ((1.1, 0.01, 1000),),
@@ -78,10 +78,7 @@ def test_checking_a_claim_imports_scipy_but_neither_torch_nor_opacus() -> None:
         "eps = [compute_epsilon(a, [(1.0, 0.01, 100)], 1e-5) for a in ('rdp', 'prv')]\n"
         "print(json.dumps({'eps': eps, 'top': sorted({m.split('.')[0] for m in sys.modules})}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = json_from_fresh_python(code, timeout=120)
     assert all(0 < e < 10 for e in report["eps"])
     heavy = {"torch", "torchvision", "opacus", "diffusers", "sklearn", "pandas", "matplotlib"}
     assert heavy.isdisjoint(report["top"]), sorted(heavy & set(report["top"]))
@@ -109,10 +106,7 @@ def test_scipy_signal_is_imported_only_when_a_heterogeneous_history_convolves() 
         "print(json.dumps({'one': one, 'two': two, 'before': before, 'after': 'scipy.signal' in sys.modules,\n"
         "                  'forwards_to_scipy': compose.convolve._function is scipy.signal.convolve}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = json_from_fresh_python(code, timeout=120)
     assert report["before"] is False
     assert report["after"] is True and report["forwards_to_scipy"] is True
     assert report["one"] == _opacus_epsilon("prv", ((1.1, 0.01, 1000),), 1e-5)

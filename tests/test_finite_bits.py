@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +13,8 @@ from secure_oneshot.bundle.arrays import BFLOAT16
 from secure_oneshot.bundle.finite_bits import EXPONENT_FIELDS, all_bool_bytes, all_finite_bytes
 from secure_oneshot.bundle.payload_scan import PayloadScanner
 from secure_oneshot.errors import TensorPayloadError
+
+from .subprocess_helpers import json_from_fresh_python
 
 UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -139,9 +139,6 @@ def test_scanning_a_small_payload_imports_no_numpy() -> None:
         "    s = PayloadScanner(len(payload)); s.feed(payload); errors.append(None if s.error is None else s.error.message)\n"
         "print(json.dumps({'errors': errors, 'numpy': 'numpy' in sys.modules}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = json_from_fresh_python(code, timeout=60)
     assert report["numpy"] is False
     assert report["errors"][0] is None and "NaN or infinite" in report["errors"][1]
