@@ -89,6 +89,16 @@ class NodeResult:
     copy: int = 0                # 1, 2, ...: a further reply from the same node to the same request
 
 
+def outcome_counts(results: Any) -> dict[str, int]:
+    """Sites per outcome: ingest's outcome for a delivered reply, else the delivery status (refused, absent, ...).
+    ``results`` are any records with ``status`` and ``ingest`` (this module's and the NVFlare adapter's)."""
+    out: dict[str, int] = {}
+    for r in results:
+        key = r.ingest.get("outcome", r.status) if r.status == "delivered" else r.status
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
 @dataclass
 class RoundReport:
     nodes_expected: int
@@ -97,11 +107,7 @@ class RoundReport:
     distilled: str = ""
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in self.results:
-            key = r.ingest.get("outcome", r.status) if r.status == "delivered" else r.status
-            out[key] = out.get(key, 0) + 1
-        return out
+        return outcome_counts(self.results)
 
     def to_json(self) -> dict[str, Any]:
         return {"nodes_expected": self.nodes_expected, "nodes_seen": self.nodes_seen, "counts": self.counts(),

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..._internal.atomic import atomic_write_bytes
 from ...server.ingest import IngestFolders
-from ..flower.server import ServerSettings, load_server_settings, one_line  # platform-neutral despite the package name
+from ..flower.server import ServerSettings, load_server_settings, one_line, outcome_counts  # platform-neutral despite the package name
 from . import BUNDLE_PARAM, REASON_KEY, STATUS_KEY
 
 __all__ = ["SiteResult", "RoundReport", "record_reply", "record_error", "deliver", "write_report", "load_server_settings",
@@ -49,11 +49,7 @@ class RoundReport:
     distilled: str = ""
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in self.sites:
-            key = r.ingest.get("outcome", r.status) if r.status == "delivered" else r.status
-            out[key] = out.get(key, 0) + 1
-        return out
+        return outcome_counts(self.sites)
 
     @property
     def results(self) -> list[SiteResult]:   # what flower.server.ingest_round walks
