@@ -67,13 +67,14 @@ def _distill(args: argparse.Namespace) -> Result:
     out = _run_folder(args)
     sites, audit_to = _sites(args)
     execution = _execution(args)
-    if dist.active:
-        execution = dataclasses.replace(execution, device=dist.device(args.device))
-        dist.start(execution.torch_device)
-    try:
-        return _distill_job(args, dist, out, sites, audit_to, execution)
-    finally:
-        dist.stop()
+    with dist.failures_as_errors(out):   # another rank's death: one error line here, not a traceback
+        if dist.active:
+            execution = dataclasses.replace(execution, device=dist.device(args.device))
+            dist.start(execution.torch_device)
+        try:
+            return _distill_job(args, dist, out, sites, audit_to, execution)
+        finally:
+            dist.stop()
 
 
 def _run_folder(args: argparse.Namespace) -> Path:

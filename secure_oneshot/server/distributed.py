@@ -34,6 +34,15 @@ Only rank 0 writes (global model, reports, image grid, checkpoints, audit
 record); every rank reads the checkpoint on resume.  ``gloo`` on CPU, ``nccl``
 on CUDA (rank ``r`` on ``cuda:LOCAL_RANK``).
 
+Failure: a rank that dies (killed, out of memory, a lost machine) breaks the
+collectives of the others.  :meth:`Distributed.failures_as_errors` turns what
+the survivors then see -- a gloo/nccl error from the dead peer, a collective
+that times out (``$SECURE_ONESHOT_DDP_TIMEOUT_S``, default torch's 30 minutes),
+or the SIGTERM with which torchrun stops the remaining ranks -- into one
+:class:`RankLostError`, so each rank ends with one error line, no traceback.
+Nothing is written after training (rank 0 writes the global model only after the
+last epoch), so a job that stops leaves the checkpoints and no global model.
+
 What this module does not do: start processes (torchrun does), or restart
 them (torchrun's ``--max-restarts`` with ``distill --resume``).
 """
@@ -43,16 +52,33 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from types import FrameType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ResourceError
 from .synthesis import InversionConfig
 
-__all__ = ["DDP_MODES", "RANK_SEED_STRIDE", "Distributed", "image_digest"]
+__all__ = ["DDP_MODES", "DDP_TIMEOUT_ENV", "RANK_SEED_STRIDE", "Distributed", "RankLostError", "image_digest"]
+
+DDP_TIMEOUT_ENV = "SECURE_ONESHOT_DDP_TIMEOUT_S"
+"""Seconds a collective waits for the other ranks before the job stops (unset: torch's default, 30 minutes)."""
+_PEER_FAILURE_MARKS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out", "timeout")
+
+
+class RankLostError(ResourceError):
+    """A rank of a distributed run died or stopped answering, so this rank stops too (the job ends; resume it)."""
+
+
+class _Terminated(BaseException):
+    """SIGTERM, as an exception: torchrun stops the remaining ranks this way when one dies."""
 
 DDP_MODES = ("faithful", "throughput")
 RANK_SEED_STRIDE = 1_000_000_007
@@ -74,6 +100,25 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"${name} must be an integer, got {value[:20]!r}", hint="launch with torchrun, which sets it") from None
+
+
+def collective_timeout() -> timedelta | None:
+    """``$SECURE_ONESHOT_DDP_TIMEOUT_S`` as a timedelta (unset or empty: ``None``, torch's default).
+
+    Raises:
+        ConfigError: not a positive number.
+    """
+    value = os.environ.get(DDP_TIMEOUT_ENV, "")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"${DDP_TIMEOUT_ENV} must be a positive number of seconds, got {value[:20]!r}",
+                          hint="unset it for torch's default (30 minutes)")
+    return timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -130,11 +175,48 @@ class Distributed:
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = collective_timeout()
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             **({"timeout": timeout} if timeout is not None else {}))
 
     def stop(self) -> None:
         if self.active and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+    @contextmanager
+    def failures_as_errors(self, run_folder: Any) -> Iterator[None]:
+        """Inside: another rank's death, as this rank sees it, raises :class:`RankLostError` (nothing for a world of one).
+
+        Seen as: a gloo/nccl error or a collective's timeout (``RuntimeError``, ``torch.distributed.DistError``),
+        or SIGTERM (torchrun's agent stops the surviving ranks with it; the handler is restored on the way out).
+        Any other error passes through unchanged.
+        """
+        if not self.active:
+            yield
+            return
+
+        def terminated(signum: int, frame: FrameType | None) -> None:
+            raise _Terminated
+
+        previous = signal.signal(signal.SIGTERM, terminated)
+        try:
+            yield
+        except _Terminated:
+            raise self._lost(run_folder, "stopped by SIGTERM (torchrun stops every rank when one fails)") from None
+        except RuntimeError as error:   # torch.distributed.DistError is a RuntimeError
+            if not (isinstance(error, torch.distributed.DistError)
+                    or any(mark in str(error).lower() for mark in _PEER_FAILURE_MARKS)):
+                raise
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise self._lost(run_folder, f"a collective failed: {first[:160]}") from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _lost(self, run_folder: Any, how: str) -> RankLostError:
+        return RankLostError(f"rank {self.rank} of {self.world_size}: another rank died or stopped answering; {how}. "
+                             "No global model was written",
+                             hint=f"rerun the same torchrun command with --resume: it continues from the last complete "
+                                  f"checkpoint in {run_folder}/checkpoint (${DDP_TIMEOUT_ENV} bounds the wait for a silent rank)")
 
     def inversion(self, synth: InversionConfig) -> InversionConfig:
         """This rank's inversion: its batch size (by mode) and its seeds (rank 0: the plain command's).
