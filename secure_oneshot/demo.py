@@ -62,7 +62,7 @@ from .server.sources import PROXY_METHODS, SynthesisMethod
 from .server.study import DistillJob, DistillRun, load_accepted, metrics_markdown, run_distillation
 
 __all__ = ["DemoConfig", "DemoResult", "DEMO_PRESETS", "run_demo", "metrics_table", "summary_lines", "create_identities",
-           "write_policies", "train_sites", "export_all", "centralised_reference"]
+           "write_policies", "train_sites", "export_all", "centralised_reference", "server_command"]
 
 
 THRESHOLD_SHARE = 0.1
@@ -110,12 +110,15 @@ class DemoConfig:
     teacher_weighting: str | None = None  # the server's teacher (server.weighting); None: the preset's default
     public_fraction: float = 0.0     # set this fraction of the records aside as the server's public unlabelled images
     synthesis: str | None = None     # server.sources method; None: "proxy" with a public set, else "inversion"
+    stop_after: str | None = None    # "ingest": the hospitals' half only; server_command() is the server's half
 
     @property
     def resolved_synthesis(self) -> str:
         return self.synthesis or ("proxy" if self.public_fraction > 0 else "inversion")
 
     def __post_init__(self) -> None:
+        if self.stop_after not in (None, "ingest"):
+            raise ConfigError(f"the demo can stop after ingest, not {self.stop_after!r}", hint="--stop-after ingest")
         self.training_epsilon  # noqa: B018 -- refuse a budget the statistics take whole before anything is written
 
     def resolved_preset(self) -> DemoPreset:
@@ -166,7 +169,7 @@ class DemoResult:
     out: Path
     metrics: dict[str, dict[str, float]]
     outcomes: list[BundleOutcome]
-    distill: DistillRun
+    distill: DistillRun | None       # None: stopped after ingest
     seconds: dict[str, float]
     paths: dict[str, str]
 
@@ -458,6 +461,8 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     for o in outcomes:
         say(f"  {o.outcome:11s} {o.file}{'  (' + o.error + ': ' + o.reason + ')' if o.error else ''}")
     lap("ingest")
+    if cfg.stop_after == "ingest":   # the server half runs on its own: server_command(cfg), e.g. under torchrun
+        return DemoResult(run, {}, outcomes, None, seconds, {"run": str(run), "server": str(server.root)})
     public = f", {cfg.resolved_synthesis} with {cfg.public_fraction:g} of the records as public images" if cfg.public_fraction else ""
     say(f"[5/6] distil a global model from the accepted bundles (preset {preset.server}{public}, "
         f"{cfg.execution.describe()['device']}, {cfg.execution.describe()['precision']})")
@@ -480,6 +485,22 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
              "site_audit_logs": str(run / "sites" / "*" / "audit.jsonl"), "quarantine": str(server.quarantine)}
     _write_results(run, metrics, outcomes, seconds, paths, cfg, preset)
     return DemoResult(run, metrics, outcomes, run_result, seconds, paths)
+
+
+def server_command(cfg: DemoConfig) -> list[str]:
+    """The ``distill`` arguments that run step 5 of the demo in ``cfg.out`` on their own (after ``stop_after="ingest"``):
+    the same job from the same accepted bundles, so the same global model (execution options are the caller's)."""
+    run, server = cfg.out, cfg.out / "server"
+    args = ["distill", "--server-dir", str(server), "--key", str(run / "keys" / "server.key"), "--trust",
+            str(run / "keys" / "trust.toml"), "--preset", cfg.resolved_preset().server, "--seed", str(cfg.seed),
+            "--synthesis", cfg.resolved_synthesis, "--eval", cfg.flag, "--out", str(server / "global")]
+    if cfg.data_root:
+        args += ["--data-root", cfg.data_root]
+    if cfg.teacher_weighting:
+        args += ["--teacher-weighting", cfg.teacher_weighting]
+    if cfg.resolved_synthesis in PROXY_METHODS and cfg.public_fraction > 0:
+        args += ["--proxy-images", str(public_images_path(run))]
+    return args
 
 
 def _write_results(run: Path, metrics: dict[str, dict[str, float]], outcomes: list[BundleOutcome], seconds: dict[str, float],

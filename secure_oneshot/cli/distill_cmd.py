@@ -21,6 +21,7 @@ from ..server.weighting import WEIGHTINGS  # noqa: E402
 from .output import Result  # noqa: E402
 
 if TYPE_CHECKING:
+    from ..demo import DemoConfig, DemoResult
     from ..keys import Identity
     from ..server.distributed import Distributed
     from ..server.site_models import SiteModel
@@ -129,17 +130,59 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
 
 def _demo(args: argparse.Namespace) -> Result:
     from ..demo import DemoConfig, run_demo, summary_lines
+    from ..server.distributed import Distributed
 
+    if Distributed.from_env().active:   # every rank would train and write its own hospitals
+        raise ConfigError("the demo runs as one process, not under torchrun with several ranks",
+                          hint="run `secure-oneshot demo --stop-after ingest --out RUN`, then the torchrun distill command it "
+                               "prints (README, \"several GPUs\")")
     apply_threads(args.threads)
     out = Path(args.out) if args.out else Path(f"secure-oneshot-demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
     cfg = DemoConfig(out=out, flag=args.flag, data_root=args.data_root, preset=args.preset, sites=args.sites, alpha=args.alpha,
                      seed=args.seed, tamper=not args.no_tamper, centralised=not args.no_centralised, execution=_execution(args),
                      dp_epsilon=args.dp_epsilon, stats_epsilon=args.stats_epsilon, teacher_weighting=args.teacher_weighting,
-                     threshold_epsilon=args.threshold_epsilon, public_fraction=args.public_fraction, synthesis=args.synthesis)
+                     threshold_epsilon=args.threshold_epsilon, public_fraction=args.public_fraction, synthesis=args.synthesis,
+                     stop_after=args.stop_after)
     result = run_demo(cfg, say=_say)
+    if result.distill is None:
+        return _server_half(args, cfg, result)
     data = {"run": str(result.out), "metrics": result.metrics, "seconds": result.seconds, "paths": result.paths,
             "outcomes": [o.__dict__ for o in result.outcomes]}
     return Result(data, summary_lines(result))
+
+
+def _server_half(args: argparse.Namespace, cfg: DemoConfig, result: DemoResult) -> Result:
+    """After ``demo --stop-after ingest``: the exact command for the server's half, on N processes under torchrun."""
+    import shlex
+
+    import torch
+
+    from ..demo import server_command
+
+    distill = [*server_command(cfg), *_execution_arguments(args)]
+    nproc = max(1, torch.cuda.device_count()) if args.device != "cpu" else 1
+    torchrun = ["torchrun", "--standalone", "--nproc-per-node", str(nproc), "-m", "secure_oneshot", *distill]
+    lines = [f"hospitals done, bundles ingested under {result.paths['server']}; the server half (N processes: "
+             "--nproc-per-node N; one process: `secure-oneshot` instead of `torchrun ... -m secure_oneshot`):",
+             "  " + shlex.join(torchrun)]
+    return Result({"run": str(result.out), "outcomes": [o.__dict__ for o in result.outcomes], "seconds": result.seconds,
+                   "server_argv": distill, "torchrun": torchrun}, lines)
+
+
+def _execution_arguments(args: argparse.Namespace) -> list[str]:
+    """The execution options given to this command, as ``distill`` arguments."""
+    given = ["--device", args.device]
+    if args.precision != "auto":
+        given += ["--precision", args.precision]
+    if args.no_channels_last:
+        given.append("--no-channels-last")
+    if args.batched != "auto":
+        given += ["--batched", args.batched]
+    if args.compile:
+        given.append("--compile")
+    if args.threads is not None:
+        given += ["--threads", str(args.threads)]
+    return given
 
 
 def _add_execution_options(parser: argparse.ArgumentParser) -> None:
@@ -235,6 +278,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                                                            "else inversion; generator methods need hospital generators)")
     demo.add_argument("--no-tamper", action="store_true", help="do not deliver the tampered bundle copy")
     demo.add_argument("--no-centralised", action="store_true", help="skip the pooled-data reference training")
+    demo.add_argument("--stop-after", choices=("ingest",),
+                      help="ingest: stop once the server has accepted the bundles and print the `torchrun ... distill` "
+                           "command for the server half (N GPUs or CPU processes; README, \"several GPUs\")")
     _add_weighting_option(demo)
     _add_execution_options(demo)
     demo.set_defaults(handler=_demo)

@@ -89,6 +89,7 @@ from ..policy.load import load_ingest_policy
 from ..server.execution import Execution
 from ..server.ingest import IngestFolders, ingest_inbox
 from ..server.sources import PROXY_METHODS, SynthesisMethod
+from ..server.distributed import Distributed
 from ..server.study import DistillJob, load_accepted, run_distillation
 from .study_config import Cell, Study, load_study, study_from_text
 from .study_table import GROUP_FIELDS, METRICS, MODELS, ROW_FIELDS, Group, alpha_label, markdown_summary, summarise
@@ -327,7 +328,14 @@ def run_study(study: Study, out: Path, *, data_root: str | None = None, say: Say
 
     ``max_cells`` stops after that many newly computed cells (an interruption, for tests and for
     splitting a long study over several runs).
+
+    Raises:
+        ConfigError: launched under torchrun with several ranks (every rank would run and write every cell).
     """
+    if Distributed.from_env().active:
+        raise ConfigError("a study runs as one process, not under torchrun with several ranks",
+                          hint="run `secure-oneshot experiment` as one process; for one configuration's server half on several "
+                               "GPUs: `secure-oneshot demo --stop-after ingest`, then the torchrun command it prints (README)")
     data_root = data_root or study.data_root
     out.mkdir(parents=True, exist_ok=True)
     cells = study.cells()
