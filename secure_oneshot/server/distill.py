@@ -3,12 +3,17 @@
 Per epoch (:func:`distill`):
 
 1. synthesize a fresh batch (:func:`~secure_oneshot.server.synthesis.synthesize_batch`),
-   keeping every ``synth.snapshot_every``-th intermediate batch on the device
+   keeping every ``synth.snapshot_every``-th intermediate batch
    (noise -> realistic; ``snapshot_every = 1`` is the authors' "every snapshot").
-   Memory: ``steps / snapshot_every`` batches live on the device at once --
-   256 x 1 x 28 x 28 float32 x 500 steps is about 400 MB; at 224 px x 3 channels
-   each snapshot is about 150 MB, so raise ``snapshot_every`` there (every k-th
-   snapshot changes ``n`` and so the ``a = i/n`` ramp's resolution, not its shape);
+   Memory: the kept snapshots go to a
+   :class:`~secure_oneshot.server.snapshot_store.SnapshotStore`.  While the
+   epoch's images fit ``snapshot_memory_mib`` (default 2,048 MiB: every 28 px
+   preset, e.g. 256 x 3 x 28 x 28 float32 x 500 steps = 1.2 GB) they stay on
+   the device as they were made; beyond it (224 px: 50 x 3 x 224 x 224 float32
+   x 1,000 steps = 30 GB) they go to a private temporary file, removed at the
+   end of the epoch, and every pass below reads back one snapshot (or one
+   replay chunk) at a time, so memory does not grow with the inversion steps.
+   Spilled or not, every pass sees bit for bit the same tensors;
 2. for snapshot ``i`` of ``n``: ``loss = a * KD(student, teacher) + (1 - a) *
    KD(student, noise-adapted teacher)``, ``a = i / n``, one SGD step each, with
    ``KD`` = :func:`kd_loss` at temperature ``T``;
@@ -65,7 +70,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +85,7 @@ from ..metrics import evaluate_model
 from .calibration import calibrate_for_synthesis
 from .ensemble import Ensemble, batching_for
 from .execution import Execution
+from .snapshot_store import DEFAULT_SNAPSHOT_MEMORY_MIB, SnapshotStore
 from .sources import SiteGenerator, Snapshot, SnapshotSource, SynthesisMethod
 from .synthesis import FeatureStats, InversionConfig, binary_kl
 
@@ -214,7 +220,7 @@ def _refresh_running_stats(adapted: Ensemble, snapshots: Sequence[Snapshot], exe
 
 
 @torch.no_grad()
-def recalibrate_bn(student: nn.Module, snapshots: Sequence[Snapshot], execution: Execution) -> None:
+def recalibrate_bn(student: nn.Module, snapshots: Iterable[Snapshot], execution: Execution) -> None:
     """Replace the student's BatchNorm running statistics by their plain average over ``snapshots``."""
     layers = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta = [m.momentum for m in layers]
@@ -238,8 +244,22 @@ On CUDA, one 28 px snapshot of 64-256 images leaves the GPU idle between small k
 of 64 already fills the caches (measured, 5 small-cnn sites, 1 thread, CPU time per snapshot:
 one at a time 241 ms, two at a time 218 ms, eight 319 ms), so the CPU cap is small.
 """
-REPLAY_ELEMENTS = 1 << 24
-"""And at most this many input elements per pass (224 px images: about one snapshot, as before)."""
+REPLAY_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 24}
+"""And at most this many input elements per pass: a pass's activations grow with its pixels, and the
+epoch's memory must not grow with the number of snapshots.  On CPU the gain of several snapshots per pass
+is in small images, so 1 << 19 keeps the 28 px and 64 px grey passes at 128 images and bounds a 224 px
+pass to 10 grey or 3 RGB images (at least one snapshot); on CUDA 1 << 24 is about one 224 px snapshot."""
+
+
+def _sizes(snapshots: Sequence[Snapshot]) -> list[int]:
+    return snapshots.sizes if isinstance(snapshots, SnapshotStore) else [x.shape[0] for x, _ in snapshots]
+
+
+def _chunk(snapshots: Sequence[Snapshot], start: int, stop: int) -> Tensor:
+    """The images of snapshots ``start .. stop - 1`` in one tensor (a store reads only these back)."""
+    if isinstance(snapshots, SnapshotStore):
+        return snapshots.images(start, stop)
+    return snapshots[start][0] if stop == start + 1 else torch.cat([x for x, _ in snapshots[start:stop]])
 
 
 @torch.no_grad()
@@ -249,9 +269,11 @@ def _replay(teacher: Ensemble, snapshots: Sequence[Snapshot], execution: Executi
     Eval mode makes every image's logits independent of the others in its batch, so the targets equal
     one pass per snapshot up to the float rounding of a different batch size.
     """
-    sizes = [x.shape[0] for x, _ in snapshots]
+    sizes = _sizes(snapshots)
+    per_image = snapshots.image_numel() if isinstance(snapshots, SnapshotStore) else snapshots[0][0][0].numel()
     cap = REPLAY_IMAGES.get(execution.torch_device.type, REPLAY_IMAGES["cpu"])
-    cap = max(1, min(cap, REPLAY_ELEMENTS // max(1, snapshots[0][0][0].numel())))
+    elements = REPLAY_ELEMENTS.get(execution.torch_device.type, REPLAY_ELEMENTS["cpu"])
+    cap = max(1, min(cap, elements // max(1, per_image)))
     logits: list[Tensor] = []
     start = 0
     while start < len(snapshots):
@@ -259,7 +281,7 @@ def _replay(teacher: Ensemble, snapshots: Sequence[Snapshot], execution: Executi
         while stop < len(snapshots) and images + sizes[stop] <= cap:
             images += sizes[stop]
             stop += 1
-        chunk = snapshots[start][0] if stop == start + 1 else torch.cat([x for x, _ in snapshots[start:stop]])
+        chunk = _chunk(snapshots, start, stop)
         with execution.autocast():
             out = teacher(execution.layout(chunk)).float()
         logits += list(out.split(sizes[start:stop]))
@@ -275,7 +297,7 @@ def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | No
     (0 = noise -> 1 = realistic), 1 for generator samples (:mod:`~secure_oneshot.server.sources`).
     """
     student.train()
-    total = torch.zeros((), device=snapshots[0][0].device)
+    total = torch.zeros((), device=execution.torch_device)
     targets = _replay(teacher, snapshots, execution)
     # A train-mode adapted teacher normalises each snapshot by that snapshot's statistics: one pass per snapshot.
     adapted_targets = None if adapted is None or adapted.adapt_bn else _replay(adapted, snapshots, execution)
@@ -304,7 +326,7 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
             feature_stats: Sequence[FeatureStats | None] | None = None, adversarial: bool = False,
             allow_ce_only: bool = False, method: SynthesisMethod | None = None,
             generators: Sequence[SiteGenerator] = (), teacher_weights: Tensor | None = None,
-            proxy_images: Tensor | None = None,
+            proxy_images: Tensor | None = None, snapshot_memory_mib: float = DEFAULT_SNAPSHOT_MEMORY_MIB,
             resume: Callable[[TrainingState], None] | None = None, on_epoch_end: Callable[[TrainingState], None] | None = None,
             wrap_student: Callable[[nn.Module], nn.Module] | None = None) -> DistillResult:
     """Train ``student`` (in place) from the site models alone, FedISCA style.
@@ -312,7 +334,7 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
     Args:
         student: the global model to train; moved to the device.
         site_models: the (verified) site classifiers; copied, never changed.
-        synth: the per-epoch inversion (``snapshot_every`` bounds the snapshots kept on the device).
+        synth: the per-epoch inversion (``snapshot_every`` thins the kept snapshots).
         cfg: the student's training.
         execution: device, precision, layout, batching (:class:`Execution`; ``auto`` by default).
         eval_set: a server-side dataset to report metrics on each epoch (never used to select).
@@ -329,6 +351,8 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
         resume: called once before the first epoch with the fresh :class:`TrainingState`; it may load an earlier
             run's state into it (``epochs_done`` epochs are then skipped).
         on_epoch_end: called with the :class:`TrainingState` after each epoch (before ``on_epoch``).
+        snapshot_memory_mib: an epoch's snapshots stay in memory up to this many MiB, beyond it they go to a
+            private temporary file (step 1 of the module docstring); the result does not depend on it.
         wrap_student: wraps the student for its training steps (e.g. ``DistributedDataParallel``); the student
             itself is what synthesis, recalibration, evaluation and the state see.
 
@@ -358,7 +382,8 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
     train_forward = wrap_student(student) if wrap_student is not None else student
     train_forward = torch.compile(train_forward) if execution.compile else train_forward
     source = SnapshotSource(site_models, teacher, synth, method or SynthesisMethod(), execution, generators, proxy_images,
-                            feature_stats=feature_stats, student=student if adversarial else None, allow_ce_only=allow_ce_only)
+                            feature_stats=feature_stats, student=student if adversarial else None, allow_ce_only=allow_ce_only,
+                            snapshot_memory_mib=snapshot_memory_mib)
     state = TrainingState(0, [], student, optimizer, adapted)
     if resume is not None:
         resume(state)   # last: it restores the random number generators too
@@ -367,15 +392,15 @@ def distill(student: nn.Module, site_models: Sequence[nn.Module], synth: Inversi
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, epoch)
-        snapshots = source.epoch(epoch)
-        if adapted is not None and cfg.noise_adapted == "eval":
-            _refresh_running_stats(adapted, snapshots, execution)
-        loss = float(_distill_epoch(train_forward, teacher, adapted, snapshots, optimizer, cfg.temperature, execution,
-                                    multi_label))  # one sync per epoch
-        if cfg.recalibrate_bn > 0:
-            recalibrate_bn(student, snapshots[-max(1, round(cfg.recalibrate_bn * len(snapshots))):], execution)
-        last_images = snapshots[-1][0]
-        del snapshots  # free the device memory before evaluation
+        with source.epoch(epoch) as snapshots:   # closed (memory freed, any spill file removed) on every exit
+            if adapted is not None and cfg.noise_adapted == "eval":
+                _refresh_running_stats(adapted, snapshots, execution)
+            loss = float(_distill_epoch(train_forward, teacher, adapted, snapshots, optimizer, cfg.temperature, execution,
+                                        multi_label))  # one sync per epoch
+            if cfg.recalibrate_bn > 0:
+                n = len(snapshots)
+                recalibrate_bn(student, (snapshots[i] for i in range(n - max(1, round(cfg.recalibrate_bn * n)), n)), execution)
+            last_images = snapshots[-1][0]
         seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch), "loss": loss, "seconds": seconds,
                   "images_per_s": synth.batch_size * synth.steps / seconds}

@@ -26,6 +26,11 @@ curriculum (``a`` on the teacher, ``1 - a`` on the noise-adapted teacher; see
 ``n = steps // snapshot_every`` for every method, so they give the student the
 same number of steps per epoch and compare fairly.
 
+The batches are kept in a :class:`~secure_oneshot.server.snapshot_store.SnapshotStore`:
+on the device while the epoch's images fit ``snapshot_memory_mib``, else in a
+private temporary file, read back one batch at a time (bit for bit the same
+tensors); the caller closes it (``with source.epoch(e) as batches``).
+
 What this module does not do: train the student or load bundles.
 """
 
@@ -43,6 +48,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .ensemble import Ensemble
 from .execution import Execution
+from .snapshot_store import DEFAULT_SNAPSHOT_MEMORY_MIB, SnapshotStore
 from .synthesis import InversionConfig, balanced_labels, jitter, synthesize_batch
 
 __all__ = ["METHODS", "PROXY_METHODS", "SynthesisMethod", "SiteGenerator", "Snapshot", "SnapshotSource"]
@@ -128,7 +134,11 @@ class SnapshotSource:
 
     def __init__(self, site_models: Sequence[nn.Module], teacher: Ensemble, inversion: InversionConfig, method: SynthesisMethod,
                  execution: Execution, generators: Sequence[SiteGenerator] = (), proxy_images: Tensor | None = None,
-                 **inversion_options: Any) -> None:
+                 snapshot_memory_mib: float = DEFAULT_SNAPSHOT_MEMORY_MIB, **inversion_options: Any) -> None:
+        if not isinstance(snapshot_memory_mib, (int, float)) or isinstance(snapshot_memory_mib, bool) or not snapshot_memory_mib >= 0:
+            raise ConfigError(f"snapshot_memory_mib must be a number >= 0, got {snapshot_memory_mib!r}",
+                              hint="the MiB of an epoch's snapshots kept in memory before they go to a temporary file")
+        self.snapshot_memory_bytes = int(snapshot_memory_mib * 2**20)
         self.site_models, self.teacher, self.inversion = site_models, teacher, inversion
         self.method, self.execution, self.generators = method, execution, list(generators)
         self.inversion_options = inversion_options
@@ -150,35 +160,51 @@ class SnapshotSource:
     def steps_per_epoch(self) -> int:
         return self.inversion.steps // self.inversion.snapshot_every
 
-    def epoch(self, epoch: int) -> list[Snapshot]:
-        """The student's batches for ``epoch`` (0-based), reproducible from the seeds."""
-        device = self.execution.torch_device
+    def store(self) -> SnapshotStore:
+        """An empty store for one epoch's batches, with this source's memory budget."""
+        return SnapshotStore(self.execution.torch_device, self.snapshot_memory_bytes)
+
+    def epoch(self, epoch: int) -> SnapshotStore:
+        """The student's batches for ``epoch`` (0-based), reproducible from the seeds; the caller closes the store."""
         extra = self.n_generated + self.n_proxy
-        inverted = self._inverted(epoch) if extra < self.inversion.batch_size else []
-        if self.n_proxy:
-            return self._with_proxy(epoch, inverted)
-        if not self.n_generated:
+        inverted = self._inverted(epoch) if extra < self.inversion.batch_size else None
+        if not extra:
+            assert inverted is not None
             return inverted
+        batches = self.store()
+        try:
+            if self.n_proxy:
+                self._with_proxy(epoch, inverted, batches)
+            else:
+                self._with_generated(epoch, inverted, batches)
+        except BaseException:
+            batches.close()
+            raise
+        finally:
+            if inverted is not None:
+                inverted.close()
+        return batches
+
+    def _with_generated(self, epoch: int, inverted: SnapshotStore | None, batches: SnapshotStore) -> None:
+        device = self.execution.torch_device
         generated = self._generated(epoch).to(device)
         shifts = torch.Generator().manual_seed(self.inversion.seed + epoch)
         ones = torch.ones(len(generated), device=device)
-        batches = []
         for i in range(self.steps_per_epoch):
             rolled = jitter(generated, self.inversion.jitter, shifts)
             if inverted:
-                batches.append((torch.cat([inverted[i][0], rolled]), torch.cat([inverted[i][1], ones])))
+                x, a = inverted[i]
+                batches.append(torch.cat([x, rolled]), torch.cat([a, ones]))
             else:
-                batches.append((rolled, ones))
-        return batches
+                batches.append(rolled, ones)
 
-    def _with_proxy(self, epoch: int, inverted: list[Snapshot]) -> list[Snapshot]:
+    def _with_proxy(self, epoch: int, inverted: SnapshotStore | None, batches: SnapshotStore) -> None:
         """Each step: a fresh draw of proxy images (without replacement within the draw), jittered, ``a = 1``,
         after the step's inversion snapshot if there is one."""
         assert self.proxy_images is not None
         device = self.execution.torch_device
         draws = torch.Generator().manual_seed(_sample_seed(self.inversion.seed, epoch, -1))
         ones = torch.ones(self.n_proxy, device=device)
-        batches = []
         for i in range(self.steps_per_epoch):
             pick = torch.randperm(len(self.proxy_images), generator=draws)[:self.n_proxy]
             drawn = self.proxy_images[pick]
@@ -186,19 +212,28 @@ class SnapshotSource:
                 drawn = self.proxy_images[torch.randint(len(self.proxy_images), (self.n_proxy,), generator=draws)]
             x = self.execution.layout(jitter(drawn, self.inversion.jitter, draws).to(device))
             if inverted:
-                batches.append((torch.cat([inverted[i][0], x]), torch.cat([inverted[i][1], ones])))
+                snapshot, a = inverted[i]
+                batches.append(torch.cat([snapshot, x]), torch.cat([a, ones]))
             else:
-                batches.append((x, ones))
-        return batches
+                batches.append(x, ones)
 
-    def _inverted(self, epoch: int) -> list[Snapshot]:
-        images: list[Tensor] = []
+    def _inverted(self, epoch: int) -> SnapshotStore:
+        """Every kept snapshot of one inversion run, ``a = i / n`` for snapshot ``i`` of ``n = steps // snapshot_every``."""
         cfg = dataclasses.replace(self.inversion, seed=self.inversion.seed + epoch,  # a fresh batch every epoch
                                   batch_size=self.inversion.batch_size - self.n_generated - self.n_proxy)
-        synthesize_batch(self.site_models, self.teacher, cfg, execution=self.execution,
-                         on_snapshot=lambda step, x: images.append(self.execution.layout(x)), **self.inversion_options)
-        n = len(images)
-        return [(x, torch.full((len(x),), i / n, device=x.device)) for i, x in enumerate(images)]
+        n = cfg.steps // cfg.snapshot_every   # synthesize_batch hands over a copy at every snapshot_every-th step
+        store = self.store()
+
+        def keep(step: int, x: Tensor) -> None:
+            store.append(self.execution.layout(x), torch.full((len(x),), len(store) / n, device=x.device))
+
+        try:
+            synthesize_batch(self.site_models, self.teacher, cfg, execution=self.execution, on_snapshot=keep,
+                             **self.inversion_options)
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     @torch.no_grad()
     def _generated(self, epoch: int) -> Tensor:
