@@ -32,6 +32,8 @@ is not possible, the process's lifetime peak ``ru_maxrss``), on CUDA
 ``torch.cuda.max_memory_allocated`` (reset before the epoch).  ``--memory-steps 4,16`` runs
 only this implementation, once per step count, and prints the peaks side by side: with the
 inversion's snapshots streamed to the student, memory does not grow with the step count.
+``--snapshot-memory-mib M`` passes the distillation's snapshot budget (default: the library's, 2048
+MiB; ``0`` sends every snapshot to the temporary file, :mod:`secure_oneshot.server.snapshot_store`).
 
 ``--size`` (``--image-size``) is the MedMNIST+ size; the site models are the architecture a
 site config that names none trains at that size (small-cnn at 28 px, ResNet-18 above, with
@@ -39,7 +41,7 @@ the ImageNet stem at 128 and 224 px) unless ``--architecture`` names one.
 
     python benchmarks/distill.py [--sites 5] [--architecture ARCH] [--batch-size 64] [--steps 20]
                                  [--size 28] [--device cpu] [--repeat 3] [--threads 1] [--baseline CHECKOUT]
-                                 [--memory-steps 4,16]
+                                 [--memory-steps 4,16] [--snapshot-memory-mib M]
 """
 
 from __future__ import annotations
@@ -84,14 +86,16 @@ def _setup(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return cfg, sites(cfg, args.sites), synth
 
 
-def one_epoch(models, cfg, synth, execution) -> None:  # type: ignore[no-untyped-def]
+def one_epoch(models, cfg, synth, execution, snapshot_memory_mib: float | None = None) -> None:  # type: ignore[no-untyped-def]
     import torch
 
     from secure_oneshot.models.classifier import build_classifier
     from secure_oneshot.server.distill import DistillConfig, distill
 
     torch.manual_seed(0)
-    distill(build_classifier(cfg), models, synth, DistillConfig(epochs=1), execution=execution)
+    # only when asked: a --baseline checkout may predate the option
+    budget = {} if snapshot_memory_mib is None else {"snapshot_memory_mib": snapshot_memory_mib}
+    distill(build_classifier(cfg), models, synth, DistillConfig(epochs=1), execution=execution, **budget)
 
 
 def _reset_peak_rss() -> bool:
@@ -124,7 +128,7 @@ def worker(args: argparse.Namespace) -> None:
     execution = (Execution(device=args.device, precision="fp32", channels_last=False, batched="off") if args.worker == "plain"
                  else Execution(device=args.device))
     cfg, models, synth = _setup(args)
-    one_epoch(models, cfg, synth, execution)   # warm-up (and, where the code calibrates, its measurement: then cached)
+    one_epoch(models, cfg, synth, execution, args.snapshot_memory_mib)   # warm-up (and, where the code calibrates, its measurement: then cached)
     cuda = execution.torch_device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
@@ -132,7 +136,7 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     was_reset = False if cuda else _reset_peak_rss()
     wall, cpu = time.perf_counter(), time.process_time()
-    one_epoch(models, cfg, synth, execution)
+    one_epoch(models, cfg, synth, execution, args.snapshot_memory_mib)
     sync()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak, kind = (torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated") if cuda else _peak_rss_bytes(was_reset)
@@ -186,7 +190,8 @@ def measure(args: argparse.Namespace, version: str, pythonpath: str, worker_kind
 def _shared(args: argparse.Namespace) -> list[str]:
     return ["--sites", str(args.sites), "--architecture", args.architecture, "--batch-size", str(args.batch_size),
             "--steps", str(args.steps), "--image-size", str(args.image_size), "--device", args.device,
-            "--threads", str(args.threads)]
+            "--threads", str(args.threads),
+            *([] if args.snapshot_memory_mib is None else ["--snapshot-memory-mib", str(args.snapshot_memory_mib)])]
 
 
 def memory_by_steps(args: argparse.Namespace, step_counts: list[int]) -> None:
@@ -211,6 +216,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--image-size", "--size", dest="image_size", type=int, default=28, help="image size in pixels (28, 64, 128, 224)")
     parser.add_argument("--memory-steps", metavar="A,B,...", help="only: this implementation's peak memory at each inversion step count")
+    parser.add_argument("--snapshot-memory-mib", type=float, metavar="M",
+                        help="the distillation's in-memory snapshot budget (default: the library's; 0: all to the temporary file)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; each version runs once per round (alternating)")
     parser.add_argument("--threads", type=int, default=1)
