@@ -46,20 +46,21 @@ from .client.site_config import SiteConfig
 from .client.train import PRESETS as TRAIN_PRESETS
 from .client.train import DataConfig, TrainConfig, site_data, train_classifier
 from .data import Partition, load_medmnist, partition_indices, to_dataset
-from .data.medmnist_data import num_classes
+from .data.medmnist_data import SIZES, medmnist_file, num_classes
 from .data.partition import label_counts, public_indices
 from .errors import ConfigError
 from .keys import Identity, TrustEntry, TrustStore, load_trust_store, save_identity, save_trust_store
 from .keys.keyfile import UnsafePlaintextKeyWarning
 from .metrics import evaluate_model
 from .models.classifier import ClassifierConfig
+from .models.specs import config_default_architecture
 from .policy.load import load_export_policy, load_ingest_policy
 from .policy.signatures import sign_policy
 from .research.html_study import write_demo_report
 from .server.execution import Execution
 from .server.ingest import BundleOutcome, IngestFolders, ingest_inbox
 from .server.sources import PROXY_METHODS, SynthesisMethod
-from .server.study import DistillJob, DistillRun, load_accepted, metrics_markdown, run_distillation
+from .server.study import LARGE_IMAGE, DistillJob, DistillRun, load_accepted, metrics_markdown, run_distillation
 
 __all__ = ["DemoConfig", "DemoResult", "DEMO_PRESETS", "run_demo", "metrics_table", "summary_lines", "create_identities",
            "write_policies", "train_sites", "export_all", "centralised_reference", "server_command"]
@@ -111,6 +112,8 @@ class DemoConfig:
     public_fraction: float = 0.0     # set this fraction of the records aside as the server's public unlabelled images
     synthesis: str | None = None     # server.sources method; None: "proxy" with a public set, else "inversion"
     stop_after: str | None = None    # "ingest": the hospitals' half only; server_command() is the server's half
+    size: int = 28                   # MedMNIST+ image size: <flag>_<size>.npz (28 px: <flag>.npz); sites train
+                                     # config_default_architecture(size) above 28 px
 
     @property
     def resolved_synthesis(self) -> str:
@@ -120,12 +123,20 @@ class DemoConfig:
         if self.stop_after not in (None, "ingest"):
             raise ConfigError(f"the demo can stop after ingest, not {self.stop_after!r}", hint="--stop-after ingest")
         self.training_epsilon  # noqa: B018 -- refuse a budget the statistics take whole before anything is written
+        if self.size not in SIZES:
+            raise ConfigError(f"image size {self.size!r} is not a MedMNIST+ size", hint=f"use one of {', '.join(map(str, SIZES))}")
+        if self.preset_name == "paper" and self.size > LARGE_IMAGE and self.stop_after is None:
+            raise ConfigError(f"the paper preset at {self.size} px starts the student from ImageNet weights, which the demo "
+                              "does not take", hint="run the demo with --stop-after ingest, then the printed distill command "
+                                                    "with --imagenet-weights FILE; or use another preset")
 
     def resolved_preset(self) -> DemoPreset:
         name = self.preset_name
         if name not in DEMO_PRESETS:
             raise ConfigError(f"unknown demo preset {self.preset!r}", hint=f"use auto or one of {', '.join(DEMO_PRESETS)}")
         preset = DEMO_PRESETS[name]
+        if self.size != 28:   # the presets' architectures are 28 px ones
+            preset = replace(preset, architecture=config_default_architecture(self.size))
         return replace(preset, sites=self.sites) if self.sites else preset
 
     @property
@@ -307,7 +318,7 @@ def demo_partition(cfg: DemoConfig, preset: DemoPreset, run: Path) -> Partition:
     scheme = "iid" if math.isinf(cfg.alpha) else "dirichlet"
     partition = Partition(n_sites=preset.sites, scheme=scheme, alpha=cfg.alpha if scheme == "dirichlet" else Partition.alpha, seed=cfg.seed,
                           public_fraction=cfg.public_fraction)
-    splits = [load_medmnist(cfg.flag, s, root=cfg.data_root) for s in ("train", "val")]
+    splits = [load_medmnist(cfg.flag, s, root=cfg.data_root, size=cfg.size) for s in ("train", "val")]
     labels = np.concatenate([s.labels for s in splits])
     parts = partition_indices(labels, partition)
     public = public_indices(len(labels), partition)
@@ -329,7 +340,7 @@ def public_images_path(run: Path) -> Path:
 
 
 def _data_config(cfg: DemoConfig, partition: Partition, site: int) -> DataConfig:
-    return DataConfig(flag=cfg.flag, root=cfg.data_root, site=site, partition=partition)
+    return DataConfig(flag=cfg.flag, size=cfg.size, root=cfg.data_root, site=site, partition=partition)
 
 
 def train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names: list[str], run: Path, say: Say) -> list[Path]:
@@ -423,6 +434,7 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> DemoResult:
 def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     preset = cfg.resolved_preset()
     run = cfg.out
+    medmnist_file(cfg.flag, cfg.size, cfg.data_root)   # a missing data file is refused before anything is written
     if run.exists() and any(run.iterdir()):
         raise ConfigError(f"{run} already exists and is not empty", hint="choose another --out (each demo run gets its own folder)")
     run.mkdir(parents=True, exist_ok=True)
@@ -467,9 +479,10 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     say(f"[5/6] distil a global model from the accepted bundles (preset {preset.server}{public}, "
         f"{cfg.execution.describe()['device']}, {cfg.execution.describe()['precision']})")
     sites = load_accepted(server.accepted, ids["server"], trust)
-    test = to_dataset(load_medmnist(cfg.flag, "test", root=cfg.data_root))
+    test = to_dataset(load_medmnist(cfg.flag, "test", root=cfg.data_root, size=cfg.size))
     proxy = str(public_images_path(run)) if cfg.public_fraction > 0 else ""
     job = DistillJob(preset=preset.server, execution=cfg.execution, seed=cfg.seed, teacher_weighting=cfg.teacher_weighting,
+                     image_size=cfg.size,
                      method=SynthesisMethod(cfg.resolved_synthesis), proxy_images=proxy if cfg.resolved_synthesis in PROXY_METHODS else "")
     run_result = run_distillation(sites, run / "server" / "global", job, test_set=test, progress=True,
                                   audit_to=(server.audit_log, ids["server"]))
@@ -496,6 +509,8 @@ def server_command(cfg: DemoConfig) -> list[str]:
             "--synthesis", cfg.resolved_synthesis, "--eval", cfg.flag, "--out", str(server / "global")]
     if cfg.data_root:
         args += ["--data-root", cfg.data_root]
+    if cfg.size != 28:
+        args += ["--image-size", str(cfg.size)]
     if cfg.teacher_weighting:
         args += ["--teacher-weighting", cfg.teacher_weighting]
     if cfg.resolved_synthesis in PROXY_METHODS and cfg.public_fraction > 0:

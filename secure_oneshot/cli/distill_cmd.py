@@ -142,7 +142,7 @@ def _demo(args: argparse.Namespace) -> Result:
                      seed=args.seed, tamper=not args.no_tamper, centralised=not args.no_centralised, execution=_execution(args),
                      dp_epsilon=args.dp_epsilon, stats_epsilon=args.stats_epsilon, teacher_weighting=args.teacher_weighting,
                      threshold_epsilon=args.threshold_epsilon, public_fraction=args.public_fraction, synthesis=args.synthesis,
-                     stop_after=args.stop_after)
+                     stop_after=args.stop_after, size=args.size)
     result = run_demo(cfg, say=_say)
     if result.distill is None:
         return _server_half(args, cfg, result)
@@ -257,6 +257,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     demo.add_argument("--data-root", metavar="DIR", help="MedMNIST folder (default $SECURE_ONESHOT_DATA, else ~/.medmnist)")
     demo.add_argument("--out", metavar="DIR", help="run folder (default ./secure-oneshot-demo-<UTC time>); must not exist or be empty")
     demo.add_argument("--flag", default="pneumoniamnist", help="MedMNIST dataset (default pneumoniamnist)")
+    demo.add_argument("--size", type=int, choices=(28, 64, 128, 224), default=28,
+                      help="MedMNIST+ image size (default 28): reads FLAG_SIZE.npz above 28 px; sites train ResNet-18 there")
     demo.add_argument("--preset", choices=("auto", "smoke", "cpu", "gpu", "paper"), default="auto",
                       help="smoke: about a minute; " + PRESET_HELP.replace("paper: ", "paper: sites with the published recipe "
                                                                            "(100 epochs, best-validation checkpoint) and "))

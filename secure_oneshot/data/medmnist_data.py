@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 
 from ..errors import DataError
 
-__all__ = ["DATA_ENV", "SPLITS", "MedMNISTSplit", "SiteData", "load_medmnist", "load_npz", "to_dataset", "default_root", "num_classes",
+__all__ = ["DATA_ENV", "SPLITS", "SIZES", "medmnist_file", "MedMNISTSplit", "SiteData", "load_medmnist", "load_npz", "to_dataset", "default_root", "num_classes",
            "trained_as", "task_note", "is_multi_label", "MULTI_LABEL"]
 
 DATA_ENV = "SECURE_ONESHOT_DATA"
@@ -150,6 +150,19 @@ def _split_from_arrays(flag: str, split: str, images: np.ndarray, labels: np.nda
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise DataError(f"{flag} {split}: labels outside 0..{n_classes - 1}")
     return MedMNISTSplit(flag, split, images, labels, n_classes, int(info["n_channels"]), info["task"])
+
+
+def medmnist_file(flag: str, size: int = 28, root: str | os.PathLike[str] | None = None) -> Path:
+    """The path of ``flag``'s file at ``size`` px (``<flag>.npz`` at 28, else ``<flag>_<size>.npz``) in ``root``.
+
+    Raises:
+        DataError: unknown flag or size, or no such file (naming it, with how to get it).
+    """
+    _info(flag)
+    path = (Path(root) if root is not None else default_root()) / _file_name(flag, size)
+    if not path.is_file():
+        raise _missing(path, flag, size)
+    return path
 
 
 def load_medmnist(flag: str, split: str, *, size: int = 28, root: str | os.PathLike[str] | None = None, download: bool = False) -> MedMNISTSplit:

@@ -9,12 +9,14 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     alphas = ["iid", 1.0, 0.1]     # Dirichlet concentrations over labels; "iid" = an even random split
     seeds = [0, 1, 2]
     data_root = "../shared/data/medmnist"   # optional (else --data-root / $SECURE_ONESHOT_DATA)
+    size = 28                      # optional MedMNIST+ size: 28 | 64 | 128 | 224 (file <flag>_<size>.npz above 28 px;
+                                   # the sites' default architecture and the server's images follow it)
     centralised = true             # optional: a reference trained on all records pooled, same recipe and epsilon
     public_fraction = 0.1          # optional: this fraction of the records goes to no hospital: the server's public
                                    # unlabelled images for the proxy methods (demo --public-fraction)
 
     [site]
-    architecture = "small-cnn"
+    architecture = "small-cnn"     # optional: default small-cnn at 28 px, ResNet-18 above (models.specs)
     preset = "cpu"                 # a client.train preset (cells without DP)
     dp_preset = "dp"               # the preset of DP cells (default dp; "cpu" reproduces the untuned recipe)
     threshold_epsilon = 0.8        # optional: DP binary cells' decision-threshold budget (default a tenth of epsilon)
@@ -80,6 +82,7 @@ from torch.utils.data import Subset
 from .._internal.atomic import atomic_write_bytes
 from ..client.train import PRESETS as TRAIN_PRESETS
 from ..data import Partition, load_medmnist, to_dataset
+from ..data.medmnist_data import medmnist_file
 from ..demo import (DemoConfig, public_images_path, DemoPreset, centralised_reference, create_identities, demo_partition, export_all, train_sites,
                     write_policies)
 from ..errors import ConfigError
@@ -110,7 +113,7 @@ def _site_setup(study: Study, cell: Cell, data_root: str | None) -> tuple[DemoCo
     cfg = DemoConfig(out=Path("."), flag=cell.flag, data_root=data_root, sites=study.sites, alpha=cell.alpha, seed=cell.seed,
                      dp_epsilon=None if math.isinf(cell.epsilon) else cell.epsilon, stats_epsilon=study.stats_epsilon,
                      generator=generator, execution=Execution(), threshold_epsilon=study.threshold_epsilon,
-                     public_fraction=study.public_fraction)
+                     public_fraction=study.public_fraction, size=study.size)
     return cfg, DemoPreset(study.sites, study.architecture, train, study.server_preset, dp_train)
 
 
@@ -120,6 +123,8 @@ def _cache_key(cfg: DemoConfig, preset: DemoPreset) -> str:
            "sites": preset.sites, "architecture": preset.architecture, "train": asdict(preset.train), "generator": cfg.generator}
     if cfg.public_fraction:   # (absent otherwise, so that the keys of studies without a public set stay as they were)
         key["public_fraction"] = cfg.public_fraction
+    if cfg.size != 28:        # (the same for the image size)
+        key["size"] = cfg.size
     if cfg.dp_epsilon is not None:  # the recipe DP sites actually train with
         key |= {"train": asdict(preset.dp_train), "threshold": cfg.resolved_threshold_epsilon, "label_counts": cfg.label_counts_epsilon}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -234,8 +239,8 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     refused = [o for o in outcomes if o.outcome != "accepted"]
     if refused:
         raise ConfigError(f"cell {cell.id}: ingest refused {[o.file for o in refused]}: {refused[0].reason}")
-    test = to_dataset(load_medmnist(cell.flag, "test", root=data_root))
-    job = DistillJob(preset=study.server_preset, seed=cell.seed, method=SynthesisMethod(cell.method),
+    test = to_dataset(load_medmnist(cell.flag, "test", root=data_root, size=study.size))
+    job = DistillJob(preset=study.server_preset, seed=cell.seed, method=SynthesisMethod(cell.method), image_size=study.size,
                      epochs=int(study.server_epochs) if study.server_epochs is not None else None,
                      teacher_weighting=study.teacher_weighting,
                      proxy_images=_proxy_images(study, cell, out, data_root) if cell.method in PROXY_METHODS else "",
@@ -246,7 +251,7 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     if study.centralised:
         row.update(centralised_row(out, study, cell, data_root))
     if study.privacy_audit:
-        row.update(_membership(model_dirs, result.student, cell, data_root, study.audit_shadows, run / "audit"))
+        row.update(_membership(model_dirs, result.student, cell, data_root, study.audit_shadows, run / "audit", study.size))
         row.update(_synthetic_memorisation(sites, cell, data_root, result.synth))
     return row
 
@@ -270,13 +275,14 @@ def _synthetic_memorisation(sites: list[Any], cell: Cell, data_root: str | None,
 
     x, _ = synthesize_batch([s.model for s in sites], None, replace(synth, batch_size=64, seed=synth.seed + 10_000),
                             **prior_options(sites, student=None))
-    train = to_dataset(load_medmnist(cell.flag, "train", root=data_root)).tensors[0]
-    test = to_dataset(load_medmnist(cell.flag, "test", root=data_root)).tensors[0]
+    train = to_dataset(load_medmnist(cell.flag, "train", root=data_root, size=synth.image_size)).tensors[0]
+    test = to_dataset(load_medmnist(cell.flag, "test", root=data_root, size=synth.image_size)).tensors[0]
     report = memorisation_report(x.detach().cpu().clamp(-1, 1), train, test)
     return {"synthetic_near_copies": report.near_copies, "synthetic_median_ratio": report.median_ratio}
 
 
-def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str | None, shadows: int, pages: Path) -> dict[str, float]:
+def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str | None, shadows: int, pages: Path,
+                size: int = 28) -> dict[str, float]:
     """Loss-attack membership inference: each site model (and released generator) on its own records, and the
     global model on records of the train split (each held by some site) against the test split, with as many
     records of every class on both sides; with ``shadows``, offline LiRA against each site model too.  Each
@@ -309,7 +315,7 @@ def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str
     sites = [a[0] for a in audits]
     lira = [a[1]["auc"] for a in audits if len(a) > 1]
     generators = [r["generator"] for r in reports if r["generator"]]
-    pooled, test = (load_medmnist(cell.flag, split, root=data_root) for split in ("train", "test"))
+    pooled, test = (load_medmnist(cell.flag, split, root=data_root, size=size) for split in ("train", "test"))
     member_idx, non_member_idx = matched_candidates(pooled.labels, test.labels, np.random.default_rng(cell.seed))
     attack = loss_attack(student, Subset(to_dataset(pooled), member_idx.tolist()), Subset(to_dataset(test), non_member_idx.tolist()))
     return {"mia_sites_auc_max": max(a["auc"] for a in sites), "mia_sites_epsilon_max": max(a["epsilon_lower_bound"] for a in sites),
@@ -337,6 +343,8 @@ def run_study(study: Study, out: Path, *, data_root: str | None = None, say: Say
                           hint="run `secure-oneshot experiment` as one process; for one configuration's server half on several "
                                "GPUs: `secure-oneshot demo --stop-after ingest`, then the torchrun command it prints (README)")
     data_root = data_root or study.data_root
+    for flag in study.flags:   # a missing data file is refused before anything is written
+        medmnist_file(flag, study.size, data_root)
     out.mkdir(parents=True, exist_ok=True)
     cells = study.cells()
     computed = 0

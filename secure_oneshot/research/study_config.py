@@ -14,8 +14,11 @@ from typing import Any
 
 from .._internal.compat import tomllib
 from ..client.train import PRESETS as TRAIN_PRESETS
+from ..data.medmnist_data import SIZES
 from ..errors import ConfigError
+from ..models.specs import config_default_architecture
 from ..server.sources import METHODS, PROXY_METHODS
+from ..server.study import LARGE_IMAGE
 from ..server.study import PRESETS as SERVER_PRESETS
 from ..server.weighting import WEIGHTINGS
 from .study_table import alpha_label
@@ -53,6 +56,7 @@ class Study:
     centralised: bool = False                               # also train one model on all records pooled (same recipe, epsilon)
     proxy_images: tuple[tuple[str, str], ...] = ()           # (flag, public proxy set) for the proxy methods
     public_fraction: float = 0.0                            # records set aside as the server's public images
+    size: int = 28                                          # MedMNIST+ image size (<flag>_<size>.npz above 28 px)
 
     def cells(self) -> list[Cell]:
         generator_epsilons: tuple[float | None, ...] = self.generator_epsilons if self.generator is not None else (None,)
@@ -62,6 +66,11 @@ class Study:
     def check(self) -> Study:
         """Raise ``ConfigError`` for a grid that cannot run (a generator method without a released generator, or
         feature statistics that take a DP cell's whole epsilon)."""
+        if self.size not in SIZES:
+            raise ConfigError(f"study.size: {self.size!r} is not a MedMNIST+ size", hint=f"use one of {', '.join(map(str, SIZES))}")
+        if self.server_preset == "paper" and self.size > LARGE_IMAGE:
+            raise ConfigError(f"server.preset: paper at {self.size} px starts the student from ImageNet weights, which a study "
+                              "does not take", hint="use another server preset (smoke, cpu, gpu)")
         too_small = [e for e in self.epsilons if self.stats_epsilon is not None and not math.isinf(e) and e <= self.stats_epsilon]
         if too_small:
             raise ConfigError(f"site.stats_epsilon {self.stats_epsilon:g} leaves nothing of epsilon {min(too_small):g} for training "
@@ -142,6 +151,13 @@ def _withhold(policy: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(sorted(_choice(a, WITHHOLDABLE, "policy.withhold") for a in set(v))) for v in variants)
 
 
+def _size(study: dict[str, Any]) -> int:
+    size = study.get("size", 28)
+    if not isinstance(size, int) or isinstance(size, bool) or size not in SIZES:
+        raise ConfigError(f"study.size: {size!r} is not a MedMNIST+ size", hint=f"use one of {', '.join(map(str, SIZES))}")
+    return size
+
+
 def _choice(value: str, allowed: Any, where: str) -> str:
     if value not in allowed:
         raise ConfigError(f"{where}: {value!r} is not one of {sorted(allowed)}")
@@ -158,7 +174,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             name=str(study["name"]), flags=tuple(study.get("flags", ["pneumoniamnist"])), sites=int(study.get("sites", 5)),
             alphas=tuple(_positive_or("iid", a, "study.alphas") for a in study.get("alphas", [0.5])),
             seeds=tuple(int(s) for s in study.get("seeds", [0, 1, 2])),
-            architecture=str(site.get("architecture", "small-cnn")),
+            architecture=str(site.get("architecture", config_default_architecture(_size(study)))), size=_size(study),
             site_preset=_choice(site.get("preset", "cpu"), TRAIN_PRESETS, "site.preset"), site_epochs=site.get("epochs"),
             epsilons=tuple(_epsilon(e) for e in site.get("epsilons", ["inf"])), stats_epsilon=None if site.get("stats_epsilon") is None else float(site["stats_epsilon"]),
             server_preset=_choice(server.get("preset", "cpu"), SERVER_PRESETS, "server.preset"),
