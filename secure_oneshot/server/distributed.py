@@ -70,7 +70,7 @@ __all__ = ["DDP_MODES", "DDP_TIMEOUT_ENV", "RANK_SEED_STRIDE", "Distributed", "R
 
 DDP_TIMEOUT_ENV = "SECURE_ONESHOT_DDP_TIMEOUT_S"
 """Seconds a collective waits for the other ranks before the job stops (unset: torch's default, 30 minutes)."""
-_PEER_FAILURE_MARKS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out", "timeout")
+_PEER_FAILURE_MARKS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out", "operation timeout")
 
 
 class RankLostError(ResourceError):
@@ -213,8 +213,8 @@ class Distributed:
             signal.signal(signal.SIGTERM, previous)
 
     def _lost(self, run_folder: Any, how: str) -> RankLostError:
-        return RankLostError(f"rank {self.rank} of {self.world_size}: another rank died or stopped answering; {how}. "
-                             "No global model was written",
+        return RankLostError(f"rank {self.rank} of {self.world_size}: another rank died or stopped answering; {how}; "
+                             "the run did not finish",
                              hint=f"rerun the same torchrun command with --resume: it continues from the last complete "
                                   f"checkpoint in {run_folder}/checkpoint (${DDP_TIMEOUT_ENV} bounds the wait for a silent rank)")
 
