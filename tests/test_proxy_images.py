@@ -184,6 +184,21 @@ def test_distill_command_with_a_proxy_folder_records_the_set(tmp_path: Path, cap
     assert "needs public proxy images" in err and "Traceback" not in err
 
 
+def test_distill_with_public_images_weighs_the_teacher_by_consensus_on_them(tmp_path: Path, monkeypatch) -> None:
+    import secure_oneshot.server.weighting as weighting
+
+    monkeypatch.setattr(weighting, "EQUAL_PRESETS", ("paper",))   # smoke's own default is equal: test the rule on it
+    models = [make_real_model_dir(tmp_path / f"site-{c}", site=f"site-{c}") for c in "ab"]
+    for i in range(6):
+        png(tmp_path / "public" / f"{i}.png", (28, 28), value=40 * i)
+    out = tmp_path / "global"
+    assert main(["--json", "distill", *[a for m in models for a in ("--model", str(m))], "--preset", "smoke", "--epochs", "1",
+                 "--synthesis", "proxy", "--proxy-images", str(tmp_path / "public"), "--out", str(out), "--threads", "1"]) == 0
+    weighting_record = json.loads((out / "report.json").read_text())["teacher_weighting"]
+    assert weighting_record["scheme"] == "consensus"   # the default where the server holds public images
+    assert len(weighting_record["weights"]) == 2 and all(len(row) == 2 for row in weighting_record["weights"])
+
+
 # --- studies ----------------------------------------------------------------------------------------------------------
 
 

@@ -200,8 +200,9 @@ def _add_execution_options(parser: argparse.ArgumentParser) -> None:
 def _add_weighting_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-weighting", choices=WEIGHTINGS,
                         help="how each site counts in the teacher, per class: agreement (data-free: each site's agreement "
-                             "with the classes of one synthetic batch; the default), equal (the published method; the "
-                             "default of --preset paper and smoke), label-counts (the sites' released DP class counts)")
+                             "with the classes of one synthetic batch; the default), consensus (each site's agreement with "
+                             "the teacher on the --proxy-images; the default where they are given), equal (the published "
+                             "method; the default of --preset paper and smoke), label-counts (the sites' released DP class counts)")
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]

@@ -41,7 +41,8 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     proxy_images = { pneumoniamnist = "breastmnist:train" }   # per flag: a public set no hospital of that flag holds
                                    # (default with study.public_fraction: the records set aside)
     epochs = 16                    # optional override
-    teacher_weighting = "equal"    # equal | label-counts | agreement (server.weighting; default: the preset's)
+    teacher_weighting = "equal"    # equal | label-counts | agreement | consensus (server.weighting; default: the
+                                   # preset's, and consensus for the proxy methods, which hold public images)
 
     [privacy_audit]
     enabled = true                 # loss-attack membership inference on every site model and the global model,

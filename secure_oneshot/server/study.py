@@ -38,9 +38,11 @@ from .execution import Execution
 from .privacy_position import position_markdown, privacy_position
 from .site_models import (SiteModel, baselines, bn_statistics_released, fedavg, is_multi_label, load_accepted,
                           load_model_dirs)
+from .snapshot_store import DEFAULT_SNAPSHOT_MEMORY_MIB
 from .sources import PROXY_METHODS, SiteGenerator, SynthesisMethod
 from .synthesis import InversionConfig, synthesize_batch, tracks_running_stats
-from .weighting import PROBE_MIN_STEPS, WEIGHTINGS, agreement_weights, default_weighting, label_count_weights
+from .weighting import (CONSENSUS_MAX_IMAGES, PROBE_MIN_STEPS, WEIGHTINGS, agreement_weights, consensus_weights,
+                        default_weighting, label_count_weights)
 
 __all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines", "DistillJob", "DistillRun", "run_distillation", "prior_options", "PRESETS",
            "SELECTION", "teacher_weights"]
@@ -61,7 +63,8 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 # The method's 224 px runs: 50 images per batch and 1,000 inversion steps (its README's commands), a jitter of
 # +/-30 px (its code switches from 2 to 30 above 128 px), and an ImageNet-initialised student ("--pretrained"; its
 # site models are ImageNet-initialised too).  Every snapshot is kept, as at 28 px: 50 x 3 x 224 x 224 float32 x
-# 1,000 steps is about 30 GB of device memory.
+# 1,000 steps is about 30 GB, so beyond DistillJob.snapshot_memory_mib they wait in a temporary file
+# (server.snapshot_store), read back one at a time.
 LARGE_IMAGE = 128   # px: above this, "paper" follows the published 224 px settings
 PAPER_LARGE: dict[str, Any] = {"batch_size": 50, "steps": 1000, "jitter": 30}
 
@@ -82,6 +85,7 @@ class DistillJob:
     imagenet_weights: str = ""                # a local safetensors file to initialise the student from ("": random)
     proxy_images: str = ""                    # public unlabelled images for the proxy methods (data.proxy_images)
     data_root: str | None = None              # where a MedMNIST proxy set is found
+    snapshot_memory_mib: float = DEFAULT_SNAPSHOT_MEMORY_MIB   # an epoch's snapshots in memory up to this, then a temp file
 
     def __post_init__(self) -> None:
         if self.preset == "paper" and self.image_size > LARGE_IMAGE and not self.imagenet_weights:
@@ -99,11 +103,14 @@ class DistillJob:
                               hint="pass --proxy-images FLAG:SPLIT (a MedMNIST set no site holds) or a folder of images")
         if self.teacher_weighting is not None and self.teacher_weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown teacher weighting {self.teacher_weighting!r}", hint=f"use one of {', '.join(WEIGHTINGS)}")
+        if self.teacher_weighting == "consensus" and not self.proxy_images:
+            raise ConfigError("teacher weighting 'consensus' judges the sites on public images, and none were given",
+                              hint="pass --proxy-images FLAG:SPLIT or a folder of public images, or use --teacher-weighting agreement")
 
     @property
     def weighting(self) -> str:
         """The teacher-weighting scheme this job runs (the named one, else the preset's default)."""
-        return self.teacher_weighting or default_weighting(self.preset)
+        return self.teacher_weighting or default_weighting(self.preset, public_images=bool(self.proxy_images))
 
     def configs(self, sites: list[SiteModel]) -> tuple[InversionConfig, DistillConfig]:
         synth_options, distill_options = PRESETS[self.preset]
@@ -192,12 +199,15 @@ def prior_options(sites: list[SiteModel], student: nn.Module | None) -> dict[str
     return options
 
 
-def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig, execution: Execution) -> torch.Tensor | None:
+def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig, execution: Execution,
+                    public: torch.Tensor | None = None) -> torch.Tensor | None:
     """The ``(S, K)`` teacher weights of ``scheme`` (:mod:`~secure_oneshot.server.weighting`); ``None`` for equal.
 
     ``agreement`` costs one inversion batch of ``synth`` (its batch size; at least ``PROBE_MIN_STEPS`` steps; seed
-    shifted so that it is not the first epoch's batch) and one forward pass of every site over it.  One site has
-    nothing to be weighed against: ``None``.
+    shifted so that it is not the first epoch's batch) and one forward pass of every site over it.
+    ``consensus`` costs one forward pass of every site over ``public`` (the server's public images as
+    :func:`proxy_tensor` gives them; at most ``CONSENSUS_MAX_IMAGES``, a draw seeded by ``synth.seed``).  One site
+    has nothing to be weighed against: ``None``.
     """
     if scheme == "equal" or len(sites) == 1:
         return None
@@ -207,14 +217,29 @@ def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig,
     if scheme == "label-counts":
         return label_count_weights([s.label_counts for s in sites], synth.num_classes)
     models = [s.model for s in sites]
+    if scheme == "consensus":
+        if public is None or len(public) == 0:
+            raise ConfigError("teacher weighting 'consensus' needs public images", hint="pass --proxy-images")
+        if len(public) > CONSENSUS_MAX_IMAGES:
+            draw = torch.Generator().manual_seed(synth.seed + 2_000_003)
+            public = public[torch.randperm(len(public), generator=draw)[:CONSENSUS_MAX_IMAGES]]
+        return consensus_weights(_site_logits(models, public, execution))
     steps = max(synth.steps, PROBE_MIN_STEPS)
     probe = InversionConfig(**{**asdict(synth), "seed": synth.seed + 1_000_003, "steps": steps, "snapshot_every": steps})
     images, targets = synthesize_batch(models, None, probe, execution=execution, **prior_options(sites, student=None))
+    return agreement_weights(_site_logits(models, images, execution), targets)
+
+
+def _site_logits(models: list[nn.Module], images: torch.Tensor, execution: Execution, chunk: int = 512) -> torch.Tensor:
+    """``(S, N, K)`` unweighted eval-mode logits of every site on ``images``, ``chunk`` images per pass."""
     execution = execution.for_models(models)
     ensemble = execution.prepare(Ensemble(models, batched=batching_for(execution.use_batched, models)))
+    device = execution.torch_device
+    parts = []
     with torch.no_grad(), execution.autocast():
-        logits = ensemble.per_site_logits(execution.layout(images))
-    return agreement_weights(logits, targets)
+        for start in range(0, len(images), chunk):
+            parts.append(ensemble.per_site_logits(execution.layout(images[start:start + chunk].to(device))).float().cpu())
+    return torch.cat(parts, dim=1)
 
 
 def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None = None, *, test_set: Any = None, progress: bool = False,
@@ -247,13 +272,14 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     scheme = "equal" if synth.multi_label and job.teacher_weighting is None else job.weighting
     models = [s.model for s in sites]
     proxy = load_proxy_images(job.proxy_images, size=synth.image_size, channels=synth.channels, data_root=job.data_root) \
-        if job.method.method in PROXY_METHODS else None
+        if job.method.method in PROXY_METHODS or scheme == "consensus" else None
     fields = {**_fingerprint_fields(job, synth, dcfg, scheme, student_cfg, sites, dist), "proxy": None if proxy is None else proxy.record()}
     checkpoint = _checkpoint_to_resume(out, resume, fields, dcfg.epochs, dist.is_main)
     rank_synth = dist.inversion(synth)
     # measured once, used by every step below (a resumed run keeps the measured choice of its first start)
     execution = _resumed_execution(job.execution, checkpoint) or calibrate_for_synthesis(job.execution, models, student, rank_synth)
-    weights = checkpoint.teacher_weights if checkpoint is not None else teacher_weights(sites, scheme, synth, execution)
+    weights = checkpoint.teacher_weights if checkpoint is not None else \
+        teacher_weights(sites, scheme, synth, execution, public=None if proxy is None else proxy_tensor(proxy))
     rank_images: list[list[str]] = list(checkpoint.meta.get("rank_image_sha256", [])) if checkpoint is not None else []
 
     def on_epoch_end(state: TrainingState) -> None:
@@ -268,7 +294,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
                      method=job.method, generators=[s.generator for s in sites if s.generator is not None], teacher_weights=weights,
                      proxy_images=None if proxy is None else proxy_tensor(proxy),
                      resume=None if checkpoint is None else lambda state: restore(checkpoint, state),
-                     on_epoch_end=on_epoch_end, wrap_student=dist.wrap)
+                     on_epoch_end=on_epoch_end, wrap_student=dist.wrap, snapshot_memory_mib=job.snapshot_memory_mib)
     if not dist.is_main:
         return DistillRun(result.student, result.history, {}, synth, dcfg)
     seconds = time.perf_counter() - started
