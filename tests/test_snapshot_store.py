@@ -182,7 +182,7 @@ def test_a_failing_inversion_leaves_no_file(private_tmp: Path, monkeypatch: pyte
     assert spill_dirs(private_tmp) == []
 
 
-@pytest.mark.parametrize("budget", [-1, "lots", True, float("nan")])
+@pytest.mark.parametrize("budget", [-1, "lots", True, float("nan"), float("inf")])
 def test_a_bad_budget_is_a_config_error(budget) -> None:
     sites = [tiny(1)]
     with pytest.raises(ConfigError, match="snapshot_memory_mib must be a number >= 0"):
@@ -198,3 +198,16 @@ def test_reading_a_truncated_file_is_an_error_not_garbage(private_tmp: Path) -> 
         store[0]
     store.close()
     assert spill_dirs(private_tmp) == []
+
+
+@pytest.mark.parametrize("budget", ["-1", "inf", "nan"])
+def test_the_distill_option_refuses_a_bad_budget_in_one_line(budget: str, tmp_path: Path, capsys) -> None:
+    from secure_oneshot.cli import main
+    from tests.model_helpers import make_real_model_dir
+
+    model = make_real_model_dir(tmp_path / "site-a")
+    code = main(["distill", "--model", str(model), "--preset", "smoke", "--snapshot-memory-mib", budget,
+                 "--out", str(tmp_path / "global"), "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 3 and "snapshot memory budget" in err and "Traceback" not in err
+    assert not (tmp_path / "global" / "global.safetensors").exists()

@@ -15,6 +15,7 @@ prefer_passive_openmp()   # before the imports below load torch: OpenMP reads it
 
 from ..errors import ConfigError  # noqa: E402
 from ..server.execution import Execution  # noqa: E402
+from ..server.snapshot_store import DEFAULT_SNAPSHOT_MEMORY_MIB  # noqa: E402
 from ..server.sources import METHODS, SynthesisMethod  # noqa: E402
 from ..server.study import PRESETS, DistillJob  # noqa: E402
 from ..server.weighting import WEIGHTINGS  # noqa: E402
@@ -106,7 +107,8 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
     job = DistillJob(preset=preset, student_arch=args.student, execution=execution, seed=args.seed, epochs=args.epochs,
                      noise_adapted=args.noise_adapted, image_size=args.image_size, teacher_weighting=args.teacher_weighting,
                      method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps, args.proxy_share),
-                     imagenet_weights=args.imagenet_weights or "", proxy_images=args.proxy_images or "", data_root=args.data_root)
+                     imagenet_weights=args.imagenet_weights or "", proxy_images=args.proxy_images or "", data_root=args.data_root,
+                     snapshot_memory_mib=args.snapshot_memory_mib)
     test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval and dist.is_main else None
     if dist.is_main:
         _say(f"distilling from {len(sites)} site models ({', '.join(s.name for s in sites)}): preset {preset}, "
@@ -241,6 +243,10 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                          help="initialise the student from this local file of ImageNet weights (torchvision's resnet18 state "
                               "dict saved as safetensors; required by paper above 128 px). Nothing is downloaded at run time: "
                               "make the file once on a machine with internet access (README, \"224 px\")")
+    distill.add_argument("--snapshot-memory-mib", type=float, default=DEFAULT_SNAPSHOT_MEMORY_MIB, metavar="MIB",
+                         help="keep an epoch's synthetic snapshots in (device) memory up to this many MiB, the rest in a "
+                              f"private temporary file read back one at a time; same results (default {DEFAULT_SNAPSHOT_MEMORY_MIB}: "
+                              "every 28 px preset stays in memory; 224 px at the method's 1,000 steps needs the file)")
     distill.add_argument("--seed", type=int, default=0)
     distill.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
                          help="continue the run in RUN_DIR (default: the --out folder) from its newest complete checkpoint "

@@ -135,7 +135,8 @@ class SnapshotSource:
     def __init__(self, site_models: Sequence[nn.Module], teacher: Ensemble, inversion: InversionConfig, method: SynthesisMethod,
                  execution: Execution, generators: Sequence[SiteGenerator] = (), proxy_images: Tensor | None = None,
                  snapshot_memory_mib: float = DEFAULT_SNAPSHOT_MEMORY_MIB, **inversion_options: Any) -> None:
-        if not isinstance(snapshot_memory_mib, (int, float)) or isinstance(snapshot_memory_mib, bool) or not snapshot_memory_mib >= 0:
+        if not isinstance(snapshot_memory_mib, (int, float)) or isinstance(snapshot_memory_mib, bool) \
+                or not 0 <= snapshot_memory_mib < float("inf"):
             raise ConfigError(f"snapshot_memory_mib must be a number >= 0, got {snapshot_memory_mib!r}",
                               hint="the MiB of an epoch's snapshots kept in memory before they go to a temporary file")
         self.snapshot_memory_bytes = int(snapshot_memory_mib * 2**20)

@@ -103,6 +103,9 @@ class DistillJob:
                               hint="pass --proxy-images FLAG:SPLIT (a MedMNIST set no site holds) or a folder of images")
         if self.teacher_weighting is not None and self.teacher_weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown teacher weighting {self.teacher_weighting!r}", hint=f"use one of {', '.join(WEIGHTINGS)}")
+        if not 0 <= self.snapshot_memory_mib < float("inf"):
+            raise ConfigError(f"the snapshot memory budget must be a finite number of MiB >= 0, got {self.snapshot_memory_mib!r}",
+                              hint="0 keeps every snapshot in the temporary file; the default keeps 28 px runs in memory")
         if self.teacher_weighting == "consensus" and not self.proxy_images:
             raise ConfigError("teacher weighting 'consensus' judges the sites on public images, and none were given",
                               hint="pass --proxy-images FLAG:SPLIT or a folder of public images, or use --teacher-weighting agreement")
