@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import vmap
 
 from secure_oneshot.server import distill as distill_module
+from secure_oneshot.server.snapshot_store import SnapshotStore
 from secure_oneshot.server.distill import per_image_kd
 from secure_oneshot.server.ensemble import Ensemble
 from secure_oneshot.server.execution import PLAIN_LOOP
@@ -98,11 +99,19 @@ def snapshots(count: int = 7, batch: int = 6) -> list[tuple[torch.Tensor, torch.
     return [(torch.randn(batch, 1, 8, 8) * (1 + i), torch.tensor(i / count)) for i in range(count)]
 
 
+def as_store(shots: list[tuple[torch.Tensor, torch.Tensor]]) -> SnapshotStore:
+    """The snapshots as distillation holds them (in memory; ``a`` per image)."""
+    store = SnapshotStore("cpu", budget_bytes=None)
+    for x, a in shots:
+        store.append(x, a.expand(x.shape[0]))
+    return store
+
+
 def test_replay_gives_the_per_snapshot_logits_of_the_eval_teacher(monkeypatch):
     monkeypatch.setitem(distill_module.REPLAY_IMAGES, "cpu", 20)   # 3 snapshots of 6 per pass, then the rest
     teacher = Ensemble([bn_site(0), bn_site(1)])
     shots = snapshots()
-    replayed = distill_module._replay(teacher, shots, PLAIN_LOOP)
+    replayed = distill_module._replay(teacher, as_store(shots), PLAIN_LOOP)
     assert len(replayed) == len(shots)
     with torch.no_grad():
         for got, (x, _) in zip(replayed, shots):
@@ -142,7 +151,7 @@ def test_distill_epoch_with_batched_replay_equals_the_per_snapshot_loop(monkeypa
         if epoch is None:
             loss = reference_epoch(student, teacher, adapted, shots, optimizer, 4.0)
         else:
-            loss = epoch(student, teacher, adapted, shots, optimizer, 4.0, PLAIN_LOOP)
+            loss = epoch(student, teacher, adapted, as_store(shots), optimizer, 4.0, PLAIN_LOOP)
         runs.append((loss, student.state_dict()))
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-6)
     for name, value in runs[0][1].items():

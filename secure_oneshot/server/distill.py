@@ -251,26 +251,15 @@ is in small images, so 1 << 19 keeps the 28 px and 64 px grey passes at 128 imag
 pass to 10 grey or 3 RGB images (at least one snapshot); on CUDA 1 << 24 is about one 224 px snapshot."""
 
 
-def _sizes(snapshots: Sequence[Snapshot]) -> list[int]:
-    return snapshots.sizes if isinstance(snapshots, SnapshotStore) else [x.shape[0] for x, _ in snapshots]
-
-
-def _chunk(snapshots: Sequence[Snapshot], start: int, stop: int) -> Tensor:
-    """The images of snapshots ``start .. stop - 1`` in one tensor (a store reads only these back)."""
-    if isinstance(snapshots, SnapshotStore):
-        return snapshots.images(start, stop)
-    return snapshots[start][0] if stop == start + 1 else torch.cat([x for x, _ in snapshots[start:stop]])
-
-
 @torch.no_grad()
-def _replay(teacher: Ensemble, snapshots: Sequence[Snapshot], execution: Execution) -> list[Tensor]:
+def _replay(teacher: Ensemble, snapshots: SnapshotStore, execution: Execution) -> list[Tensor]:
     """The float32 logits of an eval-mode ``teacher`` on each snapshot, several snapshots per pass.
 
     Eval mode makes every image's logits independent of the others in its batch, so the targets equal
     one pass per snapshot up to the float rounding of a different batch size.
     """
-    sizes = _sizes(snapshots)
-    per_image = snapshots.image_numel() if isinstance(snapshots, SnapshotStore) else snapshots[0][0][0].numel()
+    sizes = snapshots.sizes
+    per_image = snapshots.image_numel()
     cap = REPLAY_IMAGES.get(execution.torch_device.type, REPLAY_IMAGES["cpu"])
     elements = REPLAY_ELEMENTS.get(execution.torch_device.type, REPLAY_ELEMENTS["cpu"])
     cap = max(1, min(cap, elements // max(1, per_image)))
@@ -281,7 +270,7 @@ def _replay(teacher: Ensemble, snapshots: Sequence[Snapshot], execution: Executi
         while stop < len(snapshots) and images + sizes[stop] <= cap:
             images += sizes[stop]
             stop += 1
-        chunk = _chunk(snapshots, start, stop)
+        chunk = snapshots.images(start, stop)   # only these snapshots are read back (one tensor)
         with execution.autocast():
             out = teacher(execution.layout(chunk)).float()
         logits += list(out.split(sizes[start:stop]))
@@ -289,7 +278,7 @@ def _replay(teacher: Ensemble, snapshots: Sequence[Snapshot], execution: Executi
     return logits
 
 
-def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | None, snapshots: Sequence[Snapshot],
+def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | None, snapshots: SnapshotStore,
                    optimizer: torch.optim.Optimizer, T: float, execution: Execution, multi_label: bool = False) -> Tensor:
     """One SGD step per snapshot; returns the mean loss (a device tensor: no sync per step).
 
