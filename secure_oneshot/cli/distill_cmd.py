@@ -108,7 +108,7 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
                      noise_adapted=args.noise_adapted, image_size=args.image_size, teacher_weighting=args.teacher_weighting,
                      method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps, args.proxy_share),
                      imagenet_weights=args.imagenet_weights or "", proxy_images=args.proxy_images or "", data_root=args.data_root,
-                     snapshot_memory_mib=args.snapshot_memory_mib)
+                     snapshot_memory_mib=args.snapshot_memory_mib, prior_matching=not args.no_prior_matching)
     test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval and dist.is_main else None
     if dist.is_main:
         _say(f"distilling from {len(sites)} site models ({', '.join(s.name for s in sites)}): preset {preset}, "
@@ -229,6 +229,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     distill.add_argument("--proxy-images", metavar="FLAG:SPLIT|DIR",
                          help="proxy, inversion+proxy: public unlabelled images the server holds (a MedMNIST set under "
                               "--data-root, e.g. breastmnist:train, or a folder of PNG/JPEG/TIFF); labelled by the site models")
+    distill.add_argument("--no-prior-matching", action="store_true",
+                         help="with --proxy-images: keep the student's class offsets as trained (by default they are fitted "
+                              "so that its mean class probabilities on the public images equal the teacher's; AUC unchanged)")
     distill.add_argument("--proxy-share", type=float, default=0.5, help="inversion+proxy: fraction of each batch from the proxy images")
     distill.add_argument("--student", metavar="ARCH", help="student architecture (default: the sites')")
     distill.add_argument("--epochs", type=int, help="override the preset's epochs")

@@ -51,6 +51,7 @@ class Study:
     generator_epsilons: tuple[float, ...] = (math.inf,)
     withhold: tuple[tuple[str, ...], ...] = ((),)          # variants of what the sites leave out
     teacher_weighting: str | None = None                    # server.weighting scheme; None: the server preset's default
+    prior_matching: bool = True                             # proxy cells: the student's class prior matched to the teacher's
     site_dp_preset: str = "dp"                              # the sites' recipe in DP cells (site_preset in the others)
     threshold_epsilon: float | None = None                  # DP binary cells: decision threshold budget; None: demo's share
     centralised: bool = False                               # also train one model on all records pooled (same recipe, epsilon)
@@ -151,6 +152,12 @@ def _withhold(policy: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(sorted(_choice(a, WITHHOLDABLE, "policy.withhold") for a in set(v))) for v in variants)
 
 
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} is not true or false")
+    return value
+
+
 def _size(study: dict[str, Any]) -> int:
     size = study.get("size", 28)
     if not isinstance(size, int) or isinstance(size, bool) or size not in SIZES:
@@ -185,6 +192,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             generator=generator, generator_epsilons=generator_epsilons, withhold=_withhold(doc.get("policy", {})),
             teacher_weighting=None if "teacher_weighting" not in server else _choice(server["teacher_weighting"], WEIGHTINGS,
                                                                                      "server.teacher_weighting"),
+            prior_matching=_flag(server.get("prior_matching", True), "server.prior_matching"),
             site_dp_preset=_choice(site.get("dp_preset", "dp"), TRAIN_PRESETS, "site.dp_preset"),
             threshold_epsilon=None if site.get("threshold_epsilon") is None else float(site["threshold_epsilon"]),
             centralised=bool(study.get("centralised", False)), public_fraction=float(study.get("public_fraction", 0.0)),

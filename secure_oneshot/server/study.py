@@ -10,6 +10,7 @@ test set.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -27,8 +28,10 @@ from ..bundle.safetensors_strict import serialize_tensors
 from ..data.proxy_images import ProxyImages, load_proxy_images
 from ..errors import ConfigError
 from ..keys import Identity
+from ..metrics import evaluate_model
 from ..models.classifier import ARCHITECTURES, ClassifierConfig
 from ..models.imagenet_init import initial_classifier
+from .class_prior import PriorMatch, match_class_prior
 from .checkpoint import Checkpoint, check_fingerprint, clear_checkpoints, load_latest, model_digest, restore, save_checkpoint
 from .distill import DistillConfig, TrainingState, distill, student_norm
 from .distributed import Distributed
@@ -42,7 +45,7 @@ from .snapshot_store import DEFAULT_SNAPSHOT_MEMORY_MIB
 from .sources import PROXY_METHODS, SiteGenerator, SynthesisMethod
 from .synthesis import InversionConfig, synthesize_batch, tracks_running_stats
 from .weighting import (CONSENSUS_MAX_IMAGES, PROBE_MIN_STEPS, WEIGHTINGS, agreement_weights, consensus_weights,
-                        default_weighting, label_count_weights)
+                        default_weighting, label_count_weights, pooled_logits)
 
 __all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines", "DistillJob", "DistillRun", "run_distillation", "prior_options", "PRESETS",
            "SELECTION", "teacher_weights"]
@@ -86,6 +89,7 @@ class DistillJob:
     proxy_images: str = ""                    # public unlabelled images for the proxy methods (data.proxy_images)
     data_root: str | None = None              # where a MedMNIST proxy set is found
     snapshot_memory_mib: float = DEFAULT_SNAPSHOT_MEMORY_MIB   # an epoch's snapshots in memory up to this, then a temp file
+    prior_matching: bool = True               # with public images: match the student's class prior to the teacher's (class_prior)
 
     def __post_init__(self) -> None:
         if self.preset == "paper" and self.image_size > LARGE_IMAGE and not self.imagenet_weights:
@@ -223,14 +227,28 @@ def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig,
     if scheme == "consensus":
         if public is None or len(public) == 0:
             raise ConfigError("teacher weighting 'consensus' needs public images", hint="pass --proxy-images")
-        if len(public) > CONSENSUS_MAX_IMAGES:
-            draw = torch.Generator().manual_seed(synth.seed + 2_000_003)
-            public = public[torch.randperm(len(public), generator=draw)[:CONSENSUS_MAX_IMAGES]]
-        return consensus_weights(_site_logits(models, public, execution))
+        return consensus_weights(_site_logits(models, _public_draw(public, synth.seed), execution))
     steps = max(synth.steps, PROBE_MIN_STEPS)
     probe = InversionConfig(**{**asdict(synth), "seed": synth.seed + 1_000_003, "steps": steps, "snapshot_every": steps})
     images, targets = synthesize_batch(models, None, probe, execution=execution, **prior_options(sites, student=None))
     return agreement_weights(_site_logits(models, images, execution), targets)
+
+
+def _public_draw(public: torch.Tensor, seed: int) -> torch.Tensor:
+    """At most ``CONSENSUS_MAX_IMAGES`` of the public images, a draw seeded by the run's seed (all of them when fewer)."""
+    if len(public) <= CONSENSUS_MAX_IMAGES:
+        return public
+    draw = torch.Generator().manual_seed(seed + 2_000_003)
+    return public[torch.randperm(len(public), generator=draw)[:CONSENSUS_MAX_IMAGES]]
+
+
+def _match_prior(sites: list[SiteModel], student: nn.Module, public: torch.Tensor, weights: torch.Tensor | None,
+                 synth: InversionConfig, execution: Execution) -> PriorMatch:
+    """:func:`~secure_oneshot.server.class_prior.match_class_prior` against the weighted teacher, on the same public
+    images ``consensus`` judges the sites on."""
+    public = _public_draw(public, synth.seed)
+    teacher = torch.softmax(pooled_logits(_site_logits([s.model for s in sites], public, execution), weights), dim=-1)
+    return match_class_prior(student, public, teacher)
 
 
 def _site_logits(models: list[nn.Module], images: torch.Tensor, execution: Execution, chunk: int = 512) -> torch.Tensor:
@@ -302,7 +320,13 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
         return DistillRun(result.student, result.history, {}, synth, dcfg)
     seconds = time.perf_counter() - started
     student = result.student.cpu().to(memory_format=torch.contiguous_format).eval()
+    matched: PriorMatch | None = None
+    if job.prior_matching and proxy is not None and not synth.multi_label:
+        unmatched = copy.deepcopy(student)
+        matched = _match_prior(sites, student, proxy_tensor(proxy), weights, synth, execution)
     metrics = baselines(sites, student, test_set, weights) if test_set is not None else {}
+    if matched is not None and matched.applied and test_set is not None:
+        metrics["global (before prior matching)"] = evaluate_model(unmatched, test_set)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     # The project's own writer, not safetensors.torch.save: safetensors 0.8 writes the metadata keys in a per-call
@@ -320,6 +344,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
               "preset": job.preset, "method": asdict(job.method), "proxy_images": None if proxy is None else proxy.record(),
               "execution": execution.for_models(models).describe(),
               "task": "multi-label" if synth.multi_label else "one class per image",
+              "prior_matching": None if matched is None else matched.record(),
               "teacher_weighting": {"scheme": scheme,
                                     "weights": None if weights is None else [[round(float(w), 4) for w in row]
                                                                              for row in normalise_weights(weights, len(sites))]},
@@ -412,6 +437,16 @@ def markdown_report(metrics: dict[str, dict[str, float]], report: dict[str, Any]
         lines += ["", f"Preset `{report['preset']}`, synthesis `{report['method']['method']}`, "
                       f"{report['distill']['epochs']} epochs in {report['seconds']} s on {report['execution']['device']} "
                       f"({report['execution']['precision']})."]
+        matched = report.get("prior_matching")
+        if matched and matched["applied"]:
+            def shown(values: list[float], sign: str = "") -> str:
+                return ", ".join(f"{v:{sign}.3f}" for v in values)
+            lines += ["", f"Prior matching: class offsets ({shown(matched['offsets'], '+')}) fitted on {matched['images']} public "
+                          f"images, so that the global model's mean class probabilities there "
+                          f"({shown(matched['student_mean_probability_after'])}) equal the teacher's; before: "
+                          f"({shown(matched['student_mean_probability_before'])})."]
+        elif matched:
+            lines += ["", f"Prior matching not applied: {matched['reason']}."]
         if "privacy" in report:
             lines += ["", *position_markdown(report["privacy"])]
     return "\n".join(lines) + f"\n\nModel selection: {SELECTION}.\n"

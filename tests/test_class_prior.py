@@ -1,0 +1,117 @@
+"""Prior matching: the global model's per-class offsets fitted to the teacher's mean prediction on public images,
+folded into its last layer; rankings (AUC) unchanged; the distill command's report and its opt-out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from secure_oneshot.cli import main
+from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
+from secure_oneshot.server.class_prior import FIT_TOLERANCE, fit_class_offsets, last_linear, match_class_prior
+
+from .model_helpers import make_real_model_dir
+from .test_data_root import data_root  # noqa: F401
+from .test_proxy_images import png
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _mean_probability(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.double(), dim=1).mean(dim=0)
+
+
+@pytest.mark.parametrize("classes,scale", [(2, 1.0), (3, 4.0), (5, 25.0)])
+def test_the_fitted_offsets_make_the_mean_probabilities_equal_the_teachers(classes: int, scale: float) -> None:
+    g = torch.Generator().manual_seed(classes)
+    student = torch.randn(400, classes, generator=g) * scale + torch.linspace(-2, 2, classes)   # confident and skewed
+    teacher = torch.softmax(torch.randn(400, classes, generator=g) - torch.linspace(-1, 1, classes), dim=1)
+    offsets = fit_class_offsets(student, teacher)
+    assert (_mean_probability(student + offsets) - teacher.double().mean(dim=0)).abs().max() < FIT_TOLERANCE
+    assert abs(offsets.mean().item()) < 1e-12
+    # a constant on every logit changes no probability, so it changes no offset
+    assert torch.allclose(fit_class_offsets(student + 7.0, teacher), offsets, atol=1e-8)
+
+
+def test_a_student_that_already_matches_is_left_alone() -> None:
+    logits = torch.randn(300, 3, generator=torch.Generator().manual_seed(0))
+    assert fit_class_offsets(logits, torch.softmax(logits, dim=1)).abs().max() < 1e-6
+
+
+def test_the_offsets_are_folded_into_the_last_layer_and_keep_every_ranking() -> None:
+    torch.manual_seed(0)
+    model = build_classifier(ClassifierConfig("small-cnn", 1, 2, "batch")).eval()
+    images = torch.randn(200, 1, 28, 28)
+    with torch.no_grad():
+        before = model(images)
+    # a teacher that says class 1 far less often than this student
+    target = torch.tensor([[0.8, 0.2]]).expand(200, 2)
+    result = match_class_prior(model, images, target)
+    with torch.no_grad():
+        after = model(images)
+    assert result.applied and result.images == 200
+    assert torch.allclose(after - before, torch.tensor(result.offsets, dtype=after.dtype).expand_as(after), atol=1e-4)
+    assert abs(result.student_mean_after[0] - 0.8) < 1e-4 and abs(result.teacher_mean[0] - 0.8) < 1e-6
+    margin_before, margin_after = before[:, 1] - before[:, 0], after[:, 1] - after[:, 0]
+    assert (margin_after - margin_before).std() < 1e-5   # every margin moved by one constant: same order, same AUC
+    assert result.student_mean_before[1] > 0.3   # the untrained student was far from the teacher's 0.2
+
+
+class _ScaledHead(nn.Module):
+    """Logits that are not the last linear layer's output (doubled after it): a fold would move them by 2b."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * self.body(x)
+
+
+def test_a_model_whose_logits_are_not_the_last_layer_is_left_unchanged_and_the_report_says_why() -> None:
+    torch.manual_seed(0)
+    model = _ScaledHead().eval()
+    bias = model.body[1].bias.detach().clone()
+    result = match_class_prior(model, torch.randn(50, 1, 4, 4), torch.tensor([[0.9, 0.1]]).expand(50, 2))
+    assert not result.applied and "do not come straight" in result.reason
+    assert torch.equal(model.body[1].bias, bias)
+    no_linear = nn.Sequential(nn.Flatten(), nn.Linear(16, 3), nn.Linear(3, 2, bias=False)).eval()
+    assert last_linear(no_linear, 2) is None
+    result = match_class_prior(no_linear, torch.randn(20, 1, 4, 4), torch.tensor([[0.5, 0.5]]).expand(20, 2))
+    assert not result.applied and "no final linear layer" in result.reason
+
+
+def test_distill_with_public_images_matches_the_prior_and_the_opt_out_keeps_the_trained_model(tmp_path: Path, data_root) -> None:  # noqa: F811
+    models = [make_real_model_dir(tmp_path / f"site-{c}", site=f"site-{c}") for c in "ab"]
+    for i in range(12):
+        png(tmp_path / "public" / f"{i}.png", (28, 28), value=20 * i)
+    common = ["--json", "distill", *[a for m in models for a in ("--model", str(m))], "--preset", "smoke", "--epochs", "1",
+              "--synthesis", "proxy", "--proxy-images", str(tmp_path / "public"), "--threads", "1",
+              "--eval", "pneumoniamnist", "--data-root", str(data_root)]
+    assert main([*common, "--out", str(tmp_path / "matched")]) == 0
+    assert main([*common, "--out", str(tmp_path / "plain"), "--no-prior-matching"]) == 0
+    matched = json.loads((tmp_path / "matched" / "report.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    record = matched["prior_matching"]
+    assert record["applied"] and record["images"] == 12
+    assert max(abs(a - t) for a, t in zip(record["student_mean_probability_after"], record["teacher_mean_probability"])) < 1e-4
+    assert plain["prior_matching"] is None and "global (before prior matching)" not in plain["metrics"]
+    # the same training run: the unmatched row of one is the other's global model; the ranking is untouched
+    assert matched["metrics"]["global (before prior matching)"] == plain["metrics"]["global (distilled)"]
+    assert matched["metrics"]["global (distilled)"]["auc"] == pytest.approx(plain["metrics"]["global (distilled)"]["auc"], abs=1e-9)
+    assert "Prior matching: class offsets" in (tmp_path / "matched" / "report.md").read_text()
+
+
+def test_a_study_turns_prior_matching_off_only_with_a_real_boolean() -> None:
+    from secure_oneshot.errors import ConfigError
+    from secure_oneshot.research.study_config import study_from_text
+
+    base = "[study]\nname = \"s\"\nflags = [\"pneumoniamnist\"]\npublic_fraction = 0.1\n[server]\nmethods = [\"proxy\"]\n"
+    assert study_from_text(base, "s.toml").prior_matching is True
+    assert study_from_text(base + "prior_matching = false\n", "s.toml").prior_matching is False
+    with pytest.raises(ConfigError, match="server.prior_matching: 'no' is not true or false"):
+        study_from_text(base + 'prior_matching = "no"\n', "s.toml")
