@@ -1,0 +1,92 @@
+"""Three ways to set a distilled global model's decision point on the server's public images, compared on a study.
+
+    python benchmarks/prior_matching.py STUDY [--cells cells] [--flag pneumoniamnist] [--data-root ../shared/data/medmnist]
+
+STUDY is an ``experiment`` folder whose proxy cells were distilled WITHOUT prior matching (``[server]
+prior_matching = false``; ``--cells`` names the folder of cells when they were moved aside).  For every
+cell: the teacher (its report's weights, over the cached site models), the global model as trained, and the
+global model with per-class offsets fitted on the cell's public images in three ways:
+
+* ``mean-prob``: offsets making the student's mean class probabilities equal the teacher's (maximum likelihood
+  against the teacher's soft predictions; what ``server.class_prior`` ships);
+* ``hard-rate``: binary only: the threshold at which the student calls class 1 as often as the teacher does;
+* ``hard-fit``: maximum likelihood against the teacher's hard decisions (one-hot).
+
+Test-split metrics (ACC / AUC / balanced ACC); nothing is chosen on them.  One torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from secure_oneshot.data import load_medmnist, to_dataset
+from secure_oneshot.data.proxy_images import load_proxy_images
+from secure_oneshot.metrics import classification_metrics
+from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
+from secure_oneshot.server.class_prior import fit_class_offsets
+from secure_oneshot.server.site_models import load_model_dirs
+from secure_oneshot.server.study import proxy_tensor
+from secure_oneshot.server.weighting import pooled_logits
+
+
+def hard_rate_offsets(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Binary: the offset on class 1 at which the student's rate of class-1 decisions equals the teacher's."""
+    rate = (teacher.argmax(1) == 1).double().mean().item()
+    margins = (student[:, 1] - student[:, 0]).double().sort().values
+    k = int(round((1 - rate) * len(margins)))
+    if not 0 < k < len(margins):
+        return torch.zeros(2, dtype=torch.float64)
+    return torch.tensor([0.0, -float(margins[k - 1] + margins[k]) / 2], dtype=torch.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", type=Path)
+    parser.add_argument("--cells", default="cells")
+    parser.add_argument("--flag", default="pneumoniamnist")
+    parser.add_argument("--data-root")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    test = to_dataset(load_medmnist(args.flag, "test", root=args.data_root))
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = np.array([int(test[i][1]) for i in range(len(test))])
+    caches = {json.loads((d / "partition.json").read_text())["partition"]["seed"]: d
+              for d in (args.study / "cache").iterdir() if (d / "partition.json").exists()}
+
+    def shown(logits: torch.Tensor) -> str:
+        m = classification_metrics(y, torch.softmax(logits.double(), dim=1).numpy())
+        return f"{m['acc']:.3f} / {m['auc']:.3f} / {m['balanced_acc']:.3f}"
+
+    print("| cell | teacher | global as trained | mean-prob | hard-rate | hard-fit |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for cell in sorted((args.study / args.cells).iterdir()):
+        report = json.loads((cell / "server" / "global" / "report.json").read_text())
+        if report.get("prior_matching"):
+            raise SystemExit(f"{cell.name} was distilled with prior matching: pass cells distilled without it")
+        cache = caches[int(cell.name.rsplit("-s", 1)[1])]
+        s = report["student"]
+        student = build_classifier(ClassifierConfig(s["architecture"], s["in_channels"], s["num_classes"], s["norm"]))
+        student.load_state_dict(load_file(cell / "server" / "global" / "global.safetensors"))
+        sites = load_model_dirs(sorted((cache / "sites").glob("hospital-*/model")))
+        weights = report["teacher_weighting"]["weights"]
+        weights = None if weights is None else torch.tensor(weights)
+        public = proxy_tensor(load_proxy_images(str(cache / "server" / "public-images.npz"), size=28, channels=s["in_channels"]))
+        with torch.no_grad():
+            teacher_test = pooled_logits(torch.stack([m.model.eval()(x).float() for m in sites]), weights)
+            teacher_public = pooled_logits(torch.stack([m.model.eval()(public).float() for m in sites]), weights)
+            student_test, student_public = student.eval()(x), student(public)
+        mean_prob = fit_class_offsets(student_public, torch.softmax(teacher_public, dim=1))
+        hard_fit = fit_class_offsets(student_public, torch.nn.functional.one_hot(teacher_public.argmax(1), s["num_classes"]).double())
+        hard_rate = hard_rate_offsets(student_public, teacher_public) if s["num_classes"] == 2 else None
+        print(f"| {cell.name} | {shown(teacher_test)} | {shown(student_test)} | {shown(student_test + mean_prob)} | "
+              f"{'-' if hard_rate is None else shown(student_test + hard_rate)} | {shown(student_test + hard_fit)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
