@@ -31,7 +31,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +38,20 @@ import numpy as np
 import torch
 
 from ._internal.atomic import atomic_write_bytes
-from ._internal.encoding import format_time, utc_now
+from ._internal.process_pool import Plain, run_jobs
 from .client.export import ExportRequest, export_model
+from .client.parallel_sites import pooled_reference, pooled_reference_job, run_pooled_reference_job, run_site_job, site_job, site_summary
 from .client.site import run_site
 from .client.site_config import SiteConfig
 from .client.train import PRESETS as TRAIN_PRESETS
-from .client.train import DataConfig, TrainConfig, site_data, train_classifier
+from .client.train import DataConfig, TrainConfig, site_data
 from .data import Partition, load_medmnist, partition_indices, to_dataset
 from .data.medmnist_data import SIZES, medmnist_file, num_classes
 from .data.partition import label_counts, public_indices
+from .demo_policies import export_policy_text, ingest_policy_text
 from .errors import ConfigError
 from .keys import Identity, TrustEntry, TrustStore, load_trust_store, save_identity, save_trust_store
 from .keys.keyfile import UnsafePlaintextKeyWarning
-from .metrics import evaluate_model
 from .models.classifier import ClassifierConfig
 from .models.specs import config_default_architecture
 from .policy.load import load_export_policy, load_ingest_policy
@@ -81,11 +81,19 @@ class DemoPreset:
     train: TrainConfig
     server: str            # a server.study preset
     dp_train: TrainConfig = TRAIN_PRESETS["dp"]   # the hospitals' recipe when DP is on (tuned for DP-SGD)
+    dp_server_epochs: int | None = None           # the server's distillation epochs when DP is on; None: the server preset's
+
+
+DP_DEMO_SERVER_EPOCHS = 6
+"""The cpu demo's distillation epochs with DP: on the DP demo's sites 6 epochs of the cpu server preset gave ACC 0.833 /
+AUC 0.907 / bal. ACC 0.817 against 0.840 / 0.911 / 0.836 for its 16, at 6/16 of the server's time, which keeps the
+DP demo within minutes on 2 cores (benchmarks/RESULTS.md).  The cpu preset's milestones (0.6, 0.8) fall on epochs 4
+and 5 there, the schedule its studies were measured with."""
 
 
 DEMO_PRESETS: dict[str, DemoPreset] = {
     "smoke": DemoPreset(3, "small-cnn", replace(TRAIN_PRESETS["cpu"], epochs=2), "smoke", replace(TRAIN_PRESETS["dp"], epochs=3)),
-    "cpu": DemoPreset(5, "small-cnn", TRAIN_PRESETS["cpu"], "cpu"),
+    "cpu": DemoPreset(5, "small-cnn", TRAIN_PRESETS["cpu"], "cpu", dp_server_epochs=DP_DEMO_SERVER_EPOCHS),
     "gpu": DemoPreset(5, "resnet18-cifar", replace(TRAIN_PRESETS["fedisca"], epochs=30, lr=0.01), "gpu"),
     "paper": DemoPreset(5, "resnet18-cifar", TRAIN_PRESETS["fedisca"], "paper"),
 }
@@ -114,6 +122,9 @@ class DemoConfig:
     stop_after: str | None = None    # "ingest": the hospitals' half only; server_command() is the server's half
     size: int = 28                   # MedMNIST+ image size: <flag>_<size>.npz (28 px: <flag>.npz); sites train
                                      # config_default_architecture(size) above 28 px
+    workers: int | None = None       # processes of one torch thread that train the hospitals (and the centralised
+                                     # reference) side by side; 1: one after another in this process; None: torch's
+                                     # thread count (the CLI's --threads)
 
     @property
     def resolved_synthesis(self) -> str:
@@ -123,6 +134,8 @@ class DemoConfig:
         if self.stop_after not in (None, "ingest"):
             raise ConfigError(f"the demo can stop after ingest, not {self.stop_after!r}", hint="--stop-after ingest")
         self.training_epsilon  # noqa: B018 -- refuse a budget the statistics take whole before anything is written
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1):
+            raise ConfigError(f"the demo's workers must be an integer >= 1, got {self.workers!r}", hint="--threads N")
         if self.size not in SIZES:
             raise ConfigError(f"image size {self.size!r} is not a MedMNIST+ size", hint=f"use one of {', '.join(map(str, SIZES))}")
         if self.preset_name == "paper" and self.size > LARGE_IMAGE and self.stop_after is None:
@@ -169,6 +182,15 @@ class DemoConfig:
         return left
 
     @property
+    def server_epochs(self) -> int | None:
+        """The distillation epochs the demo asks for: the preset's DP setting with DP, else None (the server preset's)."""
+        return self.resolved_preset().dp_server_epochs if self.dp_epsilon is not None else None
+
+    @property
+    def resolved_workers(self) -> int:
+        return self.workers if self.workers is not None else torch.get_num_threads()
+
+    @property
     def preset_name(self) -> str:
         if self.preset != "auto":
             return self.preset
@@ -206,106 +228,11 @@ def create_identities(run: Path, site_names: list[str]) -> tuple[dict[str, Ident
     return ids, run / "keys" / "trust.toml"
 
 
-def _export_policy_text(ids: dict[str, Identity]) -> str:
-    now = utc_now()
-    effective, expires = format_time(now - timedelta(days=1)), format_time(now + timedelta(days=30))
-    return f'''# Site export policy written by `secure-oneshot demo` (same shape as policies/research-study.toml).
-schema = "secure-oneshot/site-export-policy/v1"
-id = "demo/site-export"
-version = 1
-owner = "Demo research data office"
-effective = {effective}
-expires = {expires}
-
-[study]
-title = "secure-oneshot demo (simulated hospitals)"
-irb = "none (public MedMNIST data)"
-dua = "none (CC BY 4.0 data)"
-
-[approval]
-required = 1
-approvers = ["{ids['dpo'].key_id}"]  # dpo
-
-[recipients]
-allowed = ["{ids['server'].key_id}"]  # server
-
-[artifacts]
-classifier = "allow"
-generator = "allow"
-bn_statistics = "allow"        # FedISCA's synthesis matches them
-dp_feature_statistics = "allow"
-label_counts = "allow"         # DP sites release a DP label histogram (its own epsilon, in the composed budget)
-
-[[tensors]]
-artifact = "classifier"
-names = ["classifier/*"]
-dtypes = ["F32"]
-max_bytes = 200_000_000
-
-[[tensors]]
-artifact = "bn_statistics"
-names = ["classifier/*.running_mean", "classifier/*.running_var", "classifier/*.num_batches_tracked"]
-dtypes = ["F32", "I64"]
-max_bytes = 1_000_000
-
-[[tensors]]
-artifact = "generator"
-names = ["generator/*"]
-dtypes = ["F32"]
-max_bytes = 200_000_000
-
-[[tensors]]
-artifact = "dp_feature_statistics"
-names = ["feature_stats/*"]
-dtypes = ["F32"]
-max_bytes = 10_000_000
-
-[[tensors]]
-artifact = "label_counts"
-names = ["label_counts/counts"]
-dtypes = ["F32"]
-max_bytes = 40_000
-
-[bundle]
-max_bytes = 500_000_000
-valid_days = 2
-'''
-
-
-def _ingest_policy_text(ids: dict[str, Identity], site_names: list[str]) -> str:
-    senders = ", ".join(f'"{ids[n].key_id}"' for n in site_names)
-    return f'''# Server ingest policy written by `secure-oneshot demo`.
-schema = "secure-oneshot/server-ingest-policy/v1"
-id = "demo/server-ingest"
-version = 1
-owner = "Demo study server"
-# Every bundle must carry the site's signed export policy, approved by the data protection officer.
-require_site_policy = true
-min_site_policy_approvals = 1
-
-[senders]
-allowed = [{senders}]
-
-[artifacts]
-required = ["classifier"]
-denied = []
-require_dp = []
-
-[models]
-architectures = ["resnet18-cifar", "resnet18", "small-cnn", "scatternet", "unet2d-small"]
-
-[limits]
-max_bundle_bytes = 500_000_000
-max_tensors = 2000
-max_tensor_bytes = 200_000_000
-'''
-
-
 def write_policies(run: Path, ids: dict[str, Identity], site_names: list[str]) -> tuple[Path, Path]:
     export_path, ingest_path = run / "policies" / "site-export.toml", run / "policies" / "server-ingest.toml"
     export_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(export_path, _export_policy_text(ids).encode("ascii"))
-    atomic_write_bytes(ingest_path, _ingest_policy_text(ids, site_names).encode("ascii"))
+    atomic_write_bytes(export_path, export_policy_text(ids).encode("ascii"))
+    atomic_write_bytes(ingest_path, ingest_policy_text(ids, site_names).encode("ascii"))
     sign_policy(load_export_policy(export_path), export_path, ids["dpo"])
     return export_path, ingest_path
 
@@ -343,24 +270,61 @@ def _data_config(cfg: DemoConfig, partition: Partition, site: int) -> DataConfig
     return DataConfig(flag=cfg.flag, size=cfg.size, root=cfg.data_root, site=site, partition=partition)
 
 
-def train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names: list[str], run: Path, say: Say) -> list[Path]:
-    dirs = []
-    for i, name in enumerate(names):
-        train = _site_train_config(cfg, preset, cfg.seed + i)
-        stats = {"epsilon": cfg.resolved_stats_epsilon} if cfg.dp_epsilon is not None else None
-        site_cfg = SiteConfig(_data_config(cfg, partition, i), ClassifierConfig(preset.architecture), train, cfg.generator, stats,
-                              run / "sites" / name / "model")
-        started = time.perf_counter()
-        result = run_site(site_cfg).classifier
-        test = result.metrics.get("test", {})
-        say(f"  {name}: {len(result.data.train)} records, labels {_counts(result.data.train.labels)}, "
-            f"test ACC {test.get('acc', float('nan')):.3f} AUC {test.get('auc', float('nan')):.3f} ({time.perf_counter() - started:.0f} s)")
-        dirs.append(site_cfg.out)
-    return dirs
+def _site_config(cfg: DemoConfig, preset: DemoPreset, partition: Partition, i: int, name: str, run: Path) -> SiteConfig:
+    stats = {"epsilon": cfg.resolved_stats_epsilon} if cfg.dp_epsilon is not None else None
+    return SiteConfig(_data_config(cfg, partition, i), ClassifierConfig(preset.architecture), _site_train_config(cfg, preset, cfg.seed + i),
+                      cfg.generator, stats, run / "sites" / name / "model")
 
 
-def _counts(labels: Any) -> list[int]:
-    return torch.bincount(torch.as_tensor(labels)).tolist()
+def train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names: list[str], run: Path, say: Say, *,
+                workers: int = 1) -> list[Path]:
+    """Train every hospital: one after another in this process (``workers`` 1), else in up to ``workers`` processes of
+    one torch thread each, the largest first (client.parallel_sites: with one thread, the same model files bit for bit).
+    One progress line per hospital, in the order they finish."""
+    return _train_sites(cfg, preset, partition, names, run, say, workers, reference=False)[0]
+
+
+def _train_sites(cfg: DemoConfig, preset: DemoPreset, partition: Partition, names: list[str], run: Path, say: Say, workers: int,
+                 *, reference: bool) -> tuple[list[Path], dict[str, float] | None]:
+    """:func:`train_sites`; with ``workers`` > 1 and ``reference``, the centralised reference is one more job of the pool."""
+    configs = [_site_config(cfg, preset, partition, i, name, run) for i, name in enumerate(names)]
+    if workers <= 1:
+        for name, site_cfg in zip(names, configs):
+            started = time.perf_counter()
+            _say_site(say, name, site_summary(run_site(site_cfg), time.perf_counter() - started))
+        return [c.out for c in configs], None
+    records = _site_records(run, len(names))
+    order = sorted(range(len(names)), key=lambda i: -records[i])   # longest first: the last job to start is a short one
+    jobs = [(run_site_job, site_job(configs[i])) for i in order]
+    labels = [names[i] for i in order]
+    if reference:   # the pooled records: the largest job, so it starts first
+        pooled = replace(partition, n_sites=1, scheme="iid")
+        jobs.insert(0, (run_pooled_reference_job, pooled_reference_job(_data_config(cfg, pooled, 0), preset.train.val_fraction,
+                                                                      preset.architecture, replace(preset.train, seed=cfg.seed))))
+        labels.insert(0, "centralised reference")
+
+    def done(index: int, result: dict[str, Plain]) -> None:
+        if labels[index] == "centralised reference":
+            say(f"  centralised reference (pooled records, research only): test ACC {result.get('acc', float('nan')):.3f} "
+                f"AUC {result.get('auc', float('nan')):.3f}")
+        else:
+            _say_site(say, labels[index], result)
+
+    results = run_jobs(jobs, workers, done)
+    return [c.out for c in configs], (results[0] if reference else None)  # type: ignore[return-value]
+
+
+def _say_site(say: Say, name: str, summary: dict[str, Any]) -> None:
+    say(f"  {name}: {summary['records']} records, labels {summary['labels']}, "
+        f"test ACC {summary['acc']:.3f} AUC {summary['auc']:.3f} ({summary['seconds']:.0f} s)")
+
+
+def _site_records(run: Path, sites: int) -> list[int]:
+    """Each hospital's record count from partition.json (demo_partition), to start the largest first; 0s without it."""
+    try:
+        return [int(s["records"]) for s in json.loads((run / "partition.json").read_text())["sites"]][:sites]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [0] * sites
 
 
 def export_all(names: list[str], model_dirs: list[Path], ids: dict[str, Identity], export_policy: Path, trust_file: Path,
@@ -412,10 +376,8 @@ def centralised_reference(cfg: DemoConfig, preset: DemoPreset, partition: Partit
     privacy-utility curve compares like with like."""
     pooled = replace(partition, n_sites=1, scheme="iid")
     data = site_data(_data_config(cfg, pooled, 0), preset.train.val_fraction, cfg.seed)
-    model_cfg = ClassifierConfig(preset.architecture, data.train.n_channels, data.train.n_classes)
     train = _site_train_config(cfg, preset, cfg.seed) if private else replace(preset.train, seed=cfg.seed)
-    result = train_classifier(model_cfg, train, data)
-    return evaluate_model(result.model, to_dataset(data.test)) if data.test is not None else {}
+    return pooled_reference(data, preset.architecture, train)
 
 
 def metrics_table(metrics: dict[str, dict[str, float]]) -> list[str]:
@@ -458,7 +420,13 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     say(f"[2/6] partition {cfg.flag} train+val among {len(names)} hospitals (Dirichlet alpha {cfg.alpha}); train each "
         f"({preset.architecture}, {epochs} epochs{dp})")
     partition = demo_partition(cfg, preset, run)
-    model_dirs = train_sites(cfg, preset, partition, names, run, say)
+    workers = min(cfg.resolved_workers, preset.sites + 1)
+    # Several workers: the centralised reference (step 6) is one more job of the sites' pool, so both cores stay busy.
+    pooled_in_pool = cfg.centralised and workers > 1 and cfg.stop_after is None
+    if workers > 1:
+        say(f"  {workers} worker processes of one torch thread{' (with the centralised reference)' if pooled_in_pool else ''}; "
+            "hospitals reported as they finish")
+    model_dirs, reference = _train_sites(cfg, preset, partition, names, run, say, workers, reference=pooled_in_pool)
     lap("train")
     say("[3/6] export: policy check, sign, encrypt to the server, audit; deliver to the server inbox")
     server = IngestFolders.under(run / "server")
@@ -476,23 +444,27 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     if cfg.stop_after == "ingest":   # the server half runs on its own: server_command(cfg), e.g. under torchrun
         return DemoResult(run, {}, outcomes, None, seconds, {"run": str(run), "server": str(server.root)})
     public = f", {cfg.resolved_synthesis} with {cfg.public_fraction:g} of the records as public images" if cfg.public_fraction else ""
-    say(f"[5/6] distil a global model from the accepted bundles (preset {preset.server}{public}, "
+    epochs_note = f", {cfg.server_epochs} epochs (the demo's DP setting)" if cfg.server_epochs else ""
+    say(f"[5/6] distil a global model from the accepted bundles (preset {preset.server}{epochs_note}{public}, "
         f"{cfg.execution.describe()['device']}, {cfg.execution.describe()['precision']})")
     sites = load_accepted(server.accepted, ids["server"], trust)
     test = to_dataset(load_medmnist(cfg.flag, "test", root=cfg.data_root, size=cfg.size))
     proxy = str(public_images_path(run)) if cfg.public_fraction > 0 else ""
     job = DistillJob(preset=preset.server, execution=cfg.execution, seed=cfg.seed, teacher_weighting=cfg.teacher_weighting,
-                     image_size=cfg.size,
+                     image_size=cfg.size, epochs=cfg.server_epochs,
                      method=SynthesisMethod(cfg.resolved_synthesis), proxy_images=proxy if cfg.resolved_synthesis in PROXY_METHODS else "")
     run_result = run_distillation(sites, run / "server" / "global", job, test_set=test, progress=True,
                                   audit_to=(server.audit_log, ids["server"]))
     lap("distill")
     metrics = dict(run_result.metrics)
     if cfg.centralised:
-        say("[6/6] centralised reference: the same training on all records pooled, without DP (research only)")
-        metrics["centralised (pooled data, no DP)" if cfg.dp_epsilon is not None else "centralised (pooled data)"] = \
-            centralised_reference(cfg, preset, partition)
-        lap("centralised")
+        if reference is None:
+            say("[6/6] centralised reference: the same training on all records pooled, without DP (research only)")
+            reference = centralised_reference(cfg, preset, partition)
+            lap("centralised")
+        else:
+            say("[6/6] centralised reference: trained with the hospitals in step 2 (all records pooled, without DP; research only)")
+        metrics["centralised (pooled data, no DP)" if cfg.dp_epsilon is not None else "centralised (pooled data)"] = reference
     paths = {"run": str(run), "report": run_result.outputs["report.md"], "synthetic_images": run_result.outputs["synthetic.png"],
              "global_model": run_result.outputs["global.safetensors"], "server_audit_log": str(server.audit_log),
              "site_audit_logs": str(run / "sites" / "*" / "audit.jsonl"), "quarantine": str(server.quarantine)}
@@ -511,6 +483,8 @@ def server_command(cfg: DemoConfig) -> list[str]:
         args += ["--data-root", cfg.data_root]
     if cfg.size != 28:
         args += ["--image-size", str(cfg.size)]
+    if cfg.server_epochs:
+        args += ["--epochs", str(cfg.server_epochs)]
     if cfg.teacher_weighting:
         args += ["--teacher-weighting", cfg.teacher_weighting]
     if cfg.resolved_synthesis in PROXY_METHODS and cfg.public_fraction > 0:
