@@ -112,9 +112,9 @@ def site_model_dir(data_root, tmp_path_factory):  # noqa: F811
     from secure_oneshot.data import Partition
 
     out = tmp_path_factory.mktemp("site") / "model"
-    # One of 20 IID parts (about 235 training records): enough for 2 shadows per model, and every audit step
+    # One of 40 IID parts (about 118 training records): enough for 2 shadows per model, and every audit step
     # (shadow classifiers and generators, denoising losses) costs in proportion to the records.
-    cfg = SiteConfig(DataConfig(root=str(data_root), site=0, partition=Partition(20, "iid")), CNN,
+    cfg = SiteConfig(DataConfig(root=str(data_root), site=0, partition=Partition(40, "iid")), CNN,
                      replace(PRESETS["cpu"], epochs=3), {"preset": "cpu-small", "epochs": 1}, None, out)
     return run_site(cfg).out
 
@@ -188,33 +188,6 @@ def test_candidates_have_the_same_labels_so_label_shift_cannot_win() -> None:
     assert np.bincount(train[members]).tolist() == np.bincount(pool[non_members]).tolist() == [10, 60]
     halved, _ = matched_candidates(train, pool, np.random.default_rng(0), half=True)
     assert np.bincount(train[halved]).tolist() == [5, 45] and len(set(halved.tolist())) == len(halved)
-
-
-def test_generator_lira_sees_a_memorising_generator(data_root) -> None:  # noqa: F811
-    """A tiny UNet trained 400 steps on 16 records (true labels: a generator memorises images, not labels).
-    Measured: denoising-loss attack AUC 0.621, offline LiRA with 2 shadows (trained the same way on other records)
-    0.926, TPR 0.69 at 1% FPR: the per-record calibration is what finds it.  (At 1500 steps both reach 1.0; at
-    300 steps the cpu-small preset on 32 records is at chance, 0.52: CPU budgets do not memorise.)"""
-    from secure_oneshot.client.generator import GeneratorTraining, train_generator
-    from secure_oneshot.models.generator import GeneratorConfig
-    from secure_oneshot.research.generator_audit import generator_lira, generator_membership
-    from secure_oneshot.server.sources import SiteGenerator
-
-    n = 16
-    split = load_medmnist("pneumoniamnist", "train", root=str(data_root))
-    data = to_dataset(split.subset(np.random.default_rng(0).permutation(len(split))))
-    cfg = GeneratorConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
-
-    def train(start: int, seed: int) -> SiteGenerator:
-        training = GeneratorTraining(epochs=400, batch_size=n, seed=seed, lr=2e-3, weight_decay=0.0)
-        g = train_generator(cfg, training, Subset(data, range(start, start + n)))
-        return SiteGenerator(g.model.eval(), g.scheduler, cfg)
-
-    members, non_members = Subset(data, range(n)), Subset(data, range(n, 2 * n))
-    target = train(0, 0)
-    loss = generator_membership(target, members, non_members)
-    lira = generator_lira(target, [train((2 + k) * n, k + 1) for k in range(2)], members, non_members)
-    assert lira.auc >= 0.8 and lira.auc > loss.auc, (loss, lira)
 
 
 def test_median_ratio_compares_reference_sets_of_equal_size(pool) -> None:
