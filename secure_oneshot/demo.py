@@ -19,6 +19,11 @@ server inbox (plus, by default, one deliberately tampered copy, which ingest
 must quarantine) -> ingest -> distil -> baselines (each site, ensemble,
 FedAvg, global, and centralised training on the pooled records) on the test
 split, which is only evaluated: the global model is the last epoch's.
+
+With several workers (``DemoConfig.workers``, the CLI's ``--threads``; default the CPUs this process may use) the
+hospitals train side by side in processes of one torch thread each, and the centralised reference trains with them
+(client.parallel_sites); ``--threads 1`` trains them one after another in this process, to the same model files.
+With DP the server distils for the preset's ``dp_server_epochs`` (cpu: :data:`DP_DEMO_SERVER_EPOCHS`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,11 @@ def site_from_job(job: dict[str, Any]) -> SiteConfig:
                       job["generator"], job["feature_stats"], Path(job["out"]), job["train_preset"], job["train_overrides"])
 
 
+def _once_per_worker() -> None:
+    # Opacus and torch repeat the same warning for every site and step; a worker shows each once, as the demo does.
+    warnings.simplefilter("once")
+
+
 def site_summary(site: SiteRun, seconds: float) -> dict[str, Plain]:
     """What the progress line shows: records, label counts, test ACC/AUC (NaN: no test split), seconds."""
     result = site.classifier
@@ -80,6 +86,7 @@ def site_summary(site: SiteRun, seconds: float) -> dict[str, Plain]:
 
 def run_site_job(job: dict[str, Any]) -> dict[str, Plain]:
     """Worker side: train the site ``job`` describes, write its model directory, return :func:`site_summary`."""
+    _once_per_worker()
     started = time.perf_counter()
     site = run_site(site_from_job(job))
     return site_summary(site, time.perf_counter() - started)
@@ -99,6 +106,7 @@ def pooled_reference_job(data: DataConfig, val_fraction: float, architecture: st
 
 def run_pooled_reference_job(job: dict[str, Any]) -> dict[str, Plain]:
     """Worker side of :func:`pooled_reference_job`: the test metrics."""
+    _once_per_worker()
     train: TrainConfig = _rebuild(TrainConfig, job["train"])
     data = site_data(_data_from(job["data"]), job["val_fraction"], train.seed)
     return {name: float(value) for name, value in pooled_reference(data, job["architecture"], train).items()}
