@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -137,3 +141,31 @@ def test_a_worker_killed_from_outside_is_a_resource_error() -> None:
     with pytest.raises(ResourceError, match="worker process died"):
         run_jobs([(exits_at_once, {})], workers=1)
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses pgrep")
+def test_ctrl_c_on_the_whole_process_group_leaves_no_worker() -> None:
+    """A terminal's Ctrl-C reaches every process of the group: the workers ignore it, the parent stops them."""
+    script = ("from tests.pool_tasks import sleeps\nfrom secure_oneshot._internal.process_pool import run_jobs\n"
+              "run_jobs([(sleeps, {'seconds': 300.0}), (sleeps, {'seconds': 300.0})], workers=2)\n")
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=root, start_new_session=True, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        workers: list[str] = []
+        deadline = time.monotonic() + 60
+        while len(workers) < 3 and time.monotonic() < deadline:   # two workers and multiprocessing's resource tracker
+            time.sleep(0.2)
+            workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) >= 2, "the workers did not start"
+        time.sleep(1.0)   # past the workers' start-up, into their jobs
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(60)
+        assert process.returncode != 0 and b"KeyboardInterrupt" in process.stderr.read()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
