@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from secure_oneshot.cli import main
 from secure_oneshot.demo import DemoConfig, server_command
 
+from .data_helpers import thinned_root
 from .test_data_root import data_root  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -58,9 +59,10 @@ def test_the_two_step_demo_under_torchrun_gives_the_one_step_global_model(data_r
                                                                            capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("SECURE_ONESHOT_CALIBRATE", "off")
     one_step, two_step = tmp_path / "one-step", tmp_path / "two-step"
-    assert main(["demo", *SMOKE, "--no-centralised", "--data-root", str(data_root), "--out", str(one_step)]) == 0
+    data = thinned_root(data_root, tmp_path / "data", "pneumoniamnist", every=4)  # protocol, not utility: fewer records
+    assert main(["demo", *SMOKE, "--no-centralised", "--data-root", str(data), "--out", str(one_step)]) == 0
     capsys.readouterr()
-    assert main(["--json", "demo", *SMOKE, "--stop-after", "ingest", "--data-root", str(data_root), "--out", str(two_step)]) == 0
+    assert main(["--json", "demo", *SMOKE, "--stop-after", "ingest", "--data-root", str(data), "--out", str(two_step)]) == 0
     printed = json.loads(capsys.readouterr().out)
     server = two_step / "server"
     assert len(list((server / "accepted").iterdir())) >= 3 and not (server / "global").exists()
