@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from secure_oneshot import audit
@@ -17,6 +16,7 @@ from secure_oneshot.errors import ConfigError
 from secure_oneshot.keys import load_public
 from secure_oneshot.research.experiment import study_from_text
 
+from .data_helpers import thinned_root
 from .test_data_root import data_root  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -47,22 +47,10 @@ enabled = true
 """
 
 
-def thinned_root(data_root: Path, folder: Path, flag: str, every: int) -> Path:
-    """A data root holding every ``every``-th record of each split of ``flag`` (the label mix stays about the same).
-
-    What these studies check (cells, resume, bundles, audits, reports, plots) does not depend on how many records
-    a site has; fewer records make every site training, DP step, audit and distillation proportionally cheaper."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with np.load(data_root / f"{flag}.npz") as npz:
-        arrays = {name: npz[name][::every] for name in npz.files}
-    np.savez(folder / f"{flag}.npz", **arrays)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def study_run(data_root, tmp_path_factory):  # noqa: F811
     folder = tmp_path_factory.mktemp("study")
-    data_root = thinned_root(data_root, folder / "data", "pneumoniamnist", every=4)
+    data_root = thinned_root(data_root, folder / "data", "pneumoniamnist", every=8)
     config = folder / "study.toml"
     config.write_text(TINY)
     out = folder / "out"
@@ -188,7 +176,7 @@ def generator_study(data_root, tmp_path_factory):  # noqa: F811
     from secure_oneshot.research.experiment import run_study
 
     out = tmp_path_factory.mktemp("generator-study")
-    data = thinned_root(data_root, tmp_path_factory.mktemp("generator-data"), "breastmnist", every=3)
+    data = thinned_root(data_root, tmp_path_factory.mktemp("generator-data"), "breastmnist", every=6)
     rows = run_study(study_from_text(GENERATORS), out, data_root=str(data), say=lambda line: None)
     return out, {(r["epsilon"], r["withheld"]): r for r in rows}
 
