@@ -62,8 +62,8 @@ def apply_threads(threads: int | None) -> int:
     return threads
 
 
-def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    """``--threads N`` on a long command."""
+def add_threads_option(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--threads N`` on a long command (``note``: what else the command does with N)."""
     parser.add_argument("--threads", type=int, metavar="N",
                         help=f"CPU threads for torch (default: the CPUs this process may use, here {available_cpus()}); "
-                             "on a shared or loaded machine 1 is often fastest")
+                             f"on a shared or loaded machine 1 is often fastest{note}")

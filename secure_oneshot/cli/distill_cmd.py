@@ -187,7 +187,7 @@ def _execution_arguments(args: argparse.Namespace) -> list[str]:
     return given
 
 
-def _add_execution_options(parser: argparse.ArgumentParser) -> None:
+def _add_execution_options(parser: argparse.ArgumentParser, threads_note: str = "") -> None:
     group = parser.add_argument_group("execution")
     group.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda, cuda:N")
     group.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -196,7 +196,7 @@ def _add_execution_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batched", choices=("auto", "on", "off"), default="auto",
                        help="run same-architecture site models as one vmap computation (auto: on CUDA only)")
     group.add_argument("--compile", action="store_true", help="torch.compile the student's training step (slow to start)")
-    add_threads_option(group)
+    add_threads_option(group, threads_note)
 
 
 def _add_weighting_option(parser: argparse.ArgumentParser) -> None:
@@ -294,5 +294,6 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                       help="ingest: stop once the server has accepted the bundles and print the `torchrun ... distill` "
                            "command for the server half (N GPUs or CPU processes; README, \"several GPUs\")")
     _add_weighting_option(demo)
-    _add_execution_options(demo)
+    _add_execution_options(demo, threads_note="; the demo also trains its hospitals in up to N worker processes of one "
+                                         "thread each (1: one after another in this process, the same model files)")
     demo.set_defaults(handler=_demo)
