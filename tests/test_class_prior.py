@@ -85,14 +85,15 @@ def test_a_model_whose_logits_are_not_the_last_layer_is_left_unchanged_and_the_r
     assert not result.applied and "no final linear layer" in result.reason
 
 
-def test_distill_with_public_images_matches_the_prior_and_the_opt_out_keeps_the_trained_model(tmp_path: Path, data_root) -> None:  # noqa: F811
+def test_distill_with_public_images_matches_the_prior_and_the_opt_out_keeps_the_trained_model(tmp_path: Path, data_root, capsys) -> None:  # noqa: F811
     models = [make_real_model_dir(tmp_path / f"site-{c}", site=f"site-{c}") for c in "ab"]
     for i in range(12):
         png(tmp_path / "public" / f"{i}.png", (28, 28), value=20 * i)
     common = ["--json", "distill", *[a for m in models for a in ("--model", str(m))], "--preset", "smoke", "--epochs", "1",
               "--synthesis", "proxy", "--proxy-images", str(tmp_path / "public"), "--threads", "1",
               "--eval", "pneumoniamnist", "--data-root", str(data_root)]
-    assert main([*common, "--out", str(tmp_path / "matched")]) == 0
+    assert main([*common[1:], "--out", str(tmp_path / "matched")]) == 0
+    assert "prior matched on 12 public images: class offsets" in capsys.readouterr().out
     assert main([*common, "--out", str(tmp_path / "plain"), "--no-prior-matching"]) == 0
     matched = json.loads((tmp_path / "matched" / "report.json").read_text())
     plain = json.loads((tmp_path / "plain" / "report.json").read_text())

@@ -119,6 +119,11 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
     if not dist.is_main:
         return _SilentResult({"rank": dist.rank})   # rank 0 reports (and wrote everything)
     lines = [f"global model -> {run.outputs['global.safetensors']} (sha256 {run.report['global_sha256'][:16]}...)"]
+    matched = run.report.get("prior_matching")
+    if matched:
+        lines.append(f"  prior matched on {matched['images']} public images: class offsets "
+                     + ", ".join(f"{v:+.3f}" for v in matched["offsets"]) if matched["applied"]
+                     else f"  prior matching not applied: {matched['reason']}")
     if run.metrics:
         from ..demo import metrics_table
 
@@ -127,7 +132,7 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
     if audit_to:
         lines.append(f"  audit   recorded in {audit_to[0]}")
     return Result({"outputs": run.outputs, "metrics": run.metrics, "history": run.history, "global_sha256": run.report["global_sha256"],
-                   "execution": run.report["execution"]}, lines)
+                   "execution": run.report["execution"], "prior_matching": matched}, lines)
 
 
 def _demo(args: argparse.Namespace) -> Result:
