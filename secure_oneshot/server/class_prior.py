@@ -31,7 +31,7 @@ model's logits do not come from such a layer nothing is changed and the report s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,7 +52,6 @@ class PriorMatch:
     student_mean_after: list[float]
     applied: bool = True
     reason: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"images": self.images, "applied": self.applied,

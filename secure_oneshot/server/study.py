@@ -321,11 +321,12 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     seconds = time.perf_counter() - started
     student = result.student.cpu().to(memory_format=torch.contiguous_format).eval()
     matched: PriorMatch | None = None
+    unmatched: nn.Module | None = None   # kept only to report it beside the matched model
     if job.prior_matching and proxy is not None and not synth.multi_label:
-        unmatched = copy.deepcopy(student)
+        unmatched = copy.deepcopy(student) if test_set is not None else None
         matched = _match_prior(sites, student, proxy_tensor(proxy), weights, synth, execution)
     metrics = baselines(sites, student, test_set, weights) if test_set is not None else {}
-    if matched is not None and matched.applied and test_set is not None:
+    if matched is not None and matched.applied and unmatched is not None:
         metrics["global (before prior matching)"] = evaluate_model(unmatched, test_set)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
