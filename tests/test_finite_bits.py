@@ -142,3 +142,26 @@ def test_scanning_a_small_payload_imports_no_numpy() -> None:
     report = json_from_fresh_python(code, timeout=60)
     assert report["numpy"] is False
     assert report["errors"][0] is None and "NaN or infinite" in report["errors"][1]
+
+
+@pytest.mark.parametrize("code", sorted(EXPONENT_FIELDS))
+def test_the_top_byte_pass_sends_suspect_blocks_to_the_exact_check(code: str) -> None:
+    """Finite values whose top byte looks like NaN/Inf (F32/F64/BF16: the largest exponent below all-ones) stay finite;
+    plain weights are finite; one NaN or infinity among either is found."""
+    width, low_bit, bits = EXPONENT_FIELDS[code]
+    kind = UNSIGNED[width]
+    largest_finite = ((1 << bits) - 2) << low_bit | ((1 << low_bit) - 1)   # exponent all ones but the lowest bit
+    top = largest_finite >> (8 * (width - 1))
+    weights = np.random.default_rng(0).standard_normal(4096)
+    raw = {"F64": weights.view(np.uint64), "F32": weights.astype(np.float32).view(np.uint32),
+           "F16": weights.astype(np.float16).view(np.uint16),
+           "BF16": (weights.astype(np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)}[code]
+    assert all_finite_bytes(raw.tobytes(), code)
+    suspect = np.concatenate([raw, np.array([largest_finite, largest_finite | 1 << (8 * width - 1)], dtype=kind)])
+    if code != "F16":   # the F16 exponent fits in its top byte: a suspect top byte is always NaN/Inf there
+        assert top & 0x7F == 0x7F
+    assert all_finite_bytes(suspect.tobytes(), code) == bool(_numpy_finite(suspect, code).all())
+    for bad in (((1 << bits) - 1) << low_bit, ((1 << bits) - 1) << low_bit | 1):   # infinity, a NaN
+        for block in (raw, suspect):
+            planted = np.concatenate([block[:100], np.array([bad], dtype=kind), block[100:]])
+            assert not all_finite_bytes(planted.tobytes(), code), (code, hex(bad))

@@ -9,8 +9,17 @@ element carries into the bit just above the field exactly when the field was
 all ones (a field of ``e`` bits is at most ``2**e - 1``, so the carry never
 leaves its element).
 
-Cost: about 2.5 ms of CPU per MiB on this project's VM, against 0.1 ms for
-NumPy's ``min``/``max`` once NumPy is imported, and importing NumPy costs about
+A first pass looks at the top byte of each element alone (a strided slice of
+``bytes``, which CPython copies in C): it holds the sign and the exponent
+field's highest bits, and an element can be NaN or infinite only if those bits
+are all ones (top byte ``0x7F``/``0xFF`` for F32, F64 and BF16, ``0x7C``-``0x7F``
+and ``0xFC``-``0xFF`` for F16).  Trained weights almost never have such a top
+byte (for F32 it means a magnitude of at least 2**127), so the integer pass
+runs only for the blocks where one occurs, and it alone decides.
+
+Cost on this project's VM, one thread: about 0.4 ms of CPU per MiB for the
+first pass and 2.5-3 ms per MiB for the integer pass, against 0.1 ms for
+NumPy's ``min``/``max`` once NumPy is imported; importing NumPy costs about
 0.17 CPU-s.  :class:`~.payload_scan.PayloadScanner` therefore uses this module
 for payloads up to :data:`BIT_CHECK_MAX_BYTES` and NumPy above; both give the
 same answer for every bit pattern (``tests/test_finite_bits.py``).
@@ -30,6 +39,17 @@ EXPONENT_FIELDS: dict[str, tuple[int, int, int]] = {
     "BF16": (2, 7, 8),
 }
 
+
+def _top_byte_mask(code: str) -> int:
+    """The bits of the top (last, little-endian) byte that belong to the exponent field."""
+    width, low_bit, bits = EXPONENT_FIELDS[code]
+    return ((((1 << bits) - 1) << low_bit) >> (8 * (width - 1))) & 0xFF
+
+
+_NOT_SUSPECT_TOP_BYTES: dict[str, bytes] = {
+    code: bytes(b for b in range(256) if b & _top_byte_mask(code) != _top_byte_mask(code)) for code in EXPONENT_FIELDS
+}
+"""Per code, the top-byte values that rule out NaN/Inf (some exponent bit in that byte is 0): deleted by the first pass."""
 
 _masks: tuple[tuple[str, int], tuple[int, int, int]] | None = None   # the last (code, count) and its masks
 
@@ -64,6 +84,9 @@ def all_finite_bytes(data: bytes | bytearray | memoryview, code: str) -> bool:
     count = len(view) // width
     if not count:
         return True
+    top_bytes = bytes(view)[width - 1::width]
+    if not top_bytes.translate(None, _NOT_SUSPECT_TOP_BYTES[code]):
+        return True   # no element has its top exponent bits all set
     exponent, ones, carries = _masks_for(code, count)
     fields = (int.from_bytes(view, "little") >> low_bit) & exponent
     return not ((fields + ones) & carries)
