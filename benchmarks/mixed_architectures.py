@@ -12,6 +12,7 @@ wall time of each step.  One torch thread; $SECURE_ONESHOT_DATA names the MedMNI
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -38,9 +39,12 @@ DEFAULT = "small-cnn,small-cnn,resnet18-cifar,resnet18-cifar,vgg11-bn"
 
 
 def main(argv: list[str]) -> None:
-    run = Path(argv[0])
-    architectures = (argv[1] if len(argv) > 1 else DEFAULT).split(",")
-    seed = int(argv[2]) if len(argv) > 2 else 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="run folder to create (must not exist)")
+    parser.add_argument("architectures", nargs="?", default=DEFAULT, help=f"one architecture per hospital, comma-separated (default {DEFAULT})")
+    parser.add_argument("seed", nargs="?", type=int, default=0, help="partition and training seed (default 0)")
+    args = parser.parse_args(argv)
+    run, architectures, seed = args.out, args.architectures.split(","), args.seed
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # the benchmark's keys are not passphrase-protected; Opacus/torch notices
     cfg = DemoConfig(out=run, data_root=os.environ.get("SECURE_ONESHOT_DATA"), preset="cpu", sites=len(architectures), seed=seed,
