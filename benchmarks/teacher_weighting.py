@@ -11,6 +11,7 @@ DP-noised counts, so that scheme's numbers are an upper bound.  Evaluated on the
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -27,8 +28,14 @@ from secure_oneshot.server.study import DistillJob, load_accepted, run_distillat
 
 
 def main(argv: list[str]) -> None:
-    run, preset, schemes, seed = Path(argv[0]), argv[1], argv[2].split(","), int(argv[3])
-    epochs = int(argv[4]) if len(argv) > 4 else None
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a `secure-oneshot demo --out RUN` folder")
+    parser.add_argument("preset", help="server preset (smoke, cpu, ...)")
+    parser.add_argument("schemes", help="teacher weightings, comma-separated")
+    parser.add_argument("seed", type=int)
+    parser.add_argument("epochs", nargs="?", type=int, default=None, help="server epochs (default: the preset's)")
+    args = parser.parse_args(argv)
+    run, preset, schemes, seed, epochs = args.run, args.preset, args.schemes.split(","), args.seed, args.epochs
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # the demo's unprotected key
     sites = load_accepted(run / "server" / "accepted", load_identity(run / "keys" / "server.key", None),
