@@ -34,27 +34,29 @@ def _make_vector_keys_private() -> None:
 _make_vector_keys_private()
 
 
-# The suite's longest test files (one worker's seconds each, 90-250 s on a 2-core machine), longest first.  Under
-# `-n 2 --dist loadfile --no-loadscope-reorder` (pyproject addopts) a file is one scheduling unit and units go out in
-# collection order: these start first, so the many short files fill the other worker meanwhile and the two finish
-# together.  (xdist's default reorder hands out files with the most tests first, which left these to run alone at
-# the end.)  Only whole files move: the tests inside a file keep their order.
+# The suite's longest test files, longest first (one worker's seconds in the last full run, on 2 shared cores:
+# 680, 533, 363, 363, 322, 172, 169, 165, 131, 119, 114, 110, 102, 83, 83, 74).  Under `-n 2 --dist loadfile
+# --no-loadscope-reorder` (pyproject addopts) a file is one scheduling unit and units go out in collection order:
+# these start first, so the many short files fill the other worker meanwhile and the two finish together.  (xdist's
+# default reorder hands out files with the most tests first, which left these to run alone at the end.)  Only whole
+# files move: the tests inside a file keep their order.
 LONGEST_FILES = (
-    "test_experiment_generators.py",
     "test_privacy_audit_generator.py",
-    "test_privacy_audit.py",
+    "test_experiment_generators.py",
     "test_dp_distill.py",
+    "test_privacy_audit.py",
     "test_generator.py",
-    "test_demo.py",
-    "test_distill_real.py",
-    "test_ddp_failure.py",
-    "test_experiment.py",
-    "test_flower.py",
-    "test_demo_torchrun.py",
-    "test_ddp.py",
     "test_train.py",
-    "test_demo_parallel.py",
+    "test_distill_real.py",
+    "test_demo.py",
+    "test_ddp_failure.py",
+    "test_flower.py",
+    "test_ddp.py",
+    "test_experiment.py",
     "test_label_counts.py",
+    "test_demo_parallel.py",
+    "test_demo_torchrun.py",
+    "test_resume.py",
 )
 
 
@@ -136,6 +138,23 @@ def one_torch_thread():
     """Tiny tensors: with 2 threads on a busy 2-core machine, OpenMP waits make calls far slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def torch_threads_shared_between_workers():
+    """Each xdist worker is a process of its own, and torch's default is a thread per core in each: two workers on
+    two cores then keep four threads on two cores.  Each worker gets its share of the cores instead (measured on
+    tests/test_generator.py beside a busy core: 119 CPU-s with one thread against 131 with two, same results).
+    Commands run through the CLI still set their own threads (``--threads``, default: every core), as they do in use."""
+    from secure_oneshot._internal.threads import available_cpus
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = torch.get_num_threads()
+    share = max(1, available_cpus() // workers)
+    if share < threads:
+        torch.set_num_threads(share)
     yield
     torch.set_num_threads(threads)
 
