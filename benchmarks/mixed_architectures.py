@@ -20,6 +20,7 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ from secure_oneshot.client.site_config import SiteConfig
 from secure_oneshot.data import load_medmnist, to_dataset
 from secure_oneshot.demo import DEMO_PRESETS, DemoConfig, _data_config, _site_train_config, create_identities, demo_partition, \
     export_all, write_policies
-from secure_oneshot.keys import load_trust_store
+from secure_oneshot.keys import load_identity, load_trust_store
 from secure_oneshot.models.classifier import ARCHITECTURES, ClassifierConfig
 from secure_oneshot.policy.load import load_ingest_policy
 from secure_oneshot.server.execution import Execution
@@ -43,6 +44,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("out", type=Path, help="run folder to create (must not exist)")
     parser.add_argument("architectures", nargs="?", default=DEFAULT, help=f"one architecture per hospital, comma-separated (default {DEFAULT})")
     parser.add_argument("seed", nargs="?", type=int, default=0, help="partition and training seed (default 0)")
+    parser.add_argument("--resume", action="store_true",
+                        help="OUT is an earlier run of this script: keep its trained sites and accepted bundles and continue "
+                             "its distillation from the newest complete epoch checkpoint")
     args = parser.parse_args(argv)
     run, architectures, seed = args.out, args.architectures.split(","), args.seed
     torch.set_num_threads(1)
@@ -50,10 +54,14 @@ def main(argv: list[str]) -> None:
     cfg = DemoConfig(out=run, data_root=os.environ.get("SECURE_ONESHOT_DATA"), preset="cpu", sites=len(architectures), seed=seed,
                      execution=Execution(device="cpu"))
     preset = cfg.resolved_preset()
-    run.mkdir(parents=True, exist_ok=False)
     names = [f"hospital-{i + 1}" for i in range(len(architectures))]
     seconds: dict[str, float] = {}
     started = clock = time.perf_counter()
+    if args.resume:
+        server_id = load_identity(run / "keys" / "server.key", None)
+        distil(run, cfg, seed, load_trust_store(run / "keys" / "trust.toml"), server_id, architectures, seconds, started, resume=True)
+        return
+    run.mkdir(parents=True, exist_ok=False)
     ids, trust_file = create_identities(run, names)
     export_policy, ingest_policy = write_policies(run, ids, names)
     # The demo's ingest policy lists the architectures the demo trains; this study adds the others it names.
@@ -77,13 +85,20 @@ def main(argv: list[str]) -> None:
     outcomes = ingest_inbox(server, ids["server"], load_trust_store(trust_file), load_ingest_policy(ingest_policy))
     for o in outcomes:
         print(f"  {o.outcome:11s} {o.file}{'  (' + o.error + ': ' + o.reason + ')' if o.error else ''}", flush=True)
-    seconds["export+ingest"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
-    sites = load_accepted(server.accepted, ids["server"], load_trust_store(trust_file))
+    seconds["export+ingest"] = round(time.perf_counter() - clock, 1)
+    distil(run, cfg, seed, load_trust_store(trust_file), ids["server"], architectures, seconds, started, resume=False)
+
+
+def distil(run: Path, cfg: DemoConfig, seed: int, trust: Any, server_id: Any, architectures: list[str], seconds: dict[str, float],
+           started: float, *, resume: bool) -> None:
+    """The server's half: distil from the accepted bundles (``resume``: from the newest complete checkpoint); print and save metrics."""
+    clock = time.perf_counter()
+    sites = load_accepted(IngestFolders.under(run / "server").accepted, server_id, trust)
     test = to_dataset(load_medmnist(cfg.flag, "test", root=cfg.data_root))
     job = DistillJob(preset="cpu", execution=cfg.execution, seed=seed)
-    result = run_distillation(sites, run / "server" / "global", job, test_set=test, progress=False)
-    seconds["distill"] = round(time.perf_counter() - clock, 1)
-    seconds["total"] = round(time.perf_counter() - started, 1)
+    result = run_distillation(sites, run / "server" / "global", job, test_set=test, progress=False, resume=resume)
+    seconds["distill (this process)" if resume else "distill"] = round(time.perf_counter() - clock, 1)
+    seconds["total (this process)" if resume else "total"] = round(time.perf_counter() - started, 1)
     metrics = dict(result.metrics)
     for model, m in metrics.items():
         print(f"  {model:28s} ACC {m['acc']:.3f} AUC {m['auc']:.3f} balanced ACC {m['balanced_acc']:.3f}")
