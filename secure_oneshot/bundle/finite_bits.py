@@ -17,8 +17,8 @@ and ``0xFC``-``0xFF`` for F16).  Trained weights almost never have such a top
 byte (for F32 it means a magnitude of at least 2**127), so the integer pass
 runs only for the blocks where one occurs, and it alone decides.
 
-Cost on this project's VM, one thread: about 0.4 ms of CPU per MiB for the
-first pass and 2.5-3 ms per MiB for the integer pass, against 0.1 ms for
+Cost on this project's VM, one thread: under 1 ms of CPU per MiB for the
+first pass and about 3 ms per MiB for the integer pass, against 0.1 ms for
 NumPy's ``min``/``max`` once NumPy is imported; importing NumPy costs about
 0.17 CPU-s.  :class:`~.payload_scan.PayloadScanner` therefore uses this module
 for payloads up to :data:`BIT_CHECK_MAX_BYTES` and NumPy above; both give the
