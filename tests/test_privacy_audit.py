@@ -31,6 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 N = 128
 CNN = ClassifierConfig("small-cnn", 1, 2)
+# The CLI's default is a torch thread per core, as in use; beside the other test worker that only adds waiting.
+ONE_THREAD = ("--threads", "1")
 OVERFIT = replace(PRESETS["cpu"], epochs=60, lr=0.05, weight_decay=0.0, batch_size=32, min_steps=0, val_fraction=0.0)
 
 
@@ -60,11 +62,13 @@ def candidates(pool):
 
 
 def test_attacks_see_an_overfitted_model(pool, overfitted) -> None:
-    """Measured: loss attack AUC 0.922, TPR 0.117 at 1% FPR, epsilon >= 1.13; offline LiRA with 4 shadows
-    AUC 0.878, TPR 0.125 at 1% FPR, epsilon >= 0.74.  Asserted: AUC >= 0.75 for both, a positive bound."""
+    """Measured on pool draws 0 / 1 / 2 (the shuffle and random labels of ``pool`` seeded 0, 1, 2): loss attack AUC
+    0.932 / 0.913 / 0.908, TPR 0.062 / 0.070 / 0.062 at 1% FPR, epsilon >= 1.17 / 0.98 / 1.23; offline LiRA with
+    2 shadows AUC 0.830 / 0.872 / 0.862 (with 4 shadows, draw 0: 0.878).  Asserted: AUC >= 0.75 for both, a
+    positive bound."""
     members, non_members = candidates(pool)
     loss = loss_attack(overfitted, members, non_members)
-    shadows = [train_on(pool, np.arange(2 * N + k * N, 3 * N + k * N), OVERFIT, seed=k) for k in range(4)]
+    shadows = [train_on(pool, np.arange(2 * N + k * N, 3 * N + k * N), OVERFIT, seed=k) for k in range(2)]
     lira = lira_offline(overfitted, shadows, members, non_members)
     assert loss.auc >= 0.75 and lira.auc >= 0.75, (loss, lira)
     assert loss.epsilon_lower_bound > 0.3 and loss.tpr_at_1pct_fpr > 0.05, loss
@@ -110,13 +114,21 @@ def site_model_dir(data_root, tmp_path_factory):  # noqa: F811
     from secure_oneshot.client.site_config import SiteConfig
     from secure_oneshot.client.train import DataConfig
     from secure_oneshot.data import Partition
+    from secure_oneshot.models.generator import PRESETS as GENERATOR_PRESETS
 
     out = tmp_path_factory.mktemp("site") / "model"
     # One of 40 IID parts (about 118 training records): enough for 2 shadows per model, and every audit step
     # (shadow classifiers and generators, denoising losses) costs in proportion to the records.
     cfg = SiteConfig(DataConfig(root=str(data_root), site=0, partition=Partition(40, "iid")), CNN,
                      replace(PRESETS["cpu"], epochs=3), {"preset": "cpu-small", "epochs": 1}, None, out)
-    return run_site(cfg).out
+    # Its generator is the cpu-small UNet at a quarter of its width (same three levels): the audit's tests check the
+    # report's protocol and shape, not how much an untrained generator leaks, and every generator step (shadow
+    # training, denoising losses, 64 DDIM samples per audit) costs about a seventh as much.  The config travels in the
+    # model directory, so the audit and its shadow generators build this one.
+    narrow = replace(GENERATOR_PRESETS["cpu-small"], block_out_channels=(8, 16, 32), norm_num_groups=4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(GENERATOR_PRESETS, "cpu-small", narrow)
+        return run_site(cfg).out
 
 
 def test_audit_privacy_command_reports_both_attacks(site_model_dir, data_root, tmp_path, capsys) -> None:  # noqa: F811
@@ -125,7 +137,7 @@ def test_audit_privacy_command_reports_both_attacks(site_model_dir, data_root, t
     from secure_oneshot.cli import main
 
     code = main(["--json", "audit-privacy", "--model", str(site_model_dir), "--data-root", str(data_root), "--shadows", "2",
-                 "--inversion-steps", "20", "--out", str(tmp_path / "audit.json")])
+                 "--inversion-steps", "20", "--out", str(tmp_path / "audit.json"), *ONE_THREAD])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert [a["name"] for a in report["attacks"]] == ["loss threshold", "LiRA offline (2 shadows)"]
@@ -139,7 +151,7 @@ def test_audit_privacy_command_reports_both_attacks(site_model_dir, data_root, t
     assert [a["name"] for a in generator["attacks"]] == ["generator denoising loss", "generator LiRA offline (2 shadows)"]
     assert 0 <= generator["attacks"][1]["auc"] <= 1 and generator["lira_skipped"] is None
     assert generator["memorisation"]["images"] == 64 and generator["memorisation"]["near_copies"] == 0
-    assert main(["audit-privacy", "--model", str(site_model_dir), "--data-root", str(data_root), "--out", str(tmp_path / "a.md")]) == 0
+    assert main(["audit-privacy", "--model", str(site_model_dir), "--data-root", str(data_root), "--out", str(tmp_path / "a.md"), *ONE_THREAD]) == 0
     printed = capsys.readouterr().out  # the human summary lists every attack, the generator's too
     assert "loss threshold" in printed and "generator denoising loss" in printed and "near-copies" in printed
     page = (tmp_path / "a.md").read_text()
