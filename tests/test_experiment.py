@@ -54,7 +54,8 @@ def study_run(data_root, tmp_path_factory):  # noqa: F811
     config = folder / "study.toml"
     config.write_text(TINY)
     out = folder / "out"
-    args = ["--json", "experiment", str(config), "--out", str(out), "--data-root", str(data_root)]
+    # One torch thread: the CLI's default is a thread per core, as in use; beside the other test worker that only adds waiting.
+    args = ["--json", "experiment", str(config), "--out", str(out), "--data-root", str(data_root), "--threads", "1"]
     assert main([*args, "--max-cells", "1"]) == 0  # "interrupted" after one run
     first = json.loads((out / "results.json").read_text())["rows"]
     finished = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/result.json")}
