@@ -30,7 +30,8 @@ SITES = ["hospital-1", "hospital-2", "hospital-3"]
 def demo_run(data_root, tmp_path_factory) -> tuple[Path, dict]:  # noqa: F811
     folder = tmp_path_factory.mktemp("demo")
     run, data = folder / "run", thinned_root(data_root, folder / "data", "pneumoniamnist", every=4)
-    code = main(["--json", "demo", "--preset", "smoke", "--data-root", str(data), "--out", str(run), "--device", "cpu"])
+    code = main(["--json", "demo", "--preset", "smoke", "--data-root", str(data), "--out", str(run), "--device", "cpu",
+                 "--threads", "1"])
     assert code == 0
     return run, json.loads((run / "results.json").read_text())
 
@@ -117,7 +118,7 @@ def test_the_same_pipeline_runs_on_an_rgb_eight_class_set(tmp_path: Path) -> Non
     write_fake_medmnist(tmp_path / "data", "bloodmnist", n_classes=8, channels=3, n=240)
     run = tmp_path / "run"
     code = main(["--json", "demo", "--preset", "smoke", "--flag", "bloodmnist", "--data-root", str(tmp_path / "data"),
-                 "--out", str(run), "--alpha", "5", "--no-tamper", "--device", "cpu"])
+                 "--out", str(run), "--alpha", "5", "--no-tamper", "--device", "cpu", "--threads", "1"])
     assert code == 0
     results = json.loads((run / "results.json").read_text())
     assert "global (distilled)" in results["metrics"] and "fedavg (one-shot)" in results["metrics"]
