@@ -41,6 +41,8 @@ def test_demo_reports_every_baseline_row(demo_run) -> None:
     rows = results["metrics"]
     assert list(rows) == [*SITES, "ensemble (teacher)", "fedavg (one-shot)", "global (distilled)", "centralised (pooled data)"]
     assert all(set(m) == {"acc", "auc", "balanced_acc"} and 0 <= m["acc"] <= 1 for m in rows.values())
+    assert (results["synthesis"], results["public_fraction"]) == ("inversion", 0.0)   # what the server used, for reviewers
+    assert "synthesis inversion" in (run / "results.md").read_text()
     report = (run / "server" / "global" / "report.md").read_text()
     assert all(f"| {name} |" in report for name in [*SITES, "ensemble (teacher)", "fedavg (one-shot)", "global (distilled)"])
 

@@ -137,6 +137,26 @@ def test_the_dp_demo_distils_for_its_named_number_of_epochs(tmp_path) -> None:
         DemoConfig(out=tmp_path, workers=0)
 
 
+def test_the_cpu_dp_demo_holds_public_images_at_the_server_unless_told_otherwise(tmp_path) -> None:
+    """With DP the cpu demo sets DP_DEMO_PUBLIC_FRACTION of the records aside for the server (proxy synthesis and prior
+    matching on them); ``public_fraction=0`` is the data-free method; without DP, and on the other presets, nothing changes."""
+    from secure_oneshot.demo import DP_DEMO_PUBLIC_FRACTION
+
+    dp = DemoConfig(out=tmp_path, preset="cpu", dp_epsilon=8.0)
+    assert dp.resolved_public_fraction == DP_DEMO_PUBLIC_FRACTION > 0 and dp.resolved_synthesis == "proxy"
+    args = server_command(dp)
+    assert args[args.index("--synthesis") + 1] == "proxy" and args[args.index("--proxy-images") + 1].endswith("public-images.npz")
+    data_free = DemoConfig(out=tmp_path, preset="cpu", dp_epsilon=8.0, public_fraction=0.0)
+    assert data_free.resolved_public_fraction == 0 and data_free.resolved_synthesis == "inversion"
+    assert "--proxy-images" not in server_command(data_free)
+    asked = DemoConfig(out=tmp_path, preset="cpu", dp_epsilon=8.0, synthesis="inversion")   # no records set aside for nothing
+    assert asked.resolved_public_fraction == 0 and "--proxy-images" not in server_command(asked)
+    for other in (DemoConfig(out=tmp_path, preset="cpu"), DemoConfig(out=tmp_path, preset="smoke", dp_epsilon=8.0),
+                  DemoConfig(out=tmp_path, preset="paper", dp_epsilon=8.0)):
+        assert other.resolved_public_fraction == 0 and other.resolved_synthesis == "inversion"
+    assert DemoConfig(out=tmp_path, preset="cpu", public_fraction=0.2).resolved_public_fraction == 0.2   # as given, DP or not
+
+
 def test_a_worker_killed_from_outside_is_a_resource_error() -> None:
     with pytest.raises(ResourceError, match="worker process died"):
         run_jobs([(exits_at_once, {})], workers=1)

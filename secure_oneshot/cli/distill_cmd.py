@@ -288,9 +288,11 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     demo.add_argument("--stats-epsilon", type=float, metavar="EPS",
                       help="with --dp-epsilon: budget of the released DP feature statistics, taken out of it "
                            "(default a tenth of it)")
-    demo.add_argument("--public-fraction", type=float, default=0.0, metavar="F",
+    demo.add_argument("--public-fraction", type=float, default=None, metavar="F",
                       help="set this fraction of the records aside, held by no hospital, as the server's public unlabelled "
-                           "images (a simulation of a public set of the same modality; the distillation then uses them)")
+                           "images (a simulation of a public set of the same modality; the distillation then uses them). "
+                           "Default: 0.1 with --dp-epsilon on the cpu preset (data-free students from DP hospitals lose "
+                           "their decision point: benchmarks/RESULTS.md), else 0; 0 runs the data-free method")
     demo.add_argument("--synthesis", choices=METHODS, help="the server's images (default: proxy with --public-fraction, "
                                                            "else inversion; generator methods need hospital generators)")
     demo.add_argument("--no-tamper", action="store_true", help="do not deliver the tampered bundle copy")
