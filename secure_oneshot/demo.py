@@ -106,8 +106,7 @@ the data-free student can keep much of the teacher's ranking and still lose its 
 demo draw gave ACC 0.522 at AUC 0.830 (teacher 0.877 / 0.943), and nothing the data-free server holds pins that
 point down.  With the public images four DP draws gave global ACC 0.845 / 0.833 / 0.812 / 0.771 (majority rate
 0.625) in 447-466 CPU-s for the whole demo (4 minutes on 2 quiet cores), against 1,186 data-free (no inversion;
-benchmarks/RESULTS.md).  The published
-method is data-free: ``--public-fraction 0`` runs it."""
+benchmarks/RESULTS.md).  The published method is data-free: ``--public-fraction 0`` runs it."""
 
 
 DEMO_PRESETS: dict[str, DemoPreset] = {
