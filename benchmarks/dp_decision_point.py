@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from secure_oneshot.data import load_medmnist, to_dataset
 from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
 from secure_oneshot.server import study
+from secure_oneshot.server.distill import student_norm
 from secure_oneshot.server.ensemble import Ensemble
 from secure_oneshot.server.site_models import SiteModel, load_model_dirs
 
@@ -82,15 +83,21 @@ def analyse(args: argparse.Namespace) -> None:
     sites = _sites(args.run)
     images, labels = _test_set()
     config = sites[0].config
+    student_config = ClassifierConfig(config.architecture, config.in_channels, config.num_classes,
+                                      student_norm([s.model for s in sites]))   # as run_distillation builds it
+    teacher_rates: dict[bytes, float] = {}   # a run's checkpoints share one teacher: its pass runs once
     print(f"test split: {len(labels)} images, positive rate {labels.float().mean():.3f}")
     for path in args.models:
         for name, weights, teacher_weights in _students(path):
+            key = b"" if teacher_weights is None else teacher_weights.numpy().tobytes()
             with torch.no_grad():
-                teacher = Ensemble([s.model for s in sites], weights=teacher_weights).eval()(images)
-                student = build_classifier(ClassifierConfig(config.architecture, config.in_channels, config.num_classes, "group"))
+                if key not in teacher_rates:
+                    teacher = Ensemble([s.model for s in sites], weights=teacher_weights).eval()(images)
+                    teacher_rates[key] = (teacher.argmax(1) == 1).float().mean().item()
+                student = build_classifier(student_config)
                 student.load_state_dict(weights)
                 logits = student.eval()(images)
-            teacher_rate = (teacher.argmax(1) == 1).float().mean().item()
+            teacher_rate = teacher_rates[key]
             margin = logits[:, 1] - logits[:, 0]
             acc = ((margin > 0).long() == labels).float().mean().item()
             oracle = max(((margin > t).long() == labels).float().mean().item() for t in margin)
