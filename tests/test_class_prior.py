@@ -1,5 +1,6 @@
-"""Prior matching: the global model's per-class offsets fitted to the teacher's mean prediction on public images,
-folded into its last layer; rankings (AUC) unchanged; the distill command's report and its opt-out."""
+"""Prior matching: the global model's per-class offsets fitted on public images to the teacher's mean prediction or
+to the shares of the sites' pooled label counts, folded into its last layer; rankings (AUC) unchanged; which target a
+run gets; the distill command's report and its opt-out."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ from torch import nn
 
 from secure_oneshot.cli import main
 from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
-from secure_oneshot.server.class_prior import FIT_TOLERANCE, fit_class_offsets, last_linear, match_class_prior
+from secure_oneshot.errors import ConfigError
+from secure_oneshot.server.class_prior import (FIT_TOLERANCE, decision_shares, fit_class_offsets, fit_decision_shares, last_linear,
+                                               match_class_prior, match_class_shares)
+from secure_oneshot.server.site_models import SiteModel
+from secure_oneshot.server.study import DistillJob, pooled_label_counts, prior_target
 
 from .model_helpers import make_real_model_dir
+from .test_label_counts import with_label_counts
 from .test_data_root import data_root  # noqa: F401
 from .test_proxy_images import png
 
@@ -55,10 +61,64 @@ def test_the_offsets_are_folded_into_the_last_layer_and_keep_every_ranking() -> 
         after = model(images)
     assert result.applied and result.images == 200
     assert torch.allclose(after - before, torch.tensor(result.offsets, dtype=after.dtype).expand_as(after), atol=1e-4)
-    assert abs(result.student_mean_after[0] - 0.8) < 1e-4 and abs(result.teacher_mean[0] - 0.8) < 1e-6
+    assert abs(result.after[0] - 0.8) < 1e-4 and abs(result.target_values[0] - 0.8) < 1e-6
     margin_before, margin_after = before[:, 1] - before[:, 0], after[:, 1] - after[:, 0]
     assert (margin_after - margin_before).std() < 1e-5   # every margin moved by one constant: same order, same AUC
-    assert result.student_mean_before[1] > 0.3   # the untrained student was far from the teacher's 0.2
+    assert result.before[1] > 0.3   # the untrained student was far from the teacher's 0.2
+
+
+@pytest.mark.parametrize("classes,scale", [(2, 0.3), (2, 20.0), (3, 1.0), (5, 4.0)])
+def test_the_decision_offsets_give_the_label_count_shares(classes: int, scale: float) -> None:
+    g = torch.Generator().manual_seed(classes)
+    # unconfident (0.3: margins like a DP student's) or very confident, and skewed towards the last class
+    student = torch.randn(600, classes, generator=g) * scale + torch.linspace(-1, 1, classes) * scale
+    shares = torch.linspace(3, 1, classes)                 # the opposite skew: counts, not yet normalised
+    offsets = fit_decision_shares(student, shares)
+    target = shares.double() / shares.sum()
+    assert (decision_shares(student) - target).abs().max() > 0.1          # far off before
+    # as near as 600 images allow: two classes exactly (a quantile), more within a few images per class
+    tolerance = 1.5 / 600 if classes == 2 else 0.02
+    assert (decision_shares(student + offsets) - target).abs().max() <= tolerance
+    assert abs(offsets.mean().item()) < 1e-9
+
+
+def test_matching_the_label_count_shares_folds_offsets_that_keep_every_ranking() -> None:
+    torch.manual_seed(0)
+    model = build_classifier(ClassifierConfig("small-cnn", 1, 2, "group")).eval()
+    images = torch.randn(300, 1, 28, 28)
+    with torch.no_grad():
+        before = model(images)
+    result = match_class_shares(model, images, torch.tensor([75.0, 225.0]))
+    with torch.no_grad():
+        after = model(images)
+    assert result.applied and result.target == "label_counts"
+    assert result.target_values == pytest.approx([0.25, 0.75])
+    assert abs(result.after[1] - 0.75) <= 1.5 / 300 and abs(result.before[1] - 0.75) > 0.05
+    assert (decision_shares(after) - torch.tensor([0.25, 0.75], dtype=torch.float64)).abs().max() <= 1.5 / 300
+    margin_before, margin_after = before[:, 1] - before[:, 0], after[:, 1] - after[:, 0]
+    assert (margin_after - margin_before).std() < 1e-5
+    record = result.record()
+    assert record["label_count_shares"] == pytest.approx([0.25, 0.75]) and "teacher_mean_probability" not in record
+
+
+def _site(name: str, counts: list[float] | None) -> SiteModel:
+    cfg = ClassifierConfig("small-cnn", 1, 2)
+    return SiteModel(name, build_classifier(cfg).eval(), cfg, label_counts=None if counts is None else torch.tensor(counts))
+
+
+def test_the_label_counts_are_the_target_only_when_every_site_released_them() -> None:
+    both = [_site("a", [10.0, 30.0]), _site("b", [-3.0, 5.0])]      # a DP-noised count below 0 counts as 0
+    assert prior_target(both, None) == "label_counts"
+    assert pooled_label_counts(both).tolist() == [10.0, 35.0]
+    one = [_site("a", [10.0, 30.0]), _site("b", None)]
+    assert prior_target(one, None) == "teacher" and prior_target(both, "teacher") == "teacher"
+    assert prior_target([_site("a", [-1.0, 0.0])], None) == "teacher"   # nothing to take shares of
+    with pytest.raises(ConfigError, match="missing: b"):
+        prior_target(one, "label_counts")
+    with pytest.raises(ConfigError, match="sum to 0"):
+        prior_target([_site("a", [-1.0, 0.0])], "label_counts")
+    with pytest.raises(ConfigError, match="unknown prior-matching target"):
+        DistillJob(prior_target="labels")
 
 
 class _ScaledHead(nn.Module):
@@ -116,3 +176,22 @@ def test_a_study_turns_prior_matching_off_only_with_a_real_boolean() -> None:
     assert study_from_text(base + "prior_matching = false\n", "s.toml").prior_matching is False
     with pytest.raises(ConfigError, match="server.prior_matching: 'no' is not true or false"):
         study_from_text(base + 'prior_matching = "no"\n', "s.toml")
+
+
+def test_distill_matches_the_pooled_label_count_shares_when_every_site_released_them(tmp_path: Path, data_root, capsys) -> None:  # noqa: F811
+    models = [with_label_counts(make_real_model_dir(tmp_path / f"site-{c}", site=f"site-{c}"), torch.tensor(counts))
+              for c, counts in (("a", [10.0, 30.0]), ("b", [20.0, 40.0]))]
+    for i in range(40):
+        png(tmp_path / "public" / f"{i}.png", (28, 28), value=6 * i)
+    common = ["--json", "distill", *[a for m in models for a in ("--model", str(m))], "--preset", "smoke", "--epochs", "1",
+              "--synthesis", "proxy", "--proxy-images", str(tmp_path / "public"), "--threads", "1",
+              "--eval", "pneumoniamnist", "--data-root", str(data_root)]
+    assert main([*common[1:], "--out", str(tmp_path / "shares")]) == 0
+    assert "(to the sites' pooled label counts)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "shares" / "report.json").read_text())["prior_matching"]
+    assert record["applied"] and record["target"] == "label_counts"
+    assert record["label_count_shares"] == pytest.approx([0.3, 0.7])
+    assert abs(record["student_decision_shares_after"][1] - 0.7) <= 1.5 / 40
+    assert "pooled label counts" in (tmp_path / "shares" / "report.md").read_text()
+    assert main([*common, "--out", str(tmp_path / "teacher"), "--prior-target", "teacher"]) == 0
+    assert json.loads((tmp_path / "teacher" / "report.json").read_text())["prior_matching"]["target"] == "teacher"

@@ -108,7 +108,8 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
                      noise_adapted=args.noise_adapted, image_size=args.image_size, teacher_weighting=args.teacher_weighting,
                      method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps, args.proxy_share),
                      imagenet_weights=args.imagenet_weights or "", proxy_images=args.proxy_images or "", data_root=args.data_root,
-                     snapshot_memory_mib=args.snapshot_memory_mib, prior_matching=not args.no_prior_matching)
+                     snapshot_memory_mib=args.snapshot_memory_mib, prior_matching=not args.no_prior_matching,
+                     prior_target=args.prior_target)
     test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval and dist.is_main else None
     if dist.is_main:
         _say(f"distilling from {len(sites)} site models ({', '.join(s.name for s in sites)}): preset {preset}, "
@@ -122,7 +123,9 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
     matched = run.report.get("prior_matching")
     if matched:
         lines.append(f"  prior matched on {matched['images']} public images: class offsets "
-                     + ", ".join(f"{v:+.3f}" for v in matched["offsets"]) if matched["applied"]
+                     + ", ".join(f"{v:+.3f}" for v in matched["offsets"])
+                     + (" (to the sites' pooled label counts)" if matched.get("target") == "label_counts" else " (to the teacher)")
+                     if matched["applied"]
                      else f"  prior matching not applied: {matched['reason']}")
     if run.metrics:
         from ..demo import metrics_table
@@ -236,7 +239,11 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                               "--data-root, e.g. breastmnist:train, or a folder of PNG/JPEG/TIFF); labelled by the site models")
     distill.add_argument("--no-prior-matching", action="store_true",
                          help="with --proxy-images: keep the student's class offsets as trained (by default they are fitted "
-                              "so that its mean class probabilities on the public images equal the teacher's; AUC unchanged)")
+                              "on the public images to the prior of --prior-target; AUC unchanged)")
+    distill.add_argument("--prior-target", choices=("teacher", "label_counts"), default=None,
+                         help="what prior matching copies: the teacher's mean class probabilities, or the class shares of "
+                              "the sites' pooled label counts as shares of decisions (default: label_counts when every "
+                              "site released them, else teacher)")
     distill.add_argument("--proxy-share", type=float, default=0.5, help="inversion+proxy: fraction of each batch from the proxy images")
     distill.add_argument("--student", metavar="ARCH", help="student architecture (default: the sites')")
     distill.add_argument("--epochs", type=int, help="override the preset's epochs")

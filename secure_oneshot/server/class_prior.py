@@ -24,6 +24,18 @@ Matching copies the teacher's decision point, so it helps where the teacher deci
 BreastMNIST (62 public images, teachers at 0.75 balanced accuracy) it left accuracy unchanged over five seeds and
 cost 0.03 balanced accuracy (RESULTS); ``DistillJob.prior_matching`` turns it off.
 
+**With the sites' label counts** (every site released its DP ``label_counts`` artifact) the target is the
+federation's class shares, the released counts pooled, instead of the teacher (:func:`match_class_shares`).  Why:
+DP sites move their decision point to the one that maximises *balanced* accuracy on their own records
+(``client.threshold``), so their teacher calls about half of the public images "pneumonia" where three quarters
+of the hospitals' records are; the student copied that point.  For accuracy on the hospitals' population the
+decision point belongs where the model's class shares equal the population's.  What is matched there is the share
+of *decisions* (for two classes the quantile of the logit margin), not the mean probability: DP students are
+unconfident (margins within +-0.4), and moving their mean probability to 0.75 called every image positive on both
+draws measured (RESULTS, "The DP demo's decision point").  It assumes the public images are a sample of the
+hospitals' population (the demo's are: a random tenth of the records).  The pooled counts are post-processing of
+DP releases: no further privacy budget.
+
 ``b`` is folded into the bias of the student's last linear layer, so the global model's file and architecture
 stay as they are; the fold is checked on the public images (the logits must move by exactly ``b``), and when a
 model's logits do not come from such a layer nothing is changed and the report says why.
@@ -41,24 +53,36 @@ FIT_TOLERANCE = 1e-6        # largest |mean student probability - mean teacher p
 FOLD_TOLERANCE = 1e-4       # largest |logit change - b| accepted after folding b into the last layer (float32)
 
 
+TEACHER = "teacher"            # target: the teacher's mean class probabilities on the public images
+LABEL_COUNTS = "label_counts"  # target: the pooled released label counts' class shares, as shares of decisions
+PRIOR_TARGETS = (TEACHER, LABEL_COUNTS)
+
+
 @dataclass
 class PriorMatch:
-    """What matching did: the fitted offsets and each side's mean class probabilities on the public images."""
+    """What matching did: the fitted offsets, the target, and the student's values before and after on the public
+    images (mean class probabilities against the teacher; shares of decisions against the label counts)."""
 
     images: int
     offsets: list[float]
-    teacher_mean: list[float]
-    student_mean_before: list[float]
-    student_mean_after: list[float]
+    target_values: list[float]
+    before: list[float]
+    after: list[float]
+    target: str = TEACHER
     applied: bool = True
     reason: str = ""
 
     def record(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"images": self.images, "applied": self.applied,
-                               "offsets": [round(v, 6) for v in self.offsets],
-                               "teacher_mean_probability": [round(v, 6) for v in self.teacher_mean],
-                               "student_mean_probability_before": [round(v, 6) for v in self.student_mean_before],
-                               "student_mean_probability_after": [round(v, 6) for v in self.student_mean_after]}
+        def rounded(values: list[float]) -> list[float]:
+            return [round(v, 6) for v in values]
+        out: dict[str, Any] = {"images": self.images, "applied": self.applied, "target": self.target,
+                               "offsets": rounded(self.offsets)}
+        if self.target == TEACHER:
+            out.update(teacher_mean_probability=rounded(self.target_values),
+                       student_mean_probability_before=rounded(self.before), student_mean_probability_after=rounded(self.after))
+        else:
+            out.update(label_count_shares=rounded(self.target_values),
+                       student_decision_shares_before=rounded(self.before), student_decision_shares_after=rounded(self.after))
         if self.reason:
             out["reason"] = self.reason
         return out
@@ -108,6 +132,41 @@ def last_linear(model: nn.Module, num_classes: int) -> nn.Linear | None:
     return found
 
 
+def decision_shares(logits: Tensor) -> Tensor:
+    """``(N, K)`` logits -> each class's share of the argmax decisions ``(K,)`` (float64)."""
+    return torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1]).double() / len(logits)
+
+
+def fit_decision_shares(student_logits: Tensor, shares: Tensor, max_iter: int = 500) -> Tensor:
+    """The per-class offsets ``b`` (mean 0) after which the student's argmax decisions fall into the classes in the
+    proportions ``shares`` (as nearly as ``N`` images allow).
+
+    Two classes: exact, from the quantile of the logit margin.  More: proportional updates
+    ``b += (log shares - log decided shares) / 2``, keeping the offsets with the smallest total deviation.
+    """
+    z = student_logits.detach().double()
+    target = shares.detach().double().clamp(min=0)
+    target = target / target.sum()
+    n, k = z.shape
+    if k == 2:
+        margin = z[:, 1] - z[:, 0]
+        # positive exactly when margin > t, where t leaves target[1] of the margins above it
+        t = torch.quantile(margin, float(1 - target[1])) if target[1] < 1 else margin.min() - 1
+        return torch.stack([t / 2, -t / 2])
+    b = torch.zeros(k, dtype=torch.float64)
+    best, best_gap = b.clone(), float("inf")
+    floor = 0.5 / n   # a class no image is given yet still has a finite log share
+    for _ in range(max_iter):
+        decided = decision_shares(z + b)
+        gap = (decided - target).abs().sum().item()
+        if gap < best_gap:
+            best, best_gap = b.clone(), gap
+        if gap <= 1.0 / n:
+            break
+        b = b + 0.5 * (target.clamp(min=floor).log() - decided.clamp(min=floor).log())
+    return best - best.mean()
+
+
 def match_class_prior(student: nn.Module, images: Tensor, teacher_probs: Tensor, chunk: int = 512) -> PriorMatch:
     """Fit the class offsets of ``student`` (eval mode) to ``teacher_probs`` on ``images`` and fold them in.
 
@@ -116,13 +175,30 @@ def match_class_prior(student: nn.Module, images: Tensor, teacher_probs: Tensor,
     """
     student.eval()
     before = _logits(student, images, chunk)
-    k = before.shape[1]
-    teacher_mean = teacher_probs.double().mean(dim=0).tolist()
     offsets = fit_class_offsets(before, teacher_probs)
-    mean_before = torch.softmax(before.double(), dim=1).mean(dim=0).tolist()
+    target = teacher_probs.double().mean(dim=0).tolist()
+    return _fold(student, images, before, offsets, target, TEACHER, chunk,
+                 lambda logits: torch.softmax(logits.double(), dim=1).mean(dim=0).tolist())
+
+
+def match_class_shares(student: nn.Module, images: Tensor, shares: Tensor, chunk: int = 512) -> PriorMatch:
+    """Fit the class offsets of ``student`` (eval mode) so that its decisions on ``images`` fall into the classes in
+    the proportions ``shares`` (the pooled label counts), and fold them in as :func:`match_class_prior` does."""
+    student.eval()
+    before = _logits(student, images, chunk)
+    offsets = fit_decision_shares(before, shares)
+    target = (shares.double().clamp(min=0) / shares.double().clamp(min=0).sum()).tolist()
+    return _fold(student, images, before, offsets, target, LABEL_COUNTS, chunk, lambda logits: decision_shares(logits).tolist())
+
+
+def _fold(student: nn.Module, images: Tensor, before: Tensor, offsets: Tensor, target: list[float], kind: str,
+          chunk: int, measure: Any) -> PriorMatch:
+    """Add ``offsets`` to the bias of the student's last linear layer if its logits then move by exactly them."""
+    k = before.shape[1]
+    measured_before = measure(before)
     layer = last_linear(student, k)
     if layer is None:
-        return PriorMatch(len(images), offsets.tolist(), teacher_mean, mean_before, mean_before, applied=False,
+        return PriorMatch(len(images), offsets.tolist(), target, measured_before, measured_before, kind, applied=False,
                           reason=f"no final linear layer with {k} outputs and a bias to fold the offsets into")
     with torch.no_grad():
         original = layer.bias.detach().clone()
@@ -132,10 +208,9 @@ def match_class_prior(student: nn.Module, images: Tensor, teacher_probs: Tensor,
     if moved > FOLD_TOLERANCE:
         with torch.no_grad():
             layer.bias.copy_(original)
-        return PriorMatch(len(images), offsets.tolist(), teacher_mean, mean_before, mean_before, applied=False,
+        return PriorMatch(len(images), offsets.tolist(), target, measured_before, measured_before, kind, applied=False,
                           reason=f"the logits do not come straight from the last linear layer (moved {moved:.3g} off the offsets)")
-    mean_after = torch.softmax(after.double(), dim=1).mean(dim=0).tolist()
-    return PriorMatch(len(images), offsets.tolist(), teacher_mean, mean_before, mean_after)
+    return PriorMatch(len(images), offsets.tolist(), target, measured_before, measure(after), kind)
 
 
 def _logits(model: nn.Module, images: Tensor, chunk: int) -> Tensor:

@@ -31,7 +31,7 @@ from ..keys import Identity
 from ..metrics import evaluate_model
 from ..models.classifier import ARCHITECTURES, ClassifierConfig
 from ..models.imagenet_init import initial_classifier
-from .class_prior import PriorMatch, match_class_prior
+from .class_prior import LABEL_COUNTS, PRIOR_TARGETS, TEACHER, PriorMatch, match_class_prior, match_class_shares
 from .checkpoint import Checkpoint, check_fingerprint, clear_checkpoints, load_latest, model_digest, restore, save_checkpoint
 from .distill import DistillConfig, TrainingState, distill, student_norm
 from .distributed import Distributed
@@ -89,7 +89,8 @@ class DistillJob:
     proxy_images: str = ""                    # public unlabelled images for the proxy methods (data.proxy_images)
     data_root: str | None = None              # where a MedMNIST proxy set is found
     snapshot_memory_mib: float = DEFAULT_SNAPSHOT_MEMORY_MIB   # an epoch's snapshots in memory up to this, then a temp file
-    prior_matching: bool = True               # with public images: match the student's class prior to the teacher's (class_prior)
+    prior_matching: bool = True               # with public images: match the student's class prior (class_prior)
+    prior_target: str | None = None           # teacher | label_counts; None: label_counts when every site released them
 
     def __post_init__(self) -> None:
         if self.preset == "paper" and self.image_size > LARGE_IMAGE and not self.imagenet_weights:
@@ -110,6 +111,9 @@ class DistillJob:
         if not 0 <= self.snapshot_memory_mib < float("inf"):
             raise ConfigError(f"the snapshot memory budget must be a finite number of MiB >= 0, got {self.snapshot_memory_mib!r}",
                               hint="0 keeps every snapshot in the temporary file; the default keeps 28 px runs in memory")
+        if self.prior_target is not None and self.prior_target not in PRIOR_TARGETS:
+            raise ConfigError(f"unknown prior-matching target {printable(str(self.prior_target), 40)!r}",
+                              hint=f"use one of {', '.join(PRIOR_TARGETS)}")
         if self.teacher_weighting == "consensus" and not self.proxy_images:
             raise ConfigError("teacher weighting 'consensus' judges the sites on public images, and none were given",
                               hint="pass --proxy-images FLAG:SPLIT or a folder of public images, or use --teacher-weighting agreement")
@@ -242,11 +246,35 @@ def _public_draw(public: torch.Tensor, seed: int) -> torch.Tensor:
     return public[torch.randperm(len(public), generator=draw)[:CONSENSUS_MAX_IMAGES]]
 
 
+def prior_target(sites: list[SiteModel], requested: str | None) -> str:
+    """What the student's class prior is matched to (:mod:`~secure_oneshot.server.class_prior`): ``requested``, else
+    the pooled label counts when every site released them, else the teacher."""
+    if requested == LABEL_COUNTS and any(s.label_counts is None for s in sites):
+        missing = ", ".join(s.name for s in sites if s.label_counts is None)
+        raise ConfigError(f"prior matching to the label counts needs every site's label_counts artifact; missing: {missing}",
+                          hint="match to the teacher instead (--prior-target teacher)")
+    if requested == LABEL_COUNTS and not pooled_label_counts(sites).sum() > 0:
+        raise ConfigError("prior matching to the label counts: the released counts sum to 0",
+                          hint="match to the teacher instead (--prior-target teacher)")
+    if requested is not None:
+        return requested
+    released = all(s.label_counts is not None for s in sites)
+    return LABEL_COUNTS if released and pooled_label_counts(sites).sum() > 0 else TEACHER
+
+
+def pooled_label_counts(sites: list[SiteModel]) -> torch.Tensor:
+    """The sites' released label counts summed (negative DP-noised counts count as 0), float64 ``(K,)``."""
+    return torch.stack([s.label_counts.detach().double().cpu().reshape(-1).clamp(min=0) for s in sites]).sum(dim=0)
+
+
 def _match_prior(sites: list[SiteModel], student: nn.Module, public: torch.Tensor, weights: torch.Tensor | None,
-                 synth: InversionConfig, execution: Execution) -> PriorMatch:
-    """:func:`~secure_oneshot.server.class_prior.match_class_prior` against the weighted teacher, on the same public
-    images ``consensus`` judges the sites on."""
+                 synth: InversionConfig, execution: Execution, target: str) -> PriorMatch:
+    """:func:`~secure_oneshot.server.class_prior.match_class_prior` against the weighted teacher, or
+    :func:`~secure_oneshot.server.class_prior.match_class_shares` against the pooled label counts, on the same
+    public images ``consensus`` judges the sites on."""
     public = _public_draw(public, synth.seed)
+    if target == LABEL_COUNTS:
+        return match_class_shares(student, public, pooled_label_counts(sites))
     teacher = torch.softmax(pooled_logits(_site_logits([s.model for s in sites], public, execution), weights), dim=-1)
     return match_class_prior(student, public, teacher)
 
@@ -292,6 +320,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     # Multi-label sites have no per-class weighting: the preset's default scheme gives way to the equal teacher.
     scheme = "equal" if synth.multi_label and job.teacher_weighting is None else job.weighting
     models = [s.model for s in sites]
+    target = prior_target(sites, job.prior_target)   # checked before training, used after it
     proxy = load_proxy_images(job.proxy_images, size=synth.image_size, channels=synth.channels, data_root=job.data_root) \
         if job.method.method in PROXY_METHODS or scheme == "consensus" else None
     fields = {**_fingerprint_fields(job, synth, dcfg, scheme, student_cfg, sites, dist), "proxy": None if proxy is None else proxy.record()}
@@ -324,7 +353,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     unmatched: nn.Module | None = None   # kept only to report it beside the matched model
     if job.prior_matching and proxy is not None and not synth.multi_label:
         unmatched = copy.deepcopy(student) if test_set is not None else None
-        matched = _match_prior(sites, student, proxy_tensor(proxy), weights, synth, execution)
+        matched = _match_prior(sites, student, proxy_tensor(proxy), weights, synth, execution, target)
     metrics = baselines(sites, student, test_set, weights) if test_set is not None else {}
     if matched is not None and matched.applied and unmatched is not None:
         metrics["global (before prior matching)"] = evaluate_model(unmatched, test_set)
@@ -442,10 +471,16 @@ def markdown_report(metrics: dict[str, dict[str, float]], report: dict[str, Any]
         if matched and matched["applied"]:
             def shown(values: list[float], sign: str = "") -> str:
                 return ", ".join(f"{v:{sign}.3f}" for v in values)
-            lines += ["", f"Prior matching: class offsets ({shown(matched['offsets'], '+')}) fitted on {matched['images']} public "
-                          f"images, so that the global model's mean class probabilities there "
-                          f"({shown(matched['student_mean_probability_after'])}) equal the teacher's; before: "
-                          f"({shown(matched['student_mean_probability_before'])})."]
+            if matched.get("target") == LABEL_COUNTS:
+                lines += ["", f"Prior matching: class offsets ({shown(matched['offsets'], '+')}) fitted on {matched['images']} public "
+                              f"images, so that the global model's decisions there fall into the classes in the shares "
+                              f"({shown(matched['student_decision_shares_after'])}) of the sites' pooled label counts "
+                              f"({shown(matched['label_count_shares'])}); before: ({shown(matched['student_decision_shares_before'])})."]
+            else:
+                lines += ["", f"Prior matching: class offsets ({shown(matched['offsets'], '+')}) fitted on {matched['images']} public "
+                              f"images, so that the global model's mean class probabilities there "
+                              f"({shown(matched['student_mean_probability_after'])}) equal the teacher's; before: "
+                              f"({shown(matched['student_mean_probability_before'])})."]
         elif matched:
             lines += ["", f"Prior matching not applied: {matched['reason']}."]
         if "privacy" in report:
