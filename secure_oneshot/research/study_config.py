@@ -51,7 +51,7 @@ class Study:
     generator_epsilons: tuple[float, ...] = (math.inf,)
     withhold: tuple[tuple[str, ...], ...] = ((),)          # variants of what the sites leave out
     teacher_weighting: str | None = None                    # server.weighting scheme; None: the server preset's default
-    prior_matching: bool = True                             # proxy cells: the student's class prior matched to the teacher's
+    prior_matching: bool = True                             # proxy cells: the student's class prior matched (class_prior)
     site_dp_preset: str = "dp"                              # the sites' recipe in DP cells (site_preset in the others)
     threshold_epsilon: float | None = None                  # DP binary cells: decision threshold budget; None: demo's share
     centralised: bool = False                               # also train one model on all records pooled (same recipe, epsilon)
