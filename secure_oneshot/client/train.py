@@ -182,11 +182,16 @@ def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
         warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
         engine = PrivacyEngine(accountant=cfg.accountant)
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
-    wrapped = engine.make_private_with_epsilon(
-        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=cfg.dp_epsilon, target_delta=cfg.dp_delta,
-        epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode=cfg.grad_sample_mode,
-        criterion=criterion,
-    )
+    with warnings.catch_warnings():
+        # The noise search sizes the PRV accountant's domain with an RDP bound over Opacus's default orders, which
+        # says "Optimal order is the largest alpha" for the trial noise levels: about the domain's size, not the
+        # epsilon (the DP record's epsilon is recomputed and checked in policy.dp).  It was printed twice per site.
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        wrapped = engine.make_private_with_epsilon(
+            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=cfg.dp_epsilon, target_delta=cfg.dp_delta,
+            epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode=cfg.grad_sample_mode,
+            criterion=criterion,
+        )
     if cfg.grad_sample_mode == "ghost":  # ghost clipping also wraps the loss (two backward passes, no per-sample grads)
         model, optimizer, criterion, loader = wrapped
     else:

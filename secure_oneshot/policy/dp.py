@@ -44,6 +44,7 @@ import functools
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -515,7 +516,11 @@ def _epsilon_of(name: str, entries: tuple[tuple[float, float, int], ...], target
     try:
         import numpy as np   # with the accountants, not with every policy read
 
-        with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = -inf when q == 1, on purpose
+        with np.errstate(divide="ignore"), warnings.catch_warnings():  # PRV takes log(1 - q) = -inf when q == 1, on purpose
+            # Opacus sizes the PRV domain with an RDP bound over its default orders, which says "Optimal order is
+            # the largest alpha" for a heavily noised step (a label histogram at sigma 35): about the domain's
+            # size, which PRV_EPS_ERROR bounds, and where it is the RDP epsilon itself, a conservative bound.
+            warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
             epsilon = (_rdp_epsilon if name == "rdp" else _prv_epsilon)(entries, target)
     except (ValueError, RuntimeError, ArithmeticError, MemoryError) as e:
         raise PrivacyError(f"cannot recompute epsilon with the {name} accountant: {e}",
