@@ -1,16 +1,19 @@
-"""Three ways to set a distilled global model's decision point on the server's public images, compared on a study.
+"""Four ways to set a distilled global model's decision point on the server's public images, compared on a study.
 
     python benchmarks/prior_matching.py STUDY [--cells cells] [--flag pneumoniamnist] [--data-root ../shared/data/medmnist]
 
-STUDY is an ``experiment`` folder whose proxy cells were distilled WITHOUT prior matching (``[server]
-prior_matching = false``; ``--cells`` names the folder of cells when they were moved aside).  For every
+STUDY is an ``experiment`` folder of proxy cells (``--cells`` names the folder of cells when they were moved
+aside).  A cell distilled with prior matching has its recorded offsets taken off again (they were folded into
+the last layer's bias, so the logits move by exactly them), which gives back the model as trained.  For every
 cell: the teacher (its report's weights, over the cached site models), the global model as trained, and the
-global model with per-class offsets fitted on the cell's public images in three ways:
+global model with per-class offsets fitted on the cell's public images in four ways:
 
 * ``mean-prob``: offsets making the student's mean class probabilities equal the teacher's (maximum likelihood
-  against the teacher's soft predictions; what ``server.class_prior`` ships);
+  against the teacher's soft predictions; ``server.class_prior``'s target when a site released no label counts);
 * ``hard-rate``: binary only: the threshold at which the student calls class 1 as often as the teacher does;
-* ``hard-fit``: maximum likelihood against the teacher's hard decisions (one-hot).
+* ``hard-fit``: maximum likelihood against the teacher's hard decisions (one-hot);
+* ``label-counts``: the student's shares of decisions equal to the class shares of the sites' released label
+  counts, pooled (``server.class_prior``'s target when every site released them).
 
 Test-split metrics (ACC / AUC / balanced ACC); nothing is chosen on them.  One torch thread.
 """
@@ -29,7 +32,7 @@ from secure_oneshot.data import load_medmnist, to_dataset
 from secure_oneshot.data.proxy_images import load_proxy_images
 from secure_oneshot.metrics import classification_metrics
 from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
-from secure_oneshot.server.class_prior import fit_class_offsets
+from secure_oneshot.server.class_prior import fit_class_offsets, fit_decision_shares
 from secure_oneshot.server.site_models import load_model_dirs
 from secure_oneshot.server.study import proxy_tensor
 from secure_oneshot.server.weighting import pooled_logits
@@ -63,12 +66,12 @@ def main() -> None:
         m = classification_metrics(y, torch.softmax(logits.double(), dim=1).numpy())
         return f"{m['acc']:.3f} / {m['auc']:.3f} / {m['balanced_acc']:.3f}"
 
-    print("| cell | teacher | global as trained | mean-prob | hard-rate | hard-fit |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| cell | teacher | global as trained | mean-prob | hard-rate | hard-fit | label-counts |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for cell in sorted((args.study / args.cells).iterdir()):
         report = json.loads((cell / "server" / "global" / "report.json").read_text())
-        if report.get("prior_matching"):
-            raise SystemExit(f"{cell.name} was distilled with prior matching: pass cells distilled without it")
+        matched = report.get("prior_matching") or {}
+        folded = torch.tensor(matched["offsets"], dtype=torch.float64) if matched.get("applied") else None
         cache = caches[int(cell.name.rsplit("-s", 1)[1])]
         s = report["student"]
         student = build_classifier(ClassifierConfig(s["architecture"], s["in_channels"], s["num_classes"], s["norm"]))
@@ -80,12 +83,18 @@ def main() -> None:
         with torch.no_grad():
             teacher_test = pooled_logits(torch.stack([m.model.eval()(x).float() for m in sites]), weights)
             teacher_public = pooled_logits(torch.stack([m.model.eval()(public).float() for m in sites]), weights)
-            student_test, student_public = student.eval()(x), student(public)
+            student_test, student_public = student.eval()(x).double(), student(public).double()
+        if folded is not None:   # the model as trained
+            student_test, student_public = student_test - folded, student_public - folded
         mean_prob = fit_class_offsets(student_public, torch.softmax(teacher_public, dim=1))
         hard_fit = fit_class_offsets(student_public, torch.nn.functional.one_hot(teacher_public.argmax(1), s["num_classes"]).double())
         hard_rate = hard_rate_offsets(student_public, teacher_public) if s["num_classes"] == 2 else None
+        counts = [m.label_counts for m in sites]
+        shares = None if any(c is None for c in counts) else \
+            fit_decision_shares(student_public, torch.stack([c.double().clamp(min=0) for c in counts]).sum(dim=0))
         print(f"| {cell.name} | {shown(teacher_test)} | {shown(student_test)} | {shown(student_test + mean_prob)} | "
-              f"{'-' if hard_rate is None else shown(student_test + hard_rate)} | {shown(student_test + hard_fit)} |", flush=True)
+              f"{'-' if hard_rate is None else shown(student_test + hard_rate)} | {shown(student_test + hard_fit)} | "
+              f"{'-' if shares is None else shown(student_test + shares)} |", flush=True)
 
 
 if __name__ == "__main__":
