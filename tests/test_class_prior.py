@@ -145,13 +145,18 @@ def test_a_model_whose_logits_are_not_the_last_layer_is_left_unchanged_and_the_r
     assert not result.applied and "no final linear layer" in result.reason
 
 
+def _distill_command(models: list[Path], public: Path, images: int, data_root: Path) -> list[str]:
+    """``--json distill`` of ``models`` (smoke preset, one epoch, proxy synthesis) on ``images`` grey public PNGs."""
+    for i in range(images):
+        png(public / f"{i}.png", (28, 28), value=240 * i // images)
+    return ["--json", "distill", *[a for m in models for a in ("--model", str(m))], "--preset", "smoke", "--epochs", "1",
+            "--synthesis", "proxy", "--proxy-images", str(public), "--threads", "1",
+            "--eval", "pneumoniamnist", "--data-root", str(data_root)]
+
+
 def test_distill_with_public_images_matches_the_prior_and_the_opt_out_keeps_the_trained_model(tmp_path: Path, data_root, capsys) -> None:  # noqa: F811
     models = [make_real_model_dir(tmp_path / f"site-{c}", site=f"site-{c}") for c in "ab"]
-    for i in range(12):
-        png(tmp_path / "public" / f"{i}.png", (28, 28), value=20 * i)
-    common = ["--json", "distill", *[a for m in models for a in ("--model", str(m))], "--preset", "smoke", "--epochs", "1",
-              "--synthesis", "proxy", "--proxy-images", str(tmp_path / "public"), "--threads", "1",
-              "--eval", "pneumoniamnist", "--data-root", str(data_root)]
+    common = _distill_command(models, tmp_path / "public", 12, data_root)
     assert main([*common[1:], "--out", str(tmp_path / "matched")]) == 0
     assert "prior matched on 12 public images: class offsets" in capsys.readouterr().out
     assert main([*common, "--out", str(tmp_path / "plain"), "--no-prior-matching"]) == 0
@@ -168,7 +173,6 @@ def test_distill_with_public_images_matches_the_prior_and_the_opt_out_keeps_the_
 
 
 def test_a_study_turns_prior_matching_off_only_with_a_real_boolean() -> None:
-    from secure_oneshot.errors import ConfigError
     from secure_oneshot.research.study_config import study_from_text
 
     base = "[study]\nname = \"s\"\nflags = [\"pneumoniamnist\"]\npublic_fraction = 0.1\n[server]\nmethods = [\"proxy\"]\n"
@@ -181,11 +185,7 @@ def test_a_study_turns_prior_matching_off_only_with_a_real_boolean() -> None:
 def test_distill_matches_the_pooled_label_count_shares_when_every_site_released_them(tmp_path: Path, data_root, capsys) -> None:  # noqa: F811
     models = [with_label_counts(make_real_model_dir(tmp_path / f"site-{c}", site=f"site-{c}"), torch.tensor(counts))
               for c, counts in (("a", [10.0, 30.0]), ("b", [20.0, 40.0]))]
-    for i in range(40):
-        png(tmp_path / "public" / f"{i}.png", (28, 28), value=6 * i)
-    common = ["--json", "distill", *[a for m in models for a in ("--model", str(m))], "--preset", "smoke", "--epochs", "1",
-              "--synthesis", "proxy", "--proxy-images", str(tmp_path / "public"), "--threads", "1",
-              "--eval", "pneumoniamnist", "--data-root", str(data_root)]
+    common = _distill_command(models, tmp_path / "public", 40, data_root)
     assert main([*common[1:], "--out", str(tmp_path / "shares")]) == 0
     assert "(to the sites' pooled label counts)" in capsys.readouterr().out
     record = json.loads((tmp_path / "shares" / "report.json").read_text())["prior_matching"]
