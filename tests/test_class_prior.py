@@ -14,8 +14,8 @@ from torch import nn
 from secure_oneshot.cli import main
 from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
 from secure_oneshot.errors import ConfigError
-from secure_oneshot.server.class_prior import (FIT_TOLERANCE, decision_shares, fit_class_offsets, fit_decision_shares, last_linear,
-                                               match_class_prior, match_class_shares)
+from secure_oneshot.server.class_prior import (FIT_TOLERANCE, PriorMatch, decision_shares, fit_class_offsets, fit_decision_shares,
+                                               last_linear, match_class_prior, match_class_shares)
 from secure_oneshot.server.site_models import SiteModel
 from secure_oneshot.server.study import DistillJob, pooled_label_counts, prior_target
 
@@ -48,22 +48,29 @@ def test_a_student_that_already_matches_is_left_alone() -> None:
     assert fit_class_offsets(logits, torch.softmax(logits, dim=1)).abs().max() < 1e-6
 
 
-def test_the_offsets_are_folded_into_the_last_layer_and_keep_every_ranking() -> None:
+def _matched(norm: str, n: int, match) -> tuple[torch.Tensor, torch.Tensor, PriorMatch]:  # type: ignore[no-untyped-def]
+    """An untrained small CNN's logits on ``n`` random images before and after ``match(model, images)``, and what it
+    returned; checks that every margin moved by one constant (same order, same AUC)."""
     torch.manual_seed(0)
-    model = build_classifier(ClassifierConfig("small-cnn", 1, 2, "batch")).eval()
-    images = torch.randn(200, 1, 28, 28)
+    model = build_classifier(ClassifierConfig("small-cnn", 1, 2, norm)).eval()
+    images = torch.randn(n, 1, 28, 28)
     with torch.no_grad():
         before = model(images)
-    # a teacher that says class 1 far less often than this student
-    target = torch.tensor([[0.8, 0.2]]).expand(200, 2)
-    result = match_class_prior(model, images, target)
+    result = match(model, images)
     with torch.no_grad():
         after = model(images)
+    margin_before, margin_after = before[:, 1] - before[:, 0], after[:, 1] - after[:, 0]
+    assert (margin_after - margin_before).std() < 1e-5
+    return before, after, result
+
+
+def test_the_offsets_are_folded_into_the_last_layer_and_keep_every_ranking() -> None:
+    # a teacher that says class 1 far less often than this student
+    target = torch.tensor([[0.8, 0.2]]).expand(200, 2)
+    before, after, result = _matched("batch", 200, lambda model, images: match_class_prior(model, images, target))
     assert result.applied and result.images == 200
     assert torch.allclose(after - before, torch.tensor(result.offsets, dtype=after.dtype).expand_as(after), atol=1e-4)
     assert abs(result.after[0] - 0.8) < 1e-4 and abs(result.target_values[0] - 0.8) < 1e-6
-    margin_before, margin_after = before[:, 1] - before[:, 0], after[:, 1] - after[:, 0]
-    assert (margin_after - margin_before).std() < 1e-5   # every margin moved by one constant: same order, same AUC
     assert result.before[1] > 0.3   # the untrained student was far from the teacher's 0.2
 
 
@@ -83,20 +90,11 @@ def test_the_decision_offsets_give_the_label_count_shares(classes: int, scale: f
 
 
 def test_matching_the_label_count_shares_folds_offsets_that_keep_every_ranking() -> None:
-    torch.manual_seed(0)
-    model = build_classifier(ClassifierConfig("small-cnn", 1, 2, "group")).eval()
-    images = torch.randn(300, 1, 28, 28)
-    with torch.no_grad():
-        before = model(images)
-    result = match_class_shares(model, images, torch.tensor([75.0, 225.0]))
-    with torch.no_grad():
-        after = model(images)
+    _, after, result = _matched("group", 300, lambda model, images: match_class_shares(model, images, torch.tensor([75.0, 225.0])))
     assert result.applied and result.target == "label_counts"
     assert result.target_values == pytest.approx([0.25, 0.75])
     assert abs(result.after[1] - 0.75) <= 1.5 / 300 and abs(result.before[1] - 0.75) > 0.05
     assert (decision_shares(after) - torch.tensor([0.25, 0.75], dtype=torch.float64)).abs().max() <= 1.5 / 300
-    margin_before, margin_after = before[:, 1] - before[:, 0], after[:, 1] - after[:, 0]
-    assert (margin_after - margin_before).std() < 1e-5
     record = result.record()
     assert record["label_count_shares"] == pytest.approx([0.25, 0.75]) and "teacher_mean_probability" not in record
 

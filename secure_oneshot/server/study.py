@@ -249,17 +249,13 @@ def _public_draw(public: torch.Tensor, seed: int) -> torch.Tensor:
 def prior_target(sites: list[SiteModel], requested: str | None) -> str:
     """What the student's class prior is matched to (:mod:`~secure_oneshot.server.class_prior`): ``requested``, else
     the pooled label counts when every site released them, else the teacher."""
-    if requested == LABEL_COUNTS and any(s.label_counts is None for s in sites):
-        missing = ", ".join(s.name for s in sites if s.label_counts is None)
-        raise ConfigError(f"prior matching to the label counts needs every site's label_counts artifact; missing: {missing}",
+    missing = [s.name for s in sites if s.label_counts is None]
+    usable = not missing and pooled_label_counts(sites).sum() > 0
+    if requested == LABEL_COUNTS and not usable:
+        raise ConfigError("prior matching to the label counts needs every site's label_counts artifact; missing: " + ", ".join(missing)
+                          if missing else "prior matching to the label counts: the released counts sum to 0",
                           hint="match to the teacher instead (--prior-target teacher)")
-    if requested == LABEL_COUNTS and not pooled_label_counts(sites).sum() > 0:
-        raise ConfigError("prior matching to the label counts: the released counts sum to 0",
-                          hint="match to the teacher instead (--prior-target teacher)")
-    if requested is not None:
-        return requested
-    released = all(s.label_counts is not None for s in sites)
-    return LABEL_COUNTS if released and pooled_label_counts(sites).sum() > 0 else TEACHER
+    return requested or (LABEL_COUNTS if usable else TEACHER)
 
 
 def pooled_label_counts(sites: list[SiteModel]) -> torch.Tensor:
