@@ -189,3 +189,89 @@ def test_a_study_without_the_centralised_reference_reports_none() -> None:
     assert "nan" not in line.lower()
     with_reference = [{**r, "centralised_acc": 0.8 + 0.02 * r["seed"]} for r in rows]
     assert "0.810 +- 0.010" in markdown_summary(study, with_reference)
+
+
+def test_shards_split_the_runs_without_sharing_models() -> None:
+    """Every run lands in exactly one share; runs with the same flag, epsilon and seed (which share cached site
+    models and the centralised reference) land in the same one; the shares are within one group of each other."""
+    from secure_oneshot.research.experiment import load_study, shard_cells
+
+    cells = load_study(Path(__file__).resolve().parents[1] / "examples" / "study-utility-cpu.toml").cells()
+    shares = [shard_cells(cells, (k, 3)) for k in (1, 2, 3)]
+    assert sorted(c.id for share in shares for c in share) == sorted(c.id for c in cells)
+    owner = {c.id: k for k, share in enumerate(shares) for c in share}
+    for a in cells:
+        for b in cells:
+            if (a.flag, a.epsilon, a.seed) == (b.flag, b.epsilon, b.seed):
+                assert owner[a.id] == owner[b.id]
+    per_group = 2  # two alphas per (flag, epsilon, seed) in this study
+    assert max(map(len, shares)) - min(map(len, shares)) <= per_group
+    assert [c.id for c in shares[0]] == [c.id for c in cells if c in shares[0]]  # the study's order is kept
+    assert shard_cells(cells, None) == cells == shard_cells(cells, (1, 1))
+
+
+def test_run_study_runs_only_its_share_and_stops_after_max_cells(tmp_path: Path, data_root, monkeypatch) -> None:  # noqa: F811
+    from secure_oneshot.research import experiment
+
+    study = study_from_text(TINY.replace("seeds = [0]", "seeds = [0, 1, 2]").replace("[privacy_audit]\nenabled = true", ""))
+    ran: list[str] = []
+
+    def fake_run_cell(study, cell, out, data_root, say):
+        ran.append(cell.id)
+        (out / "cells" / cell.id).mkdir(parents=True)  # as the real run's folders
+        return {"cell": cell.id}
+
+    monkeypatch.setattr(experiment, "run_cell", fake_run_cell)
+    monkeypatch.setattr(experiment, "write_results", lambda out, study, rows: None)
+    monkeypatch.setattr(experiment, "centralised_row", lambda *a: {"centralised_auc": 0.5})
+    rows = experiment.run_study(study, tmp_path, data_root=str(data_root), shard=(2, 2), say=lambda line: None)
+    # groups in order: (inf, s0) (inf, s1) (inf, s2) (8, s0) (8, s1) (8, s2) -> share 2 of 2 holds the 2nd, 4th and 6th
+    assert ran == ["pneumoniamnist-a0.5-epsinf-inversion-s1", "pneumoniamnist-a0.5-eps8-inversion-s0",
+                   "pneumoniamnist-a0.5-eps8-inversion-s2"]
+    assert len(rows) == 3
+    ran.clear()
+    rows = experiment.run_study(study, tmp_path, data_root=str(data_root), max_cells=2, say=lambda line: None)
+    assert ran == ["pneumoniamnist-a0.5-epsinf-inversion-s0", "pneumoniamnist-a0.5-epsinf-inversion-s2"]
+    assert len(rows) == 5  # the report covers every finished run, whichever share ran it
+
+
+def test_shards_starting_together_create_one_set_of_keys(tmp_path: Path, monkeypatch) -> None:
+    """Two processes on a new study folder: the second waits for the first's identities instead of writing its own
+    (which would leave one process signing with keys the trust store does not hold)."""
+    import threading
+    import time
+
+    from secure_oneshot.research import experiment
+
+    real = experiment.create_identities
+
+    def slow_create(out, names):
+        created = real(out, names)
+        time.sleep(0.3)  # a window in which an unlocked second caller would create another set
+        return created
+
+    monkeypatch.setattr(experiment, "create_identities", slow_create)
+    names = ["hospital-1", "hospital-2"]
+    results: list[str] = []
+
+    def start() -> None:
+        ids, _, _, _ = experiment._keys(tmp_path, names)
+        results.append(ids["hospital-1"].key_id)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    on_disk = load_public(tmp_path / "keys" / "hospital-1.pub").key_id
+    assert results == [on_disk, on_disk]
+
+
+def test_a_bad_shard_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "study.toml"
+    config.write_text(TINY)
+    for bad in ("3/2", "0/2", "1", "1/²", "-1/2"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["experiment", str(config), f"--shard={bad}"])
+        assert exit_info.value.code == 2
+        assert "is not a share K/N" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from .._internal.atomic import atomic_write_bytes
@@ -62,7 +63,7 @@ def _experiment(args: argparse.Namespace) -> Result:
 
     study = load_study(args.config)
     out = Path(args.out) if args.out else Path("studies") / study.name
-    rows = run_study(study, out, data_root=args.data_root, max_cells=args.max_cells,
+    rows = run_study(study, out, data_root=args.data_root, max_cells=args.max_cells, shard=args.shard,
                      say=lambda line: print(line, file=sys.stderr, flush=True))
     plots = study_plots(rows, out / "plots") if rows else []
     for partition in sorted((out / "cache").glob("*/partition.json")):  # site sets differing only in DP share a name: one plot
@@ -76,6 +77,14 @@ def _experiment(args: argparse.Namespace) -> Result:
     if len(rows) < total:
         lines.append("  not finished: run the same command again to resume")
     return Result({"out": str(out), "finished": len(rows), "total": total, "plots": [str(p) for p in plots]}, lines)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """argparse type: ``K/N`` with 1 <= K <= N (ASCII digits)."""
+    match = re.fullmatch(r"([0-9]{1,6})/([0-9]{1,6})", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share K/N with 1 <= K <= N, e.g. 1/2")
+    return int(match[1]), int(match[2])
 
 
 def _trajectories(out: Path) -> list[Path]:
@@ -116,5 +125,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     experiment.add_argument("--out", metavar="DIR", help="study folder (default studies/NAME); rerun to resume")
     experiment.add_argument("--data-root", metavar="DIR", help="MedMNIST folder (overrides the config)")
     experiment.add_argument("--max-cells", type=int, metavar="N", help="stop after N newly computed runs (resume later)")
+    experiment.add_argument("--shard", type=_shard, metavar="K/N",
+                            help="run only share K of N of the runs (1/2 and 2/2 in two processes on one --out folder use two "
+                                 "cores; runs that share site models stay in one share); the report covers every finished run")
     add_threads_option(experiment)
     experiment.set_defaults(handler=_experiment)

@@ -57,7 +57,8 @@ test split is only evaluated).  Site models are cached under
 their privacy audits, kept beside each model);
 each finished (cell, seed) writes ``OUT/cells/<id>/result.json`` atomically
 and is skipped when the study runs again, so an interrupted study resumes
-where it stopped.  ``results.csv`` / ``results.json`` (one row per cell and
+where it stopped.  Several processes can share one study folder (``shard=(k, n)``: each runs its share of
+the runs; runs that share cached site models or a centralised reference stay in one share).  ``results.csv`` / ``results.json`` (one row per cell and
 seed) and ``report.md`` (mean +- std over seeds) are rewritten from the
 finished cells at the end; :mod:`~secure_oneshot.research.plots` draws them.
 """
@@ -94,6 +95,7 @@ from ..server.execution import Execution
 from ..server.ingest import IngestFolders, ingest_inbox
 from ..server.sources import PROXY_METHODS, SynthesisMethod
 from ..server.distributed import Distributed
+from ..server.registry import server_lock
 from ..server.study import DistillJob, load_accepted, run_distillation
 from .study_config import Cell, Study, load_study, study_from_text
 from .study_table import GROUP_FIELDS, METRICS, MODELS, ROW_FIELDS, Group, alpha_label, markdown_summary, summarise
@@ -209,12 +211,14 @@ def _csv_epsilon(epsilon: float | None) -> float | str:
 
 
 def _keys(out: Path, names: list[str]) -> tuple[dict[str, Any], Path, Path, Path]:
-    """The study's identities and policies: created once, loaded again on resume."""
+    """The study's identities and policies: created once, loaded again on resume.  Shards starting together on a
+    new folder create them once: the first holds ``out/.lock`` while it writes, the others wait and load them."""
     keys = out / "keys"
-    if not (keys / "trust.toml").is_file():
-        ids, trust = create_identities(out, names)
-        export_policy, ingest_policy = write_policies(out, ids, names)
-        return ids, trust, export_policy, ingest_policy
+    with server_lock(out, wait=True):
+        if not (keys / "trust.toml").is_file():
+            ids, trust = create_identities(out, names)
+            export_policy, ingest_policy = write_policies(out, ids, names)
+            return ids, trust, export_policy, ingest_policy
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnsafePlaintextKeyWarning)
         ids = {n: load_identity(keys / f"{n}.key", None) for n in [*names, "server", "dpo"]}
@@ -329,12 +333,28 @@ def _membership(model_dirs: list[Path], student: Any, cell: Cell, data_root: str
 # --- the grid ------------------------------------------------------------------------------------
 
 
+def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """The runs of share ``k`` of ``n`` (1-based), in the study's order.  Runs with the same flag, epsilons and
+    seed form one group (they share cached site models across what is released and the server side, and a
+    centralised reference across alphas), so two shards never train the same models; the groups are dealt out
+    in turn."""
+    if shard is None:
+        return cells
+    k, n = shard
+    groups: dict[tuple[Any, ...], int] = {}
+    for cell in cells:
+        groups.setdefault((cell.flag, cell.epsilon, cell.generator_epsilon, cell.seed), len(groups))
+    return [c for c in cells if groups[(c.flag, c.epsilon, c.generator_epsilon, c.seed)] % n == k - 1]
+
+
 def run_study(study: Study, out: Path, *, data_root: str | None = None, say: Say = print,
-              max_cells: int | None = None) -> list[dict[str, Any]]:
+              max_cells: int | None = None, shard: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """Run every unfinished (cell, seed), then rewrite results.csv / results.json / report.md.
 
     ``max_cells`` stops after that many newly computed cells (an interruption, for tests and for
-    splitting a long study over several runs).
+    splitting a long study over several runs).  ``shard=(k, n)`` runs only share ``k`` of ``n``
+    (:func:`shard_cells`), so that ``n`` processes can work on one folder at once; the results and report
+    cover every run finished so far, whichever process ran it.
 
     Raises:
         ConfigError: launched under torchrun with several ranks (every rank would run and write every cell).
@@ -348,19 +368,20 @@ def run_study(study: Study, out: Path, *, data_root: str | None = None, say: Say
         medmnist_file(flag, study.size, data_root)
     out.mkdir(parents=True, exist_ok=True)
     cells = study.cells()
+    mine = shard_cells(cells, shard)
     computed = 0
     with warnings.catch_warnings():
         warnings.simplefilter("once")
-        for i, cell in enumerate(cells, 1):
+        for i, cell in enumerate(mine, 1):
             result_file = out / "cells" / cell.id / "result.json"
             if result_file.is_file():
-                say(f"[{i}/{len(cells)}] {cell.id}: done earlier, skipped")
+                say(f"[{i}/{len(mine)}] {cell.id}: done earlier, skipped")
                 _add_centralised(study, cell, out, data_root, result_file, say)
                 continue
             if max_cells is not None and computed >= max_cells:
                 say(f"stopping after {computed} new cell(s) (max_cells); run again to resume")
                 break
-            say(f"[{i}/{len(cells)}] {cell.id}")
+            say(f"[{i}/{len(mine)}] {cell.id}")
             row = run_cell(study, cell, out, data_root, say)
             atomic_write_bytes(result_file, (json.dumps(row, indent=2) + "\n").encode())
             computed += 1
