@@ -66,6 +66,19 @@ def test_dp_training_does_not_print_the_accountants_domain_chatter(dp_result) ->
     assert not [m for m in DP_WARNINGS if "Optimal order" in m]
 
 
+def test_dp_training_at_sample_rate_one_prints_no_numpy_warning(small_site) -> None:
+    """A hospital with fewer records than the logical batch samples everything every step (q = 1), where
+    Opacus's PRV analysis takes log(1 - q) = -inf on purpose; NumPy's "divide by zero" about it was printed
+    in the middle of a study's site training."""
+    cfg = replace(PRESETS["cpu"], epochs=1, dp_epsilon=8.0, batch_size=1024, max_physical_batch_size=128)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_classifier(ClassifierConfig("small-cnn"), cfg, small_site)
+    (_, rate, _), = result.dp.history
+    assert rate == 1.0
+    assert not [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
 def test_dp_training_meets_its_budget_and_the_record_recomputes(dp_result) -> None:
     record = dp_result.dp
     assert record is not None and record.epsilon <= 4.0 + 1e-6

@@ -97,7 +97,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, PrivacyError
-from ..policy.dp import ACCOUNTANTS, DpRecord, compute_epsilon, dp_record_from_opacus
+from ..policy.dp import ACCOUNTANTS, DpRecord, compute_epsilon, dp_record_from_opacus, quiet_accountant
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
@@ -180,17 +180,8 @@ class FeatureStatsConfig:
 # --- calibration and the record ------------------------------------------------------------------
 
 
-@contextmanager
-def _quiet_accountant() -> Iterator[None]:
-    """Silence Opacus's expected chatter for sample rate 1 (log(1 - q) = -inf; optimal order at an edge)."""
-    with warnings.catch_warnings(), np.errstate(divide="ignore", over="ignore"):
-        # "Optimal order is the largest/smallest alpha": the bound is then conservative, never optimistic.
-        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
-        yield
-
-
 def _epsilon_of(sigma: float, cfg: FeatureStatsConfig) -> float:
-    with _quiet_accountant():
+    with quiet_accountant():
         return compute_epsilon(cfg.accountant, ((sigma, 1.0, 1),), cfg.delta)
 
 
@@ -213,7 +204,7 @@ def calibrate_noise_multiplier(cfg: FeatureStatsConfig) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        with _quiet_accountant():
+        with quiet_accountant():
             sigma = float(get_noise_multiplier(target_epsilon=cfg.epsilon, target_delta=cfg.delta,
                                                sample_rate=1.0, steps=1, accountant=cfg.accountant))
     except (ValueError, RuntimeError, ArithmeticError) as e:
@@ -242,7 +233,7 @@ def _dp_record(sigma: float, cfg: FeatureStatsConfig) -> DpRecord:
                           hint="use the fingerprint of the training records, so the policy composes both budgets")
     accountant = create_accountant(cfg.accountant)
     accountant.history = [(sigma, 1.0, 1)]  # one Gaussian release over every record
-    with _quiet_accountant():
+    with quiet_accountant():
         return dp_record_from_opacus(accountant, delta=cfg.delta, max_grad_norm=cfg.clip_norm, sampling=SAMPLING,
                                      dataset_fingerprint=cfg.dataset_fingerprint)
 

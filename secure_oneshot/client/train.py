@@ -36,7 +36,7 @@ from ..metrics import evaluate_model
 from ..models.classifier import ClassifierConfig
 from ..models.imagenet_init import initial_classifier
 from ..policy.artifacts import MODEL_RECORD_FORMAT
-from ..policy.dp import DpRecord, dp_record_from_opacus
+from ..policy.dp import DpRecord, dp_record_from_opacus, quiet_accountant
 from .dp_recipe import WeightAverage, augment_views, average_view_grad_samples
 from .threshold import ThresholdRelease, calibrate_threshold, with_threshold_release
 from .label_counts import LabelRelease, LogitAdjustedLoss, log_prior, noisy_label_counts, with_label_release
@@ -182,11 +182,7 @@ def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
         warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
         engine = PrivacyEngine(accountant=cfg.accountant)
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
-    with warnings.catch_warnings():
-        # The noise search sizes the PRV accountant's domain with an RDP bound over Opacus's default orders, which
-        # says "Optimal order is the largest alpha" for the trial noise levels: about the domain's size, not the
-        # epsilon (the DP record's epsilon is recomputed and checked in policy.dp).  It was printed twice per site.
-        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+    with quiet_accountant():  # the noise search's accountant chatter (the record's epsilon is rechecked in policy.dp)
         wrapped = engine.make_private_with_epsilon(
             module=model, optimizer=optimizer, data_loader=loader, target_epsilon=cfg.dp_epsilon, target_delta=cfg.dp_delta,
             epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode=cfg.grad_sample_mode,

@@ -40,12 +40,13 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ __all__ = [
     "SAMPLE_RATE_RANGE",
     "MAX_STEPS",
     "check_bundle_history",
+    "quiet_accountant",
     "NOISE_MULTIPLIER_RANGE",
     "MAX_PRV_CELLS",
     "DpRecord",
@@ -508,19 +510,31 @@ def compute_epsilon(accountant: str, history: Iterable[Sequence[Any]], delta: fl
     return _epsilon_of(name, _check_recomputable(entries), target)
 
 
+@contextlib.contextmanager
+def quiet_accountant() -> Iterator[None]:
+    """Silence what Opacus's accountants say on the way to a correct epsilon, and only that.
+
+    * NumPy's "divide by zero encountered in log": at sample rate 1 (a site with fewer records than the
+      logical batch, a one-shot release) the PRV analysis takes log(1 - q) = -inf on purpose.
+    * "Optimal order is the largest/smallest alpha": Opacus sizes the PRV domain with an RDP bound over its
+      default orders, and says so for heavily noised steps (a label histogram at sigma 35) and for the trial
+      noise levels of a noise search.  It is about the domain's size, which PRV_EPS_ERROR bounds; where it is
+      the RDP epsilon itself, the bound is conservative, never optimistic.
+    """
+    import numpy as np   # with the accountants, not with every policy read
+
+    with np.errstate(divide="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        yield
+
+
 @functools.lru_cache(maxsize=256)
 def _epsilon_of(name: str, entries: tuple[tuple[float, float, int], ...], target: float) -> float:
     """:func:`compute_epsilon` of a checked history, remembered: a pure function of its arguments (the whole
     history is the key), and every DP record is verified several times in one process (each export's policy
     check, each ingest, each load of an accepted bundle), at seconds of accounting each.  Errors are not kept."""
     try:
-        import numpy as np   # with the accountants, not with every policy read
-
-        with np.errstate(divide="ignore"), warnings.catch_warnings():  # PRV takes log(1 - q) = -inf when q == 1, on purpose
-            # Opacus sizes the PRV domain with an RDP bound over its default orders, which says "Optimal order is
-            # the largest alpha" for a heavily noised step (a label histogram at sigma 35): about the domain's
-            # size, which PRV_EPS_ERROR bounds, and where it is the RDP epsilon itself, a conservative bound.
-            warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        with quiet_accountant():
             epsilon = (_rdp_epsilon if name == "rdp" else _prv_epsilon)(entries, target)
     except (ValueError, RuntimeError, ArithmeticError, MemoryError) as e:
         raise PrivacyError(f"cannot recompute epsilon with the {name} accountant: {e}",
