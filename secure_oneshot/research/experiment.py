@@ -58,10 +58,12 @@ test split is only evaluated).  Site models are cached under
 their privacy audits, kept beside each model);
 each finished (cell, seed) writes ``OUT/cells/<id>/result.json`` atomically
 and is skipped when the study runs again, so an interrupted study resumes
-where it stopped.  Several processes can share one study folder (``shard=(k, n)``: each runs its share of
-the runs; runs that share cached site models or a centralised reference stay in one share).  ``results.csv`` / ``results.json`` (one row per cell and
-seed) and ``report.md`` (mean +- std over seeds) are rewritten from the
-finished cells at the end; :mod:`~secure_oneshot.research.plots` draws them.
+where it stopped.  Several processes can share one study folder (``shard=(k, n)``:
+each runs its share of the runs; runs that share cached site models or a
+centralised reference stay in one share).  ``results.csv`` / ``results.json``
+(one row per cell and seed) and ``report.md`` (mean +- std over seeds) are
+rewritten from the finished cells at the end; :mod:`~secure_oneshot.research.plots`
+draws them.
 """
 
 from __future__ import annotations
