@@ -128,10 +128,6 @@ def test_bad_study_configs_are_config_errors() -> None:
     # each cell's epsilon covers every release: statistics that take all of one are refused when the config is read
     with pytest.raises(ConfigError, match="leaves nothing of epsilon 8"):
         study_from_text(TINY.replace("stats_epsilon = 1.0", "stats_epsilon = 8.0"))
-    assert not study_from_text(TINY).proxy_mixup
-    assert study_from_text(TINY.replace('methods = ["inversion"]', 'methods = ["inversion"]\nproxy_mixup = true')).proxy_mixup
-    with pytest.raises(ConfigError, match="server.proxy_mixup"):
-        study_from_text(TINY.replace('methods = ["inversion"]', 'methods = ["inversion"]\nproxy_mixup = "yes"'))
 
 
 @pytest.mark.parametrize("name", ["study-quick-cpu.toml", "study-release-cpu.toml", "study-skew-cpu.toml", "study-paper-gpu.toml",

@@ -110,10 +110,9 @@ def public(n: int = 20) -> torch.Tensor:
     return torch.linspace(-1, 1, n).view(n, 1, 1, 1).expand(n, 1, SIZE, SIZE).contiguous()
 
 
-def proxy_source(sites, method: str, images: torch.Tensor | None, share: float = 0.5, mixup: bool = False) -> SnapshotSource:
+def proxy_source(sites, method: str, images: torch.Tensor | None, share: float = 0.5) -> SnapshotSource:
     cfg = inversion(batch_size=8, steps=6, snapshot_every=2)
-    return SnapshotSource(sites, Ensemble(sites), cfg, SynthesisMethod(method, proxy_share=share, proxy_mixup=mixup), PLAIN_LOOP,
-                          proxy_images=images)
+    return SnapshotSource(sites, Ensemble(sites), cfg, SynthesisMethod(method, proxy_share=share), PLAIN_LOOP, proxy_images=images)
 
 
 def test_proxy_batches_are_fresh_public_images_labelled_by_the_teacher_only(sites, monkeypatch) -> None:
@@ -132,30 +131,6 @@ def test_proxy_batches_are_fresh_public_images_labelled_by_the_teacher_only(site
     again = proxy_source(sites, "proxy", images).epoch(0)
     assert all(torch.equal(b1[0], b2[0]) for b1, b2 in zip(batches, again))             # reproducible from the seed
     assert not torch.equal(src.epoch(1)[0][0], batches[0][0])                            # and new each epoch
-
-
-def test_proxy_mixup_blends_pairs_of_the_drawn_images(sites) -> None:
-    """Every image of a mixup batch is a convex blend of two public images (constant images: its level lies between
-    two public levels and is, mostly, none of them); reproducible from the seed; the draw itself is the plain one."""
-    images = public()
-    levels = sorted({round(float(v), 4) for v in images[:, 0, 0, 0]})
-    plain = proxy_source(sites, "proxy", images).epoch(0)
-    mixed = proxy_source(sites, "proxy", images, mixup=True).epoch(0)
-    assert len(mixed) == len(plain)
-    blended = 0
-    for (x, a), (x_plain, _) in zip(mixed, plain):
-        assert x.shape == x_plain.shape and torch.equal(a, torch.ones(8))
-        got = [float(v) for v in x[:, 0].mean(dim=(1, 2))]
-        assert all(levels[0] - 1e-6 <= v <= levels[-1] + 1e-6 for v in got)
-        blended += sum(min(abs(v - level) for level in levels) > 1e-3 for v in got)
-        # the batch's mean is a blend of the plain draw's: each image is l * x_i + (1 - l) * x_j within that draw
-        assert min(got) >= float(x_plain[:, 0].mean(dim=(1, 2)).min()) - 1e-6
-        assert max(got) <= float(x_plain[:, 0].mean(dim=(1, 2)).max()) + 1e-6
-    assert blended >= 12  # of 24 images; a pairing with itself or l near 0/1 leaves a few at a public level
-    again = proxy_source(sites, "proxy", images, mixup=True).epoch(0)
-    assert all(torch.equal(b1[0], b2[0]) for b1, b2 in zip(mixed, again))
-    with pytest.raises(ConfigError, match="proxy_mixup"):
-        SynthesisMethod("proxy", proxy_mixup=1)
 
 
 def test_a_proxy_set_smaller_than_the_batch_is_drawn_again(sites) -> None:
@@ -199,9 +174,9 @@ def test_distill_command_with_a_proxy_folder_records_the_set(tmp_path: Path, cap
     out = tmp_path / "global"
     args = ["--json", "distill", "--model", str(model), "--preset", "smoke", "--epochs", "1", "--synthesis", "proxy",
             "--proxy-images", str(tmp_path / "public"), "--out", str(out), "--threads", "1"]
-    assert main([*args, "--proxy-mixup"]) == 0
+    assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["method"]["method"] == "proxy" and report["method"]["proxy_mixup"] is True
+    assert report["method"]["method"] == "proxy"
     assert report["proxy_images"]["source"] == "directory public" and report["proxy_images"]["images"] == 5
     capsys.readouterr()
     assert main([*args[:10], "--out", str(tmp_path / "other")]) == 3   # no --proxy-images: a one-line config error

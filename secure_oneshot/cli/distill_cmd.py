@@ -106,8 +106,7 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
     preset = args.preset if args.preset != "auto" else ("gpu" if execution.torch_device.type == "cuda" else "cpu")
     job = DistillJob(preset=preset, student_arch=args.student, execution=execution, seed=args.seed, epochs=args.epochs,
                      noise_adapted=args.noise_adapted, image_size=args.image_size, teacher_weighting=args.teacher_weighting,
-                     method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps, args.proxy_share,
-                                            args.proxy_mixup),
+                     method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps, args.proxy_share),
                      imagenet_weights=args.imagenet_weights or "", proxy_images=args.proxy_images or "", data_root=args.data_root,
                      snapshot_memory_mib=args.snapshot_memory_mib, prior_matching=not args.no_prior_matching,
                      prior_target=args.prior_target)
@@ -246,9 +245,6 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                               "the sites' pooled label counts as shares of decisions (default: label_counts when every "
                               "site released them, else teacher)")
     distill.add_argument("--proxy-share", type=float, default=0.5, help="inversion+proxy: fraction of each batch from the proxy images")
-    distill.add_argument("--proxy-mixup", action="store_true",
-                         help="blend each proxy image with another of its batch (a random weight per image); the teacher "
-                              "labels the blend, so a small public set covers more of the teacher's function")
     distill.add_argument("--student", metavar="ARCH", help="student architecture (default: the sites')")
     distill.add_argument("--epochs", type=int, help="override the preset's epochs")
     distill.add_argument("--noise-adapted", choices=("train-mode", "eval", "none"), help="override the noise-adapted teacher")

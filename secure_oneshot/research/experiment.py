@@ -43,7 +43,6 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     epochs = 16                    # optional override
     teacher_weighting = "equal"    # equal | label-counts | agreement | consensus (server.weighting; default: the
                                    # preset's, and consensus for the proxy methods, which hold public images)
-    proxy_mixup = true             # proxy methods: blend the public images pairwise (server.sources; default false)
 
     [privacy_audit]
     enabled = true                 # loss-attack membership inference on every site model and the global model,
@@ -248,8 +247,7 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     if refused:
         raise ConfigError(f"cell {cell.id}: ingest refused {[o.file for o in refused]}: {refused[0].reason}")
     test = to_dataset(load_medmnist(cell.flag, "test", root=data_root, size=study.size))
-    job = DistillJob(preset=study.server_preset, seed=cell.seed, method=SynthesisMethod(cell.method, proxy_mixup=study.proxy_mixup),
-                     image_size=study.size,
+    job = DistillJob(preset=study.server_preset, seed=cell.seed, method=SynthesisMethod(cell.method), image_size=study.size,
                      epochs=int(study.server_epochs) if study.server_epochs is not None else None,
                      teacher_weighting=study.teacher_weighting, prior_matching=study.prior_matching,
                      proxy_images=_proxy_images(study, cell, out, data_root) if cell.method in PROXY_METHODS else "",

@@ -18,11 +18,7 @@ curriculum (``a`` on the teacher, ``1 - a`` on the noise-adapted teacher; see
   images, ``a = 1``);
 * ``proxy``: each step a fresh random batch of ``B`` public, unlabelled images
   held by the server (:mod:`secure_oneshot.data.proxy_images`), jittered, with
-  ``a = 1``; no inversion.  With ``proxy_mixup``, each image of the batch is
-  blended with another of the same batch, ``l * x_i + (1 - l) * x_j`` with
-  ``l ~ U(0, 1)`` per image: the teacher labels the blend the student sees (KD
-  as function matching, Beyer et al., CVPR 2022), so a public set of a few
-  dozen images still shows the student more than those few dozen points;
+  ``a = 1``; no inversion;
 * ``inversion+proxy``: each step's batch is an inversion snapshot
   (``(1 - proxy_share) * B`` images) concatenated with ``proxy_share * B``
   fresh proxy images (``a = 1``).
@@ -76,7 +72,6 @@ class SynthesisMethod:
     generator_share: float = 0.5     # mixed: the fraction of each batch drawn from the generators
     generator_steps: int = 25        # DDIM steps per sample
     proxy_share: float = 0.5         # inversion+proxy: the fraction of each batch drawn from the proxy images
-    proxy_mixup: bool = False        # blend each proxy image with another of its batch (module docstring)
 
     def __post_init__(self) -> None:
         problems = []
@@ -86,8 +81,6 @@ class SynthesisMethod:
             share = getattr(self, name)
             if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share < 1:
                 problems.append(f"{name} must be in (0, 1), got {share!r}")
-        if not isinstance(self.proxy_mixup, bool):
-            problems.append(f"proxy_mixup must be true or false, got {self.proxy_mixup!r}")
         if not isinstance(self.generator_steps, int) or self.generator_steps < 1:
             problems.append(f"generator_steps must be an integer >= 1, got {self.generator_steps!r}")
         if problems:
@@ -108,14 +101,6 @@ class SynthesisMethod:
         if self.method == "inversion+proxy":
             return _share(self.proxy_share, batch_size)
         return 0
-
-
-def mixup(x: Tensor, generator: torch.Generator) -> Tensor:
-    """``l * x + (1 - l) * x[perm]`` with one ``l ~ U(0, 1)`` per image and a random pairing within the batch."""
-    n = len(x)
-    partner = torch.randperm(n, generator=generator)
-    weight = torch.rand(n, generator=generator, dtype=x.dtype).view(n, *([1] * (x.ndim - 1)))
-    return weight * x + (1 - weight) * x[partner]
 
 
 def _share(share: float, batch_size: int) -> int:
@@ -220,17 +205,13 @@ class SnapshotSource:
         assert self.proxy_images is not None
         device = self.execution.torch_device
         draws = torch.Generator().manual_seed(_sample_seed(self.inversion.seed, epoch, -1))
-        blends = torch.Generator().manual_seed(_sample_seed(self.inversion.seed, epoch, -2))  # apart: the same draws either way
         ones = torch.ones(self.n_proxy, device=device)
         for i in range(self.steps_per_epoch):
             pick = torch.randperm(len(self.proxy_images), generator=draws)[:self.n_proxy]
             drawn = self.proxy_images[pick]
             if len(drawn) < self.n_proxy:  # a proxy set smaller than the batch: draw it again
                 drawn = self.proxy_images[torch.randint(len(self.proxy_images), (self.n_proxy,), generator=draws)]
-            x = jitter(drawn, self.inversion.jitter, draws)
-            if self.method.proxy_mixup:
-                x = mixup(x, blends)
-            x = self.execution.layout(x.to(device))
+            x = self.execution.layout(jitter(drawn, self.inversion.jitter, draws).to(device))
             if inverted:
                 snapshot, a = inverted[i]
                 batches.append(torch.cat([snapshot, x]), torch.cat([a, ones]))
