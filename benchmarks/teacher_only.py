@@ -7,6 +7,7 @@ SITES is a folder with ``sites/hospital-*/model`` (a demo run or a study's cache
 ``distill --proxy-images`` takes (``FLAG:SPLIT``, a folder, an ``.npz``); a demo run with
 ``--public-fraction`` wrote its set to ``RUN/server/public-images.npz``.  ``agreement`` runs the cpu
 preset's 100-step synthetic probe (minutes on one thread); ``equal`` and ``consensus`` take seconds.
+``consensus`` recalibrates the sites first where every site released label counts, as ``distill`` does.
 Metrics are on the test split; nothing is selected on it.  One torch thread.
 """
 
@@ -24,7 +25,7 @@ from secure_oneshot.data.proxy_images import load_proxy_images
 from secure_oneshot.metrics import classification_metrics
 from secure_oneshot.server.execution import Execution
 from secure_oneshot.server.site_models import load_model_dirs
-from secure_oneshot.server.study import DistillJob, proxy_tensor, teacher_weights
+from secure_oneshot.server.study import DistillJob, proxy_tensor, teacher_sites_for, teacher_weights
 from secure_oneshot.server.weighting import pooled_logits
 
 
@@ -50,9 +51,15 @@ def main() -> None:
     print(f"{len(sites)} sites, public set {public.source} ({len(public.images)} images), test {len(y)} images")
     for scheme in args.schemes.split(","):
         wall, cpu = time.perf_counter(), time.process_time()
-        weights = teacher_weights(sites, scheme, synth, Execution(device="cpu"), public=proxy_tensor(public))
+        job = DistillJob(preset="cpu", proxy_images=args.public, data_root=args.data_root)
+        teacher, _ = teacher_sites_for(sites, scheme, job, synth, Execution(device="cpu"), public)
+        weights = teacher_weights(teacher, scheme, synth, Execution(device="cpu"), public=proxy_tensor(public))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        m = classification_metrics(y, torch.softmax(pooled_logits(logits, weights), dim=-1).numpy())
+        scored = logits
+        if teacher is not sites:   # recalibrated copies (consensus with every site's label counts)
+            with torch.no_grad():
+                scored = torch.stack([s.model.eval()(x).float() for s in teacher])
+        m = classification_metrics(y, torch.softmax(pooled_logits(scored, weights), dim=-1).numpy())
         shown = "-" if weights is None else [round(float(w), 2) for w in weights[:, 0]]
         print(f"| {scheme} | {m['acc']:.3f} / {m['auc']:.3f} / {m['balanced_acc']:.3f} | weights (class 0) {shown} "
               f"| {wall:.1f} s wall, {cpu:.1f} s CPU |", flush=True)

@@ -109,7 +109,7 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
                      method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps, args.proxy_share),
                      imagenet_weights=args.imagenet_weights or "", proxy_images=args.proxy_images or "", data_root=args.data_root,
                      snapshot_memory_mib=args.snapshot_memory_mib, prior_matching=not args.no_prior_matching,
-                     prior_target=args.prior_target)
+                     prior_target=args.prior_target, site_recalibration=not args.no_site_recalibration)
     test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval and dist.is_main else None
     if dist.is_main:
         _say(f"distilling from {len(sites)} site models ({', '.join(s.name for s in sites)}): preset {preset}, "
@@ -127,6 +127,10 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
                      + (" (to the sites' pooled label counts)" if matched.get("target") == "label_counts" else " (to the teacher)")
                      if matched["applied"]
                      else f"  prior matching not applied: {matched['reason']}")
+    calibration = run.report.get("site_recalibration")
+    if calibration:
+        lines.append("  site decision points moved to the pooled label counts' class shares on the public images"
+                     if calibration["applied"] else f"  site recalibration not applied: {calibration['reason']}")
     if run.metrics:
         from ..demo import metrics_table
 
@@ -244,6 +248,10 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                          help="what prior matching copies: the teacher's mean class probabilities, or the class shares of "
                               "the sites' pooled label counts as shares of decisions (default: label_counts when every "
                               "site released them, else teacher)")
+    distill.add_argument("--no-site-recalibration", action="store_true",
+                         help="consensus teacher with every site's label counts: judge and pool the sites at their own "
+                              "decision points (by default each site's is first moved to the pooled counts' class shares "
+                              "on the public images; rankings unchanged)")
     distill.add_argument("--proxy-share", type=float, default=0.5, help="inversion+proxy: fraction of each batch from the proxy images")
     distill.add_argument("--student", metavar="ARCH", help="student architecture (default: the sites')")
     distill.add_argument("--epochs", type=int, help="override the preset's epochs")

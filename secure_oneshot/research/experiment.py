@@ -250,6 +250,7 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     job = DistillJob(preset=study.server_preset, seed=cell.seed, method=SynthesisMethod(cell.method), image_size=study.size,
                      epochs=int(study.server_epochs) if study.server_epochs is not None else None,
                      teacher_weighting=study.teacher_weighting, prior_matching=study.prior_matching,
+                     site_recalibration=study.site_recalibration,
                      proxy_images=_proxy_images(study, cell, out, data_root) if cell.method in PROXY_METHODS else "",
                      data_root=data_root)
     sites = load_accepted(server.accepted, ids["server"], trust)  # what the server holds: withheld artifacts are absent

@@ -52,6 +52,7 @@ class Study:
     withhold: tuple[tuple[str, ...], ...] = ((),)          # variants of what the sites leave out
     teacher_weighting: str | None = None                    # server.weighting scheme; None: the server preset's default
     prior_matching: bool = True                             # proxy cells: the student's class prior matched (class_prior)
+    site_recalibration: bool = True                         # consensus with label counts: sites' decision points moved
     site_dp_preset: str = "dp"                              # the sites' recipe in DP cells (site_preset in the others)
     threshold_epsilon: float | None = None                  # DP binary cells: decision threshold budget; None: demo's share
     centralised: bool = False                               # also train one model on all records pooled (same recipe, epsilon)
@@ -193,6 +194,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             teacher_weighting=None if "teacher_weighting" not in server else _choice(server["teacher_weighting"], WEIGHTINGS,
                                                                                      "server.teacher_weighting"),
             prior_matching=_flag(server.get("prior_matching", True), "server.prior_matching"),
+            site_recalibration=_flag(server.get("site_recalibration", True), "server.site_recalibration"),
             site_dp_preset=_choice(site.get("dp_preset", "dp"), TRAIN_PRESETS, "site.dp_preset"),
             threshold_epsilon=None if site.get("threshold_epsilon") is None else float(site["threshold_epsilon"]),
             centralised=bool(study.get("centralised", False)), public_fraction=float(study.get("public_fraction", 0.0)),

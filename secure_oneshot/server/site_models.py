@@ -180,13 +180,15 @@ def fedavg(models: list[nn.Module]) -> nn.Module:
 
 
 def baselines(sites: list[SiteModel], student: nn.Module | None, test_set: Any,
-              teacher_weights: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+              teacher_weights: torch.Tensor | None = None, teacher: list[SiteModel] | None = None) -> dict[str, dict[str, float]]:
     """Metrics for every site alone, the ensemble teacher, FedAvg (same architectures only) and the global model.
 
     With ``teacher_weights`` the teacher row is the weighted ensemble and the equal one is reported beside it.
+    ``teacher``: the sites the teacher was built from when they differ from ``sites`` (recalibrated copies,
+    :mod:`~.site_calibration`); every other row uses ``sites``, the models the hospitals sent.
     """
     rows = {s.name: evaluate_model(s.model, test_set) for s in sites}
-    rows["ensemble (teacher)"] = evaluate_model(Ensemble([s.model for s in sites], weights=teacher_weights,
+    rows["ensemble (teacher)"] = evaluate_model(Ensemble([s.model for s in (teacher or sites)], weights=teacher_weights,
                                                          multi_label=is_multi_label(sites)), test_set)
     if teacher_weights is not None:
         rows["ensemble (equal weights)"] = evaluate_model(Ensemble([s.model for s in sites]), test_set)

@@ -39,6 +39,7 @@ from .ensemble import Ensemble, batching_for, normalise_weights
 from .calibration import calibrate_for_synthesis
 from .execution import Execution
 from .privacy_position import position_markdown, privacy_position
+from .site_calibration import SiteCalibration, check_fold, recalibrated_sites
 from .site_models import (SiteModel, baselines, bn_statistics_released, fedavg, is_multi_label, load_accepted,
                           load_model_dirs)
 from .snapshot_store import DEFAULT_SNAPSHOT_MEMORY_MIB
@@ -48,7 +49,7 @@ from .weighting import (CONSENSUS_MAX_IMAGES, PROBE_MIN_STEPS, WEIGHTINGS, agree
                         default_weighting, label_count_weights, pooled_logits)
 
 __all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines", "DistillJob", "DistillRun", "run_distillation", "prior_options", "PRESETS",
-           "SELECTION", "teacher_weights"]
+           "SELECTION", "teacher_weights", "teacher_sites_for", "recalibrates"]
 
 # (inversion, distillation) settings per preset; every other field keeps the method's default.
 # "paper" is the method's own setting (GPU).  "cpu" lowers the BN-loss weight from 10 to 0.1: with
@@ -91,6 +92,7 @@ class DistillJob:
     snapshot_memory_mib: float = DEFAULT_SNAPSHOT_MEMORY_MIB   # an epoch's snapshots in memory up to this, then a temp file
     prior_matching: bool = True               # with public images: match the student's class prior (class_prior)
     prior_target: str | None = None           # teacher | label_counts; None: label_counts when every site released them
+    site_recalibration: bool = True           # consensus with every site's label counts: sites' decision points moved (site_calibration)
 
     def __post_init__(self) -> None:
         if self.preset == "paper" and self.image_size > LARGE_IMAGE and not self.imagenet_weights:
@@ -238,6 +240,29 @@ def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig,
     return agreement_weights(_site_logits(models, images, execution), targets)
 
 
+def teacher_sites_for(sites: list[SiteModel], scheme: str, job: DistillJob, synth: InversionConfig, execution: Execution,
+                          proxy: ProxyImages | None) -> tuple[list[SiteModel], SiteCalibration | None]:
+    """The sites the teacher is built from: with ``consensus`` and every site's label counts released, copies whose
+    decision points are moved to the pooled counts' class shares on the public images (:mod:`~.site_calibration`);
+    else ``sites`` themselves.  Deterministic (a resumed run recomputes the same copies)."""
+    if not recalibrates(sites, scheme, job, synth) or proxy is None:
+        return sites, None
+    public = _public_draw(proxy_tensor(proxy), synth.seed)
+    logits = _site_logits([s.model for s in sites], public, execution)
+    copies, expected, calibration = recalibrated_sites(sites, logits, pooled_label_counts(sites))
+    if not calibration.applied:
+        return sites, calibration
+    calibration = check_fold(calibration, expected, _site_logits([s.model for s in copies], public, execution))
+    return (copies if calibration.applied else sites), calibration
+
+
+def recalibrates(sites: list[SiteModel], scheme: str, job: DistillJob, synth: InversionConfig) -> bool:
+    """Whether the teacher's sites get their decision points moved: ``consensus``, single-label, more than one site,
+    every site's label counts released and summing to more than 0, and not turned off by the job."""
+    return (job.site_recalibration and scheme == "consensus" and not synth.multi_label and len(sites) > 1
+            and all(s.label_counts is not None for s in sites) and pooled_label_counts(sites).sum() > 0)
+
+
 def _public_draw(public: torch.Tensor, seed: int) -> torch.Tensor:
     """At most ``CONSENSUS_MAX_IMAGES`` of the public images, a draw seeded by the run's seed (all of them when fewer)."""
     if len(public) <= CONSENSUS_MAX_IMAGES:
@@ -324,8 +349,10 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     rank_synth = dist.inversion(synth)
     # measured once, used by every step below (a resumed run keeps the measured choice of its first start)
     execution = _resumed_execution(job.execution, checkpoint) or calibrate_for_synthesis(job.execution, models, student, rank_synth)
+    teacher_sites, calibration = teacher_sites_for(sites, scheme, job, synth, execution, proxy)
+    models = [s.model for s in teacher_sites]
     weights = checkpoint.teacher_weights if checkpoint is not None else \
-        teacher_weights(sites, scheme, synth, execution, public=None if proxy is None else proxy_tensor(proxy))
+        teacher_weights(teacher_sites, scheme, synth, execution, public=None if proxy is None else proxy_tensor(proxy))
     rank_images: list[list[str]] = list(checkpoint.meta.get("rank_image_sha256", [])) if checkpoint is not None else []
 
     def on_epoch_end(state: TrainingState) -> None:
@@ -337,7 +364,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     result = distill(student, models, rank_synth, dcfg, execution=execution, eval_set=test_set if dist.is_main else None,
                      progress=progress and dist.is_main, on_epoch=on_epoch if dist.is_main else None,
                      feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
-                     method=job.method, generators=[s.generator for s in sites if s.generator is not None], teacher_weights=weights,
+                     method=job.method, generators=[s.generator for s in teacher_sites if s.generator is not None], teacher_weights=weights,
                      proxy_images=None if proxy is None else proxy_tensor(proxy),
                      resume=None if checkpoint is None else lambda state: restore(checkpoint, state),
                      on_epoch_end=on_epoch_end, wrap_student=dist.wrap, snapshot_memory_mib=job.snapshot_memory_mib)
@@ -349,8 +376,8 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     unmatched: nn.Module | None = None   # kept only to report it beside the matched model
     if job.prior_matching and proxy is not None and not synth.multi_label:
         unmatched = copy.deepcopy(student) if test_set is not None else None
-        matched = _match_prior(sites, student, proxy_tensor(proxy), weights, synth, execution, target)
-    metrics = baselines(sites, student, test_set, weights) if test_set is not None else {}
+        matched = _match_prior(teacher_sites, student, proxy_tensor(proxy), weights, synth, execution, target)
+    metrics = baselines(sites, student, test_set, weights, teacher=teacher_sites) if test_set is not None else {}
     if matched is not None and matched.applied and unmatched is not None:
         metrics["global (before prior matching)"] = evaluate_model(unmatched, test_set)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,7 +388,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     global_bytes = b"".join(serialize_tensors(state, metadata={"architecture": student_cfg.architecture,
                                                                "format": "secure-oneshot-global/v1"}))
     atomic_write_bytes(out / "global.safetensors", global_bytes)
-    _trajectory_grid(sites, synth, execution, out / "synthetic.png", job.method, weights)
+    _trajectory_grid(teacher_sites, synth, execution, out / "synthetic.png", job.method, weights)
     report = {"student": asdict(student_cfg), "sites": [{"name": s.name, "bundle_id": s.bundle_id, "architecture": s.config.architecture,
                                                           "generator": s.generator is not None, "feature_stats": s.feature_stats is not None,
                                                           "bn_statistics": bn_statistics_released(s.model),
@@ -371,6 +398,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
               "execution": execution.for_models(models).describe(),
               "task": "multi-label" if synth.multi_label else "one class per image",
               "prior_matching": None if matched is None else matched.record(),
+              "site_recalibration": None if calibration is None else calibration.record(),
               "teacher_weighting": {"scheme": scheme,
                                     "weights": None if weights is None else [[round(float(w), 4) for w in row]
                                                                              for row in normalise_weights(weights, len(sites))]},
@@ -399,6 +427,7 @@ def _fingerprint_fields(job: DistillJob, synth: InversionConfig, dcfg: DistillCo
                         sites: list[SiteModel], dist: Distributed) -> dict[str, Any]:
     """What decides a run's result, for the checkpoint's fingerprint (:mod:`~secure_oneshot.server.checkpoint`)."""
     return {"inversion": asdict(synth), "distill": asdict(dcfg), "method": asdict(job.method), "teacher_weighting": scheme,
+            "site_recalibration": recalibrates(sites, scheme, job, synth),
             "student": asdict(student_cfg), "student_init": Path(job.imagenet_weights).name if job.imagenet_weights else "random",
             "distributed": dist.describe(synth),
             "sites": {f"{i}:{s.name}": {"bundle_id": s.bundle_id, "weights_sha256": model_digest(s.model)} for i, s in enumerate(sites)}}
