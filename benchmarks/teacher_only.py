@@ -51,8 +51,7 @@ def main() -> None:
     print(f"{len(sites)} sites, public set {public.source} ({len(public.images)} images), test {len(y)} images")
     for scheme in args.schemes.split(","):
         wall, cpu = time.perf_counter(), time.process_time()
-        job = DistillJob(preset="cpu", proxy_images=args.public, data_root=args.data_root)
-        teacher, _ = teacher_sites_for(sites, scheme, job, synth, Execution(device="cpu"), public)
+        teacher, _ = teacher_sites_for(sites, scheme, synth, Execution(device="cpu"), proxy_tensor(public))
         weights = teacher_weights(teacher, scheme, synth, Execution(device="cpu"), public=proxy_tensor(public))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         scored = logits

@@ -17,7 +17,8 @@ from secure_oneshot.errors import ConfigError
 from secure_oneshot.server.class_prior import (FIT_TOLERANCE, PriorMatch, decision_shares, fit_class_offsets, fit_decision_shares,
                                                last_linear, match_class_prior, match_class_shares)
 from secure_oneshot.server.site_models import SiteModel
-from secure_oneshot.server.study import DistillJob, pooled_label_counts, prior_target
+from secure_oneshot.server.study import DistillJob
+from secure_oneshot.server.teacher import pooled_label_counts, prior_target
 
 from .model_helpers import make_real_model_dir
 from .test_label_counts import with_label_counts

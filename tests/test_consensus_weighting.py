@@ -75,12 +75,12 @@ def test_consensus_needs_public_images() -> None:
 
 
 def test_teacher_weights_judge_a_seeded_draw_of_a_large_public_set(monkeypatch) -> None:
-    import secure_oneshot.server.study as study
+    import secure_oneshot.server.teacher as teacher
 
-    monkeypatch.setattr(study, "CONSENSUS_MAX_IMAGES", 40)
+    monkeypatch.setattr(teacher, "CONSENSUS_MAX_IMAGES", 40)
     seen: list[int] = []
-    real = study._site_logits
-    monkeypatch.setattr(study, "_site_logits", lambda models, x, execution: seen.append(len(x)) or real(models, x, execution))
+    real = teacher.site_logits
+    monkeypatch.setattr(teacher, "site_logits", lambda models, x, execution: seen.append(len(x)) or real(models, x, execution))
     sites = [SiteModel(f"s{i}", m, ClassifierConfig("small-cnn", 1, 2))
              for i, m in enumerate([MeanSign(4.0), MeanSign(2.0), always_class_0()])]
     synth = InversionConfig(batch_size=4, steps=1, image_size=4, channels=1, num_classes=2, seed=5)

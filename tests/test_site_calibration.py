@@ -20,7 +20,7 @@ from secure_oneshot.server.weighting import consensus_weights, pooled_logits
 from tests.model_helpers import make_real_model_dir
 from tests.test_consensus_weighting import public_images
 from tests.test_proxy_images import png
-from tests.test_teacher_weighting import MeanSign, always_class_0, images
+from tests.test_teacher_weighting import MeanSign, images
 
 
 def shifted(k: float, shift: float) -> MeanSign:

@@ -195,14 +195,14 @@ def test_agreement_weights_from_one_short_inversion_batch() -> None:
     models = small_cnns(2, seed=3)
     sites = [SiteModel(f"s{i}", m, ClassifierConfig("small-cnn", 1, 2, "batch")) for i, m in enumerate(models)]
     synth = InversionConfig(batch_size=8, steps=2, snapshot_every=1, bn_weight=0.1, num_classes=2)
-    import secure_oneshot.server.study as study
+    import secure_oneshot.server.teacher as teacher
 
-    original = study.PROBE_MIN_STEPS
-    study.PROBE_MIN_STEPS = 2  # keep the test fast: the scheme's shape and bounds, not its quality
+    original = teacher.PROBE_MIN_STEPS
+    teacher.PROBE_MIN_STEPS = 2  # keep the test fast: the scheme's shape and bounds, not its quality
     try:
         weights = teacher_weights(sites, "agreement", synth, Execution(device="cpu"))
     finally:
-        study.PROBE_MIN_STEPS = original
+        teacher.PROBE_MIN_STEPS = original
     assert weights is not None and weights.shape == (2, 2)
     assert ((weights >= 0) & (weights <= 1)).all()
     assert teacher_weights(sites, "equal", synth, Execution(device="cpu")) is None
@@ -244,8 +244,9 @@ def test_run_distillation_uses_the_default_weighting_and_reports_both_teachers(m
     from torch.utils.data import TensorDataset
 
     import secure_oneshot.server.study as study
+    import secure_oneshot.server.teacher as teacher
 
-    monkeypatch.setattr(study, "PROBE_MIN_STEPS", 2)  # the scheme's plumbing, not its quality
+    monkeypatch.setattr(teacher, "PROBE_MIN_STEPS", 2)  # the scheme's plumbing, not its quality
     monkeypatch.setitem(study.PRESETS, "tiny", ({"batch_size": 8, "steps": 2, "snapshot_every": 1, "bn_weight": 0.1}, {"epochs": 1}))
     sites = [SiteModel(f"s{i}", m, ClassifierConfig("small-cnn", 1, 2, "batch")) for i, m in enumerate(small_cnns(2, seed=5))]
     test = TensorDataset(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 2)

@@ -31,25 +31,24 @@ from ..keys import Identity
 from ..metrics import evaluate_model
 from ..models.classifier import ARCHITECTURES, ClassifierConfig
 from ..models.imagenet_init import initial_classifier
-from .class_prior import LABEL_COUNTS, PRIOR_TARGETS, TEACHER, PriorMatch, match_class_prior, match_class_shares
+from .class_prior import LABEL_COUNTS, PRIOR_TARGETS, PriorMatch
 from .checkpoint import Checkpoint, check_fingerprint, clear_checkpoints, load_latest, model_digest, restore, save_checkpoint
 from .distill import DistillConfig, TrainingState, distill, student_norm
 from .distributed import Distributed
-from .ensemble import Ensemble, batching_for, normalise_weights
+from .ensemble import Ensemble, normalise_weights
 from .calibration import calibrate_for_synthesis
 from .execution import Execution
 from .privacy_position import position_markdown, privacy_position
-from .site_calibration import SiteCalibration, check_fold, recalibrated_sites
 from .site_models import (SiteModel, baselines, bn_statistics_released, fedavg, is_multi_label, load_accepted,
                           load_model_dirs)
 from .snapshot_store import DEFAULT_SNAPSHOT_MEMORY_MIB
 from .sources import PROXY_METHODS, SiteGenerator, SynthesisMethod
-from .synthesis import InversionConfig, synthesize_batch, tracks_running_stats
-from .weighting import (CONSENSUS_MAX_IMAGES, PROBE_MIN_STEPS, WEIGHTINGS, agreement_weights, consensus_weights,
-                        default_weighting, label_count_weights, pooled_logits)
+from .synthesis import InversionConfig, synthesize_batch
+from .teacher import match_prior, prior_options, prior_target, recalibrates, teacher_sites_for, teacher_weights
+from .weighting import WEIGHTINGS, default_weighting
 
 __all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines", "DistillJob", "DistillRun", "run_distillation", "prior_options", "PRESETS",
-           "SELECTION", "teacher_weights", "teacher_sites_for", "recalibrates"]
+           "SELECTION", "teacher_weights", "teacher_sites_for"]
 
 # (inversion, distillation) settings per preset; every other field keeps the method's default.
 # "paper" is the method's own setting (GPU).  "cpu" lowers the BN-loss weight from 10 to 0.1: with
@@ -201,117 +200,6 @@ def _generator_trajectory(generators: list[SiteGenerator], synth: InversionConfi
     return torch.stack(columns, dim=1)
 
 
-def prior_options(sites: list[SiteModel], student: nn.Module | None) -> dict[str, Any]:
-    """The inversion prior: BN statistics and/or released feature statistics; BN-free sites without statistics get
-    the adversarial student term (never CE alone; the trajectory grid, which has no student, is the one exception)."""
-    stats = [s.feature_stats for s in sites]
-    bn_free = not any(tracks_running_stats(m) for s in sites for m in s.model.modules())
-    options: dict[str, Any] = {"feature_stats": stats if any(stats) else None}
-    if bn_free and not any(stats):
-        options.update(student=student, allow_ce_only=student is None)
-    return options
-
-
-def teacher_weights(sites: list[SiteModel], scheme: str, synth: InversionConfig, execution: Execution,
-                    public: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The ``(S, K)`` teacher weights of ``scheme`` (:mod:`~secure_oneshot.server.weighting`); ``None`` for equal.
-
-    ``agreement`` costs one inversion batch of ``synth`` (its batch size; at least ``PROBE_MIN_STEPS`` steps; seed
-    shifted so that it is not the first epoch's batch) and one forward pass of every site over it.
-    ``consensus`` costs one forward pass of every site over ``public`` (the server's public images as
-    :func:`proxy_tensor` gives them; at most ``CONSENSUS_MAX_IMAGES``, a draw seeded by ``synth.seed``).  One site
-    has nothing to be weighed against: ``None``.
-    """
-    if scheme == "equal" or len(sites) == 1:
-        return None
-    if is_multi_label(sites):
-        raise ConfigError(f"teacher weighting {scheme!r} is per class; multi-label sites use the equal teacher",
-                          hint="pass --teacher-weighting equal")
-    if scheme == "label-counts":
-        return label_count_weights([s.label_counts for s in sites], synth.num_classes)
-    models = [s.model for s in sites]
-    if scheme == "consensus":
-        if public is None or len(public) == 0:
-            raise ConfigError("teacher weighting 'consensus' needs public images", hint="pass --proxy-images")
-        return consensus_weights(_site_logits(models, _public_draw(public, synth.seed), execution))
-    steps = max(synth.steps, PROBE_MIN_STEPS)
-    probe = InversionConfig(**{**asdict(synth), "seed": synth.seed + 1_000_003, "steps": steps, "snapshot_every": steps})
-    images, targets = synthesize_batch(models, None, probe, execution=execution, **prior_options(sites, student=None))
-    return agreement_weights(_site_logits(models, images, execution), targets)
-
-
-def teacher_sites_for(sites: list[SiteModel], scheme: str, job: DistillJob, synth: InversionConfig, execution: Execution,
-                          proxy: ProxyImages | None) -> tuple[list[SiteModel], SiteCalibration | None]:
-    """The sites the teacher is built from: with ``consensus`` and every site's label counts released, copies whose
-    decision points are moved to the pooled counts' class shares on the public images (:mod:`~.site_calibration`);
-    else ``sites`` themselves.  Deterministic (a resumed run recomputes the same copies)."""
-    if not recalibrates(sites, scheme, job, synth) or proxy is None:
-        return sites, None
-    public = _public_draw(proxy_tensor(proxy), synth.seed)
-    logits = _site_logits([s.model for s in sites], public, execution)
-    copies, expected, calibration = recalibrated_sites(sites, logits, pooled_label_counts(sites))
-    if not calibration.applied:
-        return sites, calibration
-    calibration = check_fold(calibration, expected, _site_logits([s.model for s in copies], public, execution))
-    return (copies if calibration.applied else sites), calibration
-
-
-def recalibrates(sites: list[SiteModel], scheme: str, job: DistillJob, synth: InversionConfig) -> bool:
-    """Whether the teacher's sites get their decision points moved: ``consensus``, single-label, more than one site,
-    every site's label counts released and summing to more than 0, and not turned off by the job."""
-    return (job.site_recalibration and scheme == "consensus" and not synth.multi_label and len(sites) > 1
-            and all(s.label_counts is not None for s in sites) and pooled_label_counts(sites).sum() > 0)
-
-
-def _public_draw(public: torch.Tensor, seed: int) -> torch.Tensor:
-    """At most ``CONSENSUS_MAX_IMAGES`` of the public images, a draw seeded by the run's seed (all of them when fewer)."""
-    if len(public) <= CONSENSUS_MAX_IMAGES:
-        return public
-    draw = torch.Generator().manual_seed(seed + 2_000_003)
-    return public[torch.randperm(len(public), generator=draw)[:CONSENSUS_MAX_IMAGES]]
-
-
-def prior_target(sites: list[SiteModel], requested: str | None) -> str:
-    """What the student's class prior is matched to (:mod:`~secure_oneshot.server.class_prior`): ``requested``, else
-    the pooled label counts when every site released them, else the teacher."""
-    missing = [s.name for s in sites if s.label_counts is None]
-    usable = not missing and pooled_label_counts(sites).sum() > 0
-    if requested == LABEL_COUNTS and not usable:
-        raise ConfigError("prior matching to the label counts needs every site's label_counts artifact; missing: " + ", ".join(missing)
-                          if missing else "prior matching to the label counts: the released counts sum to 0",
-                          hint="match to the teacher instead (--prior-target teacher)")
-    return requested or (LABEL_COUNTS if usable else TEACHER)
-
-
-def pooled_label_counts(sites: list[SiteModel]) -> torch.Tensor:
-    """The sites' released label counts summed (negative DP-noised counts count as 0), float64 ``(K,)``."""
-    return torch.stack([s.label_counts.detach().double().cpu().reshape(-1).clamp(min=0) for s in sites]).sum(dim=0)
-
-
-def _match_prior(sites: list[SiteModel], student: nn.Module, public: torch.Tensor, weights: torch.Tensor | None,
-                 synth: InversionConfig, execution: Execution, target: str) -> PriorMatch:
-    """:func:`~secure_oneshot.server.class_prior.match_class_prior` against the weighted teacher, or
-    :func:`~secure_oneshot.server.class_prior.match_class_shares` against the pooled label counts, on the same
-    public images ``consensus`` judges the sites on."""
-    public = _public_draw(public, synth.seed)
-    if target == LABEL_COUNTS:
-        return match_class_shares(student, public, pooled_label_counts(sites))
-    teacher = torch.softmax(pooled_logits(_site_logits([s.model for s in sites], public, execution), weights), dim=-1)
-    return match_class_prior(student, public, teacher)
-
-
-def _site_logits(models: list[nn.Module], images: torch.Tensor, execution: Execution, chunk: int = 512) -> torch.Tensor:
-    """``(S, N, K)`` unweighted eval-mode logits of every site on ``images``, ``chunk`` images per pass."""
-    execution = execution.for_models(models)
-    ensemble = execution.prepare(Ensemble(models, batched=batching_for(execution.use_batched, models)))
-    device = execution.torch_device
-    parts = []
-    with torch.no_grad(), execution.autocast():
-        for start in range(0, len(images), chunk):
-            parts.append(ensemble.per_site_logits(execution.layout(images[start:start + chunk].to(device))).float().cpu())
-    return torch.cat(parts, dim=1)
-
-
 def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None = None, *, test_set: Any = None, progress: bool = False,
                      on_epoch: Any = None, audit_to: tuple[Path, Identity] | None = None, resume: bool = False,
                      distributed: Distributed | None = None) -> DistillRun:
@@ -349,7 +237,8 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     rank_synth = dist.inversion(synth)
     # measured once, used by every step below (a resumed run keeps the measured choice of its first start)
     execution = _resumed_execution(job.execution, checkpoint) or calibrate_for_synthesis(job.execution, models, student, rank_synth)
-    teacher_sites, calibration = teacher_sites_for(sites, scheme, job, synth, execution, proxy)
+    teacher_sites, calibration = teacher_sites_for(sites, scheme, synth, execution, None if proxy is None else proxy_tensor(proxy),
+                                                  enabled=job.site_recalibration)
     models = [s.model for s in teacher_sites]
     weights = checkpoint.teacher_weights if checkpoint is not None else \
         teacher_weights(teacher_sites, scheme, synth, execution, public=None if proxy is None else proxy_tensor(proxy))
@@ -376,7 +265,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     unmatched: nn.Module | None = None   # kept only to report it beside the matched model
     if job.prior_matching and proxy is not None and not synth.multi_label:
         unmatched = copy.deepcopy(student) if test_set is not None else None
-        matched = _match_prior(teacher_sites, student, proxy_tensor(proxy), weights, synth, execution, target)
+        matched = match_prior(teacher_sites, student, proxy_tensor(proxy), weights, synth, execution, target)
     metrics = baselines(sites, student, test_set, weights, teacher=teacher_sites) if test_set is not None else {}
     if matched is not None and matched.applied and unmatched is not None:
         metrics["global (before prior matching)"] = evaluate_model(unmatched, test_set)
@@ -427,7 +316,7 @@ def _fingerprint_fields(job: DistillJob, synth: InversionConfig, dcfg: DistillCo
                         sites: list[SiteModel], dist: Distributed) -> dict[str, Any]:
     """What decides a run's result, for the checkpoint's fingerprint (:mod:`~secure_oneshot.server.checkpoint`)."""
     return {"inversion": asdict(synth), "distill": asdict(dcfg), "method": asdict(job.method), "teacher_weighting": scheme,
-            "site_recalibration": recalibrates(sites, scheme, job, synth),
+            "site_recalibration": recalibrates(sites, scheme, synth, job.site_recalibration),
             "student": asdict(student_cfg), "student_init": Path(job.imagenet_weights).name if job.imagenet_weights else "random",
             "distributed": dist.describe(synth),
             "sites": {f"{i}:{s.name}": {"bundle_id": s.bundle_id, "weights_sha256": model_digest(s.model)} for i, s in enumerate(sites)}}
