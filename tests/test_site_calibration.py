@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from secure_oneshot.metrics import classification_metrics
@@ -175,3 +176,14 @@ def test_the_distill_command_turns_recalibration_off_on_request(tmp_path: Path, 
             str(tmp_path / "public"), "--out", str(tmp_path / "g"), "--threads", "1"]
     assert main(base) == 3 and main([*base, "--no-site-recalibration"]) == 3
     assert [j.site_recalibration for j in jobs] == [True, False]
+
+
+def test_a_study_turns_recalibration_off_in_its_server_section() -> None:
+    from secure_oneshot.errors import ConfigError
+    from secure_oneshot.research.experiment import study_from_text
+
+    base = '[study]\nname = "r"\n'
+    assert study_from_text(base).site_recalibration is True
+    assert study_from_text(base + "[server]\nsite_recalibration = false\n").site_recalibration is False
+    with pytest.raises(ConfigError, match="site_recalibration"):
+        study_from_text(base + '[server]\nsite_recalibration = "no"\n')
