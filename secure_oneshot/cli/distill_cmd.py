@@ -139,7 +139,7 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
     if audit_to:
         lines.append(f"  audit   recorded in {audit_to[0]}")
     return Result({"outputs": run.outputs, "metrics": run.metrics, "history": run.history, "global_sha256": run.report["global_sha256"],
-                   "execution": run.report["execution"], "prior_matching": matched}, lines)
+                   "execution": run.report["execution"], "prior_matching": matched, "site_recalibration": calibration}, lines)
 
 
 def _demo(args: argparse.Namespace) -> Result:
