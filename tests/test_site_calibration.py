@@ -153,6 +153,7 @@ def test_distillation_recalibrates_the_teachers_sites_when_every_site_released_c
     assert record["applied"] and record["target_shares"] == [0.75, 0.25]
     assert all(abs(after[1] - 0.25) <= 1 / 16 for after in record["decision_shares_after"])
     assert len(record["offsets"]) == 3
+    assert "Site recalibration: before the consensus" in (tmp_path / "with-counts" / "report.md").read_text()
     assert _proxy_run(tmp_path, "no-counts", None)["site_recalibration"] is None
     assert _proxy_run(tmp_path, "off", [[3.0, 1.0]] * 3, site_recalibration=False)["site_recalibration"] is None
 

@@ -397,6 +397,13 @@ def markdown_report(metrics: dict[str, dict[str, float]], report: dict[str, Any]
                               f"({shown(matched['student_mean_probability_before'])})."]
         elif matched:
             lines += ["", f"Prior matching not applied: {matched['reason']}."]
+        calibration = report.get("site_recalibration")
+        if calibration:
+            lines += ["", "Site recalibration: " + (
+                "before the consensus, each site's decision point was moved (on a server-side copy) so that its decisions "
+                "on the public images fall into the pooled label counts' class shares "
+                f"({', '.join(f'{v:.3f}' for v in calibration['target_shares'])}); the sites' own rows use the models as sent."
+                if calibration["applied"] else f"not applied: {calibration['reason']}.")]
         if "privacy" in report:
             lines += ["", *position_markdown(report["privacy"])]
     return "\n".join(lines) + f"\n\nModel selection: {SELECTION}.\n"
