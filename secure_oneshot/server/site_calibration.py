@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .class_prior import FOLD_TOLERANCE, fit_decision_shares, last_linear
+from .class_prior import FOLD_TOLERANCE, decision_shares, fit_decision_shares, last_linear
 from .site_models import SiteModel
 
 __all__ = ["SiteCalibration", "decision_offsets", "recalibrated_sites", "check_fold"]
@@ -64,8 +64,7 @@ class SiteCalibration:
 
 def _decision_shares(logits: Tensor) -> list[list[float]]:
     """``(S, N, K)`` -> each site's share of argmax decisions per class."""
-    k = logits.shape[-1]
-    return [(torch.bincount(site.argmax(dim=-1), minlength=k).double() / site.shape[0]).tolist() for site in logits]
+    return [decision_shares(site).tolist() for site in logits]
 
 
 def decision_offsets(per_site_logits: Tensor, shares: Tensor) -> Tensor:
