@@ -232,16 +232,17 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     target = prior_target(sites, job.prior_target)   # checked before training, used after it
     proxy = load_proxy_images(job.proxy_images, size=synth.image_size, channels=synth.channels, data_root=job.data_root) \
         if job.method.method in PROXY_METHODS or scheme == "consensus" else None
+    public = None if proxy is None else proxy_tensor(proxy)   # one float copy, shared read-only by every step below
     fields = {**_fingerprint_fields(job, synth, dcfg, scheme, student_cfg, sites, dist), "proxy": None if proxy is None else proxy.record()}
     checkpoint = _checkpoint_to_resume(out, resume, fields, dcfg.epochs, dist.is_main)
     rank_synth = dist.inversion(synth)
     # measured once, used by every step below (a resumed run keeps the measured choice of its first start)
     execution = _resumed_execution(job.execution, checkpoint) or calibrate_for_synthesis(job.execution, models, student, rank_synth)
-    teacher_sites, calibration = teacher_sites_for(sites, scheme, synth, execution, None if proxy is None else proxy_tensor(proxy),
+    teacher_sites, calibration = teacher_sites_for(sites, scheme, synth, execution, public,
                                                   enabled=job.site_recalibration)
     models = [s.model for s in teacher_sites]
     weights = checkpoint.teacher_weights if checkpoint is not None else \
-        teacher_weights(teacher_sites, scheme, synth, execution, public=None if proxy is None else proxy_tensor(proxy))
+        teacher_weights(teacher_sites, scheme, synth, execution, public=public)
     rank_images: list[list[str]] = list(checkpoint.meta.get("rank_image_sha256", [])) if checkpoint is not None else []
 
     def on_epoch_end(state: TrainingState) -> None:
@@ -254,7 +255,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
                      progress=progress and dist.is_main, on_epoch=on_epoch if dist.is_main else None,
                      feature_stats=prior["feature_stats"], adversarial=prior.get("student") is not None,
                      method=job.method, generators=[s.generator for s in teacher_sites if s.generator is not None], teacher_weights=weights,
-                     proxy_images=None if proxy is None else proxy_tensor(proxy),
+                     proxy_images=public,
                      resume=None if checkpoint is None else lambda state: restore(checkpoint, state),
                      on_epoch_end=on_epoch_end, wrap_student=dist.wrap, snapshot_memory_mib=job.snapshot_memory_mib)
     if not dist.is_main:
@@ -263,9 +264,9 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     student = result.student.cpu().to(memory_format=torch.contiguous_format).eval()
     matched: PriorMatch | None = None
     unmatched: nn.Module | None = None   # kept only to report it beside the matched model
-    if job.prior_matching and proxy is not None and not synth.multi_label:
+    if job.prior_matching and public is not None and not synth.multi_label:
         unmatched = copy.deepcopy(student) if test_set is not None else None
-        matched = match_prior(teacher_sites, student, proxy_tensor(proxy), weights, synth, execution, target)
+        matched = match_prior(teacher_sites, student, public, weights, synth, execution, target)
     metrics = baselines(sites, student, test_set, weights, teacher=teacher_sites) if test_set is not None else {}
     if matched is not None and matched.applied and unmatched is not None:
         metrics["global (before prior matching)"] = evaluate_model(unmatched, test_set)
