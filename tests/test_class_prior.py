@@ -177,7 +177,7 @@ def test_a_study_turns_prior_matching_off_only_with_a_real_boolean() -> None:
     base = "[study]\nname = \"s\"\nflags = [\"pneumoniamnist\"]\npublic_fraction = 0.1\n[server]\nmethods = [\"proxy\"]\n"
     assert study_from_text(base, "s.toml").prior_matching is True
     assert study_from_text(base + "prior_matching = false\n", "s.toml").prior_matching is False
-    with pytest.raises(ConfigError, match="server.prior_matching: 'no' is not true or false"):
+    with pytest.raises(ConfigError, match="s.toml:7: server.prior_matching: must be a boolean, got str 'no'"):
         study_from_text(base + 'prior_matching = "no"\n', "s.toml")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,25 @@ def test_bad_study_configs_are_config_errors() -> None:
     # each cell's epsilon covers every release: statistics that take all of one are refused when the config is read
     with pytest.raises(ConfigError, match="leaves nothing of epsilon 8"):
         study_from_text(TINY.replace("stats_epsilon = 1.0", "stats_epsilon = 8.0"))
+
+
+def test_unknown_keys_and_wrong_types_in_a_study_are_refused_with_their_lines() -> None:
+    # a typo or a quoted flag must not silently change what a study measures
+    base = '[study]\nname = "s"\n[server]\nmethods = ["inversion"]\n'
+    for extra, where in [("prior_matchng = false\n", "s.toml:5: server.prior_matchng: unknown key"),
+                         ('[privacy_audit]\nenabled = "false"\n', "s.toml:6: privacy_audit.enabled: must be a boolean"),
+                         ("[sites]\npreset = 'cpu'\n", "s.toml:5: sites: unknown key"),
+                         ("[site]\nepsilon = [8.0]\n", "s.toml:6: site.epsilon: unknown key"),
+                         ("[site]\nepochs = 0\n", "s.toml:6: site.epochs: must be at least 1")]:
+        with pytest.raises(ConfigError, match=re.escape(where)):
+            study_from_text(base + extra, "s.toml")
+    with pytest.raises(ConfigError) as raised:
+        study_from_text('[study]\nname = "s"\ncentralised = "no"\nsites = 0\nseeds = [0, 1.5]\n', "s.toml")
+    assert str(raised.value).splitlines()[1:] == ["  s.toml:3: study.centralised: must be a boolean, got str 'no'",
+                                                  "  s.toml:4: study.sites: must be at least 1, got 0",
+                                                  "  s.toml:5: study.seeds: must be whole numbers, got [0, 1.5]"]
+    with pytest.raises(ConfigError, match="study.name: missing"):
+        study_from_text('[site]\npreset = "cpu"\n', "s.toml")
 
 
 @pytest.mark.parametrize("name", ["study-quick-cpu.toml", "study-release-cpu.toml", "study-skew-cpu.toml", "study-paper-gpu.toml",

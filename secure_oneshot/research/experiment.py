@@ -43,10 +43,16 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     epochs = 16                    # optional override
     teacher_weighting = "equal"    # equal | label-counts | agreement | consensus (server.weighting; default: the
                                    # preset's, and consensus for the proxy methods, which hold public images)
+    prior_matching = true          # optional (proxy methods): match the student's class prior after distillation
+    site_recalibration = true      # optional: with consensus and every site's label counts, move each site's
+                                   # decision point to the pooled counts' class shares first
 
     [privacy_audit]
     enabled = true                 # loss-attack membership inference on every site model and the global model,
     shadows = 0                    # + offline LiRA with this many shadows per site; near-copies among synthetic images
+
+Unknown tables and keys, and values of the wrong type, are refused when the file is read (every one listed
+with its line), so a typo cannot silently change what a study measures.
 
 Every cell (flag x alpha x classifier epsilon x generator epsilon x withheld artifacts x method) and seed
 runs identities ->

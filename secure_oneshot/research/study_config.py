@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .._internal.compat import tomllib
+from .._internal.strict_toml import MISSING, Problems, Table
 from ..client.train import PRESETS as TRAIN_PRESETS
 from ..data.medmnist_data import SIZES
 from ..errors import ConfigError
@@ -153,12 +154,6 @@ def _withhold(policy: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(sorted(_choice(a, WITHHOLDABLE, "policy.withhold") for a in set(v))) for v in variants)
 
 
-def _flag(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {value!r} is not true or false")
-    return value
-
-
 def _size(study: dict[str, Any]) -> int:
     size = study.get("size", 28)
     if not isinstance(size, int) or isinstance(size, bool) or size not in SIZES:
@@ -172,10 +167,54 @@ def _choice(value: str, allowed: Any, where: str) -> str:
     return value
 
 
+# Every key a study file may hold, per table, with its TOML type ("raw": checked where it is converted below).
+# Unknown keys and wrong types are refused, all listed with their lines, so that a typo in a key
+# ("prior_matchng = false") or a quoted flag ("centralised = \"false\"", which bool() reads as true) cannot
+# silently change what a study measures.
+_SCHEMA: dict[str, dict[str, str]] = {
+    "study": {"name": "string", "flags": "list of strings", "sites": "integer", "alphas": "raw", "seeds": "list of numbers",
+              "data_root": "string", "size": "raw", "centralised": "boolean", "public_fraction": "number"},
+    "site": {"architecture": "string", "preset": "string", "dp_preset": "string", "epochs": "integer", "epsilons": "raw",
+             "stats_epsilon": "number", "threshold_epsilon": "number"},
+    "server": {"preset": "string", "methods": "list of strings", "epochs": "integer", "teacher_weighting": "string",
+               "prior_matching": "boolean", "site_recalibration": "boolean", "proxy_images": "raw"},
+    "generator": {"preset": "string", "epochs": "integer", "batch_size": "integer", "lr": "number", "epsilons": "raw"},
+    "policy": {"withhold": "raw"},
+    "privacy_audit": {"enabled": "boolean", "shadows": "integer"},
+}
+_RANGES: dict[str, Any] = {
+    "study.sites": lambda v: None if v >= 1 else f"must be at least 1, got {v}",
+    "study.seeds": lambda v: None if all(isinstance(s, int) for s in v) else f"must be whole numbers, got {v}",
+    "study.public_fraction": lambda v: None if 0 <= v < 1 else f"must be in [0, 1), got {v}",
+    "site.epochs": lambda v: None if v >= 1 else f"must be at least 1, got {v}",
+    "site.stats_epsilon": lambda v: None if v > 0 else f"must be positive, got {v}",
+    "site.threshold_epsilon": lambda v: None if v > 0 else f"must be positive, got {v}",
+    "server.epochs": lambda v: None if v >= 1 else f"must be at least 1, got {v}",
+    "privacy_audit.shadows": lambda v: None if v >= 0 else f"must be 0 or more, got {v}",
+}
+
+
+def _check_schema(doc: dict[str, Any], text: str, source: str) -> None:
+    """Refuse unknown tables and keys and wrongly typed values, every one listed as ``file:line: key: problem``."""
+    problems = Problems(source, text, hint="see the study format in examples/study-quick-cpu.toml; unknown keys are refused")
+    top = Table(doc, "", problems)
+    for name, keys in _SCHEMA.items():
+        table = top.table(name, required=name == "study")
+        for key, kind in keys.items():
+            if kind == "raw":
+                table.read.add(key)
+            else:
+                table.get(key, kind, MISSING if (name, key) == ("study", "name") else None, _RANGES.get(f"{name}.{key}"))
+        table.finish()
+    top.finish()
+    problems.raise_if_any()
+
+
 def study_from_text(text: str, source: str = "<study>") -> Study:
-    """Parse a study config.  Raises ``ConfigError`` naming the field."""
+    """Parse a study config.  Raises ``ConfigError`` naming the field (every unknown key and wrong type at once)."""
     try:
         doc = tomllib.loads(text)
+        _check_schema(doc, text, source)
         study, site, server = doc["study"], doc.get("site", {}), doc.get("server", {})
         generator, generator_epsilons = _generator(doc.get("generator"))
         return Study(
@@ -188,16 +227,16 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             server_preset=_choice(server.get("preset", "cpu"), SERVER_PRESETS, "server.preset"),
             methods=tuple(_choice(m, METHODS, "server.methods") for m in server.get("methods", ["inversion"])),
             server_epochs=server.get("epochs"), data_root=study.get("data_root"),
-            privacy_audit=bool(doc.get("privacy_audit", {}).get("enabled", False)),
+            privacy_audit=doc.get("privacy_audit", {}).get("enabled", False),
             audit_shadows=int(doc.get("privacy_audit", {}).get("shadows", 0)),
             generator=generator, generator_epsilons=generator_epsilons, withhold=_withhold(doc.get("policy", {})),
             teacher_weighting=None if "teacher_weighting" not in server else _choice(server["teacher_weighting"], WEIGHTINGS,
                                                                                      "server.teacher_weighting"),
-            prior_matching=_flag(server.get("prior_matching", True), "server.prior_matching"),
-            site_recalibration=_flag(server.get("site_recalibration", True), "server.site_recalibration"),
+            prior_matching=server.get("prior_matching", True),
+            site_recalibration=server.get("site_recalibration", True),
             site_dp_preset=_choice(site.get("dp_preset", "dp"), TRAIN_PRESETS, "site.dp_preset"),
             threshold_epsilon=None if site.get("threshold_epsilon") is None else float(site["threshold_epsilon"]),
-            centralised=bool(study.get("centralised", False)), public_fraction=float(study.get("public_fraction", 0.0)),
+            centralised=study.get("centralised", False), public_fraction=float(study.get("public_fraction", 0.0)),
             proxy_images=tuple((str(flag), str(spec)) for flag, spec in dict(server.get("proxy_images", {})).items()),
         ).check()
     except tomllib.TOMLDecodeError as e:
