@@ -36,6 +36,9 @@ def parse_candidate(text: str):  # type: ignore[no-untyped-def]
     for item in filter(None, overrides.split(",")):
         key, _, raw = item.partition("=")
         kind = types[key]
+        if str(kind) == "bool":
+            values[key] = {"true": True, "1": True, "false": False, "0": False}[raw.lower()]
+            continue
         values[key] = (float(raw) if "float" in str(kind) else int(raw) if "int" in str(kind) else raw) if raw != "None" else None
     return text, replace(cfg, **values)
 

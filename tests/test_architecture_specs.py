@@ -20,7 +20,7 @@ def test_every_architecture_has_a_layout() -> None:
 
 
 @pytest.mark.parametrize("architecture", sorted(CLASSIFIER_ARCHITECTURES))
-@pytest.mark.parametrize("norm", ["batch", "group"])
+@pytest.mark.parametrize("norm", ["batch", "group", "group-ws"])
 @pytest.mark.parametrize(("in_channels", "num_classes"), [(1, 2), (3, 9), (2, 1)])
 def test_layout_matches_the_module(architecture: str, norm: str, in_channels: int, num_classes: int) -> None:
     cfg = ClassifierConfig(architecture, in_channels, num_classes, norm)

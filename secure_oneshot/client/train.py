@@ -33,7 +33,7 @@ from .multi_label import MultiLabelBCE, check_multi_label
 from .checkpoint_choice import CheckpointChooser
 from ..errors import ConfigError, PrivacyError
 from ..metrics import evaluate_model
-from ..models.classifier import ClassifierConfig
+from ..models.classifier import ClassifierConfig, standardise_convolutions
 from ..models.imagenet_init import initial_classifier
 from ..policy.artifacts import MODEL_RECORD_FORMAT
 from ..policy.dp import DpRecord, dp_record_from_opacus, quiet_accountant
@@ -69,6 +69,7 @@ class TrainConfig:
     logit_adjust_tau: float | None = None          # tau of the logit-adjusted loss; None: DP_LOGIT_ADJUST_TAU under DP, else 1
     augment_views: int = 1                         # augmented views per record, averaged before clipping (1: no augmentation)
     ema_decay: float = 0.0                         # exponential moving average of the weights (0: off); post-processing
+    weight_standardisation: bool = False           # under DP: GroupNorm + weight-standardised convolutions (norm "group-ws")
     threshold_epsilon: float | None = None         # under DP, binary: move the decision to a DP-measured balanced threshold
     checkpoint: str = "last"                       # "last" | "best-val" (own validation slice; refused under DP): checkpoint_choice
     imagenet_weights: str = ""                     # a local safetensors file of ImageNet weights to start from ("": random init)
@@ -379,8 +380,13 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
     dp = cfg.dp_epsilon is not None
     chooser = CheckpointChooser(cfg.checkpoint, dp)
     model = initial_classifier(model_cfg, cfg.imagenet_weights)
+    if cfg.weight_standardisation and not dp:
+        raise ConfigError("weight_standardisation goes with DP training (GroupNorm, the norm Opacus's fix gives)",
+                          hint="set dp_epsilon, or drop weight_standardisation")
     if dp:
         model = _fix_for_dp(model)
+        if cfg.weight_standardisation:
+            standardise_convolutions(model)
     train_set = to_dataset(data.train)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = _optimizer(model, cfg)
@@ -428,7 +434,8 @@ def train_classifier(model_cfg: ClassifierConfig, cfg: TrainConfig, data: SiteDa
             record = with_label_release(record, release)  # type: ignore[arg-type]
         if threshold is not None:
             record = with_threshold_release(record, threshold)
-    return TrainResult(plain, replace(model_cfg, norm="group" if dp else model_cfg.norm), history, metrics, record, data, cfg, release,
+    trained_norm = ("group-ws" if cfg.weight_standardisation else "group") if dp else model_cfg.norm
+    return TrainResult(plain, replace(model_cfg, norm=trained_norm), history, metrics, record, data, cfg, release,
                        threshold, chooser.record)
 
 

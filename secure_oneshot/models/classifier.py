@@ -17,7 +17,12 @@
 
 DP training replaces BatchNorm with GroupNorm through Opacus's own
 ``ModuleValidator.fix`` (validate, then fix, before DP), so the architecture
-name stays the same and the norm is recorded separately.
+name stays the same and the norm is recorded separately.  ``norm="group-ws"``
+is GroupNorm with weight-standardised convolutions (Qiao et al. 2019; the
+normalisation of De et al. 2022's DP Wide ResNets): every ``nn.Conv2d``
+becomes a :class:`StandardizedConv2d`, which stores the same raw weight
+(same state-dict names and shapes) and standardises it per output channel
+in its forward pass.
 """
 
 from __future__ import annotations
@@ -34,7 +39,10 @@ from torch import nn
 from .scatternet import ScatterNet
 from .specs import RESNET_BLOCKS, VGG11_LAYERS, WRN_BLOCKS, WRN_WIDTHS, config_default_architecture, default_architecture
 
-__all__ = ["ClassifierConfig", "ARCHITECTURES", "build_classifier", "config_default_architecture", "default_architecture", "has_batchnorm"]
+__all__ = ["ClassifierConfig", "ARCHITECTURES", "NORMS", "StandardizedConv2d", "build_classifier", "config_default_architecture",
+           "default_architecture", "has_batchnorm", "standardise_convolutions"]
+
+NORMS = ("batch", "group", "group-ws")
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class ClassifierConfig:
     architecture: str = "small-cnn"
     in_channels: int = 1
     num_classes: int = 2
-    norm: str = "batch"          # "batch" | "group" (what Opacus's fix produces)
+    norm: str = "batch"          # "batch" | "group" (what Opacus's fix produces) | "group-ws" (+ weight standardisation)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -52,6 +60,29 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 def _norm(kind: str) -> Callable[[int], nn.Module]:
     return nn.BatchNorm2d if kind == "batch" else _group_norm
+
+
+class StandardizedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose weight is standardised per output channel (zero mean, unit variance over its fan-in) in
+    the forward pass.  The parameter is the raw weight, so the state dict is ``nn.Conv2d``'s; under DP, Opacus has
+    no registered per-sample-gradient rule for this type and computes them with functorch through the
+    standardisation (per record, so the clipping and the accounting are unchanged)."""
+
+    eps = 1e-5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return self._conv_forward(x, (w - mean) * torch.rsqrt(var + self.eps), self.bias)
+
+
+def standardise_convolutions(model: nn.Module) -> nn.Module:
+    """Every plain ``nn.Conv2d`` of ``model`` becomes a :class:`StandardizedConv2d` in place (same parameters)."""
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = StandardizedConv2d
+    return model
 
 
 @cache
@@ -204,9 +235,11 @@ def build_classifier(cfg: ClassifierConfig) -> nn.Module:
     """A freshly initialised classifier.  Raises ``ValueError`` for unknown names (configs are validated earlier)."""
     if cfg.architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {cfg.architecture!r}; known: {sorted(ARCHITECTURES)}")
-    if cfg.norm not in ("batch", "group"):
-        raise ValueError("norm must be 'batch' or 'group'")
+    if cfg.norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}")
     model = ARCHITECTURES[cfg.architecture](cfg)
+    if cfg.norm == "group-ws":
+        standardise_convolutions(model)
     for module in model.modules():
         if isinstance(module, nn.ReLU):
             # torchvision's in-place ReLU modifies the views Opacus's backward hooks return (a RuntimeError under DP).

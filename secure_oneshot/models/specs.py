@@ -60,8 +60,10 @@ class ClassifierLayout:
         self.entries[f"{name}.bias"] = LayoutEntry((c_out,), "F32", "parameter")
 
     def norm(self, name: str, channels: int, kind: str, groups: int | None = None) -> None:
-        """BatchNorm2d (``kind="batch"``) or GroupNorm(``groups`` or min(32, channels)), both affine."""
-        if kind == "group" and channels % (groups or min(32, channels)):
+        """BatchNorm2d (``kind="batch"``) or GroupNorm(``groups`` or min(32, channels)), both affine.
+
+        ``"group-ws"`` lays out as ``"group"``: weight standardisation changes the forward pass, not the tensors."""
+        if kind != "batch" and channels % (groups or min(32, channels)):
             raise ValueError(f"{channels} channels do not split into {groups or min(32, channels)} groups")
         self.entries[f"{name}.weight"] = LayoutEntry((channels,), "F32", "parameter")
         self.entries[f"{name}.bias"] = LayoutEntry((channels,), "F32", "parameter")
@@ -155,8 +157,8 @@ def classifier_layout(architecture: str, in_channels: int, num_classes: int, nor
     """
     if architecture not in CLASSIFIER_ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(CLASSIFIER_ARCHITECTURES)}")
-    if norm not in ("batch", "group"):
-        raise ValueError("norm must be 'batch' or 'group'")
+    if norm not in ("batch", "group", "group-ws"):
+        raise ValueError("norm must be 'batch', 'group' or 'group-ws'")
     in_channels, num_classes = _positive("in_channels", in_channels), _positive("num_classes", num_classes)
     layout = ClassifierLayout()
     if architecture == "small-cnn":

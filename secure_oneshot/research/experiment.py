@@ -91,6 +91,7 @@ from torch.utils.data import Subset
 
 from .._internal.atomic import atomic_write_bytes
 from ..client.train import PRESETS as TRAIN_PRESETS
+from ..client.train import TrainConfig
 from ..data import Partition, load_medmnist, to_dataset
 from ..data.medmnist_data import medmnist_file
 from ..demo import (DemoConfig, public_images_path, DemoPreset, centralised_reference, create_identities, demo_partition, export_all, train_sites,
@@ -128,16 +129,22 @@ def _site_setup(study: Study, cell: Cell, data_root: str | None) -> tuple[DemoCo
     return cfg, DemoPreset(study.sites, study.architecture, train, study.server_preset, dp_train)
 
 
+def _train_key(train: TrainConfig) -> dict[str, Any]:
+    """The training recipe for a cache key, without options left at the value that changes nothing (so the keys of
+    sites cached before such an option existed stay valid)."""
+    return {k: v for k, v in asdict(train).items() if not (k == "weight_standardisation" and v is False)}
+
+
 def _cache_key(cfg: DemoConfig, preset: DemoPreset) -> str:
     """What determines the site models (not the server side)."""
     key = {"flag": cfg.flag, "alpha": cfg.alpha, "seed": cfg.seed, "dp": cfg.dp_epsilon, "stats": cfg.resolved_stats_epsilon,
-           "sites": preset.sites, "architecture": preset.architecture, "train": asdict(preset.train), "generator": cfg.generator}
+           "sites": preset.sites, "architecture": preset.architecture, "train": _train_key(preset.train), "generator": cfg.generator}
     if cfg.public_fraction:   # (absent otherwise, so that the keys of studies without a public set stay as they were)
         key["public_fraction"] = cfg.public_fraction
     if cfg.size != 28:        # (the same for the image size)
         key["size"] = cfg.size
     if cfg.dp_epsilon is not None:  # the recipe DP sites actually train with
-        key |= {"train": asdict(preset.dp_train), "threshold": cfg.resolved_threshold_epsilon, "label_counts": cfg.label_counts_epsilon}
+        key |= {"train": _train_key(preset.dp_train), "threshold": cfg.resolved_threshold_epsilon, "label_counts": cfg.label_counts_epsilon}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
