@@ -37,12 +37,10 @@ import torch
 from torch import nn
 
 from .scatternet import ScatterNet
-from .specs import RESNET_BLOCKS, VGG11_LAYERS, WRN_BLOCKS, WRN_WIDTHS, config_default_architecture, default_architecture
+from .specs import NORMS, RESNET_BLOCKS, VGG11_LAYERS, WRN_BLOCKS, WRN_WIDTHS, config_default_architecture, default_architecture
 
 __all__ = ["ClassifierConfig", "ARCHITECTURES", "NORMS", "StandardizedConv2d", "build_classifier", "config_default_architecture",
            "default_architecture", "has_batchnorm", "standardise_convolutions"]
-
-NORMS = ("batch", "group", "group-ws")
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-__all__ = ["ClassifierLayout", "LayoutEntry", "CLASSIFIER_ARCHITECTURES", "classifier_layout", "default_architecture", "config_default_architecture"]
+__all__ = ["NORMS", "ClassifierLayout", "LayoutEntry", "CLASSIFIER_ARCHITECTURES", "classifier_layout", "default_architecture", "config_default_architecture"]
 
+NORMS = ("batch", "group", "group-ws")
+"""Classifier normalisations: BatchNorm, GroupNorm (what Opacus's fix makes of BatchNorm), GroupNorm with
+weight-standardised convolutions (models.classifier.StandardizedConv2d)."""
 CLASSIFIER_ARCHITECTURES = ("resnet18", "resnet18-cifar", "resnet34", "resnet34-cifar", "scatternet", "small-cnn",
                             "vgg11-bn", "wrn-16-2")
 # Shared with models.classifier, which builds the modules from the same numbers.
@@ -157,8 +160,8 @@ def classifier_layout(architecture: str, in_channels: int, num_classes: int, nor
     """
     if architecture not in CLASSIFIER_ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(CLASSIFIER_ARCHITECTURES)}")
-    if norm not in ("batch", "group", "group-ws"):
-        raise ValueError("norm must be 'batch', 'group' or 'group-ws'")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}")
     in_channels, num_classes = _positive("in_channels", in_channels), _positive("num_classes", num_classes)
     layout = ClassifierLayout()
     if architecture == "small-cnn":

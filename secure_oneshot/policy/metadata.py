@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..models.specs import NORMS
+
 __all__ = ["MetadataField", "MetadataReview", "signed_form", "review_metadata", "review_received", "described_sections", "DESCRIBED_BY"]
 
 Check = Callable[[Any], "str | None"]
@@ -110,7 +112,7 @@ class _Section:
 
 _SECTIONS: dict[str, _Section] = {
     "classifier": _Section(
-        {"architecture": _name, "in_channels": _integer(1, 16), "num_classes": _integer(1, 10_000), "norm": _choice("batch", "group", "group-ws"),
+        {"architecture": _name, "in_channels": _integer(1, 16), "num_classes": _integer(1, 10_000), "norm": _choice(*NORMS),
          "image_size": _integer(4, 4096), "task": _choice("multi-label")},   # task: absent for one class per record
         required=("architecture", "in_channels", "num_classes")),
     "generator": _Section({"architecture": _name, "config": _GENERATOR_CONFIG}, required=("architecture", "config"),
