@@ -137,6 +137,7 @@ class DemoConfig:
     generator: dict[str, Any] | None = None  # sites also train a diffusion generator: SiteConfig [generator] options
     execution: Execution = field(default_factory=Execution)
     teacher_weighting: str | None = None  # the server's teacher (server.weighting); None: the preset's default
+    class_evidence: str = "require"       # require | report (server.class_evidence)
     public_fraction: float | None = None   # set this fraction of the records aside as the server's public unlabelled
                                            # images; None: the preset's dp_public_fraction with DP, else none
     synthesis: str | None = None     # server.sources method; None: "proxy" with a public set, else "inversion"
@@ -483,7 +484,7 @@ def _run_demo(cfg: DemoConfig, say: Say) -> DemoResult:
     test = to_dataset(load_medmnist(cfg.flag, "test", root=cfg.data_root, size=cfg.size))
     proxy = str(public_images_path(run)) if cfg.resolved_public_fraction > 0 else ""
     job = DistillJob(preset=preset.server, execution=cfg.execution, seed=cfg.seed, teacher_weighting=cfg.teacher_weighting,
-                     image_size=cfg.size, epochs=cfg.server_epochs,
+                     image_size=cfg.size, class_evidence=cfg.class_evidence, epochs=cfg.server_epochs,
                      method=SynthesisMethod(cfg.resolved_synthesis), proxy_images=proxy if cfg.resolved_synthesis in PROXY_METHODS else "")
     run_result = run_distillation(sites, run / "server" / "global", job, test_set=test, progress=True,
                                   audit_to=(server.audit_log, ids["server"]))
@@ -519,6 +520,8 @@ def server_command(cfg: DemoConfig) -> list[str]:
         args += ["--epochs", str(cfg.server_epochs)]
     if cfg.teacher_weighting:
         args += ["--teacher-weighting", cfg.teacher_weighting]
+    if cfg.class_evidence != "require":
+        args += ["--class-evidence", cfg.class_evidence]
     if cfg.resolved_synthesis in PROXY_METHODS and cfg.resolved_public_fraction > 0:
         args += ["--proxy-images", str(public_images_path(run))]
     return args

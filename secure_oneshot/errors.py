@@ -30,6 +30,7 @@ __all__ = [
     "AuditLogError",
     "DataError",
     "QuarantinedBundlesError",
+    "EvidenceError",
     "EXIT_CODES",
 ]
 
@@ -170,6 +171,14 @@ class QuarantinedBundlesError(SecureOneshotError):
     default_hint = "read the reason files in quarantine/; the accepted bundles are usable"
 
 
+class EvidenceError(SecureOneshotError):
+    """The sites' released label counts show no hospital with records of both sides of a class."""
+
+    exit_code = 17
+    default_hint = ("add hospitals that hold both classes, or release label counts with a larger epsilon share; "
+                    "--class-evidence report distils anyway and records the finding")
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it with the `-v` traceback)",
@@ -177,6 +186,6 @@ EXIT_CODES: dict[int, str] = {
     **{cls.exit_code: cls.__doc__.splitlines()[0] for cls in (  # type: ignore[union-attr]
         ConfigError, KeyMaterialError, BundleFormatError, BundleAuthError, PolicyViolationError,
         PrivacyError, ResourceError, TrustError, ReplayError, FreshnessError, TensorPayloadError, AuditLogError, DataError,
-        QuarantinedBundlesError,
+        QuarantinedBundlesError, EvidenceError,
     )},
 }

@@ -183,7 +183,7 @@ def test_a_study_turns_prior_matching_off_only_with_a_real_boolean() -> None:
 
 def test_distill_matches_the_pooled_label_count_shares_when_every_site_released_them(tmp_path: Path, data_root, capsys) -> None:  # noqa: F811
     models = [with_label_counts(make_real_model_dir(tmp_path / f"site-{c}", site=f"site-{c}"), torch.tensor(counts))
-              for c, counts in (("a", [10.0, 30.0]), ("b", [20.0, 40.0]))]
+              for c, counts in (("a", [120.0, 360.0]), ("b", [240.0, 480.0]))]   # both sides clear the counts' noise
     common = _distill_command(models, tmp_path / "public", 40, data_root)
     assert main([*common[1:], "--out", str(tmp_path / "shares")]) == 0
     assert "(to the sites' pooled label counts)" in capsys.readouterr().out

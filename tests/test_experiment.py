@@ -42,6 +42,7 @@ stats_epsilon = 1.0
 preset = "smoke"
 methods = ["inversion"]
 epochs = 1
+class_evidence = "report"   # 2 tiny hospitals: their counts cannot clear the noise, and these tests need both models
 
 [privacy_audit]
 enabled = true
@@ -93,6 +94,12 @@ def test_csv_report_and_plots_agree(study_run) -> None:
     # the cell's epsilon covers every release: the classifier's (DP-SGD, label histogram, threshold) and the statistics'
     assert float(dp["epsilon_classifier_max"]) <= 7.0 + 1e-6 < float(dp["epsilon_composed_max"]) <= 8.0 + 1e-6
     assert rows[0]["epsilon_classifier_max"] == "" and int(rows[0]["bytes_transferred"]) > 0
+    # the class-evidence finding: not judged without label counts; with them, the distillation report's count
+    # (whether the tiny hospitals' counts clear their noise depends on the noise drawn)
+    evidence = json.loads((out / "cells" / "pneumoniamnist-a0.5-eps8-inversion-s0" / "server" / "global" / "report.json")
+                          .read_text())["class_evidence"]
+    assert evidence["judged"] and evidence["choice"] == "report"
+    assert [(r["refused"], r["unsupported_classes"]) for r in rows] == [("0", ""), ("0", str(len(evidence["unsupported_classes"])))]
     # the centralised reference: one pooled model per (flag, epsilon, seed), trained once and cached
     assert all(0 <= float(r["centralised_auc"]) <= 1 and 0 <= float(r["centralised_acc"]) <= 1 for r in rows)
     assert len(list((out / "cache").glob("centralised-*.json"))) == 2

@@ -109,7 +109,8 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
                      method=SynthesisMethod(args.synthesis, args.generator_share, args.generator_steps, args.proxy_share),
                      imagenet_weights=args.imagenet_weights or "", proxy_images=args.proxy_images or "", data_root=args.data_root,
                      snapshot_memory_mib=args.snapshot_memory_mib, prior_matching=not args.no_prior_matching,
-                     prior_target=args.prior_target, site_recalibration=not args.no_site_recalibration)
+                     prior_target=args.prior_target, site_recalibration=not args.no_site_recalibration,
+                     class_evidence=args.class_evidence)
     test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval and dist.is_main else None
     if dist.is_main:
         _say(f"distilling from {len(sites)} site models ({', '.join(s.name for s in sites)}): preset {preset}, "
@@ -155,6 +156,7 @@ def _demo(args: argparse.Namespace) -> Result:
     cfg = DemoConfig(out=out, flag=args.flag, data_root=args.data_root, preset=args.preset, sites=args.sites, alpha=args.alpha,
                      seed=args.seed, tamper=not args.no_tamper, centralised=not args.no_centralised, execution=_execution(args),
                      dp_epsilon=args.dp_epsilon, stats_epsilon=args.stats_epsilon, teacher_weighting=args.teacher_weighting,
+                     class_evidence=args.class_evidence,
                      threshold_epsilon=args.threshold_epsilon, public_fraction=args.public_fraction, synthesis=args.synthesis,
                      stop_after=args.stop_after, size=args.size)
     result = run_demo(cfg, say=_say)
@@ -219,6 +221,13 @@ def _add_weighting_option(parser: argparse.ArgumentParser) -> None:
                              "method; the default of --preset paper and smoke), label-counts (the sites' released DP class counts)")
 
 
+def _add_class_evidence_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--class-evidence", choices=("require", "report"), default="require",
+                        help="when every site released label counts and none shows records of both sides of a class beyond "
+                             "the counts' noise, no site model can rank that class: require (the default) refuses with exit "
+                             "status 17 before any work, report distils anyway and says so in the report")
+
+
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     from .keys_cmd import add_trust_option
     from .secrets import add_passphrase_option
@@ -257,6 +266,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     distill.add_argument("--epochs", type=int, help="override the preset's epochs")
     distill.add_argument("--noise-adapted", choices=("train-mode", "eval", "none"), help="override the noise-adapted teacher")
     _add_weighting_option(distill)
+    _add_class_evidence_option(distill)
     distill.add_argument("--eval", metavar="FLAG", help="report metrics on this MedMNIST set's test split each epoch (never selects)")
     distill.add_argument("--data-root", metavar="DIR", help="MedMNIST folder for --eval and a MedMNIST --proxy-images set")
     distill.add_argument("--image-size", type=int, default=28,
@@ -316,6 +326,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                       help="ingest: stop once the server has accepted the bundles and print the `torchrun ... distill` "
                            "command for the server half (N GPUs or CPU processes; README, \"several GPUs\")")
     _add_weighting_option(demo)
+    _add_class_evidence_option(demo)
     _add_execution_options(demo, threads_note="; the demo also trains its hospitals in up to N worker processes of one "
                                          "thread each (1: one after another in this process, the same model files)")
     demo.set_defaults(handler=_demo)

@@ -46,6 +46,9 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     prior_matching = true          # optional (proxy methods): match the student's class prior after distillation
     site_recalibration = true      # optional: with consensus and every site's label counts, move each site's
                                    # decision point to the pooled counts' class shares first
+    class_evidence = "require"     # optional: require (default) | report (server.class_evidence). A run refused
+                                   # because no hospital's label counts show both sides of a class is a row too:
+                                   # refused = 1, no model metrics; report distils it and records unsupported_classes
 
     [privacy_audit]
     enabled = true                 # loss-attack membership inference on every site model and the global model,
@@ -96,7 +99,7 @@ from ..data import Partition, load_medmnist, to_dataset
 from ..data.medmnist_data import medmnist_file
 from ..demo import (DemoConfig, public_images_path, DemoPreset, centralised_reference, create_identities, demo_partition, export_all, train_sites,
                     write_policies)
-from ..errors import ConfigError
+from ..errors import ConfigError, EvidenceError
 from ..keys import load_identity, load_trust_store
 from ..keys.keyfile import UnsafePlaintextKeyWarning
 from ..policy.load import load_ingest_policy
@@ -203,18 +206,31 @@ def _largest(values: list[float]) -> float | None:
     return max(values) if values and math.isfinite(max(values)) else None
 
 
+def _cell_fields(cell: Cell) -> dict[str, Any]:
+    """The grid fields of a run's row (GROUP_FIELDS and the seed)."""
+    return {"flag": cell.flag, "alpha": "iid" if math.isinf(cell.alpha) else cell.alpha,
+            "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
+            "generator_epsilon": _csv_epsilon(cell.generator_epsilon), "withheld": "+".join(cell.withheld) or "none",
+            "method": cell.method, "seed": cell.seed}
+
+
 def _row(cell: Cell, metrics: dict[str, dict[str, float]], site_names: list[str], model_dirs: list[Path],
          bytes_sent: int, seconds: float) -> dict[str, Any]:
-    row: dict[str, Any] = {"flag": cell.flag, "alpha": "iid" if math.isinf(cell.alpha) else cell.alpha,
-                           "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
-                           "generator_epsilon": _csv_epsilon(cell.generator_epsilon), "withheld": "+".join(cell.withheld) or "none",
-                           "method": cell.method, "seed": cell.seed}
+    row = _cell_fields(cell)
     sites = [metrics[n] for n in site_names if n in metrics]
     metrics = {MODELS["ensemble_equal"]: metrics.get(MODELS["ensemble"], {}), **metrics}
     for k in METRICS:
         row[f"sites_{k}"] = float(np.mean([m[k] for m in sites]))
         for short, name in list(MODELS.items())[1:]:
             row[f"{short}_{k}"] = metrics.get(name, {}).get(k, float("nan"))
+    row.update(_epsilons(model_dirs, cell.withheld))
+    row["bytes_transferred"], row["seconds"] = bytes_sent, round(seconds, 1)
+    return row
+
+
+def _refused_row(cell: Cell, refusal: EvidenceError, model_dirs: list[Path], bytes_sent: int, seconds: float) -> dict[str, Any]:
+    """The row of a run whose distillation the class-evidence check refused: no model metrics (no model was made)."""
+    row = {**_cell_fields(cell), "refused": 1, "unsupported_classes": len(refusal.data.get("unsupported_classes", []))}
     row.update(_epsilons(model_dirs, cell.withheld))
     row["bytes_transferred"], row["seconds"] = bytes_sent, round(seconds, 1)
     return row
@@ -263,12 +279,22 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
     job = DistillJob(preset=study.server_preset, seed=cell.seed, method=SynthesisMethod(cell.method), image_size=study.size,
                      epochs=int(study.server_epochs) if study.server_epochs is not None else None,
                      teacher_weighting=study.teacher_weighting, prior_matching=study.prior_matching,
-                     site_recalibration=study.site_recalibration,
+                     site_recalibration=study.site_recalibration, class_evidence=study.class_evidence,
                      proxy_images=_proxy_images(study, cell, out, data_root) if cell.method in PROXY_METHODS else "",
                      data_root=data_root)
     sites = load_accepted(server.accepted, ids["server"], trust)  # what the server holds: withheld artifacts are absent
-    result = run_distillation(sites, run / "server" / "global", job, test_set=test, audit_to=(server.audit_log, ids["server"]))
+    try:
+        result = run_distillation(sites, run / "server" / "global", job, test_set=test, audit_to=(server.audit_log, ids["server"]))
+    except EvidenceError as e:
+        say(f"  refused: {e.message}")
+        row = _refused_row(cell, e, model_dirs, bytes_sent, time.perf_counter() - started)
+        if study.centralised:
+            row.update(centralised_row(out, study, cell, data_root))
+        return row
     row = _row(cell, result.metrics, names, model_dirs, bytes_sent, time.perf_counter() - started)
+    evidence = result.report.get("class_evidence", {})
+    row["refused"] = 0
+    row["unsupported_classes"] = len(evidence["unsupported_classes"]) if evidence.get("judged") else None
     if study.centralised:
         row.update(centralised_row(out, study, cell, data_root))
     if study.privacy_audit:

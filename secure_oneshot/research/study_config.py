@@ -21,6 +21,7 @@ from ..models.specs import config_default_architecture
 from ..server.sources import METHODS, PROXY_METHODS
 from ..server.study import LARGE_IMAGE
 from ..server.study import PRESETS as SERVER_PRESETS
+from ..server.class_evidence import EVIDENCE_CHOICES
 from ..server.weighting import WEIGHTINGS
 from .study_table import alpha_label
 
@@ -54,6 +55,7 @@ class Study:
     teacher_weighting: str | None = None                    # server.weighting scheme; None: the server preset's default
     prior_matching: bool = True                             # proxy cells: the student's class prior matched (class_prior)
     site_recalibration: bool = True                         # consensus with label counts: sites' decision points moved
+    class_evidence: str = "require"                         # require | report (server.class_evidence): refused runs are rows too
     site_dp_preset: str = "dp"                              # the sites' recipe in DP cells (site_preset in the others)
     threshold_epsilon: float | None = None                  # DP binary cells: decision threshold budget; None: demo's share
     centralised: bool = False                               # also train one model on all records pooled (same recipe, epsilon)
@@ -177,7 +179,8 @@ _SCHEMA: dict[str, dict[str, str]] = {
     "site": {"architecture": "string", "preset": "string", "dp_preset": "string", "epochs": "integer", "epsilons": "raw",
              "stats_epsilon": "number", "threshold_epsilon": "number"},
     "server": {"preset": "string", "methods": "list of strings", "epochs": "integer", "teacher_weighting": "string",
-               "prior_matching": "boolean", "site_recalibration": "boolean", "proxy_images": "raw"},
+               "prior_matching": "boolean", "site_recalibration": "boolean", "proxy_images": "raw",
+               "class_evidence": "string"},
     "generator": {"preset": "string", "epochs": "integer", "batch_size": "integer", "lr": "number", "epsilons": "raw"},
     "policy": {"withhold": "raw"},
     "privacy_audit": {"enabled": "boolean", "shadows": "integer"},
@@ -234,6 +237,7 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
                                                                                      "server.teacher_weighting"),
             prior_matching=server.get("prior_matching", True),
             site_recalibration=server.get("site_recalibration", True),
+            class_evidence=_choice(server.get("class_evidence", "require"), EVIDENCE_CHOICES, "server.class_evidence"),
             site_dp_preset=_choice(site.get("dp_preset", "dp"), TRAIN_PRESETS, "site.dp_preset"),
             threshold_epsilon=None if site.get("threshold_epsilon") is None else float(site["threshold_epsilon"]),
             centralised=study.get("centralised", False), public_fraction=float(study.get("public_fraction", 0.0)),

@@ -23,7 +23,8 @@ ROW_FIELDS = [*GROUP_FIELDS, "seed",
               "epsilon_classifier_max", "epsilon_generator_max", "epsilon_composed_max", "bytes_transferred", "seconds",
               "mia_sites_auc_max", "mia_sites_epsilon_max", "mia_global_auc", "lira_sites_auc_max",
               "mia_generators_auc_max", "lira_generators_auc_max", "generator_near_copies_max",
-              "synthetic_near_copies", "synthetic_median_ratio"]
+              "synthetic_near_copies", "synthetic_median_ratio",
+              "refused", "unsupported_classes"]  # distillation refused (1) by the class-evidence check; classes no site shows
 
 
 def alpha_label(alpha: Any, prefix: str = "") -> str:
@@ -69,15 +70,21 @@ def markdown_summary(study: Any, rows: list[dict[str, Any]]) -> str:
                "global ACC": "global_acc", "global bal. ACC": "global_balanced_acc", "centralised ACC": "centralised_acc"}
     privacy = {"MIA AUC (worst site)": "mia_sites_auc_max", "MIA AUC (global)": "mia_global_auc",
                "MIA AUC (worst generator)": "mia_generators_auc_max"}
-    header = ["flag", "alpha", "epsilon", "generator epsilon", "withheld", "method", "seeds", *utility, "composed epsilon", *privacy]
+    refusals = any(r.get("refused") for r in rows)   # the column only where the class-evidence check refused a run
+    header = ["flag", "alpha", "epsilon", "generator epsilon", "withheld", "method", "seeds", *(["refused"] if refusals else []),
+              *utility, "composed epsilon", *privacy]
     lines = [f"# Study {study.name}", "", f"{len(rows)} finished (cell, seed) runs; mean +- std over seeds. "
              "The global model is the last epoch's; the test split is only evaluated. \"withheld\": artifacts the sites "
-             "left out of their bundles." + (" Each run's privacy audit of every site, as a page for a data-protection impact assessment: "
+             "left out of their bundles." + (" \"refused\": runs whose distillation was refused because no hospital's "
+             "released label counts show records of both sides of a class (no model, so not among \"seeds\")."
+             if refusals else "") + (" Each run's privacy audit of every site, as a page for a data-protection impact assessment: "
              "`cells/<run>/audit/<site>.md`." if study.privacy_audit else ""), "", "| " + " | ".join(header) + " |",
              "|" + " --- |" * len(header)]
     for key, s in summarise(rows).items():
         composed = s["epsilon_composed_max"]
+        refused = s["refused"]
         values = [key.flag, alpha_label(key.alpha), key.epsilon, key.generator_epsilon, key.withheld, key.method, s["global_auc"][2],
+                  *([round(refused[0] * refused[2]) if refused[2] else 0] if refusals else []),
                   *(_mean_std(s[f]) for f in utility.values()),
                   "-" if math.isnan(composed[0]) else f"{composed[0]:.2f}", *(_mean_std(s[f]) for f in privacy.values())]
         lines.append("| " + " | ".join(str(v) for v in values) + " |")

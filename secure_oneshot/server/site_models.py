@@ -8,6 +8,7 @@ What this module does not do: distil (:mod:`~secure_oneshot.server.study`).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .ingest import IngestFolders
 from .sources import SiteGenerator
 from .synthesis import tracks_running_stats
 
-__all__ = ["SiteModel", "load_accepted", "load_model_dirs", "fedavg", "baselines", "is_multi_label", "bn_statistics_released",
+__all__ = ["SiteModel", "load_accepted", "load_model_dirs", "label_count_noise", "fedavg", "baselines", "is_multi_label", "bn_statistics_released",
            "use_batch_statistics"]
 
 
@@ -43,6 +44,7 @@ class SiteModel:
     generator: SiteGenerator | None = None
     bundle_id: str = ""
     label_counts: torch.Tensor | None = None  # (classes,) DP-noised class counts the site released, if any
+    label_counts_noise: float = 0.0          # their Gaussian noise's standard deviation in records (0: released exact)
     multi_label: bool = False                 # one sigmoid output per label (the record's classifier "task")
     privacy_statement: dict[str, Any] | None = None  # the bundle's signed statement (policy.privacy_statement), if any
 
@@ -117,6 +119,26 @@ def _label_counts(name: str, tensors: dict[str, torch.Tensor], num_classes: int)
     return counts.float()
 
 
+def label_count_noise(record: Any) -> float:
+    """The standard deviation, in records, of the noise on released label counts, from their DP record (JSON).
+
+    The release is one Gaussian draw of sensitivity 1 (:mod:`~secure_oneshot.client.label_counts`), so its record
+    has one history step ``(sigma, 1.0, 1)`` and ``max_grad_norm`` 1: the noise is ``sigma * max_grad_norm``.  A
+    record of any other shape is not read as a smaller noise: it gives infinity (nothing shown beyond the noise).
+    No record: counts released without DP, 0.
+    """
+    if record is None:
+        return 0.0
+    try:
+        history = record["history"]
+        if len(history) != 1 or float(history[0]["sample_rate"]) != 1.0 or int(history[0]["steps"]) != 1:
+            return math.inf
+        noise = float(history[0]["noise_multiplier"]) * float(record["max_grad_norm"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return math.inf
+    return noise if math.isfinite(noise) and noise >= 0 else math.inf
+
+
 def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], generator_meta: dict[str, Any] | None = None,
                 bundle_id: str = "") -> SiteModel:
     tensors = {key: to_torch(tensor) for key, tensor in tensors.items()}  # received as NumPy arrays (bundle.arrays)
@@ -151,6 +173,7 @@ def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: Tru
         artifacts = opened.manifest.meta.get("artifacts", {})
         site = _site_model(opened.sender.name, dict(opened.tensors), artifacts.get("classifier", {}),
                            artifacts.get("generator"), opened.header.bundle_id)
+        site.label_counts_noise = label_count_noise(opened.manifest.dp.get("label_counts"))
         statement = opened.manifest.meta.get("privacy_statement")
         site.privacy_statement = parse_statement(statement) if statement is not None else None  # checked at ingest
         models.append(site)
@@ -165,7 +188,10 @@ def load_model_dirs(directories: list[Path]) -> list[SiteModel]:
     for directory in directories:
         candidate = load_model_dir(directory)
         meta = candidate.artifacts_meta
-        sites.append(_site_model(directory.name, candidate.tensors, meta.get("classifier", {}), meta.get("generator")))
+        site = _site_model(directory.name, candidate.tensors, meta.get("classifier", {}), meta.get("generator"))
+        record = candidate.dp.get("label_counts")
+        site.label_counts_noise = label_count_noise(record.to_json() if record is not None else None)
+        sites.append(site)
     return sites
 
 

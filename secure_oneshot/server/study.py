@@ -31,6 +31,7 @@ from ..keys import Identity
 from ..metrics import evaluate_model
 from ..models.classifier import ARCHITECTURES, ClassifierConfig
 from ..models.imagenet_init import initial_classifier
+from .class_evidence import EVIDENCE_CHOICES, check_class_evidence
 from .class_prior import LABEL_COUNTS, PRIOR_TARGETS, PriorMatch
 from .checkpoint import Checkpoint, check_fingerprint, clear_checkpoints, load_latest, model_digest, restore, save_checkpoint
 from .distill import DistillConfig, TrainingState, distill, student_norm
@@ -92,6 +93,7 @@ class DistillJob:
     prior_matching: bool = True               # with public images: match the student's class prior (class_prior)
     prior_target: str | None = None           # teacher | label_counts; None: label_counts when every site released them
     site_recalibration: bool = True           # consensus with every site's label counts: sites' decision points moved (site_calibration)
+    class_evidence: str = "require"           # require | report: a class no site's label counts show both sides of (class_evidence)
 
     def __post_init__(self) -> None:
         if self.preset == "paper" and self.image_size > LARGE_IMAGE and not self.imagenet_weights:
@@ -115,6 +117,9 @@ class DistillJob:
         if self.prior_target is not None and self.prior_target not in PRIOR_TARGETS:
             raise ConfigError(f"unknown prior-matching target {printable(str(self.prior_target), 40)!r}",
                               hint=f"use one of {', '.join(PRIOR_TARGETS)}")
+        if self.class_evidence not in EVIDENCE_CHOICES:
+            raise ConfigError(f"unknown class-evidence choice {printable(str(self.class_evidence), 40)!r}",
+                              hint=f"use one of {', '.join(EVIDENCE_CHOICES)}")
         if self.teacher_weighting == "consensus" and not self.proxy_images:
             raise ConfigError("teacher weighting 'consensus' judges the sites on public images, and none were given",
                               hint="pass --proxy-images FLAG:SPLIT or a folder of public images, or use --teacher-weighting agreement")
@@ -216,9 +221,12 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     Raises:
         ConfigError: ``out`` holds an unfinished run's checkpoint and ``resume`` is off, or a checkpoint of
             another job (fingerprint).
+        EvidenceError: ``job.class_evidence`` is ``require`` and the sites' released label counts show no hospital
+            with records of both sides of some class (:mod:`~.class_evidence`); checked before any work.
     """
     job = job or DistillJob()
     dist = distributed or Distributed()
+    evidence = check_class_evidence(sites, job.class_evidence)
     synth, dcfg = job.configs(sites)
     torch.manual_seed(job.seed)
     student_cfg = ClassifierConfig(job.student_arch or sites[0].config.architecture, synth.channels, synth.num_classes,
@@ -289,6 +297,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
               "task": "multi-label" if synth.multi_label else "one class per image",
               "prior_matching": None if matched is None else matched.record(),
               "site_recalibration": None if calibration is None else calibration.record(),
+              "class_evidence": {"choice": job.class_evidence, **evidence.record()},
               "teacher_weighting": {"scheme": scheme,
                                     "weights": None if weights is None else [[round(float(w), 4) for w in row]
                                                                              for row in normalise_weights(weights, len(sites))]},
@@ -405,6 +414,21 @@ def markdown_report(metrics: dict[str, dict[str, float]], report: dict[str, Any]
                 "on the public images fall into the pooled label counts' class shares "
                 f"({', '.join(f'{v:.3f}' for v in calibration['target_shares'])}); the sites' own rows use the models as sent."
                 if calibration["applied"] else f"not applied: {calibration['reason']}.")]
+        evidence = report.get("class_evidence")
+        if evidence:
+            lines += ["", _evidence_line(evidence)]
         if "privacy" in report:
             lines += ["", *position_markdown(report["privacy"])]
     return "\n".join(lines) + f"\n\nModel selection: {SELECTION}.\n"
+
+
+def _evidence_line(evidence: dict[str, Any]) -> str:
+    """The class-evidence finding (:mod:`~.class_evidence`) as one sentence of the report."""
+    if not evidence.get("judged"):
+        return f"Class evidence not judged: {evidence['reason']}."
+    shown = "; ".join(f"class {c}: {', '.join(names) or 'none'}" for c, names in enumerate(evidence["supporting_sites"]))
+    if not evidence["unsupported_classes"]:
+        return f"Class evidence: sites whose released label counts show both sides of each class ({shown})."
+    return (f"**Class evidence: no site's released label counts show both sides of class(es) "
+            f"{', '.join(map(str, evidence['unsupported_classes']))}** ({shown}); distilled anyway "
+            f"(`class_evidence = {evidence['choice']}`): this model's ranking of them is not supported by any hospital's data.")
