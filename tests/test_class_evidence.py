@@ -4,7 +4,6 @@ study draw that gave 0.148 test AUC)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

@@ -4,7 +4,6 @@ declared architecture, a bundle sealed by hand with the site key, and an audit a
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
