@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -12,6 +13,7 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
 from safetensors.torch import save_file  # noqa: E402
+from torch import nn  # noqa: E402
 
 from secure_oneshot.client.site_config import site_config_from_text  # noqa: E402
 from secure_oneshot.errors import ConfigError  # noqa: E402
@@ -187,3 +189,30 @@ def test_the_servers_student_architecture_is_checked_up_front() -> None:
     with pytest.raises(ConfigError, match="unknown student architecture 'vgg19'") as caught:
         DistillJob(student_arch="vgg19")
     assert "vgg11-bn" in caught.value.hint and caught.value.exit_code == 3
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_small_cnn_pools_before_its_relu_and_computes_exactly_conv_norm_relu_pool(norm: str) -> None:
+    """The same weights in the textbook order give bit-equal logits and gradients (input and every parameter), in
+    training mode (batch statistics) and in eval mode: models trained with either order are interchangeable."""
+    torch.manual_seed(0)
+    model = build_classifier(ClassifierConfig("small-cnn", 1, 2, norm))
+    kinds = [type(m).__name__ for m in model.features]
+    assert kinds[2:4] == ["MaxPool2d", "ReLU"]
+    reference = copy.deepcopy(model)
+    layers = list(reference.features)
+    for i in range(0, len(layers), 4):   # conv, norm, pool, relu -> conv, norm, relu, pool
+        layers[i + 2], layers[i + 3] = layers[i + 3], layers[i + 2]
+    reference.features = nn.Sequential(*layers)
+    assert [type(m).__name__ for m in reference.features][2:4] == ["ReLU", "MaxPool2d"]
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    for train in (True, False):
+        model.train(train), reference.train(train)
+        outputs, grads = [], []
+        for m in (model, reference):
+            xi = x.clone().requires_grad_(True)
+            y = m(xi)
+            outputs.append(y)
+            grads.append(torch.autograd.grad((y * torch.arange(1.0, 3.0)).sum(), [xi, *m.parameters()]))
+        assert torch.equal(outputs[0], outputs[1])
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
