@@ -39,7 +39,9 @@ Schemes (``--teacher-weighting``; the default is :func:`default_weighting`):
   under ``agreement``; so does one that agrees on synthetic images but not on
   real ones, which ``agreement`` cannot see.  The images carry no labels and no
   site record, so this spends no privacy budget.  What it does not catch: a
-  majority of sites that agree with each other and are wrong together.  Where
+  majority of sites that agree with each other and are wrong together (when
+  that is because every hospital held one class, :mod:`~.class_evidence`
+  refuses the run before any weighting).  Where
   every site released its label counts, the server first moves each site's
   decision point to the pooled counts' class shares on the public images
   (:mod:`~.site_calibration`, done by the caller on copies of the sites), so
