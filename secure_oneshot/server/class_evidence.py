@@ -26,7 +26,8 @@ What :func:`check_class_evidence` does with an unsupported class is the run's ``
 
 It cannot judge when a site released no label counts (nothing is known of its classes): the finding is then
 "unknown" and the run goes on under either choice.  Nor does it judge multi-label tasks, whose counts are per label.
-What it does not catch: a hospital with both classes whose model is still poor; and a one-class federation whose
+What it does not catch: a site that misreports its counts (they are its own signed claim, like its weights); a
+hospital with both classes whose model is still poor; and a one-class federation whose
 noise happens to pass (0.13 % per one-class hospital and class; the utility study met one, a 3.6-sigma draw, whose
 global model ranked at 0.150 AUC: benchmarks/RESULTS.md).  It refuses some splits where hospitals did hold both
 classes but too few records of one of them for the counts' noise (with the default label-count epsilon, sigma is
