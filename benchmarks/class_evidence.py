@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from secure_oneshot.client.label_counts import calibrate_sigma  # noqa: E402
-from secure_oneshot.server.class_evidence import EVIDENCE_Z, class_evidence  # noqa: E402
+from secure_oneshot.server.class_evidence import EVIDENCE_Z, class_evidence, shown_smaller_side  # noqa: E402
 from secure_oneshot.server.site_models import load_model_dirs  # noqa: E402
 
 CLASSIFIER_SHARE = 0.8   # a study cell's classifier record spends about this share of the cell's epsilon (measured)
@@ -56,12 +56,7 @@ def evidence_rows(study: Path, cells: Path) -> list[str]:
         sites = load_model_dirs(sorted((folder / "sites").glob("hospital-*/model")))
         if sites[0].config.num_classes != 2:
             continue
-        shown = []
-        for s in sites:
-            counts = s.label_counts.double().clamp(min=0)
-            smaller = float(counts.min())
-            shown.append((smaller, smaller / s.label_counts_noise if s.label_counts_noise > 0 else float("inf")))
-        smaller, z = max(shown)
+        smaller, z = max(shown_smaller_side(s) for s in sites)
         true = max(min(s["label_counts"]) for s in part["sites"])
         epsilon = cell_epsilon(folder)
         result = cells / f"{part['flag']}-a{p['alpha']}-eps{epsilon:g}-proxy-s{p['seed']}" / "result.json"

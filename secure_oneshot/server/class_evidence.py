@@ -45,7 +45,7 @@ import torch
 from ..errors import ConfigError, EvidenceError
 from .site_models import SiteModel
 
-__all__ = ["EVIDENCE_CHOICES", "EVIDENCE_Z", "ClassEvidence", "class_evidence", "check_class_evidence"]
+__all__ = ["EVIDENCE_CHOICES", "EVIDENCE_Z", "ClassEvidence", "class_evidence", "check_class_evidence", "shown_smaller_side"]
 
 EVIDENCE_CHOICES = ("require", "report")
 EVIDENCE_Z = 3.0   # noise standard deviations each side of a class must clear (one-sided false pass 0.13 % per test)
@@ -101,7 +101,7 @@ def check_class_evidence(sites: list[SiteModel], choice: str = "require") -> Cla
         raise ConfigError(f"unknown class-evidence choice {choice!r}", hint=f"use one of {', '.join(EVIDENCE_CHOICES)}")
     evidence = class_evidence(sites)
     if choice == "require" and evidence.unsupported:
-        largest = max(_shown(s) for s in sites)
+        largest = max(shown_smaller_side(s) for s in sites)
         raise EvidenceError(
             f"no hospital's released label counts show records of both sides of class(es) "
             f"{', '.join(map(str, evidence.unsupported))} beyond their noise (largest smaller side {largest[0]:.0f} records, "
@@ -110,8 +110,9 @@ def check_class_evidence(sites: list[SiteModel], choice: str = "require") -> Cla
     return evidence
 
 
-def _shown(site: SiteModel) -> tuple[float, float]:
-    """The site's smaller side over all classes (records, and in noise standard deviations)."""
+def shown_smaller_side(site: SiteModel) -> tuple[float, float]:
+    """The largest over classes of the site's smaller side (released count of the class or of the rest, negatives as 0):
+    in records, and in noise standard deviations."""
     counts = site.label_counts.detach().double().cpu().reshape(-1).clamp(min=0)
     smaller = float(torch.minimum(counts, counts.sum() - counts).max())
     return smaller, smaller / site.label_counts_noise if site.label_counts_noise > 0 else math.inf
