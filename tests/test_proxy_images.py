@@ -188,13 +188,16 @@ def test_distill_with_public_images_weighs_the_teacher_by_consensus_on_them(tmp_
     import secure_oneshot.server.weighting as weighting
 
     monkeypatch.setattr(weighting, "EQUAL_PRESETS", ("paper",))   # smoke's own default is equal: test the rule on it
-    models = [make_real_model_dir(tmp_path / f"site-{c}", site=f"site-{c}") for c in "ab"]
+    # laid out as `train` writes them: every site's model directory is called "model"
+    models = [make_real_model_dir(tmp_path / f"site-{c}" / "model", site=f"site-{c}") for c in "ab"]
     for i in range(6):
         png(tmp_path / "public" / f"{i}.png", (28, 28), value=40 * i)
     out = tmp_path / "global"
     assert main(["--json", "distill", *[a for m in models for a in ("--model", str(m))], "--preset", "smoke", "--epochs", "1",
                  "--synthesis", "proxy", "--proxy-images", str(tmp_path / "public"), "--out", str(out), "--threads", "1"]) == 0
-    weighting_record = json.loads((out / "report.json").read_text())["teacher_weighting"]
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["sites"]] == ["site-a/model", "site-b/model"]   # one row per site, not one "model"
+    weighting_record = report["teacher_weighting"]
     assert weighting_record["scheme"] == "consensus"   # the default where the server holds public images
     assert len(weighting_record["weights"]) == 2 and all(len(row) == 2 for row in weighting_record["weights"])
 
@@ -300,3 +303,14 @@ def test_a_stopped_cell_starts_over_instead_of_meeting_its_old_bundles(tmp_path:
     monkeypatch.setattr(experiment, "export_all", export_all)
     with pytest.raises(Stop):
         experiment.run_cell(study, cell, tmp_path, None, say=lambda line: None)
+
+
+def test_site_models_from_directories_get_names_that_tell_them_apart(tmp_path: Path) -> None:
+    from secure_oneshot.server.site_models import distinct_names
+
+    assert distinct_names([tmp_path / "h1" / "model", tmp_path / "h2" / "model"]) == ["h1/model", "h2/model"]
+    assert distinct_names([tmp_path / "m1", tmp_path / "m2"]) == ["m1", "m2"]
+    assert distinct_names([tmp_path / "a" / "x" / "model", tmp_path / "b" / "x" / "model", tmp_path / "y"]) == \
+        ["a/x/model", "b/x/model", "y"]
+    same = distinct_names([tmp_path / "model", tmp_path / "model"])
+    assert len(set(same)) == 2 and all(n.endswith("model#1") or n.endswith("model#2") for n in same)

@@ -31,7 +31,7 @@ from .ingest import IngestFolders
 from .sources import SiteGenerator
 from .synthesis import tracks_running_stats
 
-__all__ = ["SiteModel", "load_accepted", "load_model_dirs", "label_count_noise", "fedavg", "baselines", "is_multi_label", "bn_statistics_released",
+__all__ = ["SiteModel", "load_accepted", "load_model_dirs", "distinct_names", "label_count_noise", "fedavg", "baselines", "is_multi_label", "bn_statistics_released",
            "use_batch_statistics"]
 
 
@@ -182,13 +182,32 @@ def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: Tru
     return sorted(models, key=lambda s: (s.name, s.bundle_id))  # bundle ids are random: order by site
 
 
+def distinct_names(directories: list[Path]) -> list[str]:
+    """A short name per directory that no other directory shares: its last path part, with as many parent parts as it
+    takes to tell it apart (``train`` writes every site's model to ``<out>/model``, so the last part alone collapses
+    every site into one row of the reports), then ``#k`` when the paths themselves are equal."""
+    parts = [Path(d).absolute().relative_to(Path(d).absolute().anchor).parts or (str(d),) for d in directories]
+    names = [p[-1] for p in parts]
+    for depth in range(2, max((len(p) for p in parts), default=1) + 1):
+        clashing = {n for n in names if names.count(n) > 1}
+        if not clashing:
+            break
+        names = ["/".join(p[-depth:]) if n in clashing else n for n, p in zip(names, parts)]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if names.count(name) == 1 else f"{name}#{seen[name]}")
+    return unique
+
+
 def load_model_dirs(directories: list[Path]) -> list[SiteModel]:
-    """Research mode: site models straight from model directories."""
+    """Research mode: site models straight from model directories, each named by :func:`distinct_names`."""
     sites = []
-    for directory in directories:
+    for directory, name in zip(directories, distinct_names(directories)):
         candidate = load_model_dir(directory)
         meta = candidate.artifacts_meta
-        site = _site_model(directory.name, candidate.tensors, meta.get("classifier", {}), meta.get("generator"))
+        site = _site_model(name, candidate.tensors, meta.get("classifier", {}), meta.get("generator"))
         record = candidate.dp.get("label_counts")
         site.label_counts_noise = label_count_noise(record.to_json() if record is not None else None)
         sites.append(site)
