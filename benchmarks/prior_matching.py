@@ -48,6 +48,23 @@ def hard_rate_offsets(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return torch.tensor([0.0, -float(margins[k - 1] + margins[k]) / 2], dtype=torch.float64)
 
 
+def cache_of(cell: Path, caches: list[Path]) -> Path:
+    """The cached site set a cell distilled from: same flag, alpha and seed, and the same composed epsilon of what the
+    sites released (a study caches one site set per DP epsilon of each seed, and one without DP)."""
+    from secure_oneshot.research.experiment import _epsilons
+
+    row = json.loads((cell / "result.json").read_text())
+    for cache in caches:
+        partition = json.loads((cache / "partition.json").read_text())
+        if (partition["flag"], partition["partition"]["alpha"], partition["partition"]["seed"]) != \
+                (row["flag"], row["alpha"], row["seed"]):
+            continue
+        models = sorted((cache / "sites").glob("hospital-*/model"))
+        if _epsilons(models, ())["epsilon_composed_max"] == row["epsilon_composed_max"]:
+            return cache
+    raise SystemExit(f"{cell.name}: no cached site set in the study's cache/ matches its row")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", type=Path)
@@ -59,8 +76,7 @@ def main() -> None:
     test = to_dataset(load_medmnist(args.flag, "test", root=args.data_root))
     x = torch.stack([test[i][0] for i in range(len(test))])
     y = np.array([int(test[i][1]) for i in range(len(test))])
-    caches = {json.loads((d / "partition.json").read_text())["partition"]["seed"]: d
-              for d in (args.study / "cache").iterdir() if (d / "partition.json").exists()}
+    caches = [d for d in (args.study / "cache").iterdir() if (d / "done.json").exists()]
 
     def shown(logits: torch.Tensor) -> str:
         m = classification_metrics(y, torch.softmax(logits.double(), dim=1).numpy())
@@ -72,7 +88,7 @@ def main() -> None:
         report = json.loads((cell / "server" / "global" / "report.json").read_text())
         matched = report.get("prior_matching") or {}
         folded = torch.tensor(matched["offsets"], dtype=torch.float64) if matched.get("applied") else None
-        cache = caches[int(cell.name.rsplit("-s", 1)[1])]
+        cache = cache_of(cell, caches)
         s = report["student"]
         student = build_classifier(ClassifierConfig(s["architecture"], s["in_channels"], s["num_classes"], s["norm"]))
         student.load_state_dict(load_file(cell / "server" / "global" / "global.safetensors"))
