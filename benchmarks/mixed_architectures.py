@@ -18,7 +18,6 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 from secure_oneshot.client.site import run_site
 from secure_oneshot.client.site_config import SiteConfig
 from secure_oneshot.data import load_medmnist, to_dataset
-from secure_oneshot.demo import DEMO_PRESETS, DemoConfig, _data_config, _site_train_config, create_identities, demo_partition, \
+from secure_oneshot.demo import DemoConfig, _data_config, _site_train_config, create_identities, demo_partition, \
     export_all, write_policies
 from secure_oneshot.keys import load_identity, load_trust_store
 from secure_oneshot.models.classifier import ARCHITECTURES, ClassifierConfig

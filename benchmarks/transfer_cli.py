@@ -158,7 +158,7 @@ def main(argv: list[str]) -> int:
         make_keys(work, env)
         print(f"age: {shutil.which('age') or 'absent'}; openssl: {shutil.which('openssl') or 'absent'}; "
               f"rusage via {TIME or 'os.wait4 from the Python parent (RSS floor ~14 MiB)'}")
-        print(f"| payload | command | wall s | CPU s | CPU s per GB | peak RSS MiB |")
+        print("| payload | command | wall s | CPU s | CPU s per GB | peak RSS MiB |")
         print("| ---: | --- | ---: | ---: | ---: | ---: |")
         for size in sizes:
             for name, r in measure_size(work, size, env, have_age, args.repeat, baseline).items():
