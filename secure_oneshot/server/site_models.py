@@ -184,21 +184,20 @@ def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: Tru
 
 def distinct_names(directories: list[Path]) -> list[str]:
     """A short name per directory that no other directory shares: its last path part, with as many parent parts as it
-    takes to tell it apart (``train`` writes every site's model to ``<out>/model``, so the last part alone collapses
-    every site into one row of the reports), then ``#k`` when the paths themselves are equal."""
-    parts = [Path(d).absolute().relative_to(Path(d).absolute().anchor).parts or (str(d),) for d in directories]
-    names = [p[-1] for p in parts]
-    for depth in range(2, max((len(p) for p in parts), default=1) + 1):
+    takes to tell it apart from the other paths (``train`` writes every site's model to ``<out>/model``, so the last
+    part alone collapses every site into one row of the reports).  A directory given twice keeps one name: it is
+    the same model."""
+    paths = [Path(d).absolute() for d in directories]
+    unique = list(dict.fromkeys(paths))
+    parts = [p.relative_to(p.anchor).parts or (str(p),) for p in unique]
+    names = [q[-1] for q in parts]
+    for depth in range(2, max(len(q) for q in parts) + 1 if parts else 1):
         clashing = {n for n in names if names.count(n) > 1}
         if not clashing:
             break
-        names = ["/".join(p[-depth:]) if n in clashing else n for n, p in zip(names, parts)]
-    seen: dict[str, int] = {}
-    unique = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        unique.append(name if names.count(name) == 1 else f"{name}#{seen[name]}")
-    return unique
+        names = ["/".join(q[-depth:]) if n in clashing else n for n, q in zip(names, parts)]
+    short = dict(zip(unique, names))
+    return [short[path] for path in paths]
 
 
 def load_model_dirs(directories: list[Path]) -> list[SiteModel]:
