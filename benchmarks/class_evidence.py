@@ -23,11 +23,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from secure_oneshot.client.label_counts import calibrate_sigma  # noqa: E402
-from secure_oneshot.server.class_evidence import EVIDENCE_Z, class_evidence, shown_smaller_side  # noqa: E402
+from secure_oneshot.server.class_evidence import class_evidence, shown_smaller_side, shows_both_sides  # noqa: E402
 from secure_oneshot.server.site_models import load_model_dirs  # noqa: E402
 
 CLASSIFIER_SHARE = 0.8   # a study cell's classifier record spends about this share of the cell's epsilon (measured)
@@ -85,9 +86,9 @@ def budget_rows(study: Path, budgets: list[float], draws: int, seed: int = 0) ->
     for (flag, alpha, seed_), counts in sorted(exact.items()):
         shares = []
         for e in budgets:
-            noisy = counts[None] + rng.normal(0.0, sigmas[e], size=(draws, *counts.shape))
-            supported = (noisy.min(axis=-1) >= max(EVIDENCE_Z * sigmas[e], 1.0)).any(axis=1)
-            shares.append(f"{1 - supported.mean():.3f}")
+            noisy = torch.from_numpy(counts[None] + rng.normal(0.0, sigmas[e], size=(draws, *counts.shape)))
+            passes = shows_both_sides(noisy, sigmas[e]).any(dim=1).all(dim=-1)   # every class shown by some hospital
+            shares.append(f"{1 - passes.double().mean().item():.3f}")
         lines.append(f"| {flag} a{alpha} s{seed_} | {counts.astype(int).tolist()} | " + " | ".join(shares) + " |")
     return lines
 

@@ -64,6 +64,20 @@ def test_with_three_classes_the_rest_must_clear_its_summed_noise() -> None:
     assert class_evidence([site("a", [rest / 2 + 2, rest / 2 + 2, 900.0])]).unsupported == [0, 1]
 
 
+def test_the_rule_on_a_batch_of_released_counts_is_the_rule_per_site() -> None:
+    """shows_both_sides over (draws, sites, classes), as benchmarks/class_evidence.py simulates noise draws with it."""
+    from secure_oneshot.server.class_evidence import shows_both_sides
+
+    batch = torch.tensor([[[36.0, 737.0], [527.0, 660.0]], [[110.0, 900.0], [0.0, 50.0]], [[60.0, 60.0], [900.0, 104.0]]],
+                         dtype=torch.float64)
+    shown = shows_both_sides(batch, SIGMA)
+    for d in range(batch.shape[0]):
+        for s_ in range(batch.shape[1]):
+            evidence = class_evidence([site("a", batch[d, s_].tolist())])
+            assert shown[d, s_].tolist() == [c not in evidence.unsupported for c in range(2)]
+    assert shown.any(dim=1).all(dim=-1).tolist() == [True, True, False]
+
+
 def test_it_cannot_judge_without_every_sites_counts_or_for_multi_label() -> None:
     sites = one_class_hospitals()
     sites[0].label_counts = None

@@ -45,7 +45,7 @@ import torch
 from ..errors import ConfigError, EvidenceError
 from .site_models import SiteModel
 
-__all__ = ["EVIDENCE_CHOICES", "EVIDENCE_Z", "ClassEvidence", "class_evidence", "check_class_evidence", "shown_smaller_side"]
+__all__ = ["EVIDENCE_CHOICES", "EVIDENCE_Z", "ClassEvidence", "class_evidence", "check_class_evidence", "shown_smaller_side", "shows_both_sides"]
 
 EVIDENCE_CHOICES = ("require", "report")
 EVIDENCE_Z = 3.0   # noise standard deviations each side of a class must clear (one-sided false pass 0.13 % per test)
@@ -81,13 +81,20 @@ def class_evidence(sites: list[SiteModel]) -> ClassEvidence:
     classes = int(sites[0].label_counts.numel())
     supporting: list[list[str]] = [[] for _ in range(classes)]
     for site in sites:
-        counts = site.label_counts.detach().double().cpu().reshape(-1)
-        sigma = site.label_counts_noise
+        shown = shows_both_sides(site.label_counts.detach().double().cpu().reshape(-1), site.label_counts_noise)
         for c in range(classes):
-            rest = float(counts.sum() - counts[c])
-            if counts[c] >= max(EVIDENCE_Z * sigma, 1.0) and rest >= max(EVIDENCE_Z * sigma * math.sqrt(classes - 1), 1.0):
+            if shown[c]:
                 supporting[c].append(site.name)
     return ClassEvidence(tuple(tuple(names) for names in supporting))
+
+
+def shows_both_sides(counts: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The rule for one site, on released counts of shape ``(..., classes)`` with noise standard deviation ``sigma``:
+    per class, whether its count clears ``EVIDENCE_Z`` sigma and the rest's count ``EVIDENCE_Z`` sigma sqrt(K - 1)
+    (the rest sums K - 1 noisy counts); at least one record each when the counts are exact (sigma 0)."""
+    classes = counts.shape[-1]
+    rest = counts.sum(dim=-1, keepdim=True) - counts
+    return (counts >= max(EVIDENCE_Z * sigma, 1.0)) & (rest >= max(EVIDENCE_Z * sigma * math.sqrt(classes - 1), 1.0))
 
 
 def check_class_evidence(sites: list[SiteModel], choice: str = "require") -> ClassEvidence:
