@@ -18,6 +18,7 @@ does not depend on them.
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import sys
 from pathlib import Path
@@ -31,8 +32,7 @@ from secure_oneshot.client.label_counts import calibrate_sigma  # noqa: E402
 from secure_oneshot.server.class_evidence import class_evidence, shown_smaller_side, shows_both_sides  # noqa: E402
 from secure_oneshot.server.site_models import load_model_dirs  # noqa: E402
 
-CLASSIFIER_SHARE = 0.8   # a study cell's classifier record spends about this share of the cell's epsilon (measured)
-
+from prior_matching import distilled_from  # noqa: E402  (this folder)
 
 def cached_sets(study: Path) -> list[tuple[Path, dict]]:
     """(folder, partition) of every finished cached site set whose hospitals all released label counts."""
@@ -44,10 +44,13 @@ def cached_sets(study: Path) -> list[tuple[Path, dict]]:
     return found
 
 
-def cell_epsilon(folder: Path) -> float:
-    """The study cell's epsilon from the classifier's recorded epsilon (the cache key does not say it in clear)."""
-    epsilon = float(json.loads((folder / "sites/hospital-1/model/record.json").read_text())["dp"]["classifier"]["epsilon"])
-    return min((8.0, 4.0, 2.0, 1.0), key=lambda e: abs(e * CLASSIFIER_SHARE - epsilon))
+def study_row(folder: Path, cells: Path) -> dict | None:
+    """The finished study run that distilled this site set (prior_matching.distilled_from), if any."""
+    for result in sorted(cells.glob("*/result.json")):
+        row = json.loads(result.read_text())
+        if distilled_from(row, folder):
+            return row
+    return None
 
 
 def evidence_rows(study: Path, cells: Path) -> list[str]:
@@ -59,12 +62,11 @@ def evidence_rows(study: Path, cells: Path) -> list[str]:
             continue
         smaller, z = max(shown_smaller_side(s) for s in sites)
         true = max(min(s["label_counts"]) for s in part["sites"])
-        epsilon = cell_epsilon(folder)
-        result = cells / f"{part['flag']}-a{p['alpha']}-eps{epsilon:g}-proxy-s{p['seed']}" / "result.json"
-        auc = json.loads(result.read_text()) if result.is_file() else {}
-        shown_auc = [f"{auc[k]:.3f}" if k in auc else "-" for k in ("global_auc", "ensemble_auc")]
+        row = study_row(folder, cells) or {}
+        epsilon = float(row.get("epsilon", "nan"))   # no finished run: unknown, listed last
+        shown_auc = [f"{row[k]:.3f}" if k in row else "-" for k in ("global_auc", "ensemble_auc")]
         decision = "refused" if class_evidence(sites).unsupported else "distils"
-        rows.append((part["flag"], p["alpha"], -epsilon, p["seed"],
+        rows.append((part["flag"], p["alpha"], math.inf if math.isnan(epsilon) else -epsilon, p["seed"],
                      f"| {part['flag']} | {p['alpha']} | {epsilon:g} | {p['seed']} | {smaller:.0f} / {z:.1f} | {true} | "
                      f"{decision} | {' | '.join(shown_auc)} |"))
     header = ["| flag | alpha | epsilon | seed | largest smaller side (records / sigma) | true | check | global AUC | teacher AUC |",

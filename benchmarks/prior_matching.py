@@ -48,19 +48,24 @@ def hard_rate_offsets(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return torch.tensor([0.0, -float(margins[k - 1] + margins[k]) / 2], dtype=torch.float64)
 
 
-def cache_of(cell: Path, caches: list[Path]) -> Path:
-    """The cached site set a cell distilled from: same flag, alpha and seed, and the same composed epsilon of what the
-    sites released (a study caches one site set per DP epsilon of each seed, and one without DP)."""
+def distilled_from(row: dict, cache: Path) -> bool:
+    """Whether a study row's run distilled the cached site set ``cache``: same flag, alpha and seed, and the same
+    composed epsilon of what the sites released (a study caches one site set per DP epsilon of each seed, and one
+    without DP; the cache key is a hash and does not say which)."""
     from secure_oneshot.research.experiment import _epsilons
 
+    partition = json.loads((cache / "partition.json").read_text())
+    if (partition["flag"], partition["partition"]["alpha"], partition["partition"]["seed"]) != (row["flag"], row["alpha"], row["seed"]):
+        return False
+    models = sorted((cache / "sites").glob("hospital-*/model"))
+    return _epsilons(models, ())["epsilon_composed_max"] == row["epsilon_composed_max"]
+
+
+def cache_of(cell: Path, caches: list[Path]) -> Path:
+    """The cached site set a cell distilled from (:func:`distilled_from`)."""
     row = json.loads((cell / "result.json").read_text())
     for cache in caches:
-        partition = json.loads((cache / "partition.json").read_text())
-        if (partition["flag"], partition["partition"]["alpha"], partition["partition"]["seed"]) != \
-                (row["flag"], row["alpha"], row["seed"]):
-            continue
-        models = sorted((cache / "sites").glob("hospital-*/model"))
-        if _epsilons(models, ())["epsilon_composed_max"] == row["epsilon_composed_max"]:
+        if distilled_from(row, cache):
             return cache
     raise SystemExit(f"{cell.name}: no cached site set in the study's cache/ matches its row")
 
