@@ -110,7 +110,7 @@ def _distill_job(args: argparse.Namespace, dist: Distributed, out: Path, sites: 
                      imagenet_weights=args.imagenet_weights or "", proxy_images=args.proxy_images or "", data_root=args.data_root,
                      snapshot_memory_mib=args.snapshot_memory_mib, prior_matching=not args.no_prior_matching,
                      prior_target=args.prior_target, site_recalibration=not args.no_site_recalibration,
-                     class_evidence=args.class_evidence)
+                     class_evidence=args.class_evidence, student_init=args.student_init)
     test = to_dataset(load_medmnist(args.eval, "test", size=args.image_size, root=args.data_root)) if args.eval and dist.is_main else None
     if dist.is_main:
         _say(f"distilling from {len(sites)} site models ({', '.join(s.name for s in sites)}): preset {preset}, "
@@ -263,6 +263,11 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                               "on the public images; rankings unchanged)")
     distill.add_argument("--proxy-share", type=float, default=0.5, help="inversion+proxy: fraction of each batch from the proxy images")
     distill.add_argument("--student", metavar="ARCH", help="student architecture (default: the sites')")
+    distill.add_argument("--student-init", choices=("random", "site"), default=None,
+                         help="where the student's weights start: random (the published method), or the weights of the "
+                              "site holding the largest share of the teacher's weight (same architecture needed; nothing "
+                              "more is learnt about the site). Default: site with --synthesis proxy or inversion+proxy "
+                              "(measured: it keeps more of the teacher when there are few public images), else random")
     distill.add_argument("--epochs", type=int, help="override the preset's epochs")
     distill.add_argument("--noise-adapted", choices=("train-mode", "eval", "none"), help="override the noise-adapted teacher")
     _add_weighting_option(distill)

@@ -49,6 +49,8 @@ A study config (see ``examples/study-quick-cpu.toml``)::
     class_evidence = "require"     # optional: require (default) | report (server.class_evidence). A run refused
                                    # because no hospital's label counts show both sides of a class is a row too:
                                    # refused = 1, no model metrics; report distils it and records unsupported_classes
+    student_init = "site"          # optional: random | site (server.student_init; default: site for the proxy
+                                   # methods, random for the others)
 
     [privacy_audit]
     enabled = true                 # loss-attack membership inference on every site model and the global model,
@@ -280,6 +282,7 @@ def run_cell(study: Study, cell: Cell, out: Path, data_root: str | None, say: Sa
                      epochs=int(study.server_epochs) if study.server_epochs is not None else None,
                      teacher_weighting=study.teacher_weighting, prior_matching=study.prior_matching,
                      site_recalibration=study.site_recalibration, class_evidence=study.class_evidence,
+                     student_init=study.student_init,
                      proxy_images=_proxy_images(study, cell, out, data_root) if cell.method in PROXY_METHODS else "",
                      data_root=data_root)
     sites = load_accepted(server.accepted, ids["server"], trust)  # what the server holds: withheld artifacts are absent

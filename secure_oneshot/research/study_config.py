@@ -22,6 +22,7 @@ from ..server.sources import METHODS, PROXY_METHODS
 from ..server.study import LARGE_IMAGE
 from ..server.study import PRESETS as SERVER_PRESETS
 from ..server.class_evidence import EVIDENCE_CHOICES
+from ..server.student_init import STUDENT_INITS
 from ..server.weighting import WEIGHTINGS
 from .study_table import alpha_label
 
@@ -56,6 +57,7 @@ class Study:
     prior_matching: bool = True                             # proxy cells: the student's class prior matched (class_prior)
     site_recalibration: bool = True                         # consensus with label counts: sites' decision points moved
     class_evidence: str = "require"                         # require | report (server.class_evidence): refused runs are rows too
+    student_init: str | None = None                         # random | site (server.student_init); None: the job's default
     site_dp_preset: str = "dp"                              # the sites' recipe in DP cells (site_preset in the others)
     threshold_epsilon: float | None = None                  # DP binary cells: decision threshold budget; None: demo's share
     centralised: bool = False                               # also train one model on all records pooled (same recipe, epsilon)
@@ -180,7 +182,7 @@ _SCHEMA: dict[str, dict[str, str]] = {
              "stats_epsilon": "number", "threshold_epsilon": "number"},
     "server": {"preset": "string", "methods": "list of strings", "epochs": "integer", "teacher_weighting": "string",
                "prior_matching": "boolean", "site_recalibration": "boolean", "proxy_images": "raw",
-               "class_evidence": "string"},
+               "class_evidence": "string", "student_init": "string"},
     "generator": {"preset": "string", "epochs": "integer", "batch_size": "integer", "lr": "number", "epsilons": "raw"},
     "policy": {"withhold": "raw"},
     "privacy_audit": {"enabled": "boolean", "shadows": "integer"},
@@ -238,6 +240,8 @@ def study_from_text(text: str, source: str = "<study>") -> Study:
             prior_matching=server.get("prior_matching", True),
             site_recalibration=server.get("site_recalibration", True),
             class_evidence=_choice(server.get("class_evidence", "require"), EVIDENCE_CHOICES, "server.class_evidence"),
+            student_init=None if "student_init" not in server else _choice(server["student_init"], STUDENT_INITS,
+                                                                           "server.student_init"),
             site_dp_preset=_choice(site.get("dp_preset", "dp"), TRAIN_PRESETS, "site.dp_preset"),
             threshold_epsilon=None if site.get("threshold_epsilon") is None else float(site["threshold_epsilon"]),
             centralised=study.get("centralised", False), public_fraction=float(study.get("public_fraction", 0.0)),

@@ -43,6 +43,7 @@ from .privacy_position import position_markdown, privacy_position
 from .site_models import (SiteModel, baselines, bn_statistics_released, fedavg, is_multi_label, load_accepted,
                           load_model_dirs)
 from .snapshot_store import DEFAULT_SNAPSHOT_MEMORY_MIB
+from .student_init import STUDENT_INITS, StudentStart, start_student
 from .sources import PROXY_METHODS, SiteGenerator, SynthesisMethod
 from .synthesis import InversionConfig, synthesize_batch
 from .teacher import match_prior, prior_options, prior_target, recalibrates, teacher_sites_for, teacher_weights
@@ -94,6 +95,7 @@ class DistillJob:
     prior_target: str | None = None           # teacher | label_counts; None: label_counts when every site released them
     site_recalibration: bool = True           # consensus with every site's label counts: sites' decision points moved (site_calibration)
     class_evidence: str = "require"           # require | report: a class no site's label counts show both sides of (class_evidence)
+    student_init: str | None = None           # random | site (student_init); None: site for the proxy methods, else random
 
     def __post_init__(self) -> None:
         if self.preset == "paper" and self.image_size > LARGE_IMAGE and not self.imagenet_weights:
@@ -120,6 +122,12 @@ class DistillJob:
         if self.class_evidence not in EVIDENCE_CHOICES:
             raise ConfigError(f"unknown class-evidence choice {printable(str(self.class_evidence), 40)!r}",
                               hint=f"use one of {', '.join(EVIDENCE_CHOICES)}")
+        if self.student_init is not None and self.student_init not in STUDENT_INITS:
+            raise ConfigError(f"unknown student start {printable(str(self.student_init), 40)!r}",
+                              hint=f"use one of {', '.join(STUDENT_INITS)}")
+        if self.student_init == "site" and self.imagenet_weights:
+            raise ConfigError("the student can start from ImageNet weights or from a site's weights, not both",
+                              hint="drop --imagenet-weights or --student-init site")
         if self.teacher_weighting == "consensus" and not self.proxy_images:
             raise ConfigError("teacher weighting 'consensus' judges the sites on public images, and none were given",
                               hint="pass --proxy-images FLAG:SPLIT or a folder of public images, or use --teacher-weighting agreement")
@@ -128,6 +136,15 @@ class DistillJob:
     def weighting(self) -> str:
         """The teacher-weighting scheme this job runs (the named one, else the preset's default)."""
         return self.teacher_weighting or default_weighting(self.preset, public_images=bool(self.proxy_images))
+
+    @property
+    def student_start(self) -> str:
+        """``random`` (as built: random, or ImageNet with ``imagenet_weights``) or ``site``: the named choice, else
+        ``site`` for the proxy methods without ImageNet weights (measured: benchmarks/RESULTS.md, "The student's
+        starting point"), else ``random`` (the published method)."""
+        if self.student_init is not None:
+            return self.student_init
+        return "site" if self.method.method in PROXY_METHODS and not self.imagenet_weights else "random"
 
     def configs(self, sites: list[SiteModel]) -> tuple[InversionConfig, DistillConfig]:
         synth_options, distill_options = PRESETS[self.preset]
@@ -251,6 +268,9 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
     models = [s.model for s in teacher_sites]
     weights = checkpoint.teacher_weights if checkpoint is not None else \
         teacher_weights(teacher_sites, scheme, synth, execution, public=public)
+    # after the teacher's weights, which choose the site; a resumed run loads its checkpoint's weights over it
+    start = StudentStart("imagenet", note=Path(job.imagenet_weights).name) if job.imagenet_weights else \
+        start_student(student, job.student_start, teacher_sites, weights, student_cfg, explicit=job.student_init is not None)
     rank_images: list[list[str]] = list(checkpoint.meta.get("rank_image_sha256", [])) if checkpoint is not None else []
 
     def on_epoch_end(state: TrainingState) -> None:
@@ -301,7 +321,7 @@ def run_distillation(sites: list[SiteModel], out: Path, job: DistillJob | None =
               "teacher_weighting": {"scheme": scheme,
                                     "weights": None if weights is None else [[round(float(w), 4) for w in row]
                                                                              for row in normalise_weights(weights, len(sites))]},
-              "student_init": f"ImageNet ({Path(job.imagenet_weights).name})" if job.imagenet_weights else "random",
+              "student_init": start.record(),
               "inversion": asdict(synth), "distill": asdict(dcfg), "seconds": round(seconds, 1), "history": result.history,
               "metrics": metrics, "global_sha256": hashlib.sha256(global_bytes).hexdigest(), "selection": SELECTION,
               "privacy": privacy_position([(s.name, s.bundle_id, s.privacy_statement) for s in sites]),
@@ -327,7 +347,8 @@ def _fingerprint_fields(job: DistillJob, synth: InversionConfig, dcfg: DistillCo
     """What decides a run's result, for the checkpoint's fingerprint (:mod:`~secure_oneshot.server.checkpoint`)."""
     return {"inversion": asdict(synth), "distill": asdict(dcfg), "method": asdict(job.method), "teacher_weighting": scheme,
             "site_recalibration": recalibrates(sites, scheme, synth, job.site_recalibration),
-            "student": asdict(student_cfg), "student_init": Path(job.imagenet_weights).name if job.imagenet_weights else "random",
+            "student": asdict(student_cfg),
+            "student_init": Path(job.imagenet_weights).name if job.imagenet_weights else job.student_start,
             "distributed": dist.describe(synth),
             "sites": {f"{i}:{s.name}": {"bundle_id": s.bundle_id, "weights_sha256": model_digest(s.model)} for i, s in enumerate(sites)}}
 
@@ -407,6 +428,12 @@ def markdown_report(metrics: dict[str, dict[str, float]], report: dict[str, Any]
                               f"({shown(matched['student_mean_probability_before'])})."]
         elif matched:
             lines += ["", f"Prior matching not applied: {matched['reason']}."]
+        start = report.get("student_init")
+        if isinstance(start, dict) and start.get("kind") == "site":
+            lines += ["", f"Student: started from {start['site']}'s released weights, the site with the largest share "
+                          f"({start['teacher_weight_share']:.2f}) of the teacher's weight."]
+        elif isinstance(start, dict) and start.get("note"):
+            lines += ["", f"Student: started from {start['kind']} weights ({start['note']})."]
         calibration = report.get("site_recalibration")
         if calibration:
             lines += ["", "Site recalibration: " + (

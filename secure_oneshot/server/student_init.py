@@ -1,0 +1,109 @@
+"""Where the global student's weights start: random (the published method) or one site's released weights.
+
+Why a site: with few public images the student learns the teacher's function from few points.  Measured on the
+utility study's five BreastMNIST no-DP federations (62 public images, ``proxy``, ``consensus``, 6 server epochs),
+a random student ended 0.035 AUC below the teacher it distils; starting from the site that holds the largest
+share of the teacher's weight left it 0.012 below (benchmarks/RESULTS.md, "The student's starting point").
+
+Which site: the one with the largest sum over classes of its normalised teacher weight
+(:func:`~.ensemble.normalise_weights`), among the sites the student can start from: the same architecture, input
+channels, classes and normalisation as the student, and the same tensors (a BatchNorm site whose running
+statistics were withheld has fewer).  Ties go to the first site given, so with equal weights it is the first
+compatible site.  The site's weights are part of its release, so starting from them costs no privacy; under DP
+the student is post-processing of the DP models either way.
+
+What this module does not do: train, or decide the default (:class:`~.study.DistillJob`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.classifier import ClassifierConfig
+from .ensemble import normalise_weights
+from .site_models import SiteModel
+
+__all__ = ["STUDENT_INITS", "StudentStart", "starting_site", "start_student"]
+
+STUDENT_INITS = ("random", "site")
+
+
+@dataclass(frozen=True)
+class StudentStart:
+    """The student's starting point, for the report: ``random``, ``imagenet`` or ``site`` (with its name and share)."""
+
+    kind: str
+    site: str = ""
+    share: float = 0.0
+    note: str = ""
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "site":
+            out.update(site=self.site, teacher_weight_share=round(self.share, 4))
+        if self.note:
+            out["note"] = self.note
+        return out
+
+    def describe(self) -> str:
+        if self.kind == "site":
+            return f"site {self.site} (share {self.share:.2f} of the teacher's weight)"
+        return self.kind + (f" ({self.note})" if self.note else "")
+
+
+def _compatible(site: SiteModel, student_cfg: ClassifierConfig, student_state: dict[str, torch.Tensor]) -> bool:
+    if site.config != student_cfg:
+        return False
+    state = site.model.state_dict()
+    return state.keys() == student_state.keys() and all(state[k].shape == v.shape for k, v in student_state.items())
+
+
+def starting_site(sites: Sequence[SiteModel], weights: torch.Tensor | None, student_cfg: ClassifierConfig,
+                  student: nn.Module) -> tuple[int, float] | None:
+    """``(index, share)`` of the site to start from (module docstring), or ``None`` when no site is compatible.
+
+    ``weights``: the teacher's ``(sites, classes)`` weights, ``None`` for equal weights.  ``share`` is the site's
+    mean normalised weight over classes (1.0 when it alone is the teacher).
+    """
+    if weights is None:
+        shares = torch.full((len(sites),), 1.0 / len(sites))
+    else:
+        shares = normalise_weights(weights, len(sites)).mean(dim=1)
+    student_state = student.state_dict()
+    candidates = [i for i, site in enumerate(sites) if _compatible(site, student_cfg, student_state)]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda i: (float(shares[i]), -i))   # the largest share; ties to the first site
+    return best, float(shares[best])
+
+
+def start_student(student: nn.Module, choice: str, sites: Sequence[SiteModel], weights: torch.Tensor | None,
+                  student_cfg: ClassifierConfig, *, explicit: bool) -> StudentStart:
+    """Load the chosen starting point into ``student`` (in place) and say what it was.
+
+    ``choice``: ``random`` (leave the student as built) or ``site``.  A ``site`` start that no site can give is an
+    error when it was asked for (``explicit``), else the student stays random and the report says why.
+
+    Raises:
+        ConfigError: ``explicit`` ``site`` start and no site has the student's architecture and tensors.
+    """
+    if choice == "random":
+        return StudentStart("random")
+    found = starting_site(sites, weights, student_cfg, student)
+    if found is None:
+        why = (f"no site has the student's architecture ({student_cfg.architecture}, {student_cfg.norm} norm) "
+               "and tensors")
+        if explicit:
+            raise ConfigError(f"cannot start the student from a site: {why}",
+                              hint="pass --student-init random, or --student ARCH naming a site's architecture")
+        return StudentStart("random", note=why)
+    index, share = found
+    with torch.no_grad():
+        student.load_state_dict(sites[index].model.state_dict())
+    return StudentStart("site", site=sites[index].name, share=share)
