@@ -74,6 +74,18 @@ def test_an_impossible_site_start_is_an_error_when_asked_for_and_a_note_by_defau
     assert start.kind == "random" and "architecture" in start.note
 
 
+def test_by_default_a_dp_trained_site_is_not_a_starting_point_unless_asked_for() -> None:
+    sites = [site("dp", seed=1), site("plain", seed=2)]
+    sites[0].dp_classifier = True
+    weights = torch.tensor([[0.7, 0.7], [0.3, 0.3]])
+    model = student()
+    start = start_student(model, "site", sites, weights, SMALL, explicit=False)
+    assert start.kind == "random" and "dp" in start.note and "DP" in start.note
+    fresh = student().state_dict()
+    assert all(torch.equal(tensor, fresh[name]) for name, tensor in model.state_dict().items())
+    assert start_student(student(), "site", sites, weights, SMALL, explicit=True).site == "dp"
+
+
 def test_the_job_resolves_and_checks_the_start() -> None:
     assert DistillJob(method=SynthesisMethod("proxy"), proxy_images="x").student_start == "site"
     assert DistillJob(method=SynthesisMethod("inversion+proxy"), proxy_images="x").student_start == "site"
@@ -117,3 +129,13 @@ def test_distill_starts_from_the_heaviest_site_and_stays_near_it(tmp_path: Path)
     from_random = load_file(str(tmp_path / "random" / "global.safetensors"))
     assert _distance(from_site, chosen) < 0.1 * _distance(from_random, chosen)
     assert _distance(from_site, chosen) < 0.1 * _distance(from_site, other)
+
+
+def test_the_sites_say_whether_their_classifier_trained_with_dp(tmp_path: Path) -> None:
+    from secure_oneshot.server.site_models import load_model_dirs
+
+    from .policy_helpers import dp_record
+
+    plain = make_real_model_dir(tmp_path / "plain")
+    private = make_real_model_dir(tmp_path / "private", dp={"classifier": dp_record()})
+    assert [s.dp_classifier for s in load_model_dirs([plain, private])] == [False, True]

@@ -47,6 +47,7 @@ class SiteModel:
     label_counts_noise: float = 0.0          # their Gaussian noise's standard deviation in records (0: released exact)
     multi_label: bool = False                 # one sigmoid output per label (the record's classifier "task")
     privacy_statement: dict[str, Any] | None = None  # the bundle's signed statement (policy.privacy_statement), if any
+    dp_classifier: bool = False               # the classifier came with a DP record (trained with DP-SGD)
 
 
 def _classifier_config(meta: dict[str, Any], name: str = "") -> ClassifierConfig:
@@ -174,6 +175,7 @@ def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: Tru
         site = _site_model(opened.sender.name, dict(opened.tensors), artifacts.get("classifier", {}),
                            artifacts.get("generator"), opened.header.bundle_id)
         site.label_counts_noise = label_count_noise(opened.manifest.dp.get("label_counts"))
+        site.dp_classifier = "classifier" in opened.manifest.dp
         statement = opened.manifest.meta.get("privacy_statement")
         site.privacy_statement = parse_statement(statement) if statement is not None else None  # checked at ingest
         models.append(site)
@@ -209,6 +211,7 @@ def load_model_dirs(directories: list[Path]) -> list[SiteModel]:
         site = _site_model(name, candidate.tensors, meta.get("classifier", {}), meta.get("generator"))
         record = candidate.dp.get("label_counts")
         site.label_counts_noise = label_count_noise(record.to_json() if record is not None else None)
+        site.dp_classifier = "classifier" in candidate.dp
         sites.append(site)
     return sites
 

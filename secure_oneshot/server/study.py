@@ -140,8 +140,8 @@ class DistillJob:
     @property
     def student_start(self) -> str:
         """``random`` (as built: random, or ImageNet with ``imagenet_weights``) or ``site``: the named choice, else
-        ``site`` for the proxy methods without ImageNet weights (measured: benchmarks/RESULTS.md, "The student's
-        starting point"), else ``random`` (the published method)."""
+        ``site`` for the proxy methods without ImageNet weights, else ``random`` (the published method).  A default
+        ``site`` start stays random when the chosen site trained with DP (:mod:`~.student_init`)."""
         if self.student_init is not None:
             return self.student_init
         return "site" if self.method.method in PROXY_METHODS and not self.imagenet_weights else "random"
