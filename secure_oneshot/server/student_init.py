@@ -1,23 +1,23 @@
 """Where the global student's weights start: random (the published method) or one site's released weights.
 
 Why a site: a student started from a site's weights ends near that site's function, moved towards the teacher's.
-Where the chosen site was trained without DP it is about as good as the teacher, and the student gains: measured
-(benchmarks/RESULTS.md, "The student's starting point"; ``proxy``, ``consensus``, 6 server epochs, five seeds each)
-on BreastMNIST no-DP federations (62 public images) the global AUC went from 0.035 below the teacher to 0.012
-below, and on PneumoniaMNIST no-DP federations (523 public images) from 0.951 to 0.958 with ACC >= 0.837 on
-every seed.  A DP-trained site is weaker than the teacher built from several of them, and the student stayed
-near it: at epsilon 8 on PneumoniaMNIST one seed lost 0.028 AUC.  So by default (``explicit=False``) the student
-starts from the chosen site only when that site trained without DP; ``site`` asked for explicitly starts from it
-either way.
+Where the chosen site trained without DP it was about as good as the teacher, and the student gained (measured in
+benchmarks/RESULTS.md, "The student's starting point": ``proxy``, ``consensus``, five seeds each).  On BreastMNIST
+no-DP federations (62 public images) the global AUC went from 0.035 below the teacher to 0.012 below; on
+PneumoniaMNIST no-DP federations (523 public images) from 0.951 to 0.958, with ACC >= 0.837 on every seed.  A
+DP-trained site can be much weaker than the teacher built from several of them (epsilon 8, one seed: 0.883 against
+0.919 AUC), and the student stayed near it (0.891): at epsilon 8 on PneumoniaMNIST the mean AUC fell by 0.004.  So
+a *default* start (``explicit=False``) uses the chosen site only when it trained without DP; ``site`` asked for
+explicitly starts from it either way.
 
-Which site: the one with the largest sum over classes of its normalised teacher weight
+Which site: the one with the largest mean over classes of its normalised teacher weight
 (:func:`~.ensemble.normalise_weights`), among the sites the student can start from: the same architecture, input
 channels, classes and normalisation as the student, and the same tensors (a BatchNorm site whose running
 statistics were withheld has fewer).  Ties go to the first site given, so with equal weights it is the first
 compatible site.  The site's weights are part of its release, so starting from them costs no privacy; under DP
 the student is post-processing of the DP models either way.
 
-What this module does not do: train, or decide the default (:class:`~.study.DistillJob`).
+What this module does not do: train, or choose between ``random`` and ``site`` (:class:`~.study.DistillJob`).
 """
 
 from __future__ import annotations
