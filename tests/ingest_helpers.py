@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -27,10 +28,10 @@ def small_cnn_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     return {f"classifier/{k}": v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def seal(path: Path, *, sender=None, seed: int = 0) -> Path:
+def seal(path: Path, *, sender=None, seed: int = 0, now: datetime = NOW) -> Path:
     """A bundle from the site (or ``sender``) to the server that the example ingest policy accepts."""
     seal_tensors(small_cnn_tensors(seed), path, sender=sender or CAST.site, recipients=[CAST.server.public],
-                 meta=CLASSIFIER_META, now=NOW)
+                 meta=CLASSIFIER_META, now=now)
     return path
 
 

@@ -19,6 +19,7 @@ from secure_oneshot.server.ingest import IngestFolders
 from secure_oneshot.server.registry import server_lock
 from secure_oneshot.server.study import load_accepted
 
+from .conftest import NOW
 from .ingest_helpers import CAST, run_ingest, seal, server_cli_args, server_policy_copy
 
 
@@ -34,7 +35,7 @@ def server(tmp_path: Path) -> tuple[IngestFolders, Path]:
 
 
 def load(folders: IngestFolders, policy=None):
-    return load_accepted(folders, CAST.server, CAST.server_trust(), policy)
+    return load_accepted(folders, CAST.server, CAST.server_trust(), policy, now=NOW)   # the bundles were sealed at NOW
 
 
 def only_stored(folders: IngestFolders) -> Path:

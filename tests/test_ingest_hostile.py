@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from secure_oneshot.server import ingest as ingest_module
 from secure_oneshot.server.ingest import IngestFolders
 from secure_oneshot.server.registry import server_lock
 
+from .conftest import NOW
 from .ingest_helpers import CAST, reasons, run_ingest, seal, server_cli_args
 from .policy_helpers import POLICIES
 
@@ -40,11 +42,12 @@ def _with_header(bundle: bytes, edit) -> bytes:
     return MAGIC + len(new).to_bytes(4, "big") + new + bundle[len(MAGIC) + 4 + length:]
 
 
-def plant_hostile_inbox(root: Path) -> dict[str, tuple[str, str]]:
-    """One good bundle and one entry of each hostile kind; returns shown name -> (error class, what the reason says)."""
+def plant_hostile_inbox(root: Path, now: datetime = NOW) -> dict[str, tuple[str, str]]:
+    """One good bundle (sealed at ``now``) and one entry of each hostile kind; returns shown name -> (error class, what
+    the reason says)."""
     inbox = root / "inbox"
     inbox.mkdir(parents=True)
-    good = seal(inbox / "0-good.sob").read_bytes()
+    good = seal(inbox / "0-good.sob", now=now).read_bytes()
     (root / "elsewhere").mkdir()
     outside = seal(root / "elsewhere" / "linked.sob", seed=1)
     (inbox / "1-deep-header.sob").write_bytes(MAGIC + (64000).to_bytes(4, "big") + b"[" * 32000 + b"]" * 32000 + bytes(32))
@@ -54,7 +57,7 @@ def plant_hostile_inbox(root: Path) -> dict[str, tuple[str, str]]:
     os.mkfifo(inbox / "x.sob")
     os.symlink(outside, inbox / "y.sob")
     os.symlink("/etc/passwd", inbox / "z.sob")
-    os.replace(seal(root / "long.sob", sender=CAST.outsider), inbox / LONG_NAME)  # sealed aside: its temp name would be too long
+    os.replace(seal(root / "long.sob", sender=CAST.outsider, now=now), inbox / LONG_NAME)  # sealed aside: its temp name would be too long
     (inbox / FORGED_NAME).write_bytes(b"not a bundle")
     with open(os.path.join(os.fsencode(inbox), BAD_UTF8_NAME), "wb") as f:
         f.write(b"also not a bundle")
@@ -108,7 +111,7 @@ def deadline():
 
 def test_hostile_inbox_from_the_command_line(tmp_path: Path, capsys, deadline) -> None:
     """No traceback, no raw escape, no forged row; the exit status says some entries were quarantined."""
-    expected = plant_hostile_inbox(tmp_path)
+    expected = plant_hostile_inbox(tmp_path, now=datetime.now(timezone.utc))   # the command checks validity by the clock
     code = main(["ingest", "--server-dir", str(tmp_path), "--policy", str(POLICIES / "server-ingest.toml"), *server_cli_args(tmp_path)])
     out, err = capsys.readouterr()
     assert code == QuarantinedBundlesError.exit_code == 16, err

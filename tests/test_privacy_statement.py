@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -36,10 +37,10 @@ def with_rules(text: str) -> dict[str, str]:
     return {RULES: f"[privacy_statement]\n{text}\n\n{RULES}"}
 
 
-def exported(tmp_path: Path, edit: dict[str, str] | None = None, out: str = "out.sob", **model_kwargs):
+def exported(tmp_path: Path, edit: dict[str, str] | None = None, out: str = "out.sob", now: datetime = NOW, **model_kwargs):
     model, _ = strict_setup(tmp_path, **model_kwargs)
     policy = install_policy(tmp_path, "hospital-strict.toml", signers=(CAST.dpo, CAST.ciso), edit=edit, filename="p.toml")
-    report = export_model(request(tmp_path, model, policy, out=tmp_path / out))
+    report = export_model(request(tmp_path, model, policy, out=tmp_path / out, now=now))
     return model, policy, report
 
 
@@ -235,7 +236,7 @@ def test_verify_and_inspect_cli_show_the_statement_and_never_the_private_key(tmp
     from .ingest_helpers import server_cli_args
     from .policy_helpers import VECTOR_KEYS
 
-    _, _, report = exported(tmp_path)
+    _, _, report = exported(tmp_path, now=datetime.now(timezone.utc))   # the command checks validity by the clock
     assert main(["inspect", str(report.bundle.path)]) == 0
     shown = capsys.readouterr().out
     assert "privacy statement is signed and encrypted inside the bundle" in shown
@@ -284,5 +285,5 @@ def test_the_server_loads_each_accepted_bundles_statement(tmp_path: Path) -> Non
     _, _, report = exported(tmp_path, out="server/inbox/site.sob")
     folders, outcomes = run_ingest(root)
     assert [o.outcome for o in outcomes] == ["accepted"]
-    (site,) = load_accepted(folders, CAST.server, CAST.server_trust())
+    (site,) = load_accepted(folders, CAST.server, CAST.server_trust(), now=NOW)
     assert site.privacy_statement == report.statement

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -156,12 +157,14 @@ def _site_model(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any
                      _label_counts(name, tensors, cfg.num_classes), multi_label=meta.get("task") == "multi-label")
 
 
-def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: TrustStore, policy: IngestPolicy | None = None) -> list[SiteModel]:
+def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: TrustStore, policy: IngestPolicy | None = None, *,
+                  now: datetime | None = None) -> list[SiteModel]:
     """Build the classifier of every bundle the accepted registry lists, each re-verified and re-checked.
 
     Args:
         accepted: the server's folders, or the ``accepted/`` folder of the standard layout (ledger and lock in its parent).
         policy: the ingest policy to re-check against (default: the policy file that accepted each bundle, unchanged).
+        now: the time the bundles' validity is checked at (default: the clock's).
 
     Raises:
         ConfigError, BundleAuthError: see :func:`~secure_oneshot.server.accepted.open_accepted`; nothing unlisted,
@@ -169,7 +172,7 @@ def load_accepted(accepted: Path | IngestFolders, identity: Identity, trust: Tru
     """
     folders = accepted if isinstance(accepted, IngestFolders) else IngestFolders.under(accepted.parent)
     models = []
-    for bundle in open_accepted(folders, identity, trust, policy):
+    for bundle in open_accepted(folders, identity, trust, policy, now=now):
         opened = bundle.opened
         artifacts = opened.manifest.meta.get("artifacts", {})
         site = _site_model(opened.sender.name, dict(opened.tensors), artifacts.get("classifier", {}),
