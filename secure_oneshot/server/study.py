@@ -95,7 +95,7 @@ class DistillJob:
     prior_target: str | None = None           # teacher | label_counts; None: label_counts when every site released them
     site_recalibration: bool = True           # consensus with every site's label counts: sites' decision points moved (site_calibration)
     class_evidence: str = "require"           # require | report: a class no site's label counts show both sides of (class_evidence)
-    student_init: str | None = None           # random | site (student_init); None: site for the proxy methods, else random
+    student_init: str | None = None           # random | site (student_init); None: site for the proxy methods unless that site used DP
 
     def __post_init__(self) -> None:
         if self.preset == "paper" and self.image_size > LARGE_IMAGE and not self.imagenet_weights:
