@@ -56,11 +56,6 @@ class StudentStart:
             out["note"] = self.note
         return out
 
-    def describe(self) -> str:
-        if self.kind == "site":
-            return f"site {self.site} (share {self.share:.2f} of the teacher's weight)"
-        return self.kind + (f" ({self.note})" if self.note else "")
-
 
 def _compatible(site: SiteModel, student_cfg: ClassifierConfig, student_state: dict[str, torch.Tensor]) -> bool:
     if site.config != student_cfg:
