@@ -18,8 +18,8 @@ does not depend on them.
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from secure_oneshot.server.class_evidence import class_evidence, shown_smaller_s
 from secure_oneshot.server.site_models import load_model_dirs  # noqa: E402
 
 from prior_matching import distilled_from  # noqa: E402  (this folder)
+
 
 def cached_sets(study: Path) -> list[tuple[Path, dict]]:
     """(folder, partition) of every finished cached site set whose hospitals all released label counts."""

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from secure_oneshot.cli import main
 from secure_oneshot.errors import ConfigError
 from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
-from secure_oneshot.server.site_models import SiteModel
+from secure_oneshot.server.site_models import SiteModel, use_batch_statistics
 from secure_oneshot.server.sources import SynthesisMethod
 from secure_oneshot.server.student_init import starting_site, start_student
 from secure_oneshot.server.study import DistillJob
@@ -51,6 +51,9 @@ def test_sites_the_student_cannot_start_from_are_skipped() -> None:
     weights = torch.tensor([[0.9, 0.9], [0.1, 0.1]])
     assert starting_site(sites, weights, SMALL, student())[0] == 1     # the heavier GroupNorm site cannot seed a BN student
     assert starting_site(sites[:1], weights[:1], SMALL, student()) is None
+    withheld = site("no-running-stats", seed=3)   # a BatchNorm site whose running statistics stayed at the site
+    use_batch_statistics(withheld.model, [k for k in withheld.model.state_dict() if k.endswith("running_mean")])
+    assert starting_site([withheld, sites[1]], weights, SMALL, student())[0] == 1
 
 
 def test_starting_from_a_site_copies_its_weights_exactly() -> None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.classifier import ClassifierConfig
-from .ensemble import normalise_weights
+from .ensemble import normalise_weights, same_architecture
 from .site_models import SiteModel
 
 __all__ = ["STUDENT_INITS", "StudentStart", "starting_site", "start_student"]
@@ -57,11 +57,10 @@ class StudentStart:
         return out
 
 
-def _compatible(site: SiteModel, student_cfg: ClassifierConfig, student_state: dict[str, torch.Tensor]) -> bool:
-    if site.config != student_cfg:
-        return False
-    state = site.model.state_dict()
-    return state.keys() == student_state.keys() and all(state[k].shape == v.shape for k, v in student_state.items())
+def _compatible(site: SiteModel, student_cfg: ClassifierConfig, student: nn.Module) -> bool:
+    """Same config (which also names the normalisation's variant) and the same module tree, tensor names and shapes
+    (a BatchNorm site whose running statistics were withheld has fewer buffers)."""
+    return site.config == student_cfg and same_architecture([student, site.model])
 
 
 def starting_site(sites: Sequence[SiteModel], weights: torch.Tensor | None, student_cfg: ClassifierConfig,
@@ -75,8 +74,7 @@ def starting_site(sites: Sequence[SiteModel], weights: torch.Tensor | None, stud
         shares = torch.full((len(sites),), 1.0 / len(sites))
     else:
         shares = normalise_weights(weights, len(sites)).mean(dim=1)
-    student_state = student.state_dict()
-    candidates = [i for i, site in enumerate(sites) if _compatible(site, student_cfg, student_state)]
+    candidates = [i for i, site in enumerate(sites) if _compatible(site, student_cfg, student)]
     if not candidates:
         return None
     best = max(candidates, key=lambda i: (float(shares[i]), -i))   # the largest share; ties to the first site
