@@ -21,7 +21,7 @@ from secure_oneshot.server.snapshot_store import SnapshotStore
 from secure_oneshot.server.distill import per_image_kd
 from secure_oneshot.server.ensemble import Ensemble
 from secure_oneshot.server.execution import PLAIN_LOOP
-from secure_oneshot.server.synthesis import _batch_moments
+from secure_oneshot.server.synthesis import _batch_moments, _RawMoments
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -82,6 +82,27 @@ def test_fused_moments_inside_vmap_as_the_batched_ensemble_runs_them():
         mean, var = reference_moments(stacked[s])
         torch.testing.assert_close(means[s], mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(variances[s], var, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_moments_gradient_is_exact_in_float64():
+    """The closed-form backward against numerical differentiation (float64: ``_batch_moments`` itself casts to float32)."""
+    for shape, dims in (((3, 2, 3, 3), (0, 2, 3)), ((5, 3), (0,)), ((4, 3, 2), (0, 2))):
+        leaf = layer_input(shape).double().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda t: _RawMoments.apply(t, dims), (leaf,))
+        partial = leaf.detach().clone().requires_grad_(True)   # only one moment used: the other gradient is None
+        _RawMoments.apply(partial, dims)[1].sum().backward()
+        torch.testing.assert_close(partial.grad, 2 * partial.detach() / (partial.numel() // shape[1]))
+
+
+def test_fused_moments_gradients_inside_vmap():
+    stacked = torch.stack([layer_input((8, 4, 5, 5)) * (s + 1) for s in range(3)]).requires_grad_(True)
+    weights = torch.randn(2, 4)
+    means, variances = vmap(_batch_moments)(stacked)
+    (means @ weights[0] + variances @ weights[1]).sum().backward()
+    leaf = stacked.detach().clone().requires_grad_(True)
+    total = sum(weights[0] @ m + weights[1] @ v for m, v in (reference_moments(leaf[s]) for s in range(3)))
+    total.backward()
+    torch.testing.assert_close(stacked.grad, leaf.grad, rtol=1e-4, atol=1e-6)
 
 
 def bn_site(seed: int) -> nn.Module:

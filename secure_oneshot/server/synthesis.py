@@ -163,15 +163,49 @@ def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     (``torch.var_mean``: 21 ms).  In float32 the cancellation costs a relative error of about
     ``eps * (mean / std)^2`` in the variance: 1e-7 for the layer inputs here (|mean| of a few std),
     far below what the loss can see.  A channels_last input is reduced as its ``(N*H*W, C)`` view.
+    The two moments' gradient is one pass over the input (:class:`_RawMoments`).
     """
     x = x.float()  # under bf16 autocast the layer input is bf16: its moments are not
     if x.dim() == 4 and _channels_last(x):
         rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])   # a view: channels are the contiguous dimension
-        mean, square = rows.mean(dim=0), (rows * rows).mean(dim=0)
+        mean, square = _RawMoments.apply(rows, (0,))
     else:
-        dims = [0, *range(2, x.dim())]
-        mean, square = x.mean(dim=dims), (x * x).mean(dim=dims)
+        mean, square = _RawMoments.apply(x, (0, *range(2, x.dim())))
     return mean, (square - mean * mean).clamp_min(0)
+
+
+class _RawMoments(torch.autograd.Function):
+    """``(E[x], E[x^2])`` over ``dims``, with the input's gradient in one pass: ``g_mean / n + (2 / n) g_square x``.
+
+    Autograd of ``x.mean()`` and ``(x * x).mean()`` materialises both broadcast gradients, multiplies
+    each operand of the product by its gradient and sums the three, each a pass over a tensor of the
+    input's size; the closed form is one ``addcmul``.  Measured on one CPU thread, the statistics
+    loss of a channels_last (64, 32, 28, 28) layer input, forward + backward: 4.5 ms against 10.1 ms
+    (64 x 14 x 14 x 64: 1.4 against 3.6 ms).  Gradients equal autograd's to float rounding.
+    ``generate_vmap_rule``: the batched ensemble runs its hooks inside ``vmap``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return x.mean(dim=dims), (x * x).mean(dim=dims)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, tuple[int, ...]], output: Any) -> None:
+        x, dims = inputs
+        ctx.save_for_backward(x)
+        ctx.dims = dims
+
+    @staticmethod
+    def backward(ctx: Any, g_mean: Tensor | None, g_square: Tensor | None) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        kept = [1 if d in ctx.dims else size for d, size in enumerate(x.shape)]
+        n = math.prod(x.shape[d] for d in ctx.dims)
+        g_mean = torch.zeros(kept, dtype=x.dtype, device=x.device) if g_mean is None else g_mean.reshape(kept) / n
+        if g_square is None:
+            return g_mean.expand_as(x), None
+        return torch.addcmul(g_mean, x, g_square.reshape(kept) * (2.0 / n)), None
 
 
 def _channels_last(x: Tensor) -> bool:
