@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import ConfigError
+from .bn_moments import batch_moments, eval_norm_with_moments, fusable_eval_norm
 from .ensemble import Ensemble, batching_for
 from .execution import Execution
 
@@ -155,69 +156,12 @@ def normalize_feature_stats(stats: FeatureStats) -> dict[str, dict[str, Tensor]]
     return nested
 
 
-def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance over samples and positions: ``(N, C, *) -> (C,), (C,)``.
-
-    Fused as ``E[x^2] - E[x]^2`` (two reductions of the same input, no centred copy): measured on one
-    CPU thread, (64, 32, 28, 28) forward + backward, 8-11 ms against 34 ms for ``mean`` + ``var``
-    (``torch.var_mean``: 21 ms).  In float32 the cancellation costs a relative error of about
-    ``eps * (mean / std)^2`` in the variance: 1e-7 for the layer inputs here (|mean| of a few std),
-    far below what the loss can see.  A channels_last input is reduced as its ``(N*H*W, C)`` view.
-    The two moments' gradient is one pass over the input (:class:`_RawMoments`).
-    """
-    x = x.float()  # under bf16 autocast the layer input is bf16: its moments are not
-    if x.dim() == 4 and _channels_last(x):
-        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])   # a view: channels are the contiguous dimension
-        mean, square = _RawMoments.apply(rows, (0,))
-    else:
-        mean, square = _RawMoments.apply(x, (0, *range(2, x.dim())))
-    return mean, (square - mean * mean).clamp_min(0)
-
-
-class _RawMoments(torch.autograd.Function):
-    """``(E[x], E[x^2])`` over ``dims``, with the input's gradient in one pass: ``g_mean / n + (2 / n) g_square x``.
-
-    Autograd of ``x.mean()`` and ``(x * x).mean()`` materialises both broadcast gradients, multiplies
-    each operand of the product by its gradient and sums the three, each a pass over a tensor of the
-    input's size; the closed form is one ``addcmul``.  Measured on one CPU thread, the statistics
-    loss of a channels_last (64, 32, 28, 28) layer input, forward + backward: 4.5 ms against 10.1 ms
-    (64 x 14 x 14 x 64: 1.4 against 3.6 ms).  Gradients equal autograd's to float rounding.
-    ``generate_vmap_rule``: the batched ensemble runs its hooks inside ``vmap``.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        return x.mean(dim=dims), (x * x).mean(dim=dims)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, tuple[int, ...]], output: Any) -> None:
-        x, dims = inputs
-        ctx.save_for_backward(x)
-        ctx.dims = dims
-
-    @staticmethod
-    def backward(ctx: Any, g_mean: Tensor | None, g_square: Tensor | None) -> tuple[Tensor | None, None]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        kept = [1 if d in ctx.dims else size for d, size in enumerate(x.shape)]
-        n = math.prod(x.shape[d] for d in ctx.dims)
-        g_mean = torch.zeros(kept, dtype=x.dtype, device=x.device) if g_mean is None else g_mean.reshape(kept) / n
-        if g_square is None:
-            return g_mean.expand_as(x), None
-        return torch.addcmul(g_mean, x, g_square.reshape(kept) * (2.0 / n)), None
-
-
-def _channels_last(x: Tensor) -> bool:
-    """Whether ``x`` is stored channels_last (False inside ``vmap``, which cannot tell: the plain reduction runs)."""
-    try:
-        return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    except RuntimeError:
-        return False
-
-
 class BNStatHooks:
-    """Forward pre-hooks on the normalisation layers of every site: the per-site statistics loss.
+    """Recorders on the normalisation layers of every site: the per-site statistics loss.
+
+    A BatchNorm2d layer records through its own forward, fused with its input's moments when it runs in
+    eval mode (:func:`~secure_oneshot.server.bn_moments.eval_norm_with_moments`); other matched layers
+    through a forward pre-hook.
 
     Matched layers per site: every BatchNorm layer that tracks running statistics, plus every
     layer named in that site's ``feature_stats`` (whose targets then replace the running
@@ -241,6 +185,7 @@ class BNStatHooks:
         self.targets: list[dict[str, dict[str, Tensor]]] = stats
         self._records: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None, str]] = []
         self._handles: list[RemovableHandle] = []
+        self._fused: list[nn.Module] = []
         self._device = torch.device("cpu")
         self._cached: list[dict[str, dict[str, Tensor]]] = []
         self._cached_device: torch.device | None = None
@@ -265,15 +210,36 @@ class BNStatHooks:
             raise ValueError(f"feature statistics name layers the model lacks: {unknown[:5]}")
         layers = [name for name, m in named.items() if name in stats or tracks_running_stats(m)]
         for name in layers:
-            self._handles.append(named[name].register_forward_pre_hook(self._recorder(name)))
+            module = named[name]
+            if isinstance(module, nn.BatchNorm2d):
+                self._fuse(name, module)
+            else:
+                self._handles.append(module.register_forward_pre_hook(self._recorder(name)))
         return len(layers)
 
     def _recorder(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            mean, var = _batch_moments(args[0])
+            mean, var = batch_moments(args[0])
             running = (module.running_mean, module.running_var) if tracks_running_stats(module) else (None, None)
             self._records.append((mean, var, *running, name))
         return record
+
+    def _fuse(self, name: str, module: nn.BatchNorm2d) -> None:
+        """Record through the layer's own forward: an eval-mode BatchNorm layer and the moments of its input
+        are one computation with one backward pass (:func:`~secure_oneshot.server.bn_moments.eval_norm_with_moments`);
+        any other call (training mode, bf16, no gradients) records and runs the layer as it is."""
+        record, plain = self._recorder(name), type(module).forward
+
+        def forward(x: Tensor) -> Tensor:
+            if not fusable_eval_norm(module, x):
+                record(module, (x,))
+                return plain(module, x)
+            y, mean, var = eval_norm_with_moments(module, x)
+            self._records.append((mean, var, module.running_mean, module.running_var, name))
+            return y
+
+        module.forward = forward   # an instance attribute over the class's method, deleted by remove()
+        self._fused.append(module)
 
     @property
     def active(self) -> bool:
@@ -320,6 +286,9 @@ class BNStatHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module in self._fused:
+            del module.forward
+        self._fused.clear()
 
     def __enter__(self) -> BNStatHooks:
         return self
