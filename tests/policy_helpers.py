@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
@@ -15,6 +17,18 @@ from secure_oneshot.policy.dp import DpRecord, compute_epsilon
 
 VECTOR_KEYS = Path(__file__).parent / "vectors" / "keys"
 POLICIES = Path(__file__).resolve().parents[1] / "policies"
+
+
+def example_policy(name: str, expires: datetime | None = None) -> str:
+    """The text of ``policies/NAME`` with its expiry replaced: ``expires``, or 180 days from the real clock.
+
+    The example policies expire (they are due for review every six months); a test whose command
+    checks validity by the real clock must not start failing on that day.
+    """
+    moment = expires or datetime.now(timezone.utc) + timedelta(days=180)
+    text, count = re.subn(r"(?m)^expires = \S+", f"expires = {moment:%Y-%m-%dT%H:%M:%SZ}", (POLICIES / name).read_text())
+    assert count == 1, f"{name} has no single expires line"
+    return text
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,19 @@ from secure_oneshot.policy.load import load_export_policy
 
 from .conftest import NOW
 from .model_helpers import make_real_model_dir as make_model_dir
-from .policy_helpers import POLICIES, dp_record, load_cast
+from .policy_helpers import POLICIES, dp_record, example_policy, load_cast
 
 CAST = load_cast()
 
 
-def install_policy(tmp_path: Path, name: str, signers=(), edit=None, filename: str | None = None) -> Path:
-    """Copy a policy from policies/ (optionally edited) and have ``signers`` sign it."""
-    text = (POLICIES / name).read_text()
+def install_policy(tmp_path: Path, name: str, signers=(), edit=None, filename: str | None = None,
+                   expires: datetime | None = None) -> Path:
+    """Copy a policy from policies/ (optionally edited) and have ``signers`` sign it.
+
+    ``expires`` replaces the example's own expiry: a test that exports by the real clock must not
+    fail on the day the example policy is due for review.
+    """
+    text = (POLICIES / name).read_text() if expires is None else example_policy(name, expires)
     for old, new in (edit or {}).items():
         assert old in text, old
         text = text.replace(old, new)

@@ -23,7 +23,7 @@ from secure_oneshot.policy.load import load_export_policy
 from secure_oneshot.policy.signatures import sign_policy
 from secure_oneshot.models.specs import classifier_layout
 
-from .policy_helpers import POLICIES, VECTOR_KEYS, load_cast
+from .policy_helpers import POLICIES, VECTOR_KEYS, example_policy, load_cast
 
 HEAVY = ("torch", "torchvision", "diffusers", "opacus", "sklearn", "scipy", "matplotlib", "pandas", "medmnist", "kymatio")
 
@@ -73,9 +73,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("lean")
     save_trust_store(load_cast().site_trust(), root / "site-trust.toml")
     shutil.copy(VECTOR_KEYS / "trust.toml", root / "server-trust.toml")
-    shutil.copy(POLICIES / "research-study.toml", root / "policy.toml")
+    # The commands check the policy's validity by the real clock: an expiry after today, not the example's own.
+    (root / "policy.toml").write_text(example_policy("research-study.toml"))
     shutil.copy(POLICIES / "server-ingest.toml", root / "ingest.toml")
-    shutil.copy(POLICIES / "research-study.toml", root / "signed-policy.toml")
+    (root / "signed-policy.toml").write_text(example_policy("research-study.toml"))
     sign_policy(load_export_policy(root / "signed-policy.toml"), root / "signed-policy.toml", load_cast().dpo)
     write_model_dir(root / "model")
     (root / "server" / "inbox").mkdir(parents=True)

@@ -16,7 +16,7 @@ from secure_oneshot.policy.load import load_export_policy
 
 from .conftest import NOW
 from .model_helpers import make_real_model_dir as make_model_dir
-from .policy_helpers import POLICIES, VECTOR_KEYS, dp_record, load_cast
+from .policy_helpers import POLICIES, VECTOR_KEYS, dp_record, example_policy, load_cast
 
 CAST = load_cast()
 
@@ -33,7 +33,7 @@ def site(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     save_trust_store(CAST.site_trust(), tmp_path / "trust.toml")
     monkeypatch.setenv("SECURE_ONESHOT_TRUST", str(tmp_path / "trust.toml"))
-    shutil.copy(POLICIES / "hospital-strict.toml", tmp_path / "strict.toml")
+    (tmp_path / "strict.toml").write_text(example_policy("hospital-strict.toml"))   # the commands go by the real clock
     return tmp_path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,8 @@ def with_rules(text: str) -> dict[str, str]:
 
 def exported(tmp_path: Path, edit: dict[str, str] | None = None, out: str = "out.sob", now: datetime = NOW, **model_kwargs):
     model, _ = strict_setup(tmp_path, **model_kwargs)
-    policy = install_policy(tmp_path, "hospital-strict.toml", signers=(CAST.dpo, CAST.ciso), edit=edit, filename="p.toml")
+    policy = install_policy(tmp_path, "hospital-strict.toml", signers=(CAST.dpo, CAST.ciso), edit=edit, filename="p.toml",
+                            expires=now + timedelta(days=180))
     report = export_model(request(tmp_path, model, policy, out=tmp_path / out, now=now))
     return model, policy, report
 
