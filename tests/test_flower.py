@@ -309,6 +309,16 @@ def test_node_without_site_config_refuses_with_one_line(tmp_path):
     assert next(r for r in report.results if r.node_id == 1001).reason.startswith("ConfigError: this node has no site-config")
 
 
+def test_a_round_in_which_no_site_replies_still_writes_its_report(tmp_path):
+    """Every site offline: no bundle reaches the inbox, and the round still ends with its report (not an error
+    about the inbox folder that no delivery created)."""
+    study = make_study(tmp_path)
+    assert not (study.root / "server" / "inbox").exists()
+    report = run_round(LoopbackGrid({node: None for node in node_configs(study)}), server_context(study))
+    assert report.counts() == {"no reply": 3}
+    assert study.report()["counts"] == {"no reply": 3}
+
+
 def test_flower_simulation_engine(tmp_path, monkeypatch):
     """Flower's own simulation engine (Ray) with 3 virtual SuperNodes: their node config holds only partition-id,
     so each virtual site reads site-<partition-id>.toml from the site-side folder named by the environment."""

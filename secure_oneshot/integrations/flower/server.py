@@ -135,6 +135,7 @@ def _bound(folders: IngestFolders, bundle_id: str, request_id: str) -> bool:
 def ingest_round(settings: ServerSettings, report: RoundReport, identity: Identity) -> None:
     """Run the same ingest as ``secure-oneshot ingest`` over the inbox; attach each delivered file's outcome."""
     folders = IngestFolders.under(settings.server_dir)
+    folders.inbox.mkdir(parents=True, exist_ok=True)   # a round in which no site delivered ingests an empty inbox
     outcomes = ingest_inbox(folders, identity, load_trust_store(settings.trust), load_ingest_policy(settings.ingest_policy), wait=True)
     by_file = {o.file: o for o in outcomes}
     for r in report.results:

@@ -65,7 +65,6 @@ class BundleController(ModelController):
         while self.get_num_standing_tasks() and time.monotonic() < deadline and not self.abort_signal.triggered:
             time.sleep(0.2)
         report = RoundReport(settings.nodes, list(self._by_site.values()))
-        self._folders.inbox.mkdir(parents=True, exist_ok=True)   # ingest an empty inbox when no site delivered
         ingest_round(settings, report, identity)
         if settings.distill and report.counts().get("accepted"):
             report.distilled = distill_accepted(settings, identity)
