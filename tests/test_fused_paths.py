@@ -256,6 +256,32 @@ def test_distill_epoch_with_batched_replay_equals_the_per_snapshot_loop(monkeypa
         torch.testing.assert_close(value, runs[1][1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("adapted_mode", ["train-mode", "eval"])
+def test_realistic_batches_skip_the_adapted_teacher_with_the_same_result(monkeypatch, adapted_mode):
+    """Batches stored ``teacher_only`` (a = 1 everywhere: proxy and generator images) never run the noise-adapted
+    teacher, and the epoch's loss and student equal, bit for bit, those of running it with weight 0."""
+    sites = [bn_site(0), bn_site(1)]
+    shots = [(x, torch.tensor(1.0)) for x, _ in snapshots()]
+    runs, calls = [], []
+    for skip in (True, False):
+        teacher = Ensemble(sites)
+        adapted = Ensemble(sites, adapt_bn=True)
+        if adapted_mode == "eval":
+            distill_module._refresh_running_stats(adapted, shots, PLAIN_LOOP)
+        adapted.register_forward_hook(lambda *_: calls.append(skip))
+        store = SnapshotStore("cpu", budget_bytes=None)
+        for x, a in shots:
+            store.append(x, a.expand(x.shape[0]), teacher_only=skip)
+        student = bn_site(5)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+        loss = distill_module._distill_epoch(student, teacher, adapted, store, optimizer, 4.0, PLAIN_LOOP)
+        runs.append((loss, student.state_dict()))
+    assert calls.count(True) == 0 and calls.count(False) > 0
+    assert torch.equal(runs[0][0], runs[1][0])
+    for name, value in runs[0][1].items():
+        assert torch.equal(value, runs[1][1][name]), name
+
+
 def test_a_batched_train_mode_adapted_teacher_would_change_the_targets():
     """The reason it is not batched: train-mode BatchNorm normalises by the whole pass's statistics."""
     adapted = Ensemble([bn_site(0)], adapt_bn=True)

@@ -122,8 +122,8 @@ def test_proxy_batches_are_fresh_public_images_labelled_by_the_teacher_only(site
     batches = src.epoch(0)
     assert len(batches) == 3
     levels = {round(float(v), 4) for v in images[:, 0, 0, 0]}
-    for x, a in batches:
-        assert x.shape == (8, 1, SIZE, SIZE) and torch.equal(a, torch.ones(8))
+    for i, (x, a) in enumerate(batches):
+        assert x.shape == (8, 1, SIZE, SIZE) and torch.equal(a, torch.ones(8)) and batches.teacher_only(i)
         # jitter rolls, never changes an image's pixels: every image is one of the public ones, none twice
         drawn = [round(float(v), 4) for v in x[:, 0].mean(dim=(1, 2))]
         assert set(drawn) <= levels and len(set(drawn)) == 8
@@ -145,6 +145,7 @@ def test_inversion_plus_proxy_concatenates_a_snapshot_and_proxy_images(sites) ->
     for i, (x, a) in enumerate(batches):
         assert x.shape == (8, 1, SIZE, SIZE)
         assert a[:6].tolist() == pytest.approx([i / 3] * 6) and a[6:].tolist() == [1.0, 1.0]
+        assert not batches.teacher_only(i)   # the snapshot's images still weigh the noise-adapted teacher
 
 
 def test_proxy_methods_need_matching_proxy_images(sites) -> None:

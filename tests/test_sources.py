@@ -51,6 +51,7 @@ def test_generator_batches_are_labelled_by_the_teacher_only(sites) -> None:
     batches = source(sites, "generator", [tiny_generator(0), tiny_generator(1)]).epoch(0)
     assert len(batches) == 3 and all(x.shape == (8, 1, SIZE, SIZE) and torch.equal(a, torch.ones(8)) for x, a in batches)
     assert all(float(x.abs().max()) <= 1.0 for x, _ in batches)  # DDIM samples in [-1, 1]
+    assert all(batches.teacher_only(i) for i in range(len(batches)))   # so the noise-adapted teacher is skipped
 
 
 def test_mixed_batches_concatenate_inversion_and_generator_images(sites) -> None:
@@ -61,6 +62,7 @@ def test_mixed_batches_concatenate_inversion_and_generator_images(sites) -> None
     for i, (x, a) in enumerate(batches):
         assert x.shape == (8, 1, SIZE, SIZE)
         assert a[:6].tolist() == pytest.approx([i / 3] * 6) and a[6:].tolist() == [1.0, 1.0]
+        assert not batches.teacher_only(i)
 
 
 def test_generator_methods_need_a_generator(sites) -> None:

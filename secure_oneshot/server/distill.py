@@ -288,17 +288,23 @@ def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | No
     student.train()
     total = torch.zeros((), device=execution.torch_device)
     targets = _replay(teacher, snapshots, execution)
+    # Batches of realistic images (a = 1 for every image: proxy, generator) give the adapted teacher weight 0:
+    # its pass is skipped, and the loss and its gradient are those of the pass with a 0 weight.
+    needs_adapted = [adapted is not None and not snapshots.teacher_only(i) for i in range(len(snapshots))]
     # A train-mode adapted teacher normalises each snapshot by that snapshot's statistics: one pass per snapshot.
-    adapted_targets = None if adapted is None or adapted.adapt_bn else _replay(adapted, snapshots, execution)
+    adapted_targets = (_replay(adapted, snapshots, execution)
+                       if adapted is not None and not adapted.adapt_bn and any(needs_adapted) else None)
     for i, (snapshot, a) in enumerate(snapshots):
         x = execution.layout(snapshot)
         t_logits = targets[i]
         with execution.autocast():
-            if adapted is not None and adapted_targets is None:
+            n_logits: Tensor | None = None
+            if needs_adapted[i] and adapted_targets is not None:
+                n_logits = adapted_targets[i]
+            elif needs_adapted[i]:
+                assert adapted is not None
                 with torch.no_grad():
-                    n_logits: Tensor | None = adapted(x).float()
-            else:
-                n_logits = adapted_targets[i] if adapted_targets is not None else None
+                    n_logits = adapted(x).float()
             s_logits = student(x).float()
         kd = per_image_kd(s_logits, t_logits, T, multi_label)
         loss = (kd if n_logits is None else a * kd + (1 - a) * per_image_kd(s_logits, n_logits, T, multi_label)).mean()

@@ -64,6 +64,7 @@ class SnapshotStore(Sequence[Snapshot]):
         self.spill_dir = spill_dir
         self._held: list[Tensor | None] = []        # images in memory (None: in the file)
         self._weights: list[Tensor] = []
+        self._teacher_only: list[bool] = []         # a == 1 for every image: the noise-adapted teacher has no say
         self._layout: list[tuple[torch.Size, tuple[int, ...], torch.dtype]] = []  # shape, strides, dtype
         self._offsets: list[int] = []               # byte offset in the file (spilled images only)
         self._held_bytes = 0
@@ -74,12 +75,18 @@ class SnapshotStore(Sequence[Snapshot]):
 
     # --- writing ----------------------------------------------------------------------------------
 
-    def append(self, images: Tensor, a: Tensor) -> None:
-        """Keep one batch; ``images`` is kept as is while it fits the budget (no copy)."""
+    def append(self, images: Tensor, a: Tensor, *, teacher_only: bool = False) -> None:
+        """Keep one batch; ``images`` is kept as is while it fits the budget (no copy).
+
+        ``teacher_only``: the caller knows that ``a`` is 1 for every image (realistic images, which only the
+        teacher labels), so the distillation can skip the noise-adapted teacher for this batch; the flag is
+        the caller's, since reading ``a`` back would wait for the device.
+        """
         size = images.numel() * images.element_size()
         strides = images.stride() if _dense(images) else images.contiguous().stride()
         self._layout.append((images.shape, strides, images.dtype))
         self._weights.append(a)
+        self._teacher_only.append(teacher_only)
         if self._fd is None and (self.budget_bytes is None or self._held_bytes + size <= self.budget_bytes):
             self._held.append(images)
             self._offsets.append(-1)
@@ -130,6 +137,10 @@ class SnapshotStore(Sequence[Snapshot]):
     def sizes(self) -> list[int]:
         """Images per snapshot."""
         return [shape[0] for shape, _, _ in self._layout]
+
+    def teacher_only(self, i: int) -> bool:
+        """Whether batch ``i`` was appended with ``teacher_only`` (``a`` is 1 for every image)."""
+        return self._teacher_only[i]
 
     def image_numel(self, i: int = 0) -> int:
         """Elements of one image of snapshot ``i``."""

@@ -197,7 +197,7 @@ class SnapshotSource:
                 x, a = inverted[i]
                 batches.append(torch.cat([x, rolled]), torch.cat([a, ones]))
             else:
-                batches.append(rolled, ones)
+                batches.append(rolled, ones, teacher_only=True)
 
     def _with_proxy(self, epoch: int, inverted: SnapshotStore | None, batches: SnapshotStore) -> None:
         """Each step: a fresh draw of proxy images (without replacement within the draw), jittered, ``a = 1``,
@@ -216,7 +216,7 @@ class SnapshotSource:
                 snapshot, a = inverted[i]
                 batches.append(torch.cat([snapshot, x]), torch.cat([a, ones]))
             else:
-                batches.append(x, ones)
+                batches.append(x, ones, teacher_only=True)
 
     def _inverted(self, epoch: int) -> SnapshotStore:
         """Every kept snapshot of one inversion run, ``a = i / n`` for snapshot ``i`` of ``n = steps // snapshot_every``."""
