@@ -35,7 +35,9 @@ Noise-adapted teacher (``DistillConfig.noise_adapted``):
 
 Site models without BatchNorm (GroupNorm, DP-trained) have nothing to adapt:
 the noise-adapted teacher would be the teacher itself, so the teacher's logits
-are reused and the loss is plain KD.
+are reused and the loss is plain KD.  Batches of realistic images (proxy and
+generator batches, ``a = 1`` for every image) give the noise-adapted teacher
+weight 0, so it does not run on them: the loss and its gradient are the same.
 
 Student BatchNorm statistics (``DistillConfig.recalibrate_bn``, an addition to
 the method, off by default): the student trains in train mode on every
