@@ -2,9 +2,6 @@
 
 * ``_batch_moments`` (``E[x^2] - E[x]^2``) equals ``mean`` + biased ``var`` -- values and gradients --
   for NCHW, channels_last, bf16 and 2-D inputs, and inside ``vmap`` (the batched ensemble's hooks).
-* ``eval_norm_with_moments`` (an eval-mode BatchNorm layer and its input's moments, one backward) equals
-  the layer and ``batch_moments`` apart, and the statistics hooks give the same losses and input gradients
-  with and without it, looped or batched, NCHW or channels_last.
 * ``_replay`` (the eval-mode teacher over several snapshots per pass) gives the per-snapshot logits,
   and a distillation epoch with the train-mode noise-adapted teacher still normalises each snapshot
   by its own statistics: its loss and the student it leaves equal a one-snapshot-at-a-time reference.
@@ -24,8 +21,7 @@ from secure_oneshot.server.snapshot_store import SnapshotStore
 from secure_oneshot.server.distill import per_image_kd
 from secure_oneshot.server.ensemble import Ensemble
 from secure_oneshot.server.execution import PLAIN_LOOP
-from secure_oneshot.server import synthesis
-from secure_oneshot.server.bn_moments import _RawMoments, eval_norm_with_moments, fusable_eval_norm
+from secure_oneshot.server.bn_moments import _RawMoments
 from secure_oneshot.server.bn_moments import batch_moments as _batch_moments
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -108,79 +104,6 @@ def test_fused_moments_gradients_inside_vmap():
     total = sum(weights[0] @ m + weights[1] @ v for m, v in (reference_moments(leaf[s]) for s in range(3)))
     total.backward()
     torch.testing.assert_close(stacked.grad, leaf.grad, rtol=1e-4, atol=1e-6)
-
-
-def frozen_bn(channels: int, seed: int = 0) -> nn.BatchNorm2d:
-    torch.manual_seed(seed)
-    bn = nn.BatchNorm2d(channels).eval().requires_grad_(False)
-    bn.running_mean.normal_()
-    bn.running_var.uniform_(0.5, 2.0)
-    bn.weight.uniform_(0.5, 1.5)
-    bn.bias.normal_()
-    return bn
-
-
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_eval_norm_with_moments_equals_the_layer_and_the_moments_apart(memory_format):
-    bn = frozen_bn(8).to(memory_format=memory_format)
-    x = layer_input((16, 8, 7, 7), memory_format)
-    g_y = torch.randn(16, 8, 7, 7)
-    weights = torch.randn(2, 8)
-    results = []
-    for fused in (True, False):
-        leaf = x.clone().requires_grad_(True)
-        y, mean, var = eval_norm_with_moments(bn, leaf) if fused else (bn(leaf), *_batch_moments(leaf))
-        torch.autograd.backward([y, weights[0] @ mean + weights[1] @ var], [g_y, None])
-        results.append((y.detach(), mean.detach(), var.detach(), leaf.grad))
-        if fused:
-            assert y.is_contiguous(memory_format=memory_format)
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_eval_norm_with_moments_only_where_it_computes_the_layer():
-    x = torch.randn(4, 3, 5, 5)
-    assert fusable_eval_norm(frozen_bn(3), x)
-    assert not fusable_eval_norm(frozen_bn(3).train(), x)                      # batch statistics
-    assert not fusable_eval_norm(frozen_bn(3), x.bfloat16())                   # autocast's bf16
-    assert not fusable_eval_norm(frozen_bn(3).requires_grad_(True), x)         # a trained layer needs its gradients
-    assert not fusable_eval_norm(nn.BatchNorm1d(3).eval(), torch.randn(4, 3))
-    with torch.no_grad():
-        assert not fusable_eval_norm(frozen_bn(3), x)
-
-
-@pytest.mark.parametrize("batched", [False, True])
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_statistics_hooks_give_the_same_loss_and_gradient_fused_or_not(monkeypatch, batched, memory_format):
-    """Whole small-cnn sites under the hooks: fused eval BatchNorm against the pre-hook recorder and the layer."""
-    from secure_oneshot.models.classifier import ClassifierConfig, build_classifier
-
-    sites = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        model = build_classifier(ClassifierConfig("small-cnn", 1, 2))
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-        sites.append(model.eval().to(memory_format=memory_format))
-    x = torch.randn(8, 1, 12, 12).contiguous(memory_format=memory_format)
-    calls = []
-    monkeypatch.setattr(synthesis, "eval_norm_with_moments", lambda *a: calls.append(1) or eval_norm_with_moments(*a))
-    results = []
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(synthesis, "fusable_eval_norm", lambda module, x: False)
-        ensemble = Ensemble(sites, batched=batched)
-        leaf = x.clone().requires_grad_(True)
-        with synthesis.BNStatHooks(ensemble) as hooks:
-            logits, loss = hooks.per_site(leaf)
-            (logits.sum() + loss).backward()
-        assert all("forward" not in vars(m) for m in ensemble.modules())   # the layers' own forward is back
-        results.append((logits.detach(), loss.detach(), leaf.grad))
-        assert len(calls) == (3 if batched else 9)   # three layers (per site when looped), fused only the first time
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def bn_site(seed: int) -> nn.Module:

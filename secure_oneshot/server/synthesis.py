@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import ConfigError
-from .bn_moments import batch_moments, eval_norm_with_moments, fusable_eval_norm
+from .bn_moments import batch_moments
 from .ensemble import Ensemble, batching_for
 from .execution import Execution
 
@@ -157,11 +157,7 @@ def normalize_feature_stats(stats: FeatureStats) -> dict[str, dict[str, Tensor]]
 
 
 class BNStatHooks:
-    """Recorders on the normalisation layers of every site: the per-site statistics loss.
-
-    A BatchNorm2d layer records through its own forward, fused with its input's moments when it runs in
-    eval mode (:func:`~secure_oneshot.server.bn_moments.eval_norm_with_moments`); other matched layers
-    through a forward pre-hook.
+    """Forward pre-hooks on the normalisation layers of every site: the per-site statistics loss.
 
     Matched layers per site: every BatchNorm layer that tracks running statistics, plus every
     layer named in that site's ``feature_stats`` (whose targets then replace the running
@@ -185,7 +181,6 @@ class BNStatHooks:
         self.targets: list[dict[str, dict[str, Tensor]]] = stats
         self._records: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None, str]] = []
         self._handles: list[RemovableHandle] = []
-        self._fused: list[nn.Module] = []
         self._device = torch.device("cpu")
         self._cached: list[dict[str, dict[str, Tensor]]] = []
         self._cached_device: torch.device | None = None
@@ -210,11 +205,7 @@ class BNStatHooks:
             raise ValueError(f"feature statistics name layers the model lacks: {unknown[:5]}")
         layers = [name for name, m in named.items() if name in stats or tracks_running_stats(m)]
         for name in layers:
-            module = named[name]
-            if isinstance(module, nn.BatchNorm2d):
-                self._fuse(name, module)
-            else:
-                self._handles.append(module.register_forward_pre_hook(self._recorder(name)))
+            self._handles.append(named[name].register_forward_pre_hook(self._recorder(name)))
         return len(layers)
 
     def _recorder(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
@@ -223,23 +214,6 @@ class BNStatHooks:
             running = (module.running_mean, module.running_var) if tracks_running_stats(module) else (None, None)
             self._records.append((mean, var, *running, name))
         return record
-
-    def _fuse(self, name: str, module: nn.BatchNorm2d) -> None:
-        """Record through the layer's own forward: an eval-mode BatchNorm layer and the moments of its input
-        are one computation with one backward pass (:func:`~secure_oneshot.server.bn_moments.eval_norm_with_moments`);
-        any other call (training mode, bf16, no gradients) records and runs the layer as it is."""
-        record, plain = self._recorder(name), type(module).forward
-
-        def forward(x: Tensor) -> Tensor:
-            if not fusable_eval_norm(module, x):
-                record(module, (x,))
-                return plain(module, x)
-            y, mean, var = eval_norm_with_moments(module, x)
-            self._records.append((mean, var, module.running_mean, module.running_var, name))
-            return y
-
-        module.forward = forward   # an instance attribute over the class's method, deleted by remove()
-        self._fused.append(module)
 
     @property
     def active(self) -> bool:
@@ -286,9 +260,6 @@ class BNStatHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module in self._fused:
-            del module.forward
-        self._fused.clear()
 
     def __enter__(self) -> BNStatHooks:
         return self
