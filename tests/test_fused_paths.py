@@ -1,6 +1,6 @@
 """The server's fast paths compute what the plain code computes.
 
-* ``_batch_moments`` (``E[x^2] - E[x]^2``) equals ``mean`` + biased ``var`` -- values and gradients --
+* ``batch_moments`` (``E[x^2] - E[x]^2``) equals ``mean`` + biased ``var`` -- values and gradients --
   for NCHW, channels_last, bf16 and 2-D inputs, and inside ``vmap`` (the batched ensemble's hooks).
 * ``_replay`` (the eval-mode teacher over several snapshots per pass) gives the per-snapshot logits,
   and a distillation epoch with the train-mode noise-adapted teacher still normalises each snapshot
@@ -22,7 +22,7 @@ from secure_oneshot.server.distill import per_image_kd
 from secure_oneshot.server.ensemble import Ensemble
 from secure_oneshot.server.execution import PLAIN_LOOP
 from secure_oneshot.server.bn_moments import _RawMoments
-from secure_oneshot.server.bn_moments import batch_moments as _batch_moments
+from secure_oneshot.server.bn_moments import batch_moments
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,12 +45,12 @@ def test_fused_moments_equal_mean_and_biased_var_with_gradients(memory_format):
     x = layer_input((16, 8, 7, 7), memory_format)
     weights = torch.randn(2, 8)
     grads = []
-    for moments in (_batch_moments, reference_moments):
+    for moments in (batch_moments, reference_moments):
         leaf = x.clone().requires_grad_(True)
         mean, var = moments(leaf)
         (weights[0] @ mean + weights[1] @ var).backward()
         grads.append(leaf.grad)
-        if moments is _batch_moments:
+        if moments is batch_moments:
             fused = (mean.detach(), var.detach())
     expected = reference_moments(x)
     torch.testing.assert_close(fused[0], expected[0], rtol=1e-5, atol=1e-6)
@@ -60,25 +60,25 @@ def test_fused_moments_equal_mean_and_biased_var_with_gradients(memory_format):
 
 def test_fused_moments_are_biased_not_unbiased():
     x = layer_input((2, 3, 2, 2))   # 8 values per channel: n/(n-1) = 8/7 would show
-    torch.testing.assert_close(_batch_moments(x)[1], x.var(dim=[0, 2, 3], unbiased=False))
-    assert not torch.allclose(_batch_moments(x)[1], x.var(dim=[0, 2, 3], unbiased=True))
+    torch.testing.assert_close(batch_moments(x)[1], x.var(dim=[0, 2, 3], unbiased=False))
+    assert not torch.allclose(batch_moments(x)[1], x.var(dim=[0, 2, 3], unbiased=True))
 
 
 def test_fused_moments_of_bf16_and_2d_inputs_and_constant_channels():
     x = layer_input((16, 8, 5, 5)).bfloat16()
-    for got, want in zip(_batch_moments(x), reference_moments(x)):
+    for got, want in zip(batch_moments(x), reference_moments(x)):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     flat = layer_input((32, 6))
-    for got, want in zip(_batch_moments(flat), reference_moments(flat)):
+    for got, want in zip(batch_moments(flat), reference_moments(flat)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     dead = torch.zeros(4, 3, 5, 5)   # a dead ReLU channel: variance exactly 0, never negative
-    assert torch.equal(_batch_moments(dead)[1], torch.zeros(3))
+    assert torch.equal(batch_moments(dead)[1], torch.zeros(3))
 
 
 def test_fused_moments_inside_vmap_as_the_batched_ensemble_runs_them():
     stacked = torch.stack([layer_input((8, 4, 5, 5)) * (s + 1) for s in range(3)])
-    means, variances = vmap(_batch_moments)(stacked)
+    means, variances = vmap(batch_moments)(stacked)
     for s in range(3):
         mean, var = reference_moments(stacked[s])
         torch.testing.assert_close(means[s], mean, rtol=1e-5, atol=1e-6)
@@ -86,11 +86,11 @@ def test_fused_moments_inside_vmap_as_the_batched_ensemble_runs_them():
 
 
 def test_fused_moments_gradient_is_exact_in_float64():
-    """The closed-form backward against numerical differentiation (float64: ``_batch_moments`` itself casts to float32)."""
+    """The closed-form backward against numerical differentiation (float64: ``batch_moments`` itself casts to float32)."""
     for shape, dims in (((3, 2, 3, 3), (0, 2, 3)), ((5, 3), (0,)), ((4, 3, 2), (0, 2))):
         leaf = layer_input(shape).double().requires_grad_(True)
         assert torch.autograd.gradcheck(lambda t: _RawMoments.apply(t, dims), (leaf,))
-        partial = leaf.detach().clone().requires_grad_(True)   # only one moment used: the other gradient is None
+        partial = leaf.detach().clone().requires_grad_(True)   # only one moment used: the other's gradient is zeros
         _RawMoments.apply(partial, dims)[1].sum().backward()
         torch.testing.assert_close(partial.grad, 2 * partial.detach() / (partial.numel() // shape[1]))
 
@@ -98,7 +98,7 @@ def test_fused_moments_gradient_is_exact_in_float64():
 def test_fused_moments_gradients_inside_vmap():
     stacked = torch.stack([layer_input((8, 4, 5, 5)) * (s + 1) for s in range(3)]).requires_grad_(True)
     weights = torch.randn(2, 4)
-    means, variances = vmap(_batch_moments)(stacked)
+    means, variances = vmap(batch_moments)(stacked)
     (means @ weights[0] + variances @ weights[1]).sum().backward()
     leaf = stacked.detach().clone().requires_grad_(True)
     total = sum(weights[0] @ m + weights[1] @ v for m, v in (reference_moments(leaf[s]) for s in range(3)))

@@ -44,20 +44,12 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     ``(N*H*W, C)`` view.
     """
     x = x.float()  # under bf16 autocast the layer input is bf16: its moments are not
-    view, dims = _reduction_view(x)
-    mean, square = _RawMoments.apply(view, dims)
-    return mean, _variance(mean, square)
-
-
-def _variance(mean: Tensor, square: Tensor) -> Tensor:
-    return (square - mean * mean).clamp_min(0)
-
-
-def _reduction_view(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    """``(view, reduced dims)``: the ``(N*H*W, C)`` rows of a channels_last input, else ``x`` over all but dim 1."""
     if x.dim() == 4 and _channels_last(x):
-        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), (0,)   # a view: channels are contiguous
-    return x, (0, *range(2, x.dim()))
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])   # a view: channels are the contiguous dimension
+        mean, square = _RawMoments.apply(rows, (0,))
+    else:
+        mean, square = _RawMoments.apply(x, (0, *range(2, x.dim())))
+    return mean, (square - mean * mean).clamp_min(0)
 
 
 def _channels_last(x: Tensor) -> bool:
@@ -68,23 +60,13 @@ def _channels_last(x: Tensor) -> bool:
         return False
 
 
-def _moments_gradient(x: Tensor, dims: tuple[int, ...], g_mean: Tensor | None, g_square: Tensor | None) -> Tensor:
-    """``g_mean / n + (2 / n) g_square x``, broadcast over ``dims`` (a new tensor the size of ``x``)."""
-    kept = [1 if d in dims else size for d, size in enumerate(x.shape)]
-    n = math.prod(x.shape[d] for d in dims)
-    base = torch.zeros(kept, dtype=x.dtype, device=x.device) if g_mean is None else g_mean.reshape(kept) / n
-    if g_square is None:
-        return base.expand_as(x).clone()
-    return torch.addcmul(base, x, g_square.reshape(kept) * (2.0 / n))
-
-
 class _RawMoments(torch.autograd.Function):
     """``(E[x], E[x^2])`` over ``dims``, with the input's gradient in one pass: ``g_mean / n + (2 / n) g_square x``.
 
     Autograd of ``x.mean()`` and ``(x * x).mean()`` materialises both broadcast gradients, multiplies
     each operand of the product by its gradient and sums the three, each a pass over a tensor of the
     input's size; the closed form is one ``addcmul``.  ``generate_vmap_rule``: the batched ensemble runs
-    its hooks inside ``vmap``.
+    its hooks inside ``vmap``.  An unused moment's gradient arrives as zeros (autograd materialises it).
     """
 
     generate_vmap_rule = True
@@ -100,6 +82,8 @@ class _RawMoments(torch.autograd.Function):
         ctx.dims = dims
 
     @staticmethod
-    def backward(ctx: Any, g_mean: Tensor | None, g_square: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, g_mean: Tensor, g_square: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return _moments_gradient(x, ctx.dims, g_mean, g_square), None
+        kept = [1 if d in ctx.dims else size for d, size in enumerate(x.shape)]   # broadcast the (C,) gradients
+        n = math.prod(x.shape[d] for d in ctx.dims)
+        return torch.addcmul(g_mean.reshape(kept) / n, x, g_square.reshape(kept) * (2.0 / n)), None

@@ -301,12 +301,13 @@ def _distill_epoch(student: nn.Module, teacher: Ensemble, adapted: Ensemble | No
         t_logits = targets[i]
         with execution.autocast():
             n_logits: Tensor | None = None
-            if needs_adapted[i] and adapted_targets is not None:
-                n_logits = adapted_targets[i]
-            elif needs_adapted[i]:
+            if needs_adapted[i]:
                 assert adapted is not None
-                with torch.no_grad():
-                    n_logits = adapted(x).float()
+                if adapted_targets is not None:
+                    n_logits = adapted_targets[i]
+                else:
+                    with torch.no_grad():
+                        n_logits = adapted(x).float()
             s_logits = student(x).float()
         kd = per_image_kd(s_logits, t_logits, T, multi_label)
         loss = (kd if n_logits is None else a * kd + (1 - a) * per_image_kd(s_logits, n_logits, T, multi_label)).mean()
