@@ -2,7 +2,7 @@
 # The whole GPU check, in one call on a lent CUDA machine (under 10 minutes in all):
 #
 #   1. the environment: GPU, driver, PyTorch;
-#   2. tests/test_cuda.py: the CUDA paths (vmap-batched ensemble, fused statistics, bf16 where chosen,
+#   2. tests/test_cuda.py: the CUDA paths (vmap-batched ensemble and its statistics loss, bf16 logits,
 #      a short distillation with the automatic settings) against the plain float32 loop;
 #   3. benchmarks/distill.py on CUDA, plain float32 loop against the implementation: images/s and peak
 #      GPU memory at 28 px (5 small-cnn sites) and at 224 px (5 ResNet-18 sites);
