@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ROOT / "tests" / "vectors" / "keys"
+VECTOR_KEYS = ROOT / "tests" / "vectors" / "keys"
 MiB = 1 << 20
 
 
@@ -76,33 +76,43 @@ def write_model(folder: Path, architecture: str, accountant: str | None = None) 
     return folder
 
 
+def copy_keys(work: Path) -> Path:
+    """The test-vector keys, copied with their private files at mode 0600 (a checkout leaves them 0644, which the CLI refuses)."""
+    keys = work / "keys"
+    shutil.copytree(VECTOR_KEYS, keys)
+    for key in keys.glob("*.key"):
+        key.chmod(0o600)
+    return keys
+
+
 def build_fixtures(work: Path, cli: list[str], env: dict[str, str]) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
     from secure_oneshot.keys import TrustEntry, TrustStore, load_public, save_trust_store
 
+    keys = work / "keys"   # copied by the parent (copy_keys)
     site_trust = TrustStore()
     for name, roles in (("server", {"recipient"}), ("dpo", {"approver"})):
-        site_trust = site_trust.with_entry(TrustEntry(load_public(KEYS / f"{name}.pub"), frozenset(roles)))
+        site_trust = site_trust.with_entry(TrustEntry(load_public(keys / f"{name}.pub"), frozenset(roles)))
     save_trust_store(site_trust, work / "site-trust.toml")
-    shutil.copy(KEYS / "trust.toml", work / "server-trust.toml")
+    shutil.copy(keys / "trust.toml", work / "server-trust.toml")
     shutil.copy(ROOT / "policies" / "research-study.toml", work / "policy.toml")
     shutil.copy(ROOT / "policies" / "server-ingest.toml", work / "ingest.toml")
-    subprocess.run([*cli, "policy", "sign", "policy.toml", "--key", str(KEYS / "dpo.key")], cwd=work, env=env, check=True, capture_output=True)
+    subprocess.run([*cli, "policy", "sign", "policy.toml", "--key", str(keys / "dpo.key")], cwd=work, env=env, check=True, capture_output=True)
     write_model(work / "demo-model", "small-cnn")
     write_model(work / "resnet-model", "resnet18-cifar")
     write_model(work / "dp-rdp-model", "small-cnn", "rdp")
     write_model(work / "dp-prv-model", "small-cnn", "prv")
     save_file({"w": np.random.default_rng(1).standard_normal(10 * MiB // 4).astype(np.float32)}, str(work / "ten.safetensors"))
-    subprocess.run([*cli, "seal", "ten.safetensors", "--key", str(KEYS / "site-a.key"), "--to", str(KEYS / "server.pub"),
+    subprocess.run([*cli, "seal", "ten.safetensors", "--key", str(keys / "site-a.key"), "--to", str(keys / "server.pub"),
                     "--out", "ten.sob"], cwd=work, env=env, check=True, capture_output=True)
     for model in ("demo-model", "resnet-model", "dp-rdp-model", "dp-prv-model"):
         subprocess.run([*cli, *export_args(model, f"{model}.sob")], cwd=work, env=env, check=True, capture_output=True)
 
 
 def export_args(model: str, out: str) -> list[str]:
-    return ["export", "--model", model, "--policy", "policy.toml", "--key", str(KEYS / "site-a.key"), "--to", str(KEYS / "server.pub"),
+    return ["export", "--model", model, "--policy", "policy.toml", "--key", "keys/site-a.key", "--to", "keys/server.pub",
             "--audit", "audit.jsonl", "--out", out]
 
 
@@ -131,9 +141,10 @@ def main() -> None:
     if args.build:
         build_fixtures(Path(args.build), cli, env)
         return
-    server = ["--key", str(KEYS / "server.key"), "--trust", "server-trust.toml"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        keys = copy_keys(work)
+        server = ["--key", str(keys / "server.key"), "--trust", "server-trust.toml"]
         env["SECURE_ONESHOT_TRUST"] = str(work / "site-trust.toml")
         subprocess.run([sys.executable, __file__, "--build", str(work)], env=env, check=True)
         if not args.no_bytecode_cache:
@@ -144,11 +155,11 @@ def main() -> None:
             ("`python -c \"import torch\"`", [sys.executable, "-c", "import torch"], None),
             ("`--version`", [*cli, "--version"], None),
             ("`--help`", [*cli, "--help"], None),
-            ("`keys show`", [*cli, "keys", "show", str(KEYS / "server.pub")], None),
+            ("`keys show`", [*cli, "keys", "show", str(keys / "server.pub")], None),
             ("`policy check`", [*cli, "policy", "check", "policy.toml"], None),
             ("`inspect` (10 MB bundle)", [*cli, "inspect", "ten.sob"], None),
             ("`verify` (10 MB bundle)", [*cli, "verify", "ten.sob", *server], None),
-            ("`audit verify`", [*cli, "audit", "verify", "audit.jsonl", "--signer", str(KEYS / "site-a.pub")], None),
+            ("`audit verify`", [*cli, "audit", "verify", "audit.jsonl", "--signer", str(keys / "site-a.pub")], None),
             ("`export` (small-cnn, demo size)", [*cli, *export_args("demo-model", "out-demo.sob")], None),
             ("`ingest` (small-cnn bundle)", [*cli, "ingest", "--server-dir", "server", "--policy", "ingest.toml", *server],
              fresh_inbox(work, "demo-model.sob")),
