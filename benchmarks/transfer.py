@@ -25,11 +25,12 @@ open reads a bundle that is probably still in the page cache.
 
     python benchmarks/transfer.py [--mib 1024] [--chunk-size BYTES] [--workdir DIR]
                                   [--cipher-compare] [--json]
-    python benchmarks/transfer.py --cli [--sizes 10,100,1000] [--workdir DIR]
+    python benchmarks/transfer.py --cli [--sizes 10,100,1000] [--workdir DIR] [--repeat N] [--passes]
 
 ``--cli`` measures the file-to-file command-line path instead (``secure-oneshot
 seal``, ``verify``, ``open`` beside ``age`` and ``openssl enc -chacha20``): wall,
-CPU and whole-process peak RSS of each command (``benchmarks/transfer_cli.py``).
+CPU and whole-process peak RSS of each command (``benchmarks/transfer_cli.py``);
+``--passes`` adds the CPU cost of each pass the seal makes over the payload, alone.
 
 ``--cipher-compare`` also measures raw AES-256-GCM (``encrypt_into``) for
 FORMAT.md section 10.  ``--json`` prints one JSON object (a single line)

@@ -10,6 +10,15 @@ the whole process, interpreter and libraries included) and user + system CPU
 seconds.  Without ``/usr/bin/time`` the parent reaps the child with
 ``os.wait4`` itself and the table says so.
 
+``--passes`` adds, in the same rounds, one child that times each pass ``seal``
+makes over the payload on its own, on the same file, one thread (CPU seconds per
+GB, each pass's minimum over the rounds): reading the file in the seal's 4 MiB
+windows, the strict payload scan (layout, BOOL, NaN/Inf), SHA-256,
+ChaCha20-Poly1305 in 1 MiB chunks and writing the ciphertext; and, where the
+packages are installed, BLAKE3 and AES-256-GCM, which a different format could
+use instead.  Their sum is the floor of any seal of this format in this
+process, beside ``age -e``'s whole command.
+
 ``--repeat N`` runs N interleaved rounds (each command once per round) and
 reports each figure's minimum; ``--baseline CHECKOUT`` adds rows for the
 secure-oneshot commands of another checkout (``PYTHONPATH``), in the same
@@ -31,6 +40,7 @@ measured) and are removed after each size.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -57,6 +67,86 @@ with open(path, "wb") as f:
         for start in range(0, n, 1 << 22):
             f.write(rng.random(min(1 << 22, n - start), dtype=np.float32).tobytes())
 """
+
+
+PASSES = r"""
+import hashlib, json, os, resource, sys
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from secure_oneshot.bundle import arrays  # NumPy: the scan of a large payload imports it on first use, a start-up cost
+from secure_oneshot.bundle.payload_scan import PayloadScanner
+from secure_oneshot.bundle.seal import READ_WINDOW
+src, sink = sys.argv[1], sys.argv[2]
+size = os.path.getsize(src)
+CHUNK = 1 << 20
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+def windows(work):
+    # the seal's pattern: one window buffer reused, each window handed to the pass
+    buffer = bytearray(READ_WINDOW)
+    with open(src, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buffer)
+            if not n:
+                return
+            work(memoryview(buffer)[:n])
+
+def chunks(work):
+    def each(view):
+        for start in range(0, len(view), CHUNK):
+            work(view[start:start + CHUNK])
+    return each
+
+def encrypt(cipher):
+    out = bytearray(CHUNK + 16)
+    nonce = [0]
+    def run(view):
+        nonce[0] += 1
+        cipher.encrypt_into(nonce[0].to_bytes(12, "big"), view, None, memoryview(out)[:len(view) + 16])
+    return run
+
+def timed(make):
+    windows(lambda v: None)   # the file's pages warm for every pass alike
+    start = cpu()
+    make()
+    return cpu() - start
+
+def scan():
+    scanner = PayloadScanner(size)
+    windows(scanner.feed)
+    scanner.finish()
+
+def digest(factory):
+    def run():
+        h = factory()
+        windows(h.update)
+        h.digest()
+    return run
+
+def write():
+    block = os.urandom(CHUNK + 16)
+    with open(sink, "wb", buffering=0) as f:
+        for _ in range(-(-size // CHUNK)):
+            f.write(block)
+    os.unlink(sink)
+
+read_only = timed(lambda: windows(lambda v: None))
+result = {"read": read_only}
+result["payload scan"] = timed(scan) - read_only
+result["SHA-256"] = timed(digest(hashlib.sha256)) - read_only
+result["ChaCha20-Poly1305"] = timed(lambda: windows(chunks(encrypt(ChaCha20Poly1305(os.urandom(32)))))) - read_only
+result["write"] = timed(write)
+result["AES-256-GCM"] = timed(lambda: windows(chunks(encrypt(AESGCM(os.urandom(32)))))) - read_only
+try:
+    import blake3
+    result["BLAKE3"] = timed(digest(blake3.blake3)) - read_only
+except ImportError:
+    pass
+print(json.dumps(result))
+"""
+SEAL_PASSES = ("read", "payload scan", "SHA-256", "ChaCha20-Poly1305", "write")
 
 
 TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
@@ -98,12 +188,20 @@ def _keep_min(rows: dict[str, dict[str, float]], name: str, result: dict[str, fl
     rows[name] = {k: min(v, rows[name][k]) for k, v in result.items()} if name in rows else result
 
 
+def measure_passes(src: Path, work: Path, env: dict[str, str]) -> dict[str, float]:
+    """CPU seconds of each pass of the seal over ``src``, alone, in one child process (see ``--passes``)."""
+    done = subprocess.run([sys.executable, "-c", PASSES, str(src), str(work / "passes.out")], env=env,
+                          check=True, capture_output=True, text=True)
+    return json.loads(done.stdout)
+
+
 def measure_size(work: Path, size_mb: int, env: dict[str, str], have_age: bool, repeat: int = 1,
-                 baseline: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+                 baseline: dict[str, str] | None = None, passes: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Every command ``repeat`` times, interleaved (one round runs each command once), minimum of each figure.
 
     With ``baseline`` (an environment whose PYTHONPATH points at another checkout) the secure-oneshot
-    commands also run with that code, in the same rounds, on the same files.
+    commands also run with that code, in the same rounds, on the same files.  With ``passes`` (a dict,
+    filled here) each round also times the seal's passes alone; each pass's minimum is kept.
     """
     src, bundle, out = work / "in.safetensors", work / "b.sob", work / "out.safetensors"
     subprocess.run([sys.executable, "-c", GENERATE, str(src), str(size_mb * MB)], check=True)
@@ -132,6 +230,9 @@ def measure_size(work: Path, size_mb: int, env: dict[str, str], have_age: bool, 
         _keep_min(rows, "openssl enc -d -chacha20", run(["openssl", "enc", "-d", "-chacha20", "-K", key, "-iv", iv, "-in", str(bundle), "-out", str(out)]))
         for f in (bundle, out):
             f.unlink()
+        if passes is not None:
+            for name, seconds in measure_passes(src, work, env).items():
+                passes[name] = min(seconds, passes.get(name, seconds))
     src.unlink()
     return rows
 
@@ -143,6 +244,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every command, interleaved; the minimum is reported")
     parser.add_argument("--baseline", metavar="CHECKOUT", type=Path,
                         help="also run the secure-oneshot commands from this checkout (PYTHONPATH), in the same rounds")
+    parser.add_argument("--passes", action="store_true",
+                        help="also time each pass of the seal alone (read, scan, SHA-256, AEAD, write; BLAKE3 and AES-GCM if installed)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -160,8 +263,19 @@ def main(argv: list[str]) -> int:
               f"rusage via {TIME or 'os.wait4 from the Python parent (RSS floor ~14 MiB)'}")
         print("| payload | command | wall s | CPU s | CPU s per GB | peak RSS MiB |")
         print("| ---: | --- | ---: | ---: | ---: | ---: |")
+        passes: dict[int, dict[str, float]] = {}
         for size in sizes:
-            for name, r in measure_size(work, size, env, have_age, args.repeat, baseline).items():
+            for name, r in measure_size(work, size, env, have_age, args.repeat, baseline,
+                                        passes.setdefault(size, {}) if args.passes else None).items():
                 print(f"| {size} MB | `{name}` | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['cpu_s'] / (size / 1000):.2f} "
                       f"| {r['peak_rss_mib']:.1f} |", flush=True)
+        if args.passes:
+            print("\nEach pass of the seal alone (one process, one thread, minimum over the rounds), CPU s per GB:\n")
+            print("| payload | pass | CPU s per GB | in this format's seal |")
+            print("| ---: | --- | ---: | --- |")
+            for size, measured in passes.items():
+                for name, seconds in measured.items():
+                    print(f"| {size} MB | {name} | {seconds / (size / 1000):.2f} | {'yes' if name in SEAL_PASSES else 'no'} |")
+                floor = sum(measured[name] for name in SEAL_PASSES) / (size / 1000)
+                print(f"| {size} MB | **sum of the seal's passes** | **{floor:.2f}** | |")
     return 0
