@@ -144,13 +144,13 @@ def test_a_model_whose_logits_are_not_the_last_layer_is_left_unchanged_and_the_r
     assert not result.applied and "no final linear layer" in result.reason
 
 
-def _distill_command(models: list[Path], public: Path, images: int, data_root: Path) -> list[str]:
+def _distill_command(models: list[Path], public: Path, images: int, root: Path) -> list[str]:
     """``--json distill`` of ``models`` (smoke preset, one epoch, proxy synthesis) on ``images`` grey public PNGs."""
     for i in range(images):
         png(public / f"{i}.png", (28, 28), value=240 * i // images)
     return ["--json", "distill", *[a for m in models for a in ("--model", str(m))], "--preset", "smoke", "--epochs", "1",
             "--synthesis", "proxy", "--proxy-images", str(public), "--threads", "1",
-            "--eval", "pneumoniamnist", "--data-root", str(data_root)]
+            "--eval", "pneumoniamnist", "--data-root", str(root)]
 
 
 def test_distill_with_public_images_matches_the_prior_and_the_opt_out_keeps_the_trained_model(tmp_path: Path, data_root, capsys) -> None:  # noqa: F811
