@@ -12,7 +12,7 @@ seconds.  Without ``/usr/bin/time`` the parent reaps the child with
 
 ``--passes`` adds, in the same rounds, one child that times each pass ``seal``
 makes over the payload on its own, on the same file, one thread (CPU seconds per
-GB, each pass's minimum over the rounds): reading the file in the seal's 4 MiB
+GB, each pass's minimum over the rounds; payloads of 100 MB or more): reading the file in the seal's 4 MiB
 windows, the strict payload scan (layout, BOOL, NaN/Inf), SHA-256,
 ChaCha20-Poly1305 in 1 MiB chunks and writing the ciphertext; and, where the
 packages are installed, BLAKE3 and AES-256-GCM, which a different format could
@@ -147,6 +147,8 @@ except ImportError:
 print(json.dumps(result))
 """
 SEAL_PASSES = ("read", "payload scan", "SHA-256", "ChaCha20-Poly1305", "write")
+PASSES_MIN_MB = 100
+"""Smaller payloads are not timed pass by pass: a pass over 10 MB takes a few ms, near rusage's resolution."""
 
 
 TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
@@ -266,11 +268,12 @@ def main(argv: list[str]) -> int:
         passes: dict[int, dict[str, float]] = {}
         for size in sizes:
             for name, r in measure_size(work, size, env, have_age, args.repeat, baseline,
-                                        passes.setdefault(size, {}) if args.passes else None).items():
+                                        passes.setdefault(size, {}) if args.passes and size >= PASSES_MIN_MB else None).items():
                 print(f"| {size} MB | `{name}` | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['cpu_s'] / (size / 1000):.2f} "
                       f"| {r['peak_rss_mib']:.1f} |", flush=True)
         if args.passes:
-            print("\nEach pass of the seal alone (one process, one thread, minimum over the rounds), CPU s per GB:\n")
+            print(f"\nEach pass of the seal alone (one process, one thread, minimum over the rounds; payloads of at least "
+                  f"{PASSES_MIN_MB} MB), CPU s per GB:\n")
             print("| payload | pass | CPU s per GB | in this format's seal |")
             print("| ---: | --- | ---: | --- |")
             for size, measured in passes.items():
