@@ -92,7 +92,12 @@ def test_by_default_a_dp_trained_site_is_not_a_starting_point_unless_asked_for()
 def test_the_job_resolves_and_checks_the_start() -> None:
     assert DistillJob(method=SynthesisMethod("proxy"), proxy_images="x").student_start == "site"
     assert DistillJob(method=SynthesisMethod("inversion+proxy"), proxy_images="x").student_start == "site"
-    assert DistillJob().student_start == "random"   # data-free inversion: the published method's random start
+    assert DistillJob().student_start == "site"     # data-free inversion, cpu preset: measured better from a site
+    assert DistillJob(preset="smoke").student_start == "site"
+    assert DistillJob(preset="paper").student_start == "random"   # the published method's random start
+    assert DistillJob(method=SynthesisMethod("generator")).student_start == "random"   # not measured with a site start
+    assert DistillJob(method=SynthesisMethod("mixed")).student_start == "random"
+    assert DistillJob(imagenet_weights="w.safetensors").student_start == "random"
     assert DistillJob(method=SynthesisMethod("proxy"), proxy_images="x", student_init="random").student_start == "random"
     assert DistillJob(method=SynthesisMethod("proxy"), proxy_images="x", imagenet_weights="w.safetensors").student_start == "random"
     with pytest.raises(ConfigError, match="unknown student start"):

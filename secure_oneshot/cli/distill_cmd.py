@@ -266,8 +266,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     distill.add_argument("--student-init", choices=("random", "site"), default=None,
                          help="where the student's weights start: random (the published method), or the weights of the "
                               "site holding the largest share of the teacher's weight (same architecture needed; nothing "
-                              "more is learnt about the site). Default: site with --synthesis proxy or inversion+proxy "
-                              "when that site trained without DP (measured: benchmarks/RESULTS.md), else random")
+                              "more is learnt about the site). Default: site with --synthesis proxy, inversion+proxy or "
+                              "inversion (not with --preset paper) when that site trained without DP (measured: "
+                              "benchmarks/RESULTS.md), else random")
     distill.add_argument("--epochs", type=int, help="override the preset's epochs")
     distill.add_argument("--noise-adapted", choices=("train-mode", "eval", "none"), help="override the noise-adapted teacher")
     _add_weighting_option(distill)

@@ -140,11 +140,13 @@ class DistillJob:
     @property
     def student_start(self) -> str:
         """``random`` (as built: random, or ImageNet with ``imagenet_weights``) or ``site``: the named choice, else
-        ``site`` for the proxy methods without ImageNet weights, else ``random`` (the published method).  A default
-        ``site`` start stays random when the chosen site trained with DP (:mod:`~.student_init`)."""
+        ``site`` without ImageNet weights for the proxy methods and for data-free ``inversion`` outside the ``paper``
+        preset, else ``random`` (the published method; the generator methods, not measured with a site start).  A
+        default ``site`` start stays random when the chosen site trained with DP (:mod:`~.student_init`)."""
         if self.student_init is not None:
             return self.student_init
-        return "site" if self.method.method in PROXY_METHODS and not self.imagenet_weights else "random"
+        measured = self.method.method in PROXY_METHODS or (self.method.method == "inversion" and self.preset != "paper")
+        return "site" if measured and not self.imagenet_weights else "random"
 
     def configs(self, sites: list[SiteModel]) -> tuple[InversionConfig, DistillConfig]:
         synth_options, distill_options = PRESETS[self.preset]
