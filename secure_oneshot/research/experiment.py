@@ -50,7 +50,8 @@ A study config (see ``examples/study-quick-cpu.toml``)::
                                    # because no hospital's label counts show both sides of a class is a row too:
                                    # refused = 1, no model metrics; report distils it and records unsupported_classes
     student_init = "site"          # optional: random | site (server.student_init; default: site for the proxy
-                                   # methods when the heaviest site trained without DP, else random)
+                                   # methods and for inversion outside the paper preset when the heaviest site
+                                   # trained without DP, else random)
 
     [privacy_audit]
     enabled = true                 # loss-attack membership inference on every site model and the global model,
